@@ -1,0 +1,254 @@
+r"""The one registry of losses that the exporter, the server, the docs and the tests all read."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+PREDICTION_KINDS = ("logits", "probabilities", "log_probabilities", "real")
+TARGET_KINDS = ("class_indices", "class_indices_or_probabilities", "probabilities", "binary_masks", "real")
+PARAM_KINDS = ("float", "int", "bool", "str", "vector", "float_or_vector")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    r"""One hyperparameter of a loss: its type, default, valid range and a one-line doc.
+
+    ``kind`` is one of ``float``, ``int``, ``bool``, ``str`` (with ``choices``), ``vector`` (a
+    per-class tensor, ``None`` when unset) or ``float_or_vector``.
+    ``graph_input`` says whether the ONNX graph takes it as an input; the others (string choices
+    that change the computation's structure, ``class_dim``) are fixed per exported variant.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    doc: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    choices: Optional[Tuple[str, ...]] = None
+    graph_input: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in PARAM_KINDS:
+            raise ValueError(f"ParamSpec {self.name}: unknown kind {self.kind!r}")
+
+    def range_text(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.low is None and self.high is None:
+            return "any"
+        lo = "(-inf" if self.low is None else ("[" if self.low_inclusive else "(") + _fmt(self.low)
+        hi = "inf)" if self.high is None else _fmt(self.high) + ("]" if self.high_inclusive else ")")
+        return f"{lo}, {hi}"
+
+    def validate(self, value: Any, loss: str = "") -> Any:
+        r"""Coerce ``value`` to this parameter's kind or raise ``ValueError`` naming the parameter."""
+        where = f"{loss}: " if loss else ""
+        if value is None:
+            if self.default is None:
+                return None
+            raise ValueError(f"{where}parameter '{self.name}' must not be None")
+        kind = self.kind
+        if kind == "float_or_vector":
+            kind = "float" if isinstance(value, (int, float)) and not isinstance(value, bool) else "vector"
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}parameter '{self.name}' must be a bool, got {type(value).__name__}")
+            return value
+        if kind == "str":
+            if not isinstance(value, str):
+                raise ValueError(f"{where}parameter '{self.name}' must be a string, got {type(value).__name__}")
+            if self.choices is not None and value not in self.choices:
+                raise ValueError(f"{where}parameter '{self.name}' must be {self.range_text()}, got {value!r}")
+            return value
+        if kind == "vector":
+            tensor = torch.as_tensor(value)
+            if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+                raise ValueError(f"{where}parameter '{self.name}' must be a real tensor, got dtype {tensor.dtype}")
+            if tensor.dim() == 0:
+                raise ValueError(f"{where}parameter '{self.name}' must be a per-class vector, got a scalar")
+            tensor = tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{where}parameter '{self.name}' must be finite")
+            if self._out_of_range_tensor(tensor):
+                raise ValueError(f"{where}parameter '{self.name}' must have every entry in {self.range_text()}")
+            return tensor
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}parameter '{self.name}' must be a number ({kind}), got {type(value).__name__}")
+        if kind == "int":
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError(f"{where}parameter '{self.name}' must be an integer, got {value}")
+                value = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{where}parameter '{self.name}' must be finite, got {value}")
+        if self._out_of_range(value):
+            raise ValueError(f"{where}parameter '{self.name}' must be in {self.range_text()}, got {value}")
+        return value
+
+    def _out_of_range(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
+            return True
+        if self.high is not None and (value > self.high or (value == self.high and not self.high_inclusive)):
+            return True
+        return False
+
+    def _out_of_range_tensor(self, tensor: torch.Tensor) -> bool:
+        if self.low is not None:
+            if bool((tensor < self.low).any()) or (not self.low_inclusive and bool((tensor == self.low).any())):
+                return True
+        if self.high is not None:
+            if bool((tensor > self.high).any()) or (not self.high_inclusive and bool((tensor == self.high).any())):
+                return True
+        return False
+
+    def describe(self) -> Dict[str, Any]:
+        default = self.default
+        if isinstance(default, torch.Tensor):
+            default = default.tolist()
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "default": default,
+            "range": self.range_text(),
+            "doc": self.doc,
+            "graph_input": self.graph_input,
+        }
+
+
+def _fmt(x: float) -> str:
+    return repr(int(x)) if float(x).is_integer() else repr(x)
+
+
+InputMaker = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    r"""Everything the project knows about one registered loss.
+
+    * ``module`` -- the ``nn.Module`` (constructed with the hyperparameters as keywords);
+      ``forward(predictions, targets, weights=None)``, plus the scriptable methods
+      ``statistics(predictions, targets, weights, per_sample)`` and ``reductions(totals)``.
+    * ``function`` -- the functional form, ``function(predictions, targets, weights=None, **params)``.
+    * ``make_inputs(batch, num_classes, spatial, generator, dtype, params)`` -- valid random
+      ``(predictions, targets)`` for tests, export and verification.
+    * ``test_params`` -- the hyperparameter settings every generated test and export check covers.
+    * ``variants`` -- settings of the non-graph-input parameters that get their own ONNX graph; the
+      first (``{}``, the defaults) is ``<name>.onnx``.
+    """
+
+    name: str
+    family: str
+    summary: str
+    module: type
+    function: Callable[..., torch.Tensor]
+    predictions: str
+    targets: str
+    prediction_shape: str
+    target_shape: str
+    params: Tuple[ParamSpec, ...]
+    make_inputs: InputMaker
+    reference: str
+    test_params: Tuple[Dict[str, Any], ...] = ({},)
+    variants: Tuple[Dict[str, Any], ...] = ({},)
+    # "elementwise": totals are [Σ w·ℓ, Σ w, Σ d, n]; "region": Dice-like statistics.
+    kind: str = "elementwise"
+    paper: str = ""
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.predictions not in PREDICTION_KINDS:
+            raise ValueError(f"{self.name}: predictions kind {self.predictions!r} not in {PREDICTION_KINDS}")
+        if self.targets not in TARGET_KINDS:
+            raise ValueError(f"{self.name}: targets kind {self.targets!r} not in {TARGET_KINDS}")
+
+    def param(self, name: str) -> ParamSpec:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise ValueError(self._unknown_param_message(name))
+
+    def param_names(self) -> List[str]:
+        return [p.name for p in self.params]
+
+    def _unknown_param_message(self, name: str) -> str:
+        return f"{self.name}: unknown parameter '{name}'; valid parameters: {', '.join(self.param_names()) or '(none)'}"
+
+    def validate(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        r"""Check names, kinds and ranges; return the coerced values (defaults not filled in)."""
+        out = {}
+        for name, value in params.items():
+            if name not in self.param_names():
+                raise ValueError(self._unknown_param_message(name))
+            out[name] = self.param(name).validate(value, self.name)
+        return out
+
+    def defaults(self) -> Dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def describe(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "summary": self.summary,
+            "predictions": self.predictions,
+            "targets": self.targets,
+            "prediction_shape": self.prediction_shape,
+            "target_shape": self.target_shape,
+            "params": [p.describe() for p in self.params],
+            "reference": self.reference,
+            "paper": self.paper,
+            "kind": self.kind,
+        }
+
+
+_REGISTRY: Dict[str, LossSpec] = {}
+
+
+def register(spec: LossSpec) -> LossSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"loss '{spec.name}' is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def names() -> List[str]:
+    r"""The registered loss names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get(name: str) -> LossSpec:
+    r"""The :class:`LossSpec` of ``name``; ``ValueError`` listing the valid names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown loss '{name}'; valid losses: {', '.join(_REGISTRY)}") from None
+
+
+def specs() -> List[LossSpec]:
+    return list(_REGISTRY.values())
+
+
+def build(name: str, **params: Any) -> torch.nn.Module:
+    r"""Build the ``nn.Module`` of loss ``name`` with validated hyperparameters."""
+    spec = get(name)
+    return spec.module(**spec.validate(params))
+
+
+__all__ = [
+    "ParamSpec",
+    "LossSpec",
+    "register",
+    "names",
+    "get",
+    "specs",
+    "build",
+]

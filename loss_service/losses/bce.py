@@ -1,0 +1,320 @@
+r"""Binary cross-entropy on probabilities (``bce``) and on logits (``bce_with_logits``)."""
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._registry import LossSpec, ParamSpec, register
+from ._reduction import (
+    as_float,
+    check_reduction,
+    check_same_shape,
+    compute_dtype,
+    elementwise_reductions,
+    elementwise_statistics,
+    is_exporting,
+    optional_vector,
+    per_class,
+    sample_or_element_weights,
+    select_reduction,
+    vector_buffer,
+)
+
+
+def _effective_weight(
+    shape: List[int],
+    weights: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    class_dim: int,
+    dtype: torch.dtype,
+) -> Optional[Tensor]:
+    r"""``weights · class_weight`` shaped to broadcast to ``shape`` (``None`` if neither is set)."""
+    weight: Optional[Tensor] = None
+    if weights is not None:
+        weight = sample_or_element_weights(weights, shape).to(dtype)
+    if class_weight is not None:
+        vec = per_class(class_weight.to(dtype), shape, class_dim, "class_weight")
+        weight = vec if weight is None else weight * vec
+    return weight
+
+
+def _clamped_log(p: Tensor, complement: bool) -> Tensor:
+    r"""``max(log p, -100)`` (or ``max(log(1 - p), -100)``) with a finite gradient everywhere."""
+    if complement:
+        inside = p < 1
+        log = torch.log1p(-torch.where(inside, p, torch.zeros_like(p)))
+    else:
+        inside = p > 0
+        log = torch.log(torch.where(inside, p, torch.ones_like(p)))
+    return torch.where(inside, torch.clamp(log, min=-100.0), torch.full_like(log, -100.0))
+
+
+def bce_statistics(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    class_dim: int,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`binary_cross_entropy` (see :mod:`._reduction`)."""
+    check_same_shape(predictions, targets)
+    dtype = compute_dtype(predictions.dtype)
+    p = predictions.to(dtype)
+    t = as_float(targets, dtype, "targets")
+    if not is_exporting() and p.numel() > 0 and bool(((p < 0) | (p > 1) | torch.isnan(p)).any()):
+        raise ValueError("bce: predictions must be probabilities in [0, 1]; use bce_with_logits for logits")
+    # torch clamps each log term at -100 so that p = 0 or 1 gives a finite loss; the log's
+    # argument is kept positive too, else its backward would be 0 * inf = NaN there.
+    log_p = _clamped_log(p, False)
+    log_not_p = _clamped_log(p, True)
+    loss = -(t * log_p + (1.0 - t) * log_not_p)
+    weight = _effective_weight(list(p.shape), weights, class_weight, class_dim, dtype)
+    weighted = loss if weight is None else loss * weight
+    return elementwise_statistics(weighted, weight, None, per_sample)
+
+
+def binary_cross_entropy(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    class_dim: int = 1,
+) -> Tensor:
+    r"""Binary cross-entropy between probabilities and (soft) targets.
+
+    .. math::
+        \ell_i = -w_i\,[\,t_i \max(\log p_i, -100) + (1 - t_i) \max(\log(1 - p_i), -100)\,]
+
+    Args:
+        predictions: probabilities in ``[0, 1]``, any shape ``(N, *)``.
+        targets: same shape, values in ``[0, 1]``.
+        weights: ``(N,)`` per-sample or any shape broadcastable to the predictions.
+        class_weight: per-class vector of length ``C`` applied along ``class_dim``.
+        reduction: ``none`` | ``mean`` (divides by the element count, as torch) | ``sum`` |
+            ``weighted_mean`` (divides by ``Σ w``).
+
+    Equals :func:`torch.nn.functional.binary_cross_entropy` (``weight=weights``), including the
+    log clamp at -100.
+    """
+    check_reduction(reduction)
+    values, totals, _ = bce_statistics(predictions, targets, weights, class_weight, class_dim, False)
+    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+
+
+def bce_with_logits_statistics(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    class_dim: int,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`binary_cross_entropy_with_logits`."""
+    check_same_shape(predictions, targets)
+    dtype = compute_dtype(predictions.dtype)
+    x = predictions.to(dtype)
+    t = as_float(targets, dtype, "targets")
+    # -log σ(x) = softplus(-x) and -log σ(-x) = softplus(-x) + x: one stable log-sigmoid.
+    log_sigmoid = torch.nn.functional.logsigmoid(x)
+    if pos_weight is None:
+        positive_scale = t
+    else:
+        positive_scale = per_class(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight") * t
+    loss = (1.0 - t) * x - (positive_scale + 1.0 - t) * log_sigmoid
+    weight = _effective_weight(list(x.shape), weights, class_weight, class_dim, dtype)
+    weighted = loss if weight is None else loss * weight
+    return elementwise_statistics(weighted, weight, None, per_sample)
+
+
+def binary_cross_entropy_with_logits(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor] = None,
+    pos_weight: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    class_dim: int = 1,
+) -> Tensor:
+    r"""Binary cross-entropy on logits, stable for any finite logit.
+
+    .. math::
+        \ell_i = -w_i\,[\,p_c\, t_i \log\sigma(x_i) + (1 - t_i)\log\sigma(-x_i)\,]
+               = w_i\,[\,(1 - t_i)\,x_i - (p_c t_i + 1 - t_i)\log\sigma(x_i)\,]
+
+    with :math:`p_c` the ``pos_weight`` of the element's class and ``log σ`` computed by
+    ``logsigmoid`` (never ``log(sigmoid(x))``, which is ``-inf`` for ``x = -1e4``).
+
+    Args:
+        predictions: logits ``(N, *)``; targets: same shape, values in ``[0, 1]``.
+        weights: ``(N,)`` per-sample or broadcastable to the predictions.
+        pos_weight: weight of positive examples, per class (length ``C`` along ``class_dim``).
+        class_weight: per-class weight of the whole term (length ``C`` along ``class_dim``).
+        reduction: ``none`` | ``mean`` (element count) | ``sum`` | ``weighted_mean`` (``Σ w``).
+
+    Equals :func:`torch.nn.functional.binary_cross_entropy_with_logits` (``weight=weights``;
+    a length-``C`` ``pos_weight`` there broadcasts along the last dim, here along ``class_dim``).
+    """
+    check_reduction(reduction)
+    values, totals, _ = bce_with_logits_statistics(
+        predictions, targets, weights, pos_weight, class_weight, class_dim, False
+    )
+    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+
+
+class BCELoss(nn.Module):
+    r"""Module form of :func:`binary_cross_entropy`; ``class_weight`` is a buffer."""
+
+    reduction: str
+    class_dim: int
+
+    def __init__(self, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1) -> None:
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        self.class_dim = class_dim
+        self.register_buffer("class_weight", vector_buffer(class_weight))
+
+    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return binary_cross_entropy(
+            predictions, targets, weights, optional_vector(self.class_weight), self.reduction, self.class_dim
+        )
+
+    @torch.jit.export
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return bce_statistics(
+            predictions, targets, weights, optional_vector(self.class_weight), self.class_dim, per_sample
+        )
+
+    @torch.jit.export
+    def reductions(self, totals: Tensor) -> Tensor:
+        return elementwise_reductions(totals)
+
+
+class BCEWithLogitsLoss(nn.Module):
+    r"""Module form of :func:`binary_cross_entropy_with_logits`; tensor settings are buffers."""
+
+    reduction: str
+    class_dim: int
+
+    def __init__(
+        self,
+        pos_weight: Optional[Tensor] = None,
+        class_weight: Optional[Tensor] = None,
+        reduction: str = "mean",
+        class_dim: int = 1,
+    ) -> None:
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        self.class_dim = class_dim
+        self.register_buffer("pos_weight", vector_buffer(pos_weight))
+        self.register_buffer("class_weight", vector_buffer(class_weight))
+
+    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return binary_cross_entropy_with_logits(
+            predictions,
+            targets,
+            weights,
+            optional_vector(self.pos_weight),
+            optional_vector(self.class_weight),
+            self.reduction,
+            self.class_dim,
+        )
+
+    @torch.jit.export
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return bce_with_logits_statistics(
+            predictions,
+            targets,
+            weights,
+            optional_vector(self.pos_weight),
+            optional_vector(self.class_weight),
+            self.class_dim,
+            per_sample,
+        )
+
+    @torch.jit.export
+    def reductions(self, totals: Tensor) -> Tensor:
+        return elementwise_reductions(totals)
+
+
+def _binary_inputs(
+    batch: int, num_classes: int, spatial: Tuple[int, ...], generator: torch.Generator, dtype: torch.dtype,
+    params: Dict[str, Any], probabilities: bool,
+) -> Tuple[Tensor, Tensor]:
+    shape = (batch, num_classes) + tuple(spatial)
+    logits = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
+    targets = (torch.rand(shape, generator=generator, dtype=torch.float64) < 0.3).to(dtype)
+    predictions = torch.sigmoid(logits) if probabilities else logits
+    return predictions.to(dtype), targets
+
+
+def _logit_inputs(batch, num_classes, spatial, generator, dtype, params):
+    return _binary_inputs(batch, num_classes, spatial, generator, dtype, params, probabilities=False)
+
+
+def _probability_inputs(batch, num_classes, spatial, generator, dtype, params):
+    return _binary_inputs(batch, num_classes, spatial, generator, dtype, params, probabilities=True)
+
+
+REDUCTION_PARAM = ParamSpec(
+    "reduction", "str", "mean", "how values are reduced: none, mean, sum or weighted_mean",
+    choices=("none", "mean", "sum", "weighted_mean"),
+)
+CLASS_DIM_PARAM = ParamSpec(
+    "class_dim", "int", 1, "dimension of the predictions that holds the classes (1 for (N, C, *), -1 for channels-last)",
+    graph_input=False,
+)
+CLASS_WEIGHT_PARAM = ParamSpec(
+    "class_weight", "vector", None, "per-class weight, length C, applied along class_dim", low=0.0
+)
+
+register(
+    LossSpec(
+        name="bce",
+        family="bce",
+        summary="binary cross-entropy on probabilities",
+        module=BCELoss,
+        function=binary_cross_entropy,
+        predictions="probabilities",
+        targets="probabilities",
+        prediction_shape="(N, *)",
+        target_shape="same as predictions",
+        params=(CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
+        make_inputs=_probability_inputs,
+        reference="torch.nn.functional.binary_cross_entropy, including its log clamp at -100",
+        test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0])}),
+    )
+)
+
+register(
+    LossSpec(
+        name="bce_with_logits",
+        family="bce",
+        summary="binary cross-entropy on logits with pos_weight",
+        module=BCEWithLogitsLoss,
+        function=binary_cross_entropy_with_logits,
+        predictions="logits",
+        targets="probabilities",
+        prediction_shape="(N, *)",
+        target_shape="same as predictions",
+        params=(
+            ParamSpec("pos_weight", "vector", None, "weight of positive examples per class (length C along class_dim)", low=0.0),
+            CLASS_WEIGHT_PARAM,
+            REDUCTION_PARAM,
+            CLASS_DIM_PARAM,
+        ),
+        make_inputs=_logit_inputs,
+        reference="torch.nn.functional.binary_cross_entropy_with_logits",
+        test_params=(
+            {},
+            {"pos_weight": torch.tensor([3.0, 0.5, 1.0])},
+            {"pos_weight": torch.tensor([2.0, 1.0, 0.25]), "class_weight": torch.tensor([1.0, 0.0, 4.0])},
+        ),
+    )
+)

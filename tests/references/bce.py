@@ -1,0 +1,50 @@
+r"""References for ``bce`` and ``bce_with_logits``: torch.nn.functional itself."""
+import torch
+import torch.nn.functional as F
+
+from . import reduce, reference
+
+
+def _full_weight(predictions, weights, params):
+    weight = torch.ones_like(predictions)
+    if weights is not None:
+        w = weights.to(predictions.dtype)
+        if w.dim() == 1 and predictions.dim() > 1 and w.shape[0] == predictions.shape[0]:
+            w = w.reshape([-1] + [1] * (predictions.dim() - 1))
+        weight = weight * w
+    if params.get("class_weight") is not None:
+        weight = weight * _along_dim1(params["class_weight"], predictions)
+    return weight
+
+
+def _along_dim1(vector, predictions):
+    return vector.to(predictions.dtype).reshape([1, -1] + [1] * (predictions.dim() - 2))
+
+
+def _torch_reduced(loss_none, weight, reduction):
+    return reduce(loss_none, reduction, torch.tensor(float(loss_none.numel()), dtype=loss_none.dtype), weight.sum())
+
+
+@reference("bce")
+def bce_reference(predictions, targets, weights, params, reduction):
+    weight = _full_weight(predictions, weights, params)
+    loss = F.binary_cross_entropy(predictions, targets, weight=weight, reduction="none")
+    if reduction in ("mean", "sum", "none"):
+        torch_result = F.binary_cross_entropy(predictions, targets, weight=weight, reduction=reduction)
+        if predictions.numel() > 0:
+            return torch_result
+    return _torch_reduced(loss, weight, reduction)
+
+
+@reference("bce_with_logits")
+def bce_with_logits_reference(predictions, targets, weights, params, reduction):
+    weight = _full_weight(predictions, weights, params)
+    pos_weight = params.get("pos_weight")
+    if pos_weight is not None:
+        pos_weight = _along_dim1(pos_weight, predictions)[0]
+    loss = F.binary_cross_entropy_with_logits(predictions, targets, weight=weight, pos_weight=pos_weight, reduction="none")
+    if reduction in ("mean", "sum", "none") and predictions.numel() > 0:
+        return F.binary_cross_entropy_with_logits(
+            predictions, targets, weight=weight, pos_weight=pos_weight, reduction=reduction
+        )
+    return _torch_reduced(loss, weight, reduction)

@@ -1,0 +1,254 @@
+r"""The loss suite, generated from the registry: a new loss gets every test here for free.
+
+For every registered loss, every setting in its ``test_params`` and every reduction: parity with an
+independent reference (float64 tight, float32), gradcheck, module == function, scripted == eager
+(values and gradients, after a save/reload), additive statistics, and the edge cases (empty batch,
+all targets ignored, logits of ±1e4, float16/bfloat16, non-contiguous inputs, bad parameters).
+"""
+import io
+import math
+
+import pytest
+import torch
+
+from loss_service import losses
+from loss_service.losses import REDUCTIONS
+
+from .references import REFERENCES
+
+NUM_CLASSES = 3
+SPATIAL = (4, 5)
+# Tolerance table per dtype: (rtol, atol).
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (2e-2, 2e-3),
+    torch.bfloat16: (5e-2, 2e-2),
+}
+
+CASES = [
+    pytest.param(spec.name, index, id=f"{spec.name}-{index}")
+    for spec in losses.specs()
+    for index in range(len(spec.test_params))
+]
+LOSS_NAMES = losses.names()
+
+
+def make(name, index=0, dtype=torch.float64, batch=3, spatial=SPATIAL, seed=0, num_classes=NUM_CLASSES):
+    spec = losses.get(name)
+    params = dict(spec.test_params[index])
+    generator = torch.Generator().manual_seed(seed)
+    predictions, targets = spec.make_inputs(batch, num_classes, spatial, generator, dtype, params)
+    return spec, params, predictions, targets
+
+
+def cast_params(params, dtype):
+    return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in params.items()}
+
+
+def element_weight_shape(spec, module, predictions, targets):
+    if spec.kind == "region":
+        return predictions.shape
+    values, _, _ = module.statistics(predictions, targets, None, False)
+    return values.shape
+
+
+def weight_cases(spec, module, predictions, targets, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    batch = predictions.shape[0]
+    shape = element_weight_shape(spec, module, predictions, targets)
+    return {
+        "none": None,
+        "per_sample": torch.rand(batch, generator=generator, dtype=predictions.dtype) + 0.1,
+        "elementwise": torch.rand(shape, generator=generator, dtype=predictions.dtype),
+    }
+
+
+def assert_close(actual, expected, dtype, what=""):
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), rtol=rtol, atol=atol, msg=what)
+
+
+def test_every_loss_has_a_reference_and_documentation():
+    missing = [name for name in LOSS_NAMES if name not in REFERENCES]
+    assert not missing, f"losses without an independent reference in tests/references: {missing}"
+    for spec in losses.specs():
+        assert spec.summary and spec.reference, spec.name
+        for param in spec.params:
+            assert param.doc, f"{spec.name}.{param.name} has no doc"
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name,index", CASES)
+def test_matches_reference(name, index, dtype, reduction):
+    spec, params, predictions, targets = make(name, index, torch.float64)
+    module = losses.build(name, **params, reduction=reduction)
+    for label, weights in weight_cases(spec, module, predictions, targets).items():
+        expected = REFERENCES[name](predictions, targets, weights, params, reduction)
+        cast = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+        typed = losses.build(name, **cast_params(params, dtype), reduction=reduction)
+        actual = typed(cast(predictions), cast(targets), cast(weights))
+        assert actual.dtype == dtype
+        assert_close(actual, expected, dtype, f"{name} {params} weights={label}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name,index", CASES)
+def test_gradcheck(name, index, reduction):
+    spec, params, predictions, targets = make(name, index, torch.float64, batch=2, spatial=(2,))
+    module = losses.build(name, **params, reduction=reduction)
+    weights = weight_cases(spec, module, predictions, targets)["per_sample"]
+    predictions = predictions.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p: module(p, targets, weights), (predictions,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name,index", CASES)
+def test_module_equals_function(name, index, reduction):
+    spec, params, predictions, targets = make(name, index)
+    module = losses.build(name, **params, reduction=reduction)
+    weights = weight_cases(spec, module, predictions, targets)["per_sample"]
+    expected = spec.function(predictions, targets, weights, reduction=reduction, **params)
+    torch.testing.assert_close(module(predictions, targets, weights), expected, rtol=0, atol=0)
+
+
+def _reload(module):
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(module), buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name,index", CASES)
+def test_scripted_equals_eager(name, index, reduction):
+    spec, params, predictions, targets = make(name, index)
+    module = losses.build(name, **params, reduction=reduction)
+    scripted = _reload(module)
+    for label, weights in weight_cases(spec, module, predictions, targets).items():
+        eager_input = predictions.detach().clone().requires_grad_(True)
+        script_input = predictions.detach().clone().requires_grad_(True)
+        eager = module(eager_input, targets, weights)
+        script = scripted(script_input, targets, weights)
+        torch.testing.assert_close(script, eager, rtol=1e-12, atol=1e-12, msg=label)
+        eager.sum().backward()
+        script.sum().backward()
+        torch.testing.assert_close(script_input.grad, eager_input.grad, rtol=1e-12, atol=1e-12, msg=label)
+
+
+@pytest.mark.parametrize("name,index", CASES)
+def test_statistics_are_additive_over_samples(name, index):
+    spec, params, predictions, targets = make(name, index, batch=5)
+    module = losses.build(name, **params)
+    weights = weight_cases(spec, module, predictions, targets)["per_sample"]
+    _, totals, sample_totals = module.statistics(predictions, targets, weights, True)
+    assert totals.dtype == torch.float64
+    assert sample_totals.shape[0] == predictions.shape[0]
+    torch.testing.assert_close(sample_totals.sum(0), totals, rtol=1e-12, atol=1e-12)
+    _, first, _ = module.statistics(predictions[:2], targets[:2], weights[:2], False)
+    _, rest, _ = module.statistics(predictions[2:], targets[2:], weights[2:], False)
+    torch.testing.assert_close(first + rest, totals, rtol=1e-12, atol=1e-12)
+    for reduction in ("sum", "mean", "weighted_mean"):
+        column = ["sum", "mean", "weighted_mean"].index(reduction)
+        whole = losses.build(name, **params, reduction=reduction)(predictions, targets, weights)
+        torch.testing.assert_close(module.reductions(totals)[column], whole, rtol=1e-12, atol=1e-12)
+        alone = losses.build(name, **params, reduction=reduction)(predictions[1:2], targets[1:2], weights[1:2])
+        torch.testing.assert_close(module.reductions(sample_totals)[1, column], alone, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_empty_batch_is_finite(name, reduction):
+    spec, params, predictions, targets = make(name, batch=0)
+    predictions = predictions.requires_grad_(True)
+    result = losses.build(name, **params, reduction=reduction)(predictions, targets)
+    assert torch.isfinite(result).all()
+    if reduction != "none":
+        assert float(result) == 0.0
+    result.sum().backward()
+    assert predictions.grad.shape == predictions.shape
+
+
+@pytest.mark.parametrize("reduction", ["mean", "weighted_mean", "sum"])
+@pytest.mark.parametrize("name", [s.name for s in losses.specs() if "ignore_index" in s.param_names()])
+def test_all_targets_ignored_gives_zero(name, reduction):
+    spec, params, predictions, targets = make(name)
+    targets = torch.full_like(targets, -100)
+    predictions = predictions.requires_grad_(True)
+    result = losses.build(name, ignore_index=-100, reduction=reduction)(predictions, targets)
+    assert float(result) == 0.0
+    result.backward()
+    assert torch.isfinite(predictions.grad).all()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name,index", [c for c in CASES if losses.get(c.values[0]).predictions == "logits"])
+def test_extreme_logits_are_finite(name, index, reduction):
+    spec, params, predictions, targets = make(name, index, torch.float32)
+    signs = torch.where(torch.randn(predictions.shape, generator=torch.Generator().manual_seed(3)) > 0, 1.0, -1.0)
+    extreme = (signs * 1e4).requires_grad_(True)
+    result = losses.build(name, **cast_params(params, torch.float32), reduction=reduction)(extreme, targets)
+    assert torch.isfinite(result).all(), result
+    result.sum().backward()
+    assert torch.isfinite(extreme.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name,index", CASES)
+def test_low_precision_inputs_computed_in_float32(name, index, dtype):
+    spec, params, predictions, targets = make(name, index, torch.float32)
+    low = predictions.to(dtype)
+    low_targets = targets.to(dtype) if targets.is_floating_point() else targets
+    result = losses.build(name, **params, reduction="mean")(low, low_targets)
+    assert result.dtype == dtype
+    expected = losses.build(name, **params, reduction="mean")(low.float(), low_targets.float() if targets.is_floating_point() else targets)
+    assert_close(result, expected, dtype)
+
+
+@pytest.mark.parametrize("name,index", CASES)
+def test_non_contiguous_inputs(name, index):
+    spec, params, predictions, targets = make(name, index, spatial=(4, 6))
+    module = losses.build(name, **params, reduction="none")
+    strided_p, strided_t = predictions[..., ::2], targets[..., ::2]
+    assert not strided_p.is_contiguous()
+    torch.testing.assert_close(
+        module(strided_p, strided_t), module(strided_p.contiguous(), strided_t.contiguous()), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_bad_parameters_raise_value_error_naming_them(name):
+    spec = losses.get(name)
+    with pytest.raises(ValueError, match="no_such_param"):
+        losses.build(name, no_such_param=1.0)
+    with pytest.raises(ValueError, match="reduction"):
+        losses.build(name, reduction="average")
+    for param in spec.params:
+        if param.kind in ("float", "int", "float_or_vector") and param.low is not None:
+            bad = param.low - 1 if param.low_inclusive else param.low
+            with pytest.raises(ValueError, match=param.name):
+                losses.build(name, **{param.name: bad})
+        if param.kind in ("float", "int") and param.high is not None and math.isfinite(param.high):
+            bad = param.high + 1 if param.high_inclusive else param.high
+            with pytest.raises(ValueError, match=param.name):
+                losses.build(name, **{param.name: bad})
+        if param.kind == "vector":
+            with pytest.raises(ValueError, match=param.name):
+                spec_module = losses.build(name, **{param.name: torch.ones(NUM_CLASSES + 2)})
+                _, _, p, t = make(name)
+                spec_module(p, t)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_weights_that_do_not_broadcast_name_both_shapes(name):
+    spec, params, predictions, targets = make(name)
+    module = losses.build(name, **params)
+    bad = torch.ones(7, 2, dtype=predictions.dtype)
+    with pytest.raises(ValueError, match=r"weights.*\[7, 2\]"):
+        module(predictions, targets, bad)
+
+
+def test_unknown_loss_lists_valid_names():
+    with pytest.raises(ValueError, match="bce_with_logits"):
+        losses.build("no_such_loss")
