@@ -6,12 +6,15 @@ r"""The loss library: scriptable functions, thin modules, and the registry that 
 """
 from ._registry import LossSpec, ParamSpec, build, get, names, specs
 from ._reduction import REDUCTIONS
-from .bce import (
-    BCELoss,
-    BCEWithLogitsLoss,
-    binary_cross_entropy,
-    binary_cross_entropy_with_logits,
-)
+# Registration order is the order of names(): the classification families, then region
+# losses, their combinations and the regression losses.
+from . import bce, combo, cross_entropy, focal, region, regression  # noqa: F401  (registers)
+from .bce import BCELoss, BCEWithLogitsLoss, binary_cross_entropy, binary_cross_entropy_with_logits
+from .combo import *  # noqa: F401,F403
+from .cross_entropy import *  # noqa: F401,F403
+from .focal import *  # noqa: F401,F403
+from .region import *  # noqa: F401,F403
+from .regression import *  # noqa: F401,F403
 
 __all__ = [
     "LossSpec",

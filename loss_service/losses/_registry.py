@@ -138,6 +138,13 @@ class LossSpec:
       ``forward(predictions, targets, weights=None)``, plus the scriptable methods
       ``statistics(predictions, targets, weights, per_sample)`` and ``reductions(totals)``.
     * ``function`` -- the functional form, ``function(predictions, targets, weights=None, **params)``.
+    * ``statistics_kernel(predictions, targets, weights, *, per_sample, **params)`` -- the kernel the
+      module's ``statistics`` calls, with every parameter but ``reduction`` passed by name:
+      float/int/bool parameters as 0-d tensors, vectors as tensors (``None`` is equivalent to all
+      ones), ``graph_input=False`` parameters as Python values. The ONNX exporter traces it with
+      the hyperparameters as graph inputs, so it never branches in Python on their values.
+    * ``reductions_kernel(totals, **params)`` -- ``(..., K)`` totals to ``(..., 3)``
+      ``[sum, mean, weighted_mean]`` (float64); it takes the parameters it needs by name.
     * ``make_inputs(batch, num_classes, spatial, generator, dtype, params)`` -- valid random
       ``(predictions, targets)`` for tests, export and verification.
     * ``test_params`` -- the hyperparameter settings every generated test and export check covers.
@@ -156,6 +163,8 @@ class LossSpec:
     target_shape: str
     params: Tuple[ParamSpec, ...]
     make_inputs: InputMaker
+    statistics_kernel: Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    reductions_kernel: Callable[..., torch.Tensor]
     reference: str
     test_params: Tuple[Dict[str, Any], ...] = ({},)
     variants: Tuple[Dict[str, Any], ...] = ({},)

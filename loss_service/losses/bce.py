@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ._registry import LossSpec, ParamSpec, register
+from ._stable import log_sigmoid
 from ._reduction import (
     as_float,
     check_reduction,
@@ -118,12 +119,12 @@ def bce_with_logits_statistics(
     x = predictions.to(dtype)
     t = as_float(targets, dtype, "targets")
     # -log σ(x) = softplus(-x) and -log σ(-x) = softplus(-x) + x: one stable log-sigmoid.
-    log_sigmoid = torch.nn.functional.logsigmoid(x)
+    log_sigmoid_x = log_sigmoid(x)
     if pos_weight is None:
         positive_scale = t
     else:
         positive_scale = per_class(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight") * t
-    loss = (1.0 - t) * x - (positive_scale + 1.0 - t) * log_sigmoid
+    loss = (1.0 - t) * x - (positive_scale + 1.0 - t) * log_sigmoid_x
     weight = _effective_weight(list(x.shape), weights, class_weight, class_dim, dtype)
     weighted = loss if weight is None else loss * weight
     return elementwise_statistics(weighted, weight, None, per_sample)
@@ -287,6 +288,8 @@ register(
         target_shape="same as predictions",
         params=(CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
         make_inputs=_probability_inputs,
+        statistics_kernel=bce_statistics,
+        reductions_kernel=elementwise_reductions,
         reference="torch.nn.functional.binary_cross_entropy, including its log clamp at -100",
         test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0])}),
     )
@@ -310,6 +313,8 @@ register(
             CLASS_DIM_PARAM,
         ),
         make_inputs=_logit_inputs,
+        statistics_kernel=bce_with_logits_statistics,
+        reductions_kernel=elementwise_reductions,
         reference="torch.nn.functional.binary_cross_entropy_with_logits",
         test_params=(
             {},

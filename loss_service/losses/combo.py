@@ -1,0 +1,3 @@
+r"""combo losses (being implemented)."""
+
+__all__: list = []

@@ -1,0 +1,3 @@
+r"""cross_entropy losses (being implemented)."""
+
+__all__: list = []

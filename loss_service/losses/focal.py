@@ -1,0 +1,3 @@
+r"""focal losses (being implemented)."""
+
+__all__: list = []

@@ -1,0 +1,3 @@
+r"""region losses (being implemented)."""
+
+__all__: list = []

@@ -1,0 +1,3 @@
+r"""regression losses (being implemented)."""
+
+__all__: list = []
