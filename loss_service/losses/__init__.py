@@ -8,7 +8,12 @@ from ._registry import LossSpec, ParamSpec, build, get, names, specs
 from ._reduction import REDUCTIONS
 # Registration order is the order of names(): the classification families, then region
 # losses, their combinations and the regression losses.
-from . import bce, combo, cross_entropy, focal, region, regression  # noqa: F401  (registers)
+from . import bce  # noqa: F401,I001  (each import registers its losses)
+from . import cross_entropy  # noqa: F401
+from . import focal  # noqa: F401
+from . import region  # noqa: F401
+from . import combo  # noqa: F401
+from . import regression  # noqa: F401
 from .bce import BCELoss, BCEWithLogitsLoss, binary_cross_entropy, binary_cross_entropy_with_logits
 from .combo import *  # noqa: F401,F403
 from .cross_entropy import *  # noqa: F401,F403
