@@ -181,6 +181,27 @@ def sample_or_element_weights(weights: Tensor, shape: List[int], name: str = "we
     return weights
 
 
+def effective_weight(
+    shape: List[int],
+    weights: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    class_dim: int,
+    dtype: torch.dtype,
+) -> Optional[Tensor]:
+    r"""``weights · class_weight`` shaped to broadcast to ``shape`` (``None`` if neither is set).
+
+    ``weights`` follows :func:`sample_or_element_weights`; ``class_weight`` is laid along
+    ``class_dim`` by :func:`per_class`.
+    """
+    weight: Optional[Tensor] = None
+    if weights is not None:
+        weight = sample_or_element_weights(weights, shape).to(dtype)
+    if class_weight is not None:
+        vec = per_class(class_weight.to(dtype), shape, class_dim, "class_weight")
+        weight = vec if weight is None else weight * vec
+    return weight
+
+
 def check_same_shape(predictions: Tensor, targets: Tensor) -> None:
     if predictions.shape != targets.shape:
         raise ValueError(

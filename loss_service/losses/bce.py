@@ -11,32 +11,15 @@ from ._reduction import (
     check_reduction,
     check_same_shape,
     compute_dtype,
+    effective_weight,
     elementwise_reductions,
     elementwise_statistics,
     is_exporting,
     optional_vector,
     per_class,
-    sample_or_element_weights,
     select_reduction,
     vector_buffer,
 )
-
-
-def _effective_weight(
-    shape: List[int],
-    weights: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    class_dim: int,
-    dtype: torch.dtype,
-) -> Optional[Tensor]:
-    r"""``weights · class_weight`` shaped to broadcast to ``shape`` (``None`` if neither is set)."""
-    weight: Optional[Tensor] = None
-    if weights is not None:
-        weight = sample_or_element_weights(weights, shape).to(dtype)
-    if class_weight is not None:
-        vec = per_class(class_weight.to(dtype), shape, class_dim, "class_weight")
-        weight = vec if weight is None else weight * vec
-    return weight
 
 
 def _clamped_log(p: Tensor, complement: bool) -> Tensor:
@@ -70,7 +53,7 @@ def bce_statistics(
     log_p = _clamped_log(p, False)
     log_not_p = _clamped_log(p, True)
     loss = -(t * log_p + (1.0 - t) * log_not_p)
-    weight = _effective_weight(list(p.shape), weights, class_weight, class_dim, dtype)
+    weight = effective_weight(list(p.shape), weights, class_weight, class_dim, dtype)
     weighted = loss if weight is None else loss * weight
     return elementwise_statistics(weighted, weight, None, per_sample)
 
@@ -125,7 +108,7 @@ def bce_with_logits_statistics(
     else:
         positive_scale = per_class(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight") * t
     loss = (1.0 - t) * x - (positive_scale + 1.0 - t) * log_sigmoid_x
-    weight = _effective_weight(list(x.shape), weights, class_weight, class_dim, dtype)
+    weight = effective_weight(list(x.shape), weights, class_weight, class_dim, dtype)
     weighted = loss if weight is None else loss * weight
     return elementwise_statistics(weighted, weight, None, per_sample)
 

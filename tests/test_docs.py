@@ -1,0 +1,28 @@
+r"""The docs read the registry: generated reference up to date, every loss documented."""
+from pathlib import Path
+
+from loss_service import losses
+from loss_service.docs import render_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_generated_reference_is_up_to_date():
+    committed = (ROOT / "docs" / "reference.md").read_text()
+    assert committed == render_reference(), "regenerate: python -m loss_service.docs > docs/reference.md"
+
+
+def test_every_loss_and_parameter_is_in_the_hand_written_docs():
+    text = (ROOT / "docs" / "losses.md").read_text()
+    for page in sorted((ROOT / "docs" / "losses").glob("*.md")):
+        text += page.read_text()
+    for spec in losses.specs():
+        assert f"`{spec.name}`" in text, f"{spec.name} missing from docs/losses.md and docs/losses/"
+        for param in spec.params:
+            assert f"`{param.name}`" in text, f"{spec.name}.{param.name} missing from the loss docs"
+
+
+def test_readme_starts_with_the_two_commands():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    commands = [line for line in readme[:30] if line.startswith("bash scripts/")]
+    assert commands[:2] == ["bash scripts/serve.sh", "bash scripts/test.sh"]
