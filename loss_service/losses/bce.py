@@ -1,5 +1,5 @@
 r"""Binary cross-entropy on probabilities (``bce``) and on logits (``bce_with_logits``)."""
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn

@@ -1,3 +1,301 @@
-r"""combo losses (being implemented)."""
+r"""Combinations of losses: ``bce_dice`` = ``bce_weight``·BCE-with-logits + ``dice_weight``·Dice.
 
-__all__: list = []
+The combination is additive in its statistics: its totals are the BCE totals (4) followed by the
+Dice totals, and each reduction column is ``bce_weight·bce + dice_weight·dice``, so batches sum and
+per-sample values come out exactly as for the two losses on their own.
+"""
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._registry import LossSpec, ParamSpec, get, register
+from ._reduction import (
+    accumulate,
+    check_reduction,
+    elementwise_reductions,
+    optional_vector,
+    select_reduction,
+    vector_buffer,
+)
+from .bce import bce_with_logits_statistics
+from .region import _constant, _flag, _index, _prepare, dice_reductions, dice_statistics, region_inputs
+
+_BCE = get("bce_with_logits")
+_DICE = get("dice")
+
+# One set of defaults: every parameter is the registered bce_with_logits / dice ParamSpec, with
+# only the documentation (and the modes BCE is meaningful for) adapted.
+POS_WEIGHT_PARAM = dataclasses.replace(
+    _BCE.param("pos_weight"), doc="BCE weight of positive examples per class (length C, 1 in binary mode)"
+)
+CLASS_WEIGHT_PARAM = dataclasses.replace(
+    _DICE.param("class_weight"),
+    doc="per-class weight (length C, 1 in binary mode) of both the BCE elements and the Dice losses",
+)
+MODE_PARAM = dataclasses.replace(
+    _DICE.param("mode"),
+    choices=("binary", "multilabel"),
+    doc="binary: one foreground channel (predictions (N, 1, *) or (N, *)); multilabel: one sigmoid per channel (N, C, *)",
+)
+BCE_WEIGHT_PARAM = ParamSpec("bce_weight", "float", 1.0, "weight of the BCE-with-logits term", low=0.0)
+DICE_WEIGHT_PARAM = ParamSpec("dice_weight", "float", 1.0, "weight of the Dice term", low=0.0)
+_DICE_SHARED = ("smooth_nr", "smooth_dr", "include_background", "squared_pred", "log_loss", "ignore_index")
+BCE_DICE_PARAMS: Tuple[ParamSpec, ...] = (
+    (POS_WEIGHT_PARAM, CLASS_WEIGHT_PARAM, BCE_WEIGHT_PARAM, DICE_WEIGHT_PARAM)
+    + tuple(_DICE.param(name) for name in _DICE_SHARED)
+    + (MODE_PARAM, _DICE.param("batch"), _DICE.param("reduction"))
+)
+_DEFAULTS: Dict[str, Any] = {p.name: p.default for p in BCE_DICE_PARAMS}
+
+
+def bce_dice_reductions(
+    totals: Tensor,
+    bce_weight: Tensor,
+    dice_weight: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    log_loss: Tensor,
+    class_weight: Optional[Tensor],
+    batch: bool,
+) -> Tensor:
+    r"""``(..., 4 + K)`` totals to ``(..., 3)``: ``bce_weight·bce + dice_weight·dice`` per column."""
+    bce = elementwise_reductions(totals[..., :4])
+    dice = dice_reductions(totals[..., 4:], smooth_nr, smooth_dr, include_background, log_loss, class_weight, batch)
+    return bce_weight.to(torch.float64) * bce + dice_weight.to(torch.float64) * dice
+
+
+def bce_dice_statistics(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    bce_weight: Tensor,
+    dice_weight: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`bce_dice_loss`.
+
+    ``values`` are per sample, ``(N,)``: the combined loss of each sample alone under the ``mean``
+    rule (what ``reduction="none"`` returns).
+    """
+    if mode not in ["binary", "multilabel"]:
+        raise ValueError("bce_dice: mode must be 'binary' or 'multilabel', got '{}'".format(mode))
+    # The Dice kernel validates the inputs and the weights; the BCE term reuses its view.
+    _, dice_totals, dice_sample_totals = dice_statistics(
+        predictions, targets, weights, smooth_nr, smooth_dr, include_background, squared_pred, log_loss,
+        ignore_index, class_weight, mode, batch, True,
+    )
+    probabilities, dense, keep = _prepare(predictions, targets, ignore_index, mode)
+    logits = predictions.to(probabilities.dtype).reshape(probabilities.shape)
+    batch_size = probabilities.shape[0]
+    bce_weights = keep
+    if weights is not None:
+        if weights.dim() == 1 and predictions.dim() > 1 and weights.shape[0] == batch_size:
+            bce_weights = keep * weights.to(keep.dtype).reshape(batch_size, 1, 1)
+        else:
+            bce_weights = keep * weights.to(keep.dtype).expand(predictions.shape).reshape(probabilities.shape)
+    _, bce_totals, bce_sample_totals = bce_with_logits_statistics(
+        logits, dense, bce_weights, pos_weight, class_weight, 1, True
+    )
+    # Ignored positions have weight 0 and, as for every loss here, do not count in `mean`'s
+    # denominator: column 2 becomes the number of positions that are not ignored.
+    counted = accumulate(keep.expand(probabilities.shape), [1, 2])
+    bce_sample_totals = torch.cat(
+        [bce_sample_totals[:, :2], counted.unsqueeze(1), bce_sample_totals[:, 3:]], dim=1
+    )
+    bce_totals = torch.cat([bce_totals[:2], counted.sum().reshape(1), bce_totals[3:]])
+    sample_totals = torch.cat([bce_sample_totals, dice_sample_totals], dim=1)
+    totals = torch.cat([bce_totals, dice_totals])
+    values = bce_dice_reductions(
+        sample_totals, bce_weight, dice_weight, smooth_nr, smooth_dr, include_background, log_loss, class_weight,
+        batch,
+    )[:, 1]
+    if not per_sample:
+        sample_totals = sample_totals[:0]
+    return values, totals, sample_totals
+
+
+def bce_dice_loss(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor] = None,
+    pos_weight: Optional[Tensor] = _DEFAULTS["pos_weight"],
+    class_weight: Optional[Tensor] = _DEFAULTS["class_weight"],
+    bce_weight: float = _DEFAULTS["bce_weight"],
+    dice_weight: float = _DEFAULTS["dice_weight"],
+    smooth_nr: float = _DEFAULTS["smooth_nr"],
+    smooth_dr: float = _DEFAULTS["smooth_dr"],
+    include_background: bool = _DEFAULTS["include_background"],
+    squared_pred: bool = _DEFAULTS["squared_pred"],
+    log_loss: bool = _DEFAULTS["log_loss"],
+    ignore_index: int = _DEFAULTS["ignore_index"],
+    mode: str = _DEFAULTS["mode"],
+    batch: bool = _DEFAULTS["batch"],
+    reduction: str = _DEFAULTS["reduction"],
+) -> Tensor:
+    r"""``bce_weight`` · BCE-with-logits + ``dice_weight`` · soft Dice, on the same logits.
+
+    .. math::
+        L = \lambda_{bce}\,\mathrm{BCE}(x, t) + \lambda_{dice}\,\mathrm{Dice}(\sigma(x), t)
+
+    Each term is reduced by its own rule (:func:`~loss_service.losses.bce.binary_cross_entropy_with_logits`,
+    :func:`~loss_service.losses.region.dice_loss`) and the reduced values are combined, for every
+    reduction. With the defaults this is exactly ``bce_with_logits`` + binary ``dice`` with their
+    defaults.
+
+    Args:
+        predictions: logits, binary ``(N, 1, *)`` or ``(N, *)``; multilabel ``(N, C, *)``.
+        targets: the predictions' shape, values in ``[0, 1]`` or ``ignore_index`` (weight 0 in both
+            terms, not counted in BCE's ``mean`` denominator).
+        weights: ``(N,)`` per sample or pixel weights broadcastable to the predictions (both terms).
+        pos_weight: BCE's positive weight per class; class_weight: weight per class in both terms.
+        include_background, squared_pred, log_loss, smooth_nr, smooth_dr, batch: the Dice term's
+            (``include_background`` does not change the BCE term, as in MONAI's ``DiceCELoss``).
+        reduction: ``none`` returns ``(N,)``: each sample's combined loss alone, ``mean`` rule.
+    """
+    check_reduction(reduction)
+    values, totals, _ = bce_dice_statistics(
+        predictions, targets, weights, pos_weight, class_weight, _constant(bce_weight, predictions),
+        _constant(dice_weight, predictions), _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
+        _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
+        _index(ignore_index, predictions), mode, batch, False,
+    )
+    reductions = bce_dice_reductions(
+        totals, _constant(bce_weight, predictions), _constant(dice_weight, predictions),
+        _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
+        _flag(include_background, predictions), _flag(log_loss, predictions), class_weight, batch,
+    )
+    return select_reduction(values, reductions, reduction, predictions.dtype)
+
+
+class BCEDiceLoss(nn.Module):
+    r"""Module form of :func:`bce_dice_loss`; ``pos_weight`` and ``class_weight`` are buffers."""
+
+    bce_weight: float
+    dice_weight: float
+    smooth_nr: float
+    smooth_dr: float
+    include_background: bool
+    squared_pred: bool
+    log_loss: bool
+    ignore_index: int
+    mode: str
+    batch: bool
+    reduction: str
+
+    def __init__(
+        self,
+        pos_weight: Optional[Tensor] = _DEFAULTS["pos_weight"],
+        class_weight: Optional[Tensor] = _DEFAULTS["class_weight"],
+        bce_weight: float = _DEFAULTS["bce_weight"],
+        dice_weight: float = _DEFAULTS["dice_weight"],
+        smooth_nr: float = _DEFAULTS["smooth_nr"],
+        smooth_dr: float = _DEFAULTS["smooth_dr"],
+        include_background: bool = _DEFAULTS["include_background"],
+        squared_pred: bool = _DEFAULTS["squared_pred"],
+        log_loss: bool = _DEFAULTS["log_loss"],
+        ignore_index: int = _DEFAULTS["ignore_index"],
+        mode: str = _DEFAULTS["mode"],
+        batch: bool = _DEFAULTS["batch"],
+        reduction: str = _DEFAULTS["reduction"],
+    ) -> None:
+        super().__init__()
+        if mode not in MODE_PARAM.choices:
+            raise ValueError("bce_dice: mode must be 'binary' or 'multilabel', got {!r}".format(mode))
+        self.bce_weight = float(bce_weight)
+        self.dice_weight = float(dice_weight)
+        self.smooth_nr = float(smooth_nr)
+        self.smooth_dr = float(smooth_dr)
+        self.include_background = bool(include_background)
+        self.squared_pred = bool(squared_pred)
+        self.log_loss = bool(log_loss)
+        self.ignore_index = int(ignore_index)
+        self.mode = mode
+        self.batch = bool(batch)
+        self.reduction = check_reduction(reduction)
+        self.register_buffer("pos_weight", vector_buffer(pos_weight))
+        self.register_buffer("class_weight", vector_buffer(class_weight))
+
+    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return bce_dice_loss(
+            predictions, targets, weights, optional_vector(self.pos_weight), optional_vector(self.class_weight),
+            self.bce_weight, self.dice_weight, self.smooth_nr, self.smooth_dr, self.include_background,
+            self.squared_pred, self.log_loss, self.ignore_index, self.mode, self.batch, self.reduction,
+        )
+
+    @torch.jit.export
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return bce_dice_statistics(
+            predictions, targets, weights, optional_vector(self.pos_weight), optional_vector(self.class_weight),
+            _constant(self.bce_weight, predictions), _constant(self.dice_weight, predictions),
+            _constant(self.smooth_nr, predictions), _constant(self.smooth_dr, predictions),
+            _flag(self.include_background, predictions), _flag(self.squared_pred, predictions),
+            _flag(self.log_loss, predictions), _index(self.ignore_index, predictions), self.mode, self.batch,
+            per_sample,
+        )
+
+    @torch.jit.export
+    def reductions(self, totals: Tensor) -> Tensor:
+        return bce_dice_reductions(
+            totals, _constant(self.bce_weight, totals), _constant(self.dice_weight, totals),
+            _constant(self.smooth_nr, totals), _constant(self.smooth_dr, totals),
+            _flag(self.include_background, totals), _flag(self.log_loss, totals),
+            optional_vector(self.class_weight), self.batch,
+        )
+
+
+def _vector3(*values: float) -> Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+register(
+    LossSpec(
+        name="bce_dice",
+        family="combo",
+        summary="bce_weight · BCE-with-logits + dice_weight · soft Dice (binary, multilabel)",
+        module=BCEDiceLoss,
+        function=bce_dice_loss,
+        predictions="logits",
+        targets="probabilities",
+        prediction_shape="binary: (N, 1, *) or (N, *); multilabel: (N, C, *)",
+        target_shape="same as predictions, values in [0, 1] or ignore_index",
+        params=BCE_DICE_PARAMS,
+        make_inputs=region_inputs,
+        statistics_kernel=bce_dice_statistics,
+        reductions_kernel=bce_dice_reductions,
+        reference="bce_weight · F.binary_cross_entropy_with_logits + dice_weight · dice, each reduced by its own rule",
+        test_params=(
+            {},
+            {"mode": "multilabel", "pos_weight": _vector3(2.0, 1.0, 0.5), "class_weight": _vector3(1.0, 0.5, 2.0),
+             "bce_weight": 0.5, "dice_weight": 2.0, "ignore_index": 255},
+            {"mode": "multilabel", "batch": True, "include_background": False, "squared_pred": True,
+             "log_loss": True},
+            {"batch": True, "ignore_index": 255, "smooth_nr": 0.0, "smooth_dr": 0.0, "dice_weight": 0.25},
+        ),
+        variants=(
+            {},
+            {"mode": "multilabel"},
+            {"batch": True},
+            {"mode": "multilabel", "batch": True},
+        ),
+        kind="region",
+        paper="Combination used by e.g. Isensee et al. 2021, nnU-Net (Nature Methods), with CE in place of BCE",
+        notes="totals = bce_with_logits totals (4) followed by dice totals; include_background affects the Dice term only",
+    )
+)
+
+__all__ = ["BCEDiceLoss", "bce_dice_loss", "bce_dice_statistics", "bce_dice_reductions", "BCE_DICE_PARAMS"]

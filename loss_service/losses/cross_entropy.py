@@ -1,3 +1,474 @@
-r"""cross_entropy losses (being implemented)."""
+r"""Softmax cross-entropy (``cross_entropy``) and negative log-likelihood (``nll``).
 
-__all__: list = []
+Both follow :func:`torch.nn.functional.cross_entropy` / :func:`~torch.nn.functional.nll_loss`
+exactly (class weights, ``ignore_index``, label smoothing and torch's ``mean`` denominator), and
+return 0 with zero gradients where torch returns NaN because every target is ignored. The helpers
+for class-index targets here are shared with the softmax focal loss in :mod:`.focal`.
+"""
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._registry import LossSpec, ParamSpec, register
+from ._reduction import (
+    as_float,
+    check_reduction,
+    check_same_shape,
+    compute_dtype,
+    elementwise_reductions,
+    elementwise_statistics,
+    is_exporting,
+    normalize_class_dim,
+    optional_vector,
+    per_class,
+    sample_or_element_weights,
+    select_reduction,
+    vector_buffer,
+)
+from .bce import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
+
+
+def float_hyperparameter(value: float, predictions: Tensor) -> Tensor:
+    r"""A float hyperparameter as the 0-d tensor a kernel takes, in the loss's compute dtype.
+
+    The compute dtype (not the predictions' dtype) keeps e.g. ``label_smoothing=0.1`` exact to
+    float32 for float16 inputs.
+    """
+    return torch.full([], value, dtype=compute_dtype(predictions.dtype), device=predictions.device)
+
+
+def int_hyperparameter(value: int, predictions: Tensor) -> Tensor:
+    r"""An integer hyperparameter (``ignore_index``, ``balance_index``) as a 0-d int64 tensor."""
+    return torch.full([], value, dtype=torch.int64, device=predictions.device)
+
+
+def check_label_smoothing(label_smoothing: Tensor) -> None:
+    if not is_exporting() and bool((label_smoothing < 0) | (label_smoothing > 1) | torch.isnan(label_smoothing)):
+        raise ValueError("label_smoothing must be in [0, 1], got {}".format(float(label_smoothing)))
+
+
+def class_index_mask(
+    targets: Tensor, ignore_index: Tensor, shape: List[int], dim: int, probabilities_allowed: bool
+) -> Tuple[Tensor, Tensor]:
+    r"""``(target_mask, valid)`` for class-index ``targets`` of predictions of ``shape``.
+
+    ``targets`` must have ``shape`` without its class dimension ``dim`` (``(N, d1..dk)`` for
+    ``(N, C, d1..dk)``) and hold integers in ``[0, C)`` or ``ignore_index``; integer-valued
+    floating-point targets are accepted as indices. ``target_mask`` (bool, ``shape``) is True at
+    each element's target class -- a comparison with ``arange(C)`` rather than ``one_hot``, so the
+    class count stays symbolic in an exported graph -- and ``valid`` (bool, the elementwise shape)
+    is False where the target equals ``ignore_index``. The range checks run on the host (never a
+    device-side assert) and are skipped while exporting.
+    """
+    expected = shape[:dim] + shape[dim + 1:]
+    if list(targets.shape) != expected:
+        alternative = " or class probabilities of shape {}".format(shape) if probabilities_allowed else ""
+        raise ValueError(
+            "targets of shape {} do not match predictions of shape {}: expected class indices of shape {} "
+            "(the predictions without class dim {}){}".format(list(targets.shape), shape, expected, dim, alternative)
+        )
+    if targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError("targets must be integer class indices, got dtype {}".format(targets.dtype))
+    if targets.is_floating_point() and not is_exporting() and targets.numel() > 0:
+        if bool((~torch.isfinite(targets) | (targets != torch.floor(targets))).any()):
+            raise ValueError("targets must be integer class indices, got non-integer values of dtype {}".format(targets.dtype))
+    indices = targets.to(torch.int64)
+    valid = indices != ignore_index
+    num_classes = shape[dim]
+    if not is_exporting() and indices.numel() > 0:
+        out_of_range = valid & ((indices < 0) | (indices >= num_classes))
+        if bool(out_of_range.any()):
+            raise ValueError(
+                "targets must be class indices in [0, {}) or ignore_index ({}), got {}".format(
+                    num_classes, int(ignore_index), int(indices[out_of_range][0])
+                )
+            )
+    view = [1] * len(shape)
+    view[dim] = num_classes
+    classes = torch.arange(num_classes, device=targets.device).reshape(view)
+    return indices.unsqueeze(dim) == classes, valid
+
+
+def select_class(values: Tensor, target_mask: Tensor, dim: int) -> Tensor:
+    r"""``values`` at each element's target class (0 where no class is selected).
+
+    ``torch.where`` rather than a product with the mask: a ``-inf`` log-probability of a class that
+    is not the target must not turn into ``0 · inf = NaN``.
+    """
+    return torch.where(target_mask, values, torch.zeros_like(values)).sum(dim)
+
+
+def index_weights(
+    weights: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    target_mask: Tensor,
+    valid: Tensor,
+    dim: int,
+    dtype: torch.dtype,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    r"""``(w, d, sample_weight)`` of class-index targets.
+
+    ``d`` is the ``mean`` denominator per element, the class weight of the target (1 without
+    class weights) and 0 where ignored, as torch; ``w = weights · d`` is the full effective weight;
+    ``sample_weight`` is the call-time ``weights`` shaped for the elementwise shape (or ``None``).
+    ``class_weight`` is already shaped along ``dim`` (see :func:`per_class`).
+    """
+    valid_weight = valid.to(dtype)
+    if class_weight is None:
+        denominator = valid_weight
+    else:
+        denominator = select_class(class_weight, target_mask, dim) * valid_weight
+    sample_weight: Optional[Tensor] = None
+    if weights is not None:
+        sample_weight = sample_or_element_weights(weights, list(valid.shape)).to(dtype)
+        return denominator * sample_weight, denominator, sample_weight
+    return denominator, denominator, sample_weight
+
+
+def cross_entropy_statistics(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    ignore_index: Tensor,
+    label_smoothing: Tensor,
+    class_dim: int,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`cross_entropy_loss` (see :mod:`._reduction`).
+
+    ``ignore_index`` (int64) and ``label_smoothing`` are 0-d tensors. Targets with the predictions'
+    rank are class probabilities, targets with one dimension fewer are class indices.
+    """
+    dtype = compute_dtype(predictions.dtype)
+    x = predictions.to(dtype)
+    shape = list(x.shape)
+    dim = normalize_class_dim(class_dim, len(shape))
+    check_label_smoothing(label_smoothing)
+    epsilon = label_smoothing.to(dtype)
+    num_classes = shape[dim]
+    log_p = torch.log_softmax(x, dim)
+    weight_c: Optional[Tensor] = None
+    if class_weight is not None:
+        weight_c = per_class(class_weight.to(dtype), shape, dim, "class_weight")
+
+    if targets.dim() == len(shape):
+        # Probability targets: torch ignores ignore_index here and its mean divides by N·d1..dk.
+        check_same_shape(predictions, targets)
+        smoothed = (1.0 - epsilon) * as_float(targets, dtype, "targets") + epsilon / num_classes
+        terms = -smoothed * log_p
+        if weight_c is not None:
+            terms = terms * weight_c
+        loss = terms.sum(dim)
+        sample_weight: Optional[Tensor] = None
+        if weights is not None:
+            sample_weight = sample_or_element_weights(weights, list(loss.shape)).to(dtype)
+            loss = loss * sample_weight
+        return elementwise_statistics(loss, sample_weight, None, per_sample)
+
+    target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, True)
+    weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
+    nll = -select_class(log_p, target_mask, dim)
+    # The smoothing term reads every class; with label_smoothing = 0 it is masked out before use,
+    # so a -inf logit of a non-target class stays finite (as in torch) in value and gradient.
+    smoothing_log_p = torch.where(epsilon > 0, log_p, torch.zeros_like(log_p))
+    if weight_c is not None:
+        smoothing_log_p = smoothing_log_p * weight_c
+    # denominator = w_y (0 where ignored): the class weight of the target, as in torch.
+    loss = (1.0 - epsilon) * denominator * nll - (epsilon / num_classes) * smoothing_log_p.sum(dim)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if sample_weight is not None:
+        loss = loss * sample_weight
+    return elementwise_statistics(loss, weight, denominator, per_sample)
+
+
+def cross_entropy_loss(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    class_dim: int = 1,
+) -> Tensor:
+    r"""Softmax cross-entropy from logits, with class weights, ``ignore_index`` and label smoothing.
+
+    With :math:`\log p_c = \operatorname{log\_softmax}(x)_c` over the class dimension, class weights
+    :math:`w_c`, smoothing :math:`\varepsilon` and :math:`C` classes, an element with class index
+    :math:`y` has
+
+    .. math::
+        \ell = (1 - \varepsilon)\, w_y\,(-\log p_y)
+               + \frac{\varepsilon}{C} \sum_c w_c\,(-\log p_c),
+        \qquad d = w_y
+
+    (:math:`\ell = d = 0` where :math:`y` is ``ignore_index``), and an element with class
+    probabilities :math:`t_c` has
+
+    .. math::
+        \ell = -\sum_c w_c\, q_c \log p_c, \quad q_c = (1 - \varepsilon)\, t_c + \varepsilon / C,
+        \qquad d = 1.
+
+    Args:
+        predictions: logits ``(N, C, *)`` (classes along ``class_dim``).
+        targets: class indices ``(N, *)`` (integer dtype, or integer-valued floats) in
+            ``[0, C)`` or ``ignore_index``; or class probabilities of the predictions' shape.
+        weights: ``(N,)`` per-sample, or broadcastable to the elementwise shape ``(N, *)``;
+            they multiply :math:`\ell` and :math:`w` but not the ``mean`` denominator :math:`d`.
+        class_weight: per-class weight :math:`w_c`, length ``C`` along ``class_dim``.
+        ignore_index: class-index target that contributes nothing.
+        label_smoothing: :math:`\varepsilon \in [0, 1]`.
+        reduction: ``none`` | ``mean`` (:math:`\sum \ell / \sum d`, as torch) | ``sum`` |
+            ``weighted_mean`` (:math:`\sum \ell / \sum w`, :math:`w` = weights × :math:`d`).
+        class_dim: the class dimension (``-1`` for channels-last ``(N, *, C)``).
+
+    Equals :func:`torch.nn.functional.cross_entropy` wherever torch's result is finite, and is 0
+    (zero gradients) where every target is ignored.
+    """
+    check_reduction(reduction)
+    values, totals, _ = cross_entropy_statistics(
+        predictions,
+        targets,
+        weights,
+        class_weight,
+        int_hyperparameter(ignore_index, predictions),
+        float_hyperparameter(label_smoothing, predictions),
+        class_dim,
+        False,
+    )
+    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+
+
+def nll_statistics(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    ignore_index: Tensor,
+    class_dim: int,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`nll_loss`; ``ignore_index`` is a 0-d int64 tensor."""
+    dtype = compute_dtype(predictions.dtype)
+    log_p = predictions.to(dtype)
+    shape = list(log_p.shape)
+    dim = normalize_class_dim(class_dim, len(shape))
+    target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, False)
+    weight_c: Optional[Tensor] = None
+    if class_weight is not None:
+        weight_c = per_class(class_weight.to(dtype), shape, dim, "class_weight")
+    weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
+    # denominator = w_y (0 where ignored); torch.where keeps a -inf ignored entry out of the value.
+    loss = denominator * -select_class(log_p, target_mask, dim)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if sample_weight is not None:
+        loss = loss * sample_weight
+    return elementwise_statistics(loss, weight, denominator, per_sample)
+
+
+def nll_loss(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    class_dim: int = 1,
+) -> Tensor:
+    r"""Negative log-likelihood of class indices under log-probabilities.
+
+    .. math::
+        \ell = -w_y\, x_y, \qquad d = w_y \qquad (\ell = d = 0 \text{ where } y = \text{ignore\_index})
+
+    Args:
+        predictions: log-probabilities ``(N, C, *)`` (e.g. ``log_softmax`` output; not checked,
+            as in torch).
+        targets: class indices ``(N, *)`` in ``[0, C)`` or ``ignore_index``.
+        weights: ``(N,)`` per-sample, or broadcastable to ``(N, *)``; not part of :math:`d`.
+        class_weight: per-class weight :math:`w_c`, length ``C`` along ``class_dim``.
+        reduction: ``none`` | ``mean`` (:math:`\sum \ell / \sum d`) | ``sum`` | ``weighted_mean``.
+
+    Equals :func:`torch.nn.functional.nll_loss`, and is 0 where every target is ignored.
+    """
+    check_reduction(reduction)
+    values, totals, _ = nll_statistics(
+        predictions, targets, weights, class_weight, int_hyperparameter(ignore_index, predictions), class_dim, False
+    )
+    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+
+
+class CrossEntropyLoss(nn.Module):
+    r"""Module form of :func:`cross_entropy_loss`; ``class_weight`` is a buffer."""
+
+    reduction: str
+    ignore_index: int
+    label_smoothing: float
+    class_dim: int
+
+    def __init__(
+        self,
+        class_weight: Optional[Tensor] = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+        class_dim: int = 1,
+    ) -> None:
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        self.ignore_index = int(ignore_index)
+        self.label_smoothing = float(label_smoothing)
+        self.class_dim = class_dim
+        self.register_buffer("class_weight", vector_buffer(class_weight))
+
+    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return cross_entropy_loss(
+            predictions,
+            targets,
+            weights,
+            optional_vector(self.class_weight),
+            self.ignore_index,
+            self.label_smoothing,
+            self.reduction,
+            self.class_dim,
+        )
+
+    @torch.jit.export
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return cross_entropy_statistics(
+            predictions,
+            targets,
+            weights,
+            optional_vector(self.class_weight),
+            int_hyperparameter(self.ignore_index, predictions),
+            float_hyperparameter(self.label_smoothing, predictions),
+            self.class_dim,
+            per_sample,
+        )
+
+    @torch.jit.export
+    def reductions(self, totals: Tensor) -> Tensor:
+        return elementwise_reductions(totals)
+
+
+class NLLLoss(nn.Module):
+    r"""Module form of :func:`nll_loss`; ``class_weight`` is a buffer."""
+
+    reduction: str
+    ignore_index: int
+    class_dim: int
+
+    def __init__(
+        self,
+        class_weight: Optional[Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        class_dim: int = 1,
+    ) -> None:
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        self.ignore_index = int(ignore_index)
+        self.class_dim = class_dim
+        self.register_buffer("class_weight", vector_buffer(class_weight))
+
+    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return nll_loss(
+            predictions, targets, weights, optional_vector(self.class_weight), self.ignore_index, self.reduction, self.class_dim
+        )
+
+    @torch.jit.export
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return nll_statistics(
+            predictions,
+            targets,
+            weights,
+            optional_vector(self.class_weight),
+            int_hyperparameter(self.ignore_index, predictions),
+            self.class_dim,
+            per_sample,
+        )
+
+    @torch.jit.export
+    def reductions(self, totals: Tensor) -> Tensor:
+        return elementwise_reductions(totals)
+
+
+def class_index_inputs(
+    batch: int, num_classes: int, spatial: Tuple[int, ...], generator: torch.Generator, dtype: torch.dtype,
+    params: Dict[str, Any],
+) -> Tuple[Tensor, Tensor]:
+    r"""Logits ``(N, C, *)`` and class indices ``(N, *)``, about 15% of them ``ignore_index``."""
+    shape = (batch, num_classes) + tuple(spatial)
+    logits = torch.randn(shape, generator=generator, dtype=torch.float64) * 2
+    target_shape = (batch,) + tuple(spatial)
+    targets = torch.randint(0, num_classes, target_shape, generator=generator)
+    ignored = torch.rand(target_shape, generator=generator) < 0.15
+    targets = torch.where(ignored, torch.full_like(targets, params.get("ignore_index", -100)), targets)
+    return logits.to(dtype), targets
+
+
+def _log_probability_inputs(batch, num_classes, spatial, generator, dtype, params):
+    logits, targets = class_index_inputs(batch, num_classes, spatial, generator, torch.float64, params)
+    return torch.log_softmax(logits, 1).to(dtype), targets
+
+
+IGNORE_INDEX_PARAM = ParamSpec(
+    "ignore_index", "int", -100, "class-index target value that contributes nothing (neither loss nor mean denominator)"
+)
+LABEL_SMOOTHING_PARAM = ParamSpec(
+    "label_smoothing", "float", 0.0, "torch's label smoothing: target distribution (1-ε)·onehot + ε/C", low=0.0, high=1.0
+)
+
+register(
+    LossSpec(
+        name="cross_entropy",
+        family="cross_entropy",
+        summary="softmax cross-entropy from logits with class indices or class probabilities",
+        module=CrossEntropyLoss,
+        function=cross_entropy_loss,
+        predictions="logits",
+        targets="class_indices_or_probabilities",
+        prediction_shape="(N, C, *)",
+        target_shape="(N, *) class indices, or (N, C, *) probabilities",
+        params=(CLASS_WEIGHT_PARAM, IGNORE_INDEX_PARAM, LABEL_SMOOTHING_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
+        make_inputs=class_index_inputs,
+        statistics_kernel=cross_entropy_statistics,
+        reductions_kernel=elementwise_reductions,
+        reference="torch.nn.functional.cross_entropy (0 instead of NaN when every target is ignored)",
+        test_params=(
+            {},
+            {"class_weight": torch.tensor([0.5, 2.0, 1.0])},
+            {"ignore_index": 1, "label_smoothing": 0.1},
+            {"class_weight": torch.tensor([1.5, 0.0, 3.0]), "label_smoothing": 0.25},
+        ),
+        notes="Targets with the predictions' rank are class probabilities (their own exported graph, chosen "
+        "by the targets' rank and dtype); ignore_index does not apply to them, as in torch.",
+    )
+)
+
+register(
+    LossSpec(
+        name="nll",
+        family="cross_entropy",
+        summary="negative log-likelihood of class indices under log-probabilities",
+        module=NLLLoss,
+        function=nll_loss,
+        predictions="log_probabilities",
+        targets="class_indices",
+        prediction_shape="(N, C, *)",
+        target_shape="(N, *)",
+        params=(CLASS_WEIGHT_PARAM, IGNORE_INDEX_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
+        make_inputs=_log_probability_inputs,
+        statistics_kernel=nll_statistics,
+        reductions_kernel=elementwise_reductions,
+        reference="torch.nn.functional.nll_loss (0 instead of NaN when every target is ignored)",
+        test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0]), "ignore_index": 2}),
+    )
+)
+
+__all__ = ["CrossEntropyLoss", "NLLLoss", "cross_entropy_loss", "nll_loss"]

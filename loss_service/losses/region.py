@@ -1,3 +1,1184 @@
-r"""region losses (being implemented)."""
+r"""Region (overlap) losses on logits: soft Dice, IoU (Jaccard), Tversky and focal Tversky.
 
-__all__: list = []
+All four are one kernel family. Per sample ``n`` and class ``c`` the kernel accumulates, over the
+spatial positions ``i`` and in float64,
+
+.. math::
+    TP_{nc} = \sum_i w_{nci}\,p_{nci}\,t_{nci},\qquad
+    P_{nc} = \sum_i w_{nci}\,p_{nci}^{(2)},\qquad
+    T_{nc} = \sum_i w_{nci}\,t_{nci}^{(2)}
+
+(the squares only with ``squared_pred``), with ``FP = P - TP`` and ``FN = T - TP``. A loss is an
+*overlap index* of these statistics,
+
+.. math::
+    I = \frac{k\,TP + s_{nr}}{k\,(TP + \alpha\,FP + \beta\,FN) + s_{dr}}
+
+with ``k = 2, α = β = 1/2`` for Dice (``(2TP + s_nr) / (P + T + s_dr)``), ``k = 1, α = β = 1``
+for IoU and ``k = 1`` with the user's ``α``, ``β`` for Tversky; the loss is ``1 - I`` (or
+``-log I`` with ``log_loss``), and ``max(·, 0)^γ`` of that for focal Tversky.
+
+With ``batch=False`` every ``(n, c)`` has its own index; the totals are the elementwise totals
+``[Σ w·ℓ, Σ w, Σ d, n]`` of that ``(N, C)`` loss matrix. With ``batch=True`` the statistics are
+summed over the batch first: the totals are ``[TP_c…, P_c…, T_c…]`` (length ``3C``) and the
+reductions kernel turns them into the per-class losses. Both are additive over batches, so a
+dataset scored batch by batch gets exactly the loss of the concatenated dataset.
+"""
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._registry import LossSpec, ParamSpec, register
+from ._reduction import (
+    accumulate,
+    as_float,
+    check_reduction,
+    check_same_shape,
+    compute_dtype,
+    elementwise_reductions,
+    elementwise_statistics,
+    is_exporting,
+    optional_vector,
+    safe_divide,
+    sample_or_element_weights,
+    select_reduction,
+    vector_buffer,
+)
+from .bce import REDUCTION_PARAM
+
+MODES = ("binary", "multilabel", "multiclass")
+
+MODE_PARAM = ParamSpec(
+    "mode", "str", "binary",
+    "binary: sigmoid, one foreground channel (predictions (N, 1, *) or (N, *)); multilabel: sigmoid per "
+    "channel (N, C, *); multiclass: softmax over dim 1 with class-index targets (N, *) or (N, 1, *)",
+    choices=MODES, graph_input=False,
+)
+SMOOTH_NR_PARAM = ParamSpec("smooth_nr", "float", 1e-5, "added to the index's numerator", low=0.0)
+SMOOTH_DR_PARAM = ParamSpec("smooth_dr", "float", 1e-5, "added to the index's denominator", low=0.0)
+BATCH_PARAM = ParamSpec(
+    "batch", "bool", False,
+    "sum the statistics over the batch before the index (one loss per class) instead of one loss per (sample, class)",
+    graph_input=False,
+)
+INCLUDE_BACKGROUND_PARAM = ParamSpec(
+    "include_background", "bool", True,
+    "keep channel 0; False drops it (multilabel/multiclass with C > 1; no-op for a single channel)",
+)
+SQUARED_PRED_PARAM = ParamSpec(
+    "squared_pred", "bool", False, "use Σ w·p² and Σ w·t² in place of Σ w·p and Σ w·t (V-Net's denominator)"
+)
+LOG_LOSS_PARAM = ParamSpec("log_loss", "bool", False, "loss -log(index) (index clamped at 1e-7) instead of 1 - index")
+IGNORE_INDEX_PARAM = ParamSpec(
+    "ignore_index", "int", -100, "target value whose positions get weight 0 (class index, or mask value such as 255)"
+)
+CLASS_WEIGHT_PARAM = ParamSpec(
+    "class_weight", "vector", None,
+    "weight of each class's loss, length C (1 in binary mode); entry 0 is unused when the background is dropped",
+    low=0.0,
+)
+ALPHA_PARAM = ParamSpec("alpha", "float", 0.5, "Tversky weight of false positives", low=0.0)
+BETA_PARAM = ParamSpec("beta", "float", 0.5, "Tversky weight of false negatives", low=0.0)
+# Abraham & Khan's recommended setting: α = 0.3 on false positives, β = 0.7 on false negatives
+# (their Eq. 3 names them the other way round) and exponent 1/γ = 1/(4/3) = 0.75.
+FOCAL_ALPHA_PARAM = ParamSpec("alpha", "float", 0.3, "Tversky weight of false positives", low=0.0)
+FOCAL_BETA_PARAM = ParamSpec("beta", "float", 0.7, "Tversky weight of false negatives", low=0.0)
+GAMMA_PARAM = ParamSpec(
+    "gamma", "float", 0.75,
+    "exponent applied to the Tversky loss: (1 - TI)^gamma (Abraham & Khan's 1/γ; their γ = 4/3 is gamma = 0.75)",
+    low=0.0, low_inclusive=False,
+)
+
+
+def _flatten_spatial(x: Tensor, class_channel: bool) -> Tensor:
+    r"""``(N, C, *) -> (N, C, S)`` (or ``(N, *) -> (N, 1, S)`` for a tensor without class channel)."""
+    if not class_channel:
+        if x.dim() == 1:
+            return x.reshape(x.shape[0], 1, 1)
+        return x.flatten(1).unsqueeze(1)
+    if x.dim() == 2:
+        return x.unsqueeze(2)
+    return x.flatten(2)
+
+
+def _prepare(
+    predictions: Tensor,
+    targets: Tensor,
+    ignore_index: Tensor,
+    mode: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Probabilities, dense targets and the not-ignored mask, each ``(N, C, S)`` (mask may be ``(N, 1, S)``).
+
+    binary: every non-batch dimension is spatial and there is one channel (``C = 1``).
+    """
+    if mode not in ["binary", "multilabel", "multiclass"]:
+        raise ValueError("mode must be one of 'binary', 'multilabel', 'multiclass', got '{}'".format(mode))
+    dtype = compute_dtype(predictions.dtype)
+    # One memory layout for the sums: a strided view gives bit-identical results to its copy.
+    x = predictions.to(dtype).contiguous()
+    targets = targets.contiguous()
+    if mode == "multiclass":
+        if x.dim() < 2:
+            raise ValueError(
+                "multiclass predictions must be (N, C, *) logits, got shape {}".format(list(predictions.shape))
+            )
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ValueError(
+                "multiclass targets must be integer class indices (N, *) or (N, 1, *), got dtype {}".format(targets.dtype)
+            )
+        index = targets
+        if targets.dim() == x.dim() and targets.shape[1] == 1:
+            index = targets.squeeze(1)
+        expected = [x.shape[0]] + list(x.shape[2:])
+        if list(index.shape) != expected:
+            raise ValueError(
+                "multiclass targets must be class indices of shape (N, *) or (N, 1, *) for predictions (N, C, *): "
+                "predictions {} vs targets {}".format(list(predictions.shape), list(targets.shape))
+            )
+        num_classes = x.shape[1]
+        ignored = index == ignore_index.to(index.dtype)
+        if not is_exporting() and index.numel() > 0:
+            if bool(((~ignored) & ((index < 0) | (index >= num_classes))).any()):
+                raise ValueError(
+                    "multiclass targets must be in [0, {}) or equal ignore_index".format(num_classes)
+                )
+        probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
+        flat_index = _flatten_spatial(index, False)
+        classes = torch.arange(num_classes, device=x.device).reshape(1, num_classes, 1)
+        # Comparing with arange (not F.one_hot) exports to ONNX; ignored positions match no class.
+        dense = (flat_index == classes).to(dtype)
+        keep = (~_flatten_spatial(ignored, False)).to(dtype)
+        return probabilities, dense, keep
+    check_same_shape(predictions, targets)
+    if mode == "multilabel" and x.dim() < 2:
+        raise ValueError(
+            "multilabel predictions must be (N, C, *) logits, got shape {}".format(list(predictions.shape))
+        )
+    ignored = targets == ignore_index.to(targets.dtype)
+    t = as_float(targets, dtype, "targets")
+    if not is_exporting() and t.numel() > 0:
+        if bool(((~ignored) & ((t < 0) | (t > 1) | torch.isnan(t))).any()):
+            raise ValueError("{} targets must be in [0, 1] (or equal ignore_index)".format(mode))
+    t = torch.where(ignored, torch.zeros_like(t), t)
+    class_channel = mode == "multilabel"
+    probabilities = _flatten_spatial(torch.sigmoid(x), class_channel)
+    dense = _flatten_spatial(t, class_channel)
+    keep = _flatten_spatial((~ignored).to(dtype), class_channel)
+    return probabilities, dense, keep
+
+
+def _class_vectors(
+    num_classes: int,
+    include_background: Tensor,
+    class_weight: Optional[Tensor],
+    device: torch.device,
+) -> Tuple[Tensor, Tensor]:
+    r"""``(kept, loss_weight)``, float64 ``(C,)``: 1/0 per kept/dropped class, and ``class_weight · kept``.
+
+    Channel 0 is background only when there are other channels (as MONAI, which ignores
+    ``include_background=False`` for a single channel); it is dropped by a zero in ``kept`` rather
+    than by slicing, so the graph and the output shape do not depend on ``include_background``.
+    """
+    classes = torch.arange(num_classes, device=device)
+    background = (classes == 0) & (classes < num_classes - 1)
+    dropped = background & (~include_background.to(torch.bool))
+    kept = (~dropped).to(torch.float64)
+    if class_weight is None:
+        return kept, kept
+    if class_weight.dim() != 1 or class_weight.shape[0] != num_classes:
+        raise ValueError(
+            "class_weight must have one entry per class: expected {} (1 in binary mode), got shape {}".format(
+                num_classes, list(class_weight.shape)
+            )
+        )
+    return kept, class_weight.to(device=device, dtype=torch.float64) * kept
+
+
+def _overlap_losses(
+    true_positive: Tensor,
+    predicted: Tensor,
+    target: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    overlap_scale: float,
+    log_loss: Tensor,
+    gamma: Optional[Tensor],
+) -> Tensor:
+    r"""The loss of each index ``(k·TP + s_nr) / (k·(TP + α·FP + β·FN) + s_dr)``, elementwise."""
+    smooth_nr = smooth_nr.to(torch.float64)
+    smooth_dr = smooth_dr.to(torch.float64)
+    alpha = alpha.to(torch.float64)
+    beta = beta.to(torch.float64)
+    numerator = overlap_scale * true_positive + smooth_nr
+    # TP + α(P - TP) + β(T - TP) written without the differences: exact P + T for Dice.
+    denominator = overlap_scale * ((1.0 - alpha - beta) * true_positive + alpha * predicted + beta * target) + smooth_dr
+    # 0/0 happens only with smooth_dr = 0 and a class absent from predictions and targets (or
+    # entirely ignored): it counts as a perfect overlap (index 1, loss 0) instead of NaN.
+    nonzero = denominator != 0
+    safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
+    index = torch.where(nonzero, numerator / safe, torch.ones_like(numerator))
+    # -log I is taken at max(I, 1e-7) (smp's clamp): an index of 0 gives the finite loss 16.1 and a
+    # zero gradient instead of -log(0) = inf.
+    log_index = torch.log(torch.clamp(index, min=1e-7))
+    loss = torch.where(log_loss.to(torch.bool), -log_index, 1.0 - index)
+    if gamma is None:
+        return loss
+    # x^γ has an infinite derivative at 0 for γ < 1: evaluate the power on a positive base only
+    # and take 0 (with gradient 0) where the loss is 0; an index above 1 (s_nr > s_dr) is clamped.
+    base = torch.clamp(loss, min=0.0)
+    positive = base > 0
+    powered = torch.pow(torch.where(positive, base, torch.ones_like(base)), gamma.to(torch.float64))
+    return torch.where(positive, powered, torch.zeros_like(powered))
+
+
+def region_statistics(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    overlap_scale: float,
+    gamma: Optional[Tensor],
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    class_weight: Optional[Tensor],
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The shared statistics kernel of every region loss (see the module docstring)."""
+    probabilities, dense, keep = _prepare(predictions, targets, ignore_index, mode)
+    batch_size = probabilities.shape[0]
+    num_classes = probabilities.shape[1]
+    dtype = probabilities.dtype
+    pixel_weight = keep
+    sample_weight: Optional[Tensor] = None
+    if weights is not None:
+        shaped = sample_or_element_weights(weights, list(predictions.shape))
+        if weights.dim() == 1 and predictions.dim() > 1 and weights.shape[0] == batch_size:
+            sample_weight = weights.to(torch.float64)
+        else:
+            pixel_weight = keep * _flatten_spatial(shaped.to(dtype).expand(predictions.shape), mode != "binary")
+    squared = squared_pred.to(torch.bool)
+    predicted_term = torch.where(squared, probabilities * probabilities, probabilities)
+    target_term = torch.where(squared, dense * dense, dense)
+    true_positive = accumulate(pixel_weight * probabilities * dense, [2])
+    predicted = accumulate(pixel_weight * predicted_term, [2])
+    target = accumulate(pixel_weight * target_term, [2])
+    kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, probabilities.device)
+    if batch:
+        if sample_weight is not None:
+            # batch=True: a sample weight scales that sample's contributions to the sums.
+            scale = sample_weight.unsqueeze(1)
+            true_positive = true_positive * scale
+            predicted = predicted * scale
+            target = target * scale
+        sample_totals = torch.cat([true_positive, predicted, target], dim=1)
+        totals = sample_totals.sum(0)
+        losses = _overlap_losses(
+            totals[:num_classes], totals[num_classes:2 * num_classes], totals[2 * num_classes:],
+            smooth_nr, smooth_dr, alpha, beta, overlap_scale, log_loss, gamma,
+        )
+        values = losses * loss_weight
+        if not per_sample:
+            sample_totals = sample_totals[:0]
+        return values, totals, sample_totals
+    losses = _overlap_losses(
+        true_positive, predicted, target, smooth_nr, smooth_dr, alpha, beta, overlap_scale, log_loss, gamma
+    )
+    weight = loss_weight.unsqueeze(0)
+    if sample_weight is not None:
+        # batch=False: a sample weight weights that sample's (n, c) losses.
+        weight = sample_weight.unsqueeze(1) * weight
+    return elementwise_statistics(losses * weight, weight, kept.unsqueeze(0), per_sample)
+
+
+def region_reductions(
+    totals: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    overlap_scale: float,
+    gamma: Optional[Tensor],
+    include_background: Tensor,
+    log_loss: Tensor,
+    class_weight: Optional[Tensor],
+    batch: bool,
+) -> Tensor:
+    r"""``(..., K)`` region totals to ``(..., 3)`` = ``[sum, mean, weighted_mean]``.
+
+    ``batch=False``: the elementwise rule over the ``(n, c)`` losses (``mean`` divides by ``N·C'``,
+    ``C'`` the kept classes, as MONAI's mean). ``batch=True``: per-class losses ``ℓ_c`` from
+    ``[TP_c…, P_c…, T_c…]`` and class weights ``w_c``: ``Σ w_c ℓ_c``, ``Σ w_c ℓ_c / C'`` and
+    ``Σ w_c ℓ_c / Σ w_c`` (0 when the denominator is 0).
+    """
+    if not batch:
+        return elementwise_reductions(totals)
+    if totals.shape[-1] % 3 != 0:
+        raise ValueError(
+            "batch=True region totals must hold [TP_c, P_c, T_c] per class (a multiple of 3), got {}".format(
+                totals.shape[-1]
+            )
+        )
+    num_classes = totals.shape[-1] // 3
+    losses = _overlap_losses(
+        totals[..., :num_classes], totals[..., num_classes:2 * num_classes], totals[..., 2 * num_classes:],
+        smooth_nr, smooth_dr, alpha, beta, overlap_scale, log_loss, gamma,
+    )
+    kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, totals.device)
+    loss_sum = (losses * loss_weight).sum(-1)
+    return torch.stack(
+        [loss_sum, safe_divide(loss_sum, kept.sum()), safe_divide(loss_sum, loss_weight.sum())], dim=-1
+    )
+
+
+def _constant(value: float, like: Tensor) -> Tensor:
+    return torch.full([], value, dtype=torch.float64, device=like.device)
+
+
+def _flag(value: bool, like: Tensor) -> Tensor:
+    return torch.full([], value, dtype=torch.bool, device=like.device)
+
+
+def _index(value: int, like: Tensor) -> Tensor:
+    return torch.full([], value, dtype=torch.int64, device=like.device)
+
+
+# ---------------------------------------------------------------------------------------- dice
+
+
+def dice_statistics(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    class_weight: Optional[Tensor],
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`dice_loss`: the region kernel with ``k = 2, α = β = 1/2``."""
+    half = _constant(0.5, predictions)
+    return region_statistics(
+        predictions, targets, weights, smooth_nr, smooth_dr, half, half, 2.0, None,
+        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
+    )
+
+
+def dice_reductions(
+    totals: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    log_loss: Tensor,
+    class_weight: Optional[Tensor],
+    batch: bool,
+) -> Tensor:
+    r"""Reductions kernel of :func:`dice_loss` (see :func:`region_reductions`)."""
+    half = _constant(0.5, totals)
+    return region_reductions(
+        totals, smooth_nr, smooth_dr, half, half, 2.0, None, include_background, log_loss, class_weight, batch
+    )
+
+
+def dice_loss(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor] = None,
+    smooth_nr: float = SMOOTH_NR_PARAM.default,
+    smooth_dr: float = SMOOTH_DR_PARAM.default,
+    include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+    squared_pred: bool = SQUARED_PRED_PARAM.default,
+    log_loss: bool = LOG_LOSS_PARAM.default,
+    ignore_index: int = IGNORE_INDEX_PARAM.default,
+    class_weight: Optional[Tensor] = None,
+    mode: str = MODE_PARAM.default,
+    batch: bool = BATCH_PARAM.default,
+    reduction: str = REDUCTION_PARAM.default,
+) -> Tensor:
+    r"""Soft Dice loss on logits (Milletari et al. 2016, V-Net), with MONAI's conventions.
+
+    .. math::
+        D_{nc} = \frac{2\,TP_{nc} + s_{nr}}{P_{nc} + T_{nc} + s_{dr}},\qquad
+        \ell_{nc} = 1 - D_{nc}\ \ (\text{or } -\log\max(D_{nc}, 10^{-7}))
+
+    with :math:`TP = Σ w·p·t`, :math:`P = Σ w·p` (:math:`Σ w·p^2` with ``squared_pred``),
+    :math:`T = Σ w·t` (:math:`Σ w·t^2`) over the spatial positions, ``p`` the sigmoid (binary,
+    multilabel) or softmax over dim 1 (multiclass) of the logits. With ``batch=True`` the sums also
+    run over the batch and there is one :math:`D_c` per class.
+
+    Args:
+        predictions: logits; binary ``(N, 1, *)`` or ``(N, *)``; multilabel/multiclass ``(N, C, *)``.
+        targets: binary/multilabel: the predictions' shape, values in ``[0, 1]`` (soft allowed) or
+            ``ignore_index``; multiclass: integer class indices ``(N, *)`` or ``(N, 1, *)``.
+        weights: ``(N,)`` per-sample (``batch=False``: weights the sample's losses; ``batch=True``:
+            scales its contributions to the sums) or pixel weights broadcastable to the predictions.
+        class_weight: length ``C`` (1 in binary mode), weight of each class's loss.
+        reduction: ``none`` -> ``(N, C)`` weighted losses (``(C,)`` with ``batch=True``), dropped
+            background column 0; ``sum``; ``mean`` (divides by ``N·C'``, or ``C'`` with ``batch``,
+            ``C'`` the kept classes); ``weighted_mean`` (divides by the sum of the loss weights).
+
+    Equals MONAI ``DiceLoss(sigmoid=True | softmax=True, to_onehot_y=...)`` for its settings.
+    """
+    check_reduction(reduction)
+    values, totals, _ = dice_statistics(
+        predictions, targets, weights, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
+        _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
+        _index(ignore_index, predictions), class_weight, mode, batch, False,
+    )
+    reductions = dice_reductions(
+        totals, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
+        _flag(include_background, predictions), _flag(log_loss, predictions), class_weight, batch,
+    )
+    return select_reduction(values, reductions, reduction, predictions.dtype)
+
+
+class _RegionLoss(nn.Module):
+    r"""Attributes and scalar conversion shared by the region-loss modules."""
+
+    def __init__(
+        self,
+        smooth_nr: float,
+        smooth_dr: float,
+        include_background: bool,
+        squared_pred: bool,
+        log_loss: bool,
+        ignore_index: int,
+        class_weight: Optional[Tensor],
+        mode: str,
+        batch: bool,
+        reduction: str,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError("mode must be one of 'binary', 'multilabel', 'multiclass', got {!r}".format(mode))
+        self.smooth_nr = float(smooth_nr)
+        self.smooth_dr = float(smooth_dr)
+        self.include_background = bool(include_background)
+        self.squared_pred = bool(squared_pred)
+        self.log_loss = bool(log_loss)
+        self.ignore_index = int(ignore_index)
+        self.mode = mode
+        self.batch = bool(batch)
+        self.reduction = check_reduction(reduction)
+        self.register_buffer("class_weight", vector_buffer(class_weight))
+
+
+class DiceLoss(_RegionLoss):
+    r"""Module form of :func:`dice_loss`; ``class_weight`` is a buffer (empty = not set)."""
+
+    smooth_nr: float
+    smooth_dr: float
+    include_background: bool
+    squared_pred: bool
+    log_loss: bool
+    ignore_index: int
+    mode: str
+    batch: bool
+    reduction: str
+
+    def __init__(
+        self,
+        smooth_nr: float = SMOOTH_NR_PARAM.default,
+        smooth_dr: float = SMOOTH_DR_PARAM.default,
+        include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+        squared_pred: bool = SQUARED_PRED_PARAM.default,
+        log_loss: bool = LOG_LOSS_PARAM.default,
+        ignore_index: int = IGNORE_INDEX_PARAM.default,
+        class_weight: Optional[Tensor] = None,
+        mode: str = MODE_PARAM.default,
+        batch: bool = BATCH_PARAM.default,
+        reduction: str = REDUCTION_PARAM.default,
+    ) -> None:
+        super().__init__(
+            smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode,
+            batch, reduction,
+        )
+
+    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return dice_loss(
+            predictions, targets, weights, self.smooth_nr, self.smooth_dr, self.include_background,
+            self.squared_pred, self.log_loss, self.ignore_index, optional_vector(self.class_weight), self.mode,
+            self.batch, self.reduction,
+        )
+
+    @torch.jit.export
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return dice_statistics(
+            predictions, targets, weights, _constant(self.smooth_nr, predictions),
+            _constant(self.smooth_dr, predictions), _flag(self.include_background, predictions),
+            _flag(self.squared_pred, predictions), _flag(self.log_loss, predictions),
+            _index(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
+            per_sample,
+        )
+
+    @torch.jit.export
+    def reductions(self, totals: Tensor) -> Tensor:
+        return dice_reductions(
+            totals, _constant(self.smooth_nr, totals), _constant(self.smooth_dr, totals),
+            _flag(self.include_background, totals), _flag(self.log_loss, totals),
+            optional_vector(self.class_weight), self.batch,
+        )
+
+
+# ----------------------------------------------------------------------------------------- iou
+
+
+def iou_statistics(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    class_weight: Optional[Tensor],
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`iou_loss`: the region kernel with ``k = 1, α = β = 1``."""
+    one = _constant(1.0, predictions)
+    return region_statistics(
+        predictions, targets, weights, smooth_nr, smooth_dr, one, one, 1.0, None,
+        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
+    )
+
+
+def iou_reductions(
+    totals: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    log_loss: Tensor,
+    class_weight: Optional[Tensor],
+    batch: bool,
+) -> Tensor:
+    r"""Reductions kernel of :func:`iou_loss` (see :func:`region_reductions`)."""
+    one = _constant(1.0, totals)
+    return region_reductions(
+        totals, smooth_nr, smooth_dr, one, one, 1.0, None, include_background, log_loss, class_weight, batch
+    )
+
+
+def iou_loss(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor] = None,
+    smooth_nr: float = SMOOTH_NR_PARAM.default,
+    smooth_dr: float = SMOOTH_DR_PARAM.default,
+    include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+    squared_pred: bool = SQUARED_PRED_PARAM.default,
+    log_loss: bool = LOG_LOSS_PARAM.default,
+    ignore_index: int = IGNORE_INDEX_PARAM.default,
+    class_weight: Optional[Tensor] = None,
+    mode: str = MODE_PARAM.default,
+    batch: bool = BATCH_PARAM.default,
+    reduction: str = REDUCTION_PARAM.default,
+) -> Tensor:
+    r"""Soft IoU (Jaccard) loss on logits (Rahman & Wang 2016; Berman et al. 2018).
+
+    .. math::
+        J_{nc} = \frac{TP_{nc} + s_{nr}}{P_{nc} + T_{nc} - TP_{nc} + s_{dr}},\qquad
+        \ell_{nc} = 1 - J_{nc}\ \ (\text{or } -\log\max(J_{nc}, 10^{-7}))
+
+    Statistics, shapes, weights and reductions as :func:`dice_loss`. MONAI's ``jaccard=True``
+    smooths ``(2TP + s_nr) / (2(P + T - TP) + s_dr)``: the same loss when the smoothing is 0.
+    """
+    check_reduction(reduction)
+    values, totals, _ = iou_statistics(
+        predictions, targets, weights, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
+        _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
+        _index(ignore_index, predictions), class_weight, mode, batch, False,
+    )
+    reductions = iou_reductions(
+        totals, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
+        _flag(include_background, predictions), _flag(log_loss, predictions), class_weight, batch,
+    )
+    return select_reduction(values, reductions, reduction, predictions.dtype)
+
+
+class IoULoss(_RegionLoss):
+    r"""Module form of :func:`iou_loss`; ``class_weight`` is a buffer (empty = not set)."""
+
+    smooth_nr: float
+    smooth_dr: float
+    include_background: bool
+    squared_pred: bool
+    log_loss: bool
+    ignore_index: int
+    mode: str
+    batch: bool
+    reduction: str
+
+    def __init__(
+        self,
+        smooth_nr: float = SMOOTH_NR_PARAM.default,
+        smooth_dr: float = SMOOTH_DR_PARAM.default,
+        include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+        squared_pred: bool = SQUARED_PRED_PARAM.default,
+        log_loss: bool = LOG_LOSS_PARAM.default,
+        ignore_index: int = IGNORE_INDEX_PARAM.default,
+        class_weight: Optional[Tensor] = None,
+        mode: str = MODE_PARAM.default,
+        batch: bool = BATCH_PARAM.default,
+        reduction: str = REDUCTION_PARAM.default,
+    ) -> None:
+        super().__init__(
+            smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode,
+            batch, reduction,
+        )
+
+    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return iou_loss(
+            predictions, targets, weights, self.smooth_nr, self.smooth_dr, self.include_background,
+            self.squared_pred, self.log_loss, self.ignore_index, optional_vector(self.class_weight), self.mode,
+            self.batch, self.reduction,
+        )
+
+    @torch.jit.export
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return iou_statistics(
+            predictions, targets, weights, _constant(self.smooth_nr, predictions),
+            _constant(self.smooth_dr, predictions), _flag(self.include_background, predictions),
+            _flag(self.squared_pred, predictions), _flag(self.log_loss, predictions),
+            _index(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
+            per_sample,
+        )
+
+    @torch.jit.export
+    def reductions(self, totals: Tensor) -> Tensor:
+        return iou_reductions(
+            totals, _constant(self.smooth_nr, totals), _constant(self.smooth_dr, totals),
+            _flag(self.include_background, totals), _flag(self.log_loss, totals),
+            optional_vector(self.class_weight), self.batch,
+        )
+
+
+# ------------------------------------------------------------------------------------- tversky
+
+
+def tversky_statistics(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    alpha: Tensor,
+    beta: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    class_weight: Optional[Tensor],
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`tversky_loss`: the region kernel with ``k = 1``."""
+    return region_statistics(
+        predictions, targets, weights, smooth_nr, smooth_dr, alpha, beta, 1.0, None,
+        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
+    )
+
+
+def tversky_reductions(
+    totals: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    log_loss: Tensor,
+    class_weight: Optional[Tensor],
+    batch: bool,
+) -> Tensor:
+    r"""Reductions kernel of :func:`tversky_loss` (see :func:`region_reductions`)."""
+    return region_reductions(
+        totals, smooth_nr, smooth_dr, alpha, beta, 1.0, None, include_background, log_loss, class_weight, batch
+    )
+
+
+def tversky_loss(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor] = None,
+    alpha: float = ALPHA_PARAM.default,
+    beta: float = BETA_PARAM.default,
+    smooth_nr: float = SMOOTH_NR_PARAM.default,
+    smooth_dr: float = SMOOTH_DR_PARAM.default,
+    include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+    squared_pred: bool = SQUARED_PRED_PARAM.default,
+    log_loss: bool = LOG_LOSS_PARAM.default,
+    ignore_index: int = IGNORE_INDEX_PARAM.default,
+    class_weight: Optional[Tensor] = None,
+    mode: str = MODE_PARAM.default,
+    batch: bool = BATCH_PARAM.default,
+    reduction: str = REDUCTION_PARAM.default,
+) -> Tensor:
+    r"""Tversky loss on logits (Salehi et al. 2017), ``alpha`` on false positives, ``beta`` on false negatives.
+
+    .. math::
+        TI_{nc} = \frac{TP_{nc} + s_{nr}}{TP_{nc} + \alpha\,FP_{nc} + \beta\,FN_{nc} + s_{dr}},\quad
+        FP = P - TP,\ FN = T - TP,\qquad \ell_{nc} = 1 - TI_{nc}\ \ (\text{or } -\log\max(TI_{nc}, 10^{-7}))
+
+    Without smoothing, ``alpha = beta = 0.5`` is :func:`dice_loss` and ``alpha = beta = 1`` is
+    :func:`iou_loss`. Defaults ``alpha = beta = 0.5`` as MONAI and smp (Salehi recommends
+    ``alpha = 0.3, beta = 0.7`` to favour recall). Statistics, shapes, weights and reductions as
+    :func:`dice_loss`; equals MONAI ``TverskyLoss`` for its settings.
+    """
+    check_reduction(reduction)
+    values, totals, _ = tversky_statistics(
+        predictions, targets, weights, _constant(alpha, predictions), _constant(beta, predictions),
+        _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
+        _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
+        _index(ignore_index, predictions), class_weight, mode, batch, False,
+    )
+    reductions = tversky_reductions(
+        totals, _constant(alpha, predictions), _constant(beta, predictions), _constant(smooth_nr, predictions),
+        _constant(smooth_dr, predictions), _flag(include_background, predictions), _flag(log_loss, predictions),
+        class_weight, batch,
+    )
+    return select_reduction(values, reductions, reduction, predictions.dtype)
+
+
+class TverskyLoss(_RegionLoss):
+    r"""Module form of :func:`tversky_loss`; ``class_weight`` is a buffer (empty = not set)."""
+
+    alpha: float
+    beta: float
+    smooth_nr: float
+    smooth_dr: float
+    include_background: bool
+    squared_pred: bool
+    log_loss: bool
+    ignore_index: int
+    mode: str
+    batch: bool
+    reduction: str
+
+    def __init__(
+        self,
+        alpha: float = ALPHA_PARAM.default,
+        beta: float = BETA_PARAM.default,
+        smooth_nr: float = SMOOTH_NR_PARAM.default,
+        smooth_dr: float = SMOOTH_DR_PARAM.default,
+        include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+        squared_pred: bool = SQUARED_PRED_PARAM.default,
+        log_loss: bool = LOG_LOSS_PARAM.default,
+        ignore_index: int = IGNORE_INDEX_PARAM.default,
+        class_weight: Optional[Tensor] = None,
+        mode: str = MODE_PARAM.default,
+        batch: bool = BATCH_PARAM.default,
+        reduction: str = REDUCTION_PARAM.default,
+    ) -> None:
+        super().__init__(
+            smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode,
+            batch, reduction,
+        )
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return tversky_loss(
+            predictions, targets, weights, self.alpha, self.beta, self.smooth_nr, self.smooth_dr,
+            self.include_background, self.squared_pred, self.log_loss, self.ignore_index,
+            optional_vector(self.class_weight), self.mode, self.batch, self.reduction,
+        )
+
+    @torch.jit.export
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return tversky_statistics(
+            predictions, targets, weights, _constant(self.alpha, predictions), _constant(self.beta, predictions),
+            _constant(self.smooth_nr, predictions), _constant(self.smooth_dr, predictions),
+            _flag(self.include_background, predictions), _flag(self.squared_pred, predictions),
+            _flag(self.log_loss, predictions), _index(self.ignore_index, predictions),
+            optional_vector(self.class_weight), self.mode, self.batch, per_sample,
+        )
+
+    @torch.jit.export
+    def reductions(self, totals: Tensor) -> Tensor:
+        return tversky_reductions(
+            totals, _constant(self.alpha, totals), _constant(self.beta, totals), _constant(self.smooth_nr, totals),
+            _constant(self.smooth_dr, totals), _flag(self.include_background, totals),
+            _flag(self.log_loss, totals), optional_vector(self.class_weight), self.batch,
+        )
+
+
+# ------------------------------------------------------------------------------- focal_tversky
+
+
+def focal_tversky_statistics(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    alpha: Tensor,
+    beta: Tensor,
+    gamma: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    class_weight: Optional[Tensor],
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`focal_tversky_loss`."""
+    return region_statistics(
+        predictions, targets, weights, smooth_nr, smooth_dr, alpha, beta, 1.0, gamma,
+        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
+    )
+
+
+def focal_tversky_reductions(
+    totals: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    gamma: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    log_loss: Tensor,
+    class_weight: Optional[Tensor],
+    batch: bool,
+) -> Tensor:
+    r"""Reductions kernel of :func:`focal_tversky_loss` (see :func:`region_reductions`)."""
+    return region_reductions(
+        totals, smooth_nr, smooth_dr, alpha, beta, 1.0, gamma, include_background, log_loss, class_weight, batch
+    )
+
+
+def focal_tversky_loss(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor] = None,
+    alpha: float = FOCAL_ALPHA_PARAM.default,
+    beta: float = FOCAL_BETA_PARAM.default,
+    gamma: float = GAMMA_PARAM.default,
+    smooth_nr: float = SMOOTH_NR_PARAM.default,
+    smooth_dr: float = SMOOTH_DR_PARAM.default,
+    include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+    squared_pred: bool = SQUARED_PRED_PARAM.default,
+    log_loss: bool = LOG_LOSS_PARAM.default,
+    ignore_index: int = IGNORE_INDEX_PARAM.default,
+    class_weight: Optional[Tensor] = None,
+    mode: str = MODE_PARAM.default,
+    batch: bool = BATCH_PARAM.default,
+    reduction: str = REDUCTION_PARAM.default,
+) -> Tensor:
+    r"""Focal Tversky loss on logits (Abraham & Khan 2019), per class before any reduction.
+
+    .. math::
+        \ell_{nc} = \max(1 - TI_{nc}, 0)^{\gamma}\ \ (\text{or } \max(-\log\max(TI_{nc}, 10^{-7}), 0)^{\gamma})
+
+    ``gamma`` is the exponent itself: Abraham & Khan write :math:`(1 - TI)^{1/γ}` with their
+    ``γ = 4/3``, i.e. ``gamma = 0.75`` here (the default, with their ``alpha = 0.3`` on false
+    positives and ``beta = 0.7`` on false negatives). ``gamma = 1`` is :func:`tversky_loss`. At a
+    loss of exactly 0 the gradient is taken as 0 (the derivative of :math:`x^γ` is infinite there
+    for ``gamma < 1``). Unlike smp, which raises the *mean* Tversky loss to the power, the power
+    is applied to each class's loss as in the paper's :math:`\sum_c (1 - TI_c)^{1/γ}`.
+    """
+    check_reduction(reduction)
+    values, totals, _ = focal_tversky_statistics(
+        predictions, targets, weights, _constant(alpha, predictions), _constant(beta, predictions),
+        _constant(gamma, predictions), _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
+        _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
+        _index(ignore_index, predictions), class_weight, mode, batch, False,
+    )
+    reductions = focal_tversky_reductions(
+        totals, _constant(alpha, predictions), _constant(beta, predictions), _constant(gamma, predictions),
+        _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
+        _flag(include_background, predictions), _flag(log_loss, predictions), class_weight, batch,
+    )
+    return select_reduction(values, reductions, reduction, predictions.dtype)
+
+
+class FocalTverskyLoss(_RegionLoss):
+    r"""Module form of :func:`focal_tversky_loss`; ``class_weight`` is a buffer (empty = not set)."""
+
+    alpha: float
+    beta: float
+    gamma: float
+    smooth_nr: float
+    smooth_dr: float
+    include_background: bool
+    squared_pred: bool
+    log_loss: bool
+    ignore_index: int
+    mode: str
+    batch: bool
+    reduction: str
+
+    def __init__(
+        self,
+        alpha: float = FOCAL_ALPHA_PARAM.default,
+        beta: float = FOCAL_BETA_PARAM.default,
+        gamma: float = GAMMA_PARAM.default,
+        smooth_nr: float = SMOOTH_NR_PARAM.default,
+        smooth_dr: float = SMOOTH_DR_PARAM.default,
+        include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+        squared_pred: bool = SQUARED_PRED_PARAM.default,
+        log_loss: bool = LOG_LOSS_PARAM.default,
+        ignore_index: int = IGNORE_INDEX_PARAM.default,
+        class_weight: Optional[Tensor] = None,
+        mode: str = MODE_PARAM.default,
+        batch: bool = BATCH_PARAM.default,
+        reduction: str = REDUCTION_PARAM.default,
+    ) -> None:
+        super().__init__(
+            smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode,
+            batch, reduction,
+        )
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+
+    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return focal_tversky_loss(
+            predictions, targets, weights, self.alpha, self.beta, self.gamma, self.smooth_nr, self.smooth_dr,
+            self.include_background, self.squared_pred, self.log_loss, self.ignore_index,
+            optional_vector(self.class_weight), self.mode, self.batch, self.reduction,
+        )
+
+    @torch.jit.export
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return focal_tversky_statistics(
+            predictions, targets, weights, _constant(self.alpha, predictions), _constant(self.beta, predictions),
+            _constant(self.gamma, predictions), _constant(self.smooth_nr, predictions),
+            _constant(self.smooth_dr, predictions), _flag(self.include_background, predictions),
+            _flag(self.squared_pred, predictions), _flag(self.log_loss, predictions),
+            _index(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
+            per_sample,
+        )
+
+    @torch.jit.export
+    def reductions(self, totals: Tensor) -> Tensor:
+        return focal_tversky_reductions(
+            totals, _constant(self.alpha, totals), _constant(self.beta, totals), _constant(self.gamma, totals),
+            _constant(self.smooth_nr, totals), _constant(self.smooth_dr, totals),
+            _flag(self.include_background, totals), _flag(self.log_loss, totals),
+            optional_vector(self.class_weight), self.batch,
+        )
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+def region_inputs(
+    batch: int,
+    num_classes: int,
+    spatial: Tuple[int, ...],
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    params: Dict[str, Any],
+) -> Tuple[Tensor, Tensor]:
+    r"""Random logits and targets for ``params["mode"]``; about 15% of targets are ``ignore_index``
+    when the parameters set one. Binary inputs are ``(N, 1, *spatial)``."""
+    mode = params.get("mode", MODE_PARAM.default)
+    channels = 1 if mode == "binary" else num_classes
+    shape = (batch, channels) + tuple(spatial)
+    logits = (torch.randn(shape, generator=generator, dtype=torch.float64) * 2).to(dtype)
+    if mode == "multiclass":
+        targets = torch.randint(0, num_classes, (batch,) + tuple(spatial), generator=generator)
+    else:
+        targets = (torch.rand(shape, generator=generator, dtype=torch.float64) < 0.3).to(dtype)
+    if "ignore_index" in params:
+        ignored = torch.rand(targets.shape, generator=generator) < 0.15
+        targets = torch.where(ignored, torch.full_like(targets, params["ignore_index"]), targets)
+    return logits, targets
+
+
+COMMON_PARAMS: Tuple[ParamSpec, ...] = (
+    SMOOTH_NR_PARAM,
+    SMOOTH_DR_PARAM,
+    INCLUDE_BACKGROUND_PARAM,
+    SQUARED_PRED_PARAM,
+    LOG_LOSS_PARAM,
+    IGNORE_INDEX_PARAM,
+    CLASS_WEIGHT_PARAM,
+    MODE_PARAM,
+    BATCH_PARAM,
+    REDUCTION_PARAM,
+)
+# One ONNX graph per mode and batch setting: together they cover every structural choice.
+VARIANTS: Tuple[Dict[str, Any], ...] = (
+    {},
+    {"mode": "multilabel"},
+    {"mode": "multiclass"},
+    {"batch": True},
+    {"mode": "multilabel", "batch": True},
+    {"mode": "multiclass", "batch": True},
+)
+_SHAPES = dict(
+    predictions="logits",
+    targets="class_indices_or_probabilities",
+    prediction_shape="binary: (N, 1, *) or (N, *); multilabel, multiclass: (N, C, *)",
+    target_shape="binary, multilabel: same as predictions, values in [0, 1] or ignore_index; "
+    "multiclass: class indices (N, *) or (N, 1, *)",
+)
+_NOTES = (
+    "include_background=False zeroes class 0's weight and mean denominator (the output keeps C columns); "
+    "it is a no-op for a single channel. class_weight has length C in every setting."
+)
+
+
+def _weights3(*values: float) -> Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+register(
+    LossSpec(
+        name="dice",
+        family="region",
+        summary="soft Dice loss on logits (binary, multilabel, multiclass)",
+        module=DiceLoss,
+        function=dice_loss,
+        params=COMMON_PARAMS,
+        make_inputs=region_inputs,
+        statistics_kernel=dice_statistics,
+        reductions_kernel=dice_reductions,
+        reference="1 - (2·TP + smooth_nr) / (P + T + smooth_dr) per (sample, class) or per class; "
+        "monai.losses.DiceLoss with sigmoid/softmax",
+        test_params=(
+            {},
+            {"mode": "multilabel", "class_weight": _weights3(0.5, 2.0, 1.0), "squared_pred": True},
+            {"mode": "multiclass", "include_background": False, "ignore_index": 255},
+            {"mode": "multiclass", "batch": True, "class_weight": _weights3(1.0, 0.0, 3.0), "log_loss": True},
+            {"batch": True, "ignore_index": 255, "smooth_nr": 0.0, "smooth_dr": 0.0},
+            {"mode": "multilabel", "batch": True, "include_background": False, "smooth_nr": 1.0, "smooth_dr": 1.0},
+        ),
+        variants=VARIANTS,
+        kind="region",
+        paper="Milletari, Navab & Ahmadi 2016, V-Net (3DV); MONAI DiceLoss conventions",
+        notes=_NOTES,
+        **_SHAPES,
+    )
+)
+
+register(
+    LossSpec(
+        name="iou",
+        family="region",
+        summary="soft IoU (Jaccard) loss on logits",
+        module=IoULoss,
+        function=iou_loss,
+        params=COMMON_PARAMS,
+        make_inputs=region_inputs,
+        statistics_kernel=iou_statistics,
+        reductions_kernel=iou_reductions,
+        reference="1 - (TP + smooth_nr) / (P + T - TP + smooth_dr) per (sample, class) or per class",
+        test_params=(
+            {},
+            {"mode": "multiclass", "batch": True, "include_background": False, "ignore_index": 255},
+            {"mode": "multilabel", "log_loss": True, "class_weight": _weights3(2.0, 1.0, 0.5), "smooth_nr": 0.0,
+             "smooth_dr": 0.0},
+        ),
+        variants=VARIANTS,
+        kind="region",
+        paper="Rahman & Wang 2016, Optimizing IoU in deep neural networks (ISVC); Berman et al. 2018, Lovász-softmax (CVPR)",
+        notes=_NOTES,
+        **_SHAPES,
+    )
+)
+
+register(
+    LossSpec(
+        name="tversky",
+        family="region",
+        summary="Tversky loss on logits (alpha on false positives, beta on false negatives)",
+        module=TverskyLoss,
+        function=tversky_loss,
+        params=(ALPHA_PARAM, BETA_PARAM) + COMMON_PARAMS,
+        make_inputs=region_inputs,
+        statistics_kernel=tversky_statistics,
+        reductions_kernel=tversky_reductions,
+        reference="1 - (TP + smooth_nr) / (TP + alpha·FP + beta·FN + smooth_dr); monai.losses.TverskyLoss",
+        test_params=(
+            {},
+            {"alpha": 0.3, "beta": 0.7, "mode": "multiclass", "ignore_index": 255},
+            {"alpha": 0.7, "beta": 0.3, "mode": "multilabel", "batch": True, "squared_pred": True,
+             "class_weight": _weights3(1.0, 2.0, 0.5)},
+            {"alpha": 1.0, "beta": 0.2, "batch": True, "log_loss": True, "include_background": False},
+        ),
+        variants=VARIANTS,
+        kind="region",
+        paper="Salehi, Erdogmus & Gholipour 2017, Tversky loss function for image segmentation (MLMI)",
+        notes=_NOTES,
+        **_SHAPES,
+    )
+)
+
+register(
+    LossSpec(
+        name="focal_tversky",
+        family="region",
+        summary="focal Tversky loss on logits: (1 - TI)^gamma per class",
+        module=FocalTverskyLoss,
+        function=focal_tversky_loss,
+        params=(FOCAL_ALPHA_PARAM, FOCAL_BETA_PARAM, GAMMA_PARAM) + COMMON_PARAMS,
+        make_inputs=region_inputs,
+        statistics_kernel=focal_tversky_statistics,
+        reductions_kernel=focal_tversky_reductions,
+        reference="max(1 - TI, 0) ** gamma per (sample, class) or per class, TI the Tversky index",
+        test_params=(
+            {},
+            {"gamma": 2.0, "mode": "multiclass", "batch": True, "include_background": False,
+             "class_weight": _weights3(0.0, 1.0, 2.0)},
+            {"gamma": 1.5, "log_loss": True, "mode": "multilabel", "ignore_index": 255, "squared_pred": True},
+        ),
+        variants=VARIANTS,
+        kind="region",
+        paper="Abraham & Khan 2019, A novel focal Tversky loss function with improved attention U-Net (ISBI); "
+        "gamma here is their 1/γ",
+        notes=_NOTES,
+        **_SHAPES,
+    )
+)
+
+__all__ = [
+    "MODES",
+    "DiceLoss",
+    "IoULoss",
+    "TverskyLoss",
+    "FocalTverskyLoss",
+    "dice_loss",
+    "iou_loss",
+    "tversky_loss",
+    "focal_tversky_loss",
+    "dice_statistics",
+    "dice_reductions",
+    "iou_statistics",
+    "iou_reductions",
+    "tversky_statistics",
+    "tversky_reductions",
+    "focal_tversky_statistics",
+    "focal_tversky_reductions",
+    "region_statistics",
+    "region_reductions",
+]

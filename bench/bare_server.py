@@ -1,0 +1,140 @@
+r"""The transport floor: a ``loss_service.v1.LossService`` that only decodes and sums.
+
+``ScoreBatch`` parses the same ``ScoreBatchRequest`` as the real server, turns ``predictions``,
+``targets`` and (if set) ``weights`` into numpy arrays with ``np.frombuffer`` (zero-copy views of
+the request's bytes, reshaped to the declared shape) and answers with the sum of their sums in
+``loss``. Everything a real server must do -- HTTP/2 framing, protobuf parsing, one pass over the
+data -- is here; the loss itself, validation and backend dispatch are not. The real server's
+elements/s divided by this server's is therefore the fraction of the transport floor it reaches.
+
+For a fair comparison the bare server runs with the same gRPC message-size options and the same
+process-level allocator tuning as the real server (see :func:`main`).
+
+Run: ``python -m bench.bare_server --port 50052`` (from the repository root).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Dict, Optional, Sequence, Tuple
+
+import grpc
+import numpy as np
+
+from loss_service.server.config import ServerConfig
+from loss_service.server.memory import tune_malloc
+from loss_service.v1 import loss_service_pb2 as pb
+from loss_service.v1 import loss_service_pb2_grpc
+
+# Element types numpy can view without conversion; bfloat16 has no numpy dtype and is not needed
+# by the benchmark's requests.
+NUMPY_DTYPES: Dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_INT16: np.dtype("<i2"),
+    pb.DTYPE_INT8: np.dtype("i1"),
+    pb.DTYPE_UINT8: np.dtype("u1"),
+    pb.DTYPE_BOOL: np.dtype("?"),
+}
+
+
+def decode(tensor: pb.Tensor, field: str) -> np.ndarray:
+    r"""A read-only numpy view of ``tensor``'s bytes with its declared shape.
+
+    Raises ``ValueError`` naming ``field`` if the dtype has no numpy equivalent or the byte length
+    does not match the shape.
+    """
+    dtype = NUMPY_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise ValueError(f"{field}.dtype must be one of {sorted(pb.DType.Name(d) for d in NUMPY_DTYPES)}, "
+                         f"got {pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype}")
+    shape = tuple(tensor.shape)
+    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if any(d < 0 for d in shape) or len(tensor.data) != expected:
+        raise ValueError(f"{field}.data must hold prod(shape={list(shape)}) elements of {dtype.itemsize} bytes "
+                         f"({expected} bytes), got {len(tensor.data)} bytes")
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def decode_and_sum(request: pb.ScoreBatchRequest) -> pb.ScoreBatchResponse:
+    r"""Decode predictions, targets and weights and return the sum of their sums.
+
+    The sum is there so that the data is read once (as any loss must) and cannot be skipped.
+    """
+    predictions = decode(request.predictions, "predictions")
+    total = float(predictions.sum()) + float(decode(request.targets, "targets").sum())
+    if request.HasField("weights"):
+        total += float(decode(request.weights, "weights").sum())
+    return pb.ScoreBatchResponse(
+        loss=total,
+        num_elements=predictions.size,
+        backend="bare",
+        device="cpu",
+        request_id=request.request_id,
+    )
+
+
+class BareLossService(loss_service_pb2_grpc.LossServiceServicer):
+    r"""``ScoreBatch`` = decode and sum; the other RPCs stay UNIMPLEMENTED (not benchmarked)."""
+
+    async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> pb.ScoreBatchResponse:
+        try:
+            return decode_and_sum(request)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
+def message_options(max_message_bytes: int) -> Sequence[Tuple[str, int]]:
+    r"""The gRPC channel arguments that lift the message-size limits to ``max_message_bytes``."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+async def start_bare_server(address: str, options: Sequence[Tuple[str, int]]) -> Tuple[grpc.aio.Server, int]:
+    r"""Start a bare server on ``address`` (``host:0`` picks a free port); returns ``(server, port)``.
+
+    Must be awaited inside the event loop that will serve it.
+    """
+    server = grpc.aio.server(options=list(options))
+    loss_service_pb2_grpc.add_LossServiceServicer_to_server(BareLossService(), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"bare server: could not bind {address}")
+    await server.start()
+    return server, port
+
+
+async def _serve(address: str, options: Sequence[Tuple[str, int]]) -> None:
+    server, port = await start_bare_server(address, options)
+    # One line on stdout so a parent process started with port 0 can learn the bound port.
+    print(f"bare server listening on port {port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1.0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    # The real server's defaults: the same message-size options and the same malloc thresholds.
+    tune_malloc()
+    asyncio.run(_serve(f"{args.host}:{args.port}", ServerConfig().grpc_options()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+r"""``manifest.json``: what the server and the C++ example read instead of guessing.
+
+Deterministic: keys sorted, artifacts sorted by file name, numbers rounded to 3 significant digits
+in verification results; the only run-dependent values are under the top-level ``"run"`` key
+(timestamp and durations).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from loss_service import __version__ as loss_service_version
+from loss_service import layout
+from loss_service.losses import LossSpec, ParamSpec
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> Dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+
+    return {
+        "loss_service": loss_service_version,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+def _graph_default(param: ParamSpec) -> Dict[str, Any]:
+    r"""How a generic caller fills a hyperparameter input it does not set."""
+    if param.kind in ("vector", "float_or_vector"):
+        if param.default is None:
+            return {"fill": 1.0, "shape": ["C"], "meaning": "unset (a vector of ones is identical)"}
+        if isinstance(param.default, (int, float)):
+            return {"fill": float(param.default), "shape": ["C"]}
+        return {"value": _json_value(param.default), "shape": ["C"]}
+    return {"value": _json_value(param.default), "shape": []}
+
+
+def _value_info(value) -> Dict[str, Any]:
+    import onnx
+
+    tensor = value.type.tensor_type
+    shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+    return {
+        "name": value.name,
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+        "shape": shape,
+        "dynamic_axes": [i for i, d in enumerate(tensor.shape.dim) if d.dim_param],
+    }
+
+
+def onnx_entry(spec: LossSpec, variant: Dict[str, Any], path: Path, opset: int) -> Dict[str, Any]:
+    import onnx
+
+    model = onnx.load(str(path))
+    params = {p.name: p for p in layout.graph_params(spec)}
+    inputs = []
+    for value in model.graph.input:
+        info = _value_info(value)
+        if value.name in ("predictions", "targets"):
+            info["role"] = value.name
+        elif value.name == "weights":
+            info["role"] = "weights"
+            info["default"] = {"fill": 1.0, "shape": info["shape"], "meaning": "no weights"}
+        elif value.name == "reduction":
+            info["role"] = "reduction"
+            info["default"] = {"value": layout.REDUCTION_CODES[spec.defaults().get("reduction", "mean")], "shape": []}
+            info["codes"] = dict(layout.REDUCTION_CODES)
+        else:
+            info["role"] = "hyperparameter"
+            info["kind"] = params[value.name].kind
+            info["default"] = _graph_default(params[value.name])
+        inputs.append(info)
+    outputs = [_value_info(value) for value in model.graph.output]
+    meanings = {
+        "loss": "float64 scalar: the reduction chosen by the reduction code (for none: the sum)",
+        "values": "weighted unreduced losses in the canonical layout",
+        "totals": "float64 additive statistics of the batch",
+        "sample_totals": "float64 additive statistics per sample (N, K)",
+    }
+    for output in outputs:
+        output["meaning"] = meanings.get(output["name"], "")
+    return {
+        "loss": spec.name,
+        "format": "onnx",
+        "file": path.name,
+        "variant": {k: _json_value(v) for k, v in variant.items()},
+        "variant_key": layout.variant_key(variant),
+        "opset": opset,
+        "inputs": inputs,
+        "outputs": outputs,
+        "values_layout": layout.values_layout(spec, variant),
+        "weights_layout": layout.weights_layout(spec, variant),
+        "hyperparameters": [p.describe() for p in spec.params],
+    }
+
+
+def torchscript_entry(spec: LossSpec, path: Path) -> Dict[str, Any]:
+    attributes = []
+    for param in spec.params:
+        described = param.describe()
+        described["set_from_cpp"] = (
+            f'module.setattr("{param.name}", torch::tensor(...))  // empty tensor = unset'
+            if param.kind in ("vector", "float_or_vector")
+            else f'module.setattr("{param.name}", value)'
+        )
+        attributes.append(described)
+    return {
+        "loss": spec.name,
+        "format": "torchscript",
+        "file": path.name,
+        "variant": {},
+        "variant_key": "",
+        "methods": {
+            "forward": "forward(predictions, targets, weights=None) -> loss",
+            "statistics": "statistics(predictions, targets, weights, per_sample) -> (values, totals, sample_totals)",
+            "reductions": "reductions(totals) -> [sum, mean, weighted_mean]",
+        },
+        "inputs": [
+            {"name": "predictions", "dtype": "float32|float64|float16|bfloat16", "shape": spec.prediction_shape},
+            {"name": "targets", "shape": spec.target_shape, "kind": spec.targets},
+            {"name": "weights", "optional": True, "shape": "(N,) or broadcastable to the values"},
+        ],
+        "outputs": [{"name": "loss", "shape": "scalar, or the values' shape for reduction none"}],
+        "hyperparameters": attributes,
+    }
+
+
+def finish_entry(entry: Dict[str, Any], path: Path, verification: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    entry["sha256"] = sha256(path)
+    entry["size_bytes"] = path.stat().st_size
+    entry["verification"] = verification
+    return entry
+
+
+def layout_description() -> Dict[str, Any]:
+    return {
+        "predictions": "(N, C, S) float32: class dim moved to 1, other dims flattened into S; (N,) -> (N, 1, 1)",
+        "targets": "(N, C, S) float32 dense, or (N, S) int64 class indices",
+        "weights": "float32, the canonical shape of values (of predictions for region losses); ones = no weights",
+        "hyperparameters": "float -> 0-d float32, int -> 0-d int64, bool -> 0-d bool, vectors -> (C,) float32",
+        "reduction_codes": dict(layout.REDUCTION_CODES),
+        "outputs": list(layout.ONNX_OUTPUTS),
+        "implementation": "loss_service.layout.to_canonical",
+    }
+
+
+def merge(previous: Optional[Dict[str, Any]], entries: List[Dict[str, Any]], out: Path, opset: int) -> List[Dict[str, Any]]:
+    r"""This run's entries plus the previous manifest's entries for other files that are still valid.
+
+    A previous entry is kept only when it was written by the same versions (and opset for ONNX) and
+    its file still has the recorded sha256, so ``--loss`` runs accumulate into one manifest.
+    """
+    by_file = {entry["file"]: entry for entry in entries}
+    if previous and previous.get("versions") == versions() and previous.get("schema_version") == SCHEMA_VERSION:
+        for entry in previous.get("artifacts", []):
+            path = out / entry["file"]
+            if entry["file"] in by_file or not path.exists():
+                continue
+            if entry["format"] == "onnx" and entry.get("opset") != opset:
+                continue
+            if sha256(path) == entry["sha256"]:
+                by_file[entry["file"]] = entry
+    return [by_file[name] for name in sorted(by_file)]
+
+
+def write(out: Path, entries: List[Dict[str, Any]], opset: int, run: Dict[str, Any]) -> Dict[str, Any]:
+    path = out / MANIFEST_NAME
+    previous = None
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = None
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "versions": versions(),
+        "opset": opset,
+        "layout": layout_description(),
+        "artifacts": merge(previous, entries, out, opset),
+        "run": run,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return manifest
+
+
+def load(out: Path) -> Dict[str, Any]:
+    return json.loads((Path(out) / MANIFEST_NAME).read_text())

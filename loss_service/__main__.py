@@ -1,0 +1,173 @@
+r"""Command line: ``python -m loss_service serve|score|losses`` (also the ``loss-service`` script).
+
+``serve`` flags fall back to ``LOSS_SERVICE_*`` environment variables, then to the defaults::
+
+    --host LOSS_SERVICE_HOST (127.0.0.1)        --port LOSS_SERVICE_PORT (50051; 0 = any free port)
+    --backend LOSS_SERVICE_BACKEND (auto)       --device LOSS_SERVICE_DEVICE (auto)
+    --artifacts LOSS_SERVICE_ARTIFACTS (artifacts)
+    --max-message-bytes LOSS_SERVICE_MAX_MESSAGE_BYTES   --max-elements LOSS_SERVICE_MAX_ELEMENTS
+    --workers LOSS_SERVICE_WORKERS              --grace-seconds LOSS_SERVICE_GRACE_SECONDS
+    --log-level LOSS_SERVICE_LOG_LEVEL (INFO)
+
+``score`` sends one batch read from ``.npy`` files and prints the result as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Callable, List, Optional, Sequence
+
+from loss_service.server.config import BACKEND_CHOICES, ENVIRONMENT, ConfigError, ServerConfig
+
+
+def _env(name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
+    value = os.environ.get(ENVIRONMENT[name])
+    if value is None or value == "":
+        return default
+    try:
+        return convert(value)
+    except ValueError:
+        raise SystemExit(f"error: environment variable {ENVIRONMENT[name]}={value!r} is not a valid {convert.__name__}")
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    defaults = ServerConfig()
+    parser = commands.add_parser("serve", help="run the gRPC LossService")
+    parser.add_argument("--host", default=_env("host", defaults.host), help="address to listen on (%(default)s)")
+    parser.add_argument("--port", type=int, default=_env("port", defaults.port, int),
+                        help="port; 0 picks a free one, printed in the 'listening' log line (%(default)s)")
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, default=_env("backend", defaults.backend),
+                        help="backend of requests that leave it unspecified; auto = eager (%(default)s)")
+    parser.add_argument("--device", default=_env("device", defaults.device),
+                        help="auto, cpu, cuda or cuda:N; explicit cuda without a GPU is a start error (%(default)s)")
+    parser.add_argument("--artifacts", default=_env("artifacts", defaults.artifacts),
+                        help="folder of <loss>.pt/.onnx + manifest.json, exported on start if missing (%(default)s)")
+    parser.add_argument("--max-message-bytes", type=int, default=_env("max_message_bytes", defaults.max_message_bytes, int),
+                        help="largest request/response message (%(default)s)")
+    parser.add_argument("--max-elements", type=int, default=_env("max_elements", defaults.max_elements, int),
+                        help="largest tensor in a request, in elements; above: RESOURCE_EXHAUSTED (%(default)s)")
+    parser.add_argument("--workers", type=int, default=_env("workers", defaults.workers, int),
+                        help="compute threads for large requests (%(default)s)")
+    parser.add_argument("--grace-seconds", type=float, default=_env("grace_seconds", defaults.grace_seconds, float),
+                        help="on SIGTERM/SIGINT, time given to in-flight calls (%(default)s)")
+    parser.add_argument("--log-level", default=_env("log_level", "INFO"), help="%(default)s")
+
+
+def _add_score(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("score", help="score one batch of .npy files against a server; prints JSON")
+    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port (%(default)s)")
+    parser.add_argument("--loss", required=True)
+    parser.add_argument("--predictions", required=True, help=".npy file")
+    parser.add_argument("--targets", required=True, help=".npy file")
+    parser.add_argument("--weights", help=".npy file: (N,) per sample or broadcastable to the loss's elements")
+    parser.add_argument("--class-weights", help=".npy file: per-class weights (length C)")
+    parser.add_argument("--pos-weight", help=".npy file: per-class positive weights (length C)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="hyperparameter, repeatable: gamma=2, ignore_index=-100, mode=multiclass; "
+                             "NAME=@file.npy sends a vector")
+    parser.add_argument("--reduction", default="mean", choices=["mean", "sum", "none", "weighted_mean"])
+    parser.add_argument("--backend", choices=["eager", "torchscript", "onnx"])
+    parser.add_argument("--per-sample", action="store_true", help="also return one value per sample")
+    parser.add_argument("--request-id")
+    parser.add_argument("--timeout", type=float, help="deadline in seconds")
+
+
+def parse_param(text: str) -> tuple:
+    r"""``NAME=VALUE`` -> ``(name, value)``: int, float, true/false, ``@file.npy`` or a string."""
+    import numpy as np
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--param expects NAME=VALUE, got {text!r}")
+    if value.startswith("@"):
+        return name, np.load(value[1:])
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    for convert in (int, float):
+        try:
+            return name, convert(value)
+        except ValueError:
+            pass
+    return name, value
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loss_service.server import logs
+    from loss_service.server.app import serve
+
+    logs.configure(args.log_level)
+    try:
+        config = ServerConfig(
+            host=args.host, port=args.port, backend=args.backend, device=args.device, artifacts=args.artifacts,
+            max_message_bytes=args.max_message_bytes, max_elements=args.max_elements, workers=args.workers,
+            grace_seconds=args.grace_seconds,
+        )
+        return asyncio.run(serve(config))
+    except ConfigError as exc:
+        print(json.dumps({"level": "ERROR", "event": "bad configuration", "error": str(exc)}), file=sys.stderr)
+        return 2
+
+
+def _score(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from loss_service.client import LossClient, LossServiceError
+
+    params = dict(parse_param(text) for text in args.param)
+    load = lambda path: None if path is None else np.load(path)
+    try:
+        with LossClient(args.target, timeout=args.timeout) as client:
+            result = client.score(
+                args.loss, load(args.predictions), load(args.targets), load(args.weights),
+                reduction=args.reduction, backend=args.backend, class_weights=load(args.class_weights),
+                pos_weight=load(args.pos_weight), return_per_sample=args.per_sample, request_id=args.request_id,
+                **params,
+            )
+    except LossServiceError as error:
+        print(json.dumps({"code": error.code.name, "details": error.details,
+                          "field_violations": [{"field": f, "description": d} for f, d in error.field_violations]}),
+              file=sys.stderr)
+        return 1
+    output = dataclasses.asdict(result)
+    for key in ("values", "per_sample"):
+        if output[key] is not None:
+            output[key] = np.asarray(output[key], dtype=np.float64).tolist()
+    print(json.dumps(output))
+    return 0
+
+
+def _losses(args: argparse.Namespace) -> int:
+    from loss_service.client import LossClient, LossServiceError
+
+    try:
+        with LossClient(args.target, timeout=args.timeout) as client:
+            infos = client.list_losses()
+    except LossServiceError as error:
+        print(json.dumps({"code": error.code.name, "details": error.details}), file=sys.stderr)
+        return 1
+    print(json.dumps([dataclasses.asdict(info) for info in infos], indent=2, default=str))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="loss-service", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    _add_score(commands)
+    listing = commands.add_parser("losses", help="list the server's losses (ListLosses) as JSON")
+    listing.add_argument("--target", default="127.0.0.1:50051")
+    listing.add_argument("--timeout", type=float)
+    args = parser.parse_args(argv)
+    try:
+        return {"serve": _serve, "score": _score, "losses": _losses}[args.command](args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

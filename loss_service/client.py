@@ -1,0 +1,316 @@
+r"""Python client of the ``loss_service.v1.LossService`` gRPC API.
+
+Example::
+
+    from loss_service.client import LossClient
+
+    with LossClient("127.0.0.1:50051") as client:
+        result = client.score("focal", logits, targets, weights, reduction="mean", gamma=2.0)
+        print(result.loss, result.backend, result.device)
+
+Inputs may be numpy arrays or torch tensors of any supported dtype (torch's bfloat16 included).
+Every failure is a :class:`LossServiceError` with the gRPC status code and the server's
+``google.rpc.BadRequest`` field violations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import grpc
+import numpy as np
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from loss_service.server.codec import to_message, to_numpy
+from loss_service.server.config import DEFAULT_MAX_MESSAGE_BYTES
+from loss_service.v1 import loss_service_pb2 as pb
+from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
+
+REDUCTIONS = {
+    "mean": pb.REDUCTION_MEAN,
+    "sum": pb.REDUCTION_SUM,
+    "none": pb.REDUCTION_NONE,
+    "weighted_mean": pb.REDUCTION_WEIGHTED_MEAN,
+}
+BACKENDS = {
+    None: pb.BACKEND_UNSPECIFIED,
+    "eager": pb.BACKEND_EAGER,
+    "torchscript": pb.BACKEND_TORCHSCRIPT,
+    "onnx": pb.BACKEND_ONNX,
+}
+
+
+class LossServiceError(Exception):
+    r"""A failed call: ``code`` (``grpc.StatusCode``), ``details`` and ``field_violations``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, field_violations: Sequence[Tuple[str, str]] = ()) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.field_violations: List[Tuple[str, str]] = list(field_violations)
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> "LossServiceError":
+        violations: List[Tuple[str, str]] = []
+        status = rpc_status.from_call(error)
+        if status is not None:
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad_request = error_details_pb2.BadRequest()
+                    detail.Unpack(bad_request)
+                    violations += [(v.field, v.description) for v in bad_request.field_violations]
+        return cls(error.code(), error.details() or "", violations)
+
+
+@dataclass
+class ScoreResult:
+    r"""The answer of :meth:`LossClient.score` (``values`` for ``reduction="none"`` only)."""
+
+    loss: float
+    values: Optional[np.ndarray]
+    per_sample: Optional[np.ndarray]
+    weight_sum: float
+    denominator: float
+    num_elements: int
+    backend: str
+    device: str
+    request_id: str
+
+
+@dataclass
+class StreamResult:
+    r"""The dataset-level answer of :meth:`LossClient.score_stream`."""
+
+    loss: float
+    weight_sum: float
+    denominator: float
+    num_elements: int
+    num_batches: int
+    backend: str
+    device: str
+
+
+@dataclass
+class ParamInfo:
+    name: str
+    kind: str
+    default: Any
+    range: str
+    doc: str
+    choices: List[str]
+    request_field: str
+
+
+@dataclass
+class LossInfo:
+    name: str
+    family: str
+    summary: str
+    predictions: str
+    targets: str
+    prediction_shape: str
+    target_shape: str
+    reference: str
+    backends: List[str]
+    params: List[ParamInfo] = field(default_factory=list)
+
+
+def _param(value: Any, name: str) -> pb.Param:
+    if isinstance(value, (bool, np.bool_)):
+        return pb.Param(bool_value=bool(value))
+    if isinstance(value, (int, np.integer)):
+        return pb.Param(int_value=int(value))
+    if isinstance(value, (float, np.floating)):
+        return pb.Param(double_value=float(value))
+    if isinstance(value, str):
+        return pb.Param(string_value=value)
+    raise TypeError(f"parameter '{name}': expected a number, bool or string (send vectors as arrays), got {type(value).__name__}")
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (np.ndarray, list, tuple)) or type(value).__module__.startswith("torch")
+
+
+def build_request(
+    loss: str,
+    predictions: Any,
+    targets: Any,
+    weights: Any = None,
+    *,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+    class_weights: Any = None,
+    pos_weight: Any = None,
+    return_per_sample: bool = False,
+    request_id: Optional[str] = None,
+    labels: Optional[Mapping[str, str]] = None,
+    **params: Any,
+) -> pb.ScoreBatchRequest:
+    r"""The ``ScoreBatchRequest`` of :meth:`LossClient.score` (array-valued params go to ``tensor_params``)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of eager, torchscript, onnx or None, got {backend!r}")
+    request = pb.ScoreBatchRequest(
+        loss=loss,
+        reduction=REDUCTIONS[reduction],
+        backend=BACKENDS[backend],
+        return_per_sample=return_per_sample,
+        request_id=request_id or "",
+        labels=dict(labels or {}),
+    )
+    request.predictions.CopyFrom(to_message(predictions, "predictions"))
+    request.targets.CopyFrom(to_message(targets, "targets"))
+    if weights is not None:
+        request.weights.CopyFrom(to_message(weights, "weights"))
+    if class_weights is not None:
+        request.class_weights.CopyFrom(to_message(class_weights, "class_weights"))
+    if pos_weight is not None:
+        request.pos_weight.CopyFrom(to_message(pos_weight, "pos_weight"))
+    for name, value in params.items():
+        if _is_array(value) and np.ndim(value) == 0:
+            value = value.item() if hasattr(value, "item") else value
+        if _is_array(value):
+            request.tensor_params[name].CopyFrom(to_message(value, name))
+        else:
+            request.params[name].CopyFrom(_param(value, name))
+    return request
+
+
+class LossClient:
+    r"""A channel to a LossService; use as a context manager (``with LossClient(target) as c:``).
+
+    Args:
+        target: ``host:port``.
+        timeout: per-call deadline in seconds (``None``: no deadline).
+        max_message_bytes: the largest request/response the channel accepts; the default matches
+            the server's default ``--max-message-bytes`` (gRPC's own default is 4 MiB).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: Optional[float] = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: Optional[grpc.ChannelCredentials] = None,
+    ) -> None:
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._stub = pb_grpc.LossServiceStub(self._channel)
+        self.timeout = timeout
+        self.target = target
+
+    def __enter__(self) -> "LossClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise LossServiceError.from_rpc_error(error) from None
+
+    def score(self, loss: str, predictions: Any, targets: Any, weights: Any = None, **options: Any) -> ScoreResult:
+        r"""Score one batch; ``options`` are those of :func:`build_request` (``reduction``, ``backend``,
+        ``class_weights``, ``pos_weight``, ``return_per_sample``, ``request_id``, ``labels``, and the
+        loss's hyperparameters by name, e.g. ``gamma=2.0``)."""
+        request = build_request(loss, predictions, targets, weights, **options)
+        return self.score_request(request)
+
+    def score_request(self, request: pb.ScoreBatchRequest) -> ScoreResult:
+        response = self._call(self._stub.ScoreBatch, request)
+        return ScoreResult(
+            loss=response.loss,
+            values=to_numpy(response.values).copy() if response.HasField("values") else None,
+            per_sample=to_numpy(response.per_sample).copy() if response.HasField("per_sample") else None,
+            weight_sum=response.weight_sum,
+            denominator=response.denominator,
+            num_elements=response.num_elements,
+            backend=response.backend,
+            device=response.device,
+            request_id=response.request_id,
+        )
+
+    def score_stream(
+        self,
+        batches: Iterable[Union[Mapping[str, Any], Sequence[Any]]],
+        loss: Optional[str] = None,
+        **options: Any,
+    ) -> StreamResult:
+        r"""Score a dataset sent as batches; the answer equals :meth:`score` on their concatenation.
+
+        Each batch is a tuple ``(predictions, targets[, weights])`` or a dict with those keys.
+        ``loss`` and ``options`` (reduction, backend, parameters) are sent with the first batch;
+        a dict batch may also carry them itself.
+        """
+
+        def requests():
+            for index, batch in enumerate(batches):
+                if isinstance(batch, Mapping):
+                    fields = dict(batch)
+                    arguments = (fields.pop("predictions"), fields.pop("targets"), fields.pop("weights", None))
+                    batch_loss = fields.pop("loss", loss)
+                else:
+                    arguments = tuple(batch) + (None,) * (3 - len(batch))
+                    fields, batch_loss = {}, loss
+                if index == 0:
+                    fields = dict(options, **fields)
+                    if not batch_loss:
+                        raise ValueError("score_stream needs the loss name (the `loss` argument or the first batch's 'loss')")
+                yield build_request(batch_loss or "", *arguments, **fields)
+
+        response = self._call(self._stub.ScoreStream, requests())
+        return StreamResult(
+            loss=response.loss,
+            weight_sum=response.weight_sum,
+            denominator=response.denominator,
+            num_elements=response.num_elements,
+            num_batches=response.num_batches,
+            backend=response.backend,
+            device=response.device,
+        )
+
+    def list_losses(self) -> List[LossInfo]:
+        response = self._call(self._stub.ListLosses, pb.ListLossesRequest())
+        result = []
+        for info in response.losses:
+            params = [
+                ParamInfo(
+                    name=p.name,
+                    kind=p.kind,
+                    default=getattr(p.default_value, p.default_value.WhichOneof("value")) if p.HasField("default_value") else None,
+                    range=p.range,
+                    doc=p.doc,
+                    choices=list(p.choices),
+                    request_field=p.request_field,
+                )
+                for p in info.params
+            ]
+            result.append(
+                LossInfo(
+                    name=info.name,
+                    family=info.family,
+                    summary=info.summary,
+                    predictions=info.predictions,
+                    targets=info.targets,
+                    prediction_shape=info.prediction_shape,
+                    target_shape=info.target_shape,
+                    reference=info.reference,
+                    backends=[pb.Backend.Name(b).removeprefix("BACKEND_").lower() for b in info.backends],
+                    params=params,
+                )
+            )
+        return result

@@ -1,0 +1,462 @@
+r"""The canonical ONNX layout: how a request's tensors are fed to an exported ``<loss>.onnx`` graph.
+
+An ONNX graph has a fixed rank, while the losses accept ``(N, C, *)`` (or ``(N, *, C)`` with
+``class_dim=-1``, or ``(N,)``). Every exported graph therefore runs on one canonical layout:
+
+============== ================================================================================
+graph input    canonical shape / dtype
+============== ================================================================================
+predictions    ``(N, C, S)`` float32: the class dimension moved to 1, the other non-batch
+               dimensions flattened into ``S``; ``(N,)`` becomes ``(N, 1, 1)``
+targets        dense targets ``(N, C, S)`` float32, or class indices ``(N, S)`` int64 (decided by
+               rank: targets with one dimension less than the predictions are class indices)
+weights        float32 with exactly the canonical shape of the weighted tensor (the ``values``
+               output, or the predictions for region losses); ``None`` is fed as ones
+<param>        every ``graph_input=True`` hyperparameter but ``reduction``: float → 0-d float32,
+               int → 0-d int64, bool → 0-d bool, vector / float_or_vector → ``(C,)`` float32
+               (unset vectors are fed as ones, a single float as ``C`` copies)
+reduction      0-d int64 code: ``REDUCTION_CODES`` (none=0, mean=1, sum=2, weighted_mean=3)
+============== ================================================================================
+
+Outputs (``ONNX_OUTPUTS``): ``loss`` -- float64 scalar, the reduction selected by the code (for
+``none`` it holds the ``sum``); ``values`` -- float32 weighted unreduced losses in the canonical
+layout; ``totals`` -- float64 additive statistics ``(K,)``; ``sample_totals`` -- float64 ``(N, K)``.
+
+``graph_input=False`` parameters (string choices such as a dice ``mode``) select an exported
+*variant* (``spec.variants``); ``class_dim`` is absorbed by the layout (graphs use class_dim=1).
+A loss whose targets may be class indices or probabilities gets a ``targets=probabilities``
+variant besides the class-index graph.
+
+Usage (the server's ONNX backend)::
+
+    feeds, restore = to_canonical(spec, params, predictions, targets, weights)
+    variant = request_variant(spec, params, predictions.shape, targets.shape)
+    session = sessions[onnx_file_name(spec, variant)]   # e.g. "focal.onnx"; names in manifest.json
+    loss, values, totals, sample_totals = session.run(ONNX_OUTPUTS, feeds)
+    values = restore(values)          # back to the caller's layout
+
+float16 / bfloat16 / float64 requests are cast to float32: the graphs are float32 and accumulate
+every reduction in float64.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .losses import LossSpec, ParamSpec, get
+
+REDUCTION_CODES: Dict[str, int] = {"none": 0, "mean": 1, "sum": 2, "weighted_mean": 3}
+ONNX_OUTPUTS: List[str] = ["loss", "values", "totals", "sample_totals"]
+LAYOUT_PARAMS = ("class_dim",)
+TARGETS_VARIANT = "targets"
+PROBABILITY_TARGETS = "probabilities"
+
+Restore = Callable[[np.ndarray], np.ndarray]
+
+
+def structural_params(spec: LossSpec) -> List[ParamSpec]:
+    r"""The ``graph_input=False`` parameters that select a variant (``class_dim`` is the layout's)."""
+    return [p for p in spec.params if not p.graph_input and p.name not in LAYOUT_PARAMS]
+
+
+def graph_params(spec: LossSpec) -> List[ParamSpec]:
+    r"""The hyperparameters that are ONNX graph inputs, in input order (``reduction`` excluded)."""
+    return [p for p in spec.params if p.graph_input and p.name != "reduction"]
+
+
+def has_probability_targets_variant(spec: LossSpec) -> bool:
+    return spec.targets == "class_indices_or_probabilities"
+
+
+def _structural_variants(spec: LossSpec) -> List[Dict[str, Any]]:
+    r"""``spec.variants`` without layout parameters, deduplicated, default (``{}``) first."""
+    names = {p.name for p in structural_params(spec)}
+    found: List[Dict[str, Any]] = []
+    for variant in spec.variants:
+        cleaned = {k: v for k, v in variant.items() if k in names}
+        if cleaned not in found:
+            found.append(cleaned)
+    if {} in found:
+        found.remove({})
+    return [{}] + found
+
+
+def variants(spec: LossSpec) -> List[Dict[str, Any]]:
+    r"""Every exported ONNX variant of ``spec``, default first.
+
+    A variant is a dict of structural parameter settings (``spec.variants`` without layout
+    parameters), plus ``{"targets": "probabilities"}`` for the settings of a loss that accepts both
+    target forms whose natural targets are class indices (e.g. ``cross_entropy``, a multiclass
+    dice; a multilabel dice already takes dense targets).
+    """
+    found = _structural_variants(spec)
+    if has_probability_targets_variant(spec):
+        found = found + [
+            dict(v, **{TARGETS_VARIANT: PROBABILITY_TARGETS})
+            for v in found
+            if natural_index_targets(spec.name, variant_key(v))
+        ]
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def natural_index_targets(loss: str, key: str) -> bool:
+    r"""Whether ``make_inputs`` draws class-index targets for the structural setting ``key``."""
+    spec = get(loss)
+    variant = next(v for v in _structural_variants(spec) if variant_key(v) == key)
+    predictions, targets = spec.make_inputs(2, 3, (5,), torch.Generator().manual_seed(0), torch.float32, dict(variant))
+    return targets.dim() == predictions.dim() - 1
+
+
+def variant_key(variant: Dict[str, Any]) -> str:
+    r"""``""`` for the default variant, else ``"mode=multiclass,targets=probabilities"`` (sorted)."""
+    return ",".join(f"{k}={_text(variant[k])}" for k in sorted(variant))
+
+
+def onnx_file_name(spec: LossSpec, variant: Dict[str, Any]) -> str:
+    r"""``<loss>.onnx`` for the default variant, else ``<loss>--<key>--<key>.onnx``."""
+    if not variant:
+        return f"{spec.name}.onnx"
+    return spec.name + "".join(f"--{k}={_text(variant[k])}" for k in sorted(variant)) + ".onnx"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def targets_are_indices(predictions_shape: Sequence[int], targets_shape: Sequence[int]) -> bool:
+    r"""Class-index targets have one dimension less than the predictions; dense targets the same rank."""
+    if len(targets_shape) == len(predictions_shape) - 1:
+        return True
+    if len(targets_shape) == len(predictions_shape):
+        return False
+    raise ValueError(
+        "targets must have the rank of predictions (dense targets) or one dimension less (class indices): "
+        f"predictions {list(predictions_shape)} vs targets {list(targets_shape)}"
+    )
+
+
+def variant_of(spec: LossSpec, params: Dict[str, Any], index_targets: bool) -> Dict[str, Any]:
+    r"""The exported variant that computes ``spec`` with ``params`` on this target form.
+
+    Raises ``ValueError`` naming the setting when no exported graph has it.
+    """
+    defaults = spec.defaults()
+    structural = structural_params(spec)
+    wanted = {p.name: params.get(p.name, defaults[p.name]) for p in structural}
+    for base in _structural_variants(spec):
+        if {p.name: base.get(p.name, defaults[p.name]) for p in structural} != wanted:
+            continue
+        natural_index = natural_index_targets(spec.name, variant_key(base))
+        if index_targets == natural_index:
+            return base
+        if natural_index and has_probability_targets_variant(spec):
+            return dict(base, **{TARGETS_VARIANT: PROBABILITY_TARGETS})
+        raise ValueError(
+            f"{spec.name} with {variant_key(base) or 'the default settings'} takes "
+            f"{'class-index' if natural_index else 'dense'} targets, got {'class-index' if index_targets else 'dense'} targets"
+        )
+    raise ValueError(
+        f"{spec.name}: no exported ONNX graph for {variant_key(wanted)}; exported settings: "
+        f"{', '.join(variant_key(v) or '(default)' for v in _structural_variants(spec))}"
+    )
+
+
+def onnx_input_names(spec: LossSpec, variant: Optional[Dict[str, Any]] = None) -> List[str]:
+    r"""Graph input names in order: predictions, targets, weights, hyperparameters, reduction.
+
+    The same for every variant of a loss (``variant`` is accepted for symmetry with the files).
+    """
+    return ["predictions", "targets", "weights"] + [p.name for p in graph_params(spec)] + ["reduction"]
+
+
+def example_inputs(
+    spec: LossSpec,
+    variant: Dict[str, Any],
+    batch: int,
+    num_classes: int,
+    spatial: Tuple[int, ...],
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    params: Optional[Dict[str, Any]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Valid random ``(predictions, targets)`` of shape ``(batch, num_classes, *spatial)`` for a variant.
+
+    ``spec.make_inputs`` with the variant's settings; for the ``targets=probabilities`` variant the
+    class indices it draws are replaced by random probability vectors along dim 1.
+    """
+    settings = {k: v for k, v in variant.items() if k != TARGETS_VARIANT}
+    settings.update(params or {})
+    predictions, targets = spec.make_inputs(batch, num_classes, tuple(spatial), generator, dtype, settings)
+    if variant.get(TARGETS_VARIANT) == PROBABILITY_TARGETS and targets.dim() == predictions.dim() - 1:
+        logits = torch.randn(predictions.shape, generator=generator, dtype=torch.float64)
+        targets = torch.softmax(logits, dim=1).to(dtype)
+    return predictions, targets
+
+
+@functools.lru_cache(maxsize=None)
+def _values_have_classes(loss: str, key: str) -> Tuple[int, bool]:
+    r"""Probe the eager kernel once: (rank of values in the canonical layout, whether dim 1 is C)."""
+    spec = get(loss)
+    variant = next(v for v in variants(spec) if variant_key(v) == key)
+    batch, num_classes, size = 2, 3, 5
+    predictions, targets = example_inputs(
+        spec, variant, batch, num_classes, (size,), torch.Generator().manual_seed(0), torch.float64
+    )
+    params = {k: v for k, v in variant.items() if k != TARGETS_VARIANT}
+    module = spec.module(**spec.validate(params))
+    values, _, _ = module.statistics(predictions, targets, None, False)
+    shape = tuple(values.shape)
+    # Some settings fix the class count (a binary dice draws one channel).
+    num_classes = predictions.shape[1]
+    if shape == (batch, num_classes, size):
+        return 3, True
+    if shape == (batch, size):
+        return 2, False
+    if shape == (batch, num_classes):
+        return 2, True
+    return len(shape), False
+
+
+def values_layout(spec: LossSpec, variant: Dict[str, Any]) -> str:
+    r"""Shape of the ``values`` output in the canonical layout: ``"NCS"``, ``"NS"``, ``"NC"``, ``"N"`` or ``""``."""
+    rank, classes = _values_have_classes(spec.name, variant_key(variant))
+    return {(3, True): "NCS", (2, False): "NS", (2, True): "NC", (1, False): "N"}.get((rank, classes), "")
+
+
+def weights_layout(spec: LossSpec, variant: Dict[str, Any]) -> str:
+    r"""Canonical shape of the ``weights`` input: the predictions' for region losses, else the values'."""
+    return "NCS" if spec.kind == "region" else values_layout(spec, variant)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _class_dim(spec: LossSpec, params: Dict[str, Any], ndim: int) -> int:
+    value = params.get("class_dim", spec.defaults().get("class_dim", 1))
+    if ndim < 2:
+        return 1
+    dim = value + ndim if value < 0 else value
+    if dim < 1 or dim >= ndim:
+        raise ValueError(
+            f"class_dim must index a non-batch dimension of the {ndim}-d predictions (1..{ndim - 1} or "
+            f"-{ndim - 1}..-1), got {value}"
+        )
+    return dim
+
+
+def _float32(x: np.ndarray, name: str) -> np.ndarray:
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_):
+        raise ValueError(f"{name} must be a real tensor, got dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _hyperparameter_feed(param: ParamSpec, value: Any, num_classes: int, loss: str) -> np.ndarray:
+    kind = param.kind
+    if kind in ("vector", "float_or_vector"):
+        if value is None:
+            return np.ones([num_classes], dtype=np.float32)
+        vector = _to_numpy(value).astype(np.float32).reshape(-1)
+        if vector.size == 1 and (kind == "float_or_vector" or num_classes == 1):
+            return np.full([num_classes], vector[0], dtype=np.float32)
+        if vector.size != num_classes:
+            raise ValueError(
+                f"{loss}: parameter '{param.name}' must have one entry per class: expected {num_classes}, "
+                f"got {vector.size}"
+            )
+        return vector
+    if kind == "float":
+        return np.asarray(value, dtype=np.float32)
+    if kind == "int":
+        return np.asarray(value, dtype=np.int64)
+    if kind == "bool":
+        return np.asarray(value, dtype=np.bool_)
+    raise ValueError(f"{loss}: parameter '{param.name}' of kind {kind} cannot be a graph input")
+
+
+def to_canonical(
+    spec: LossSpec,
+    params: Dict[str, Any],
+    predictions: Any,
+    targets: Any,
+    weights: Any = None,
+) -> Tuple[Dict[str, np.ndarray], Restore]:
+    r"""The ONNX feeds of one request in the canonical layout, and the inverse map of ``values``.
+
+    Args:
+        spec: the loss (``losses.get(name)``).
+        params: the request's hyperparameters (validated here with ``spec.validate``; missing ones
+            take their defaults, including ``reduction``).
+        predictions: ``(N, C, *)``, ``(N, *, C)`` with ``class_dim=-1``, or ``(N,)``; numpy or torch.
+        targets: same shape (dense) or without the class dimension (class indices).
+        weights: ``None``, ``(N,)`` per sample, or broadcastable to the loss's elementwise shape.
+
+    Returns:
+        ``(feeds, restore)``: ``feeds`` maps every name of :func:`onnx_input_names` to a numpy
+        array; ``restore(values)`` reshapes the graph's ``values`` output to the request's layout.
+        The graph to run is ``onnx_file_name(spec, request_variant(spec, params, predictions.shape,
+        targets.shape))``.
+    """
+    params = spec.validate(params)
+    full = dict(spec.defaults(), **params)
+    p = _to_numpy(predictions)
+    t = _to_numpy(targets)
+    index_targets = targets_are_indices(p.shape, t.shape)
+    variant = variant_of(spec, params, index_targets)
+    ndim = p.ndim
+    if ndim == 0:
+        raise ValueError("predictions must have a batch dimension: expected (N, C, *) or (N,), got a scalar")
+    if ndim == 1:
+        p = p.reshape(p.shape[0], 1)
+        t = t.reshape(t.shape[0], 1) if not index_targets else t
+    dim = _class_dim(spec, full, p.ndim)
+    batch, num_classes = p.shape[0], p.shape[dim]
+    moved = np.moveaxis(p, dim, 1)
+    spatial = tuple(moved.shape[2:])
+    size = math.prod(spatial)
+    canonical_p = _float32(moved.reshape(batch, num_classes, size), "predictions")
+    expected_index_shape = (batch,) + tuple(s for i, s in enumerate(p.shape) if i not in (0, dim))
+    if index_targets:
+        if tuple(t.shape) != expected_index_shape:
+            raise ValueError(
+                f"class-index targets must have the shape of predictions without the class dimension: "
+                f"expected {list(expected_index_shape)}, got {list(t.shape)}"
+            )
+        if not (np.issubdtype(t.dtype, np.integer) or np.issubdtype(t.dtype, np.floating)):
+            raise ValueError(f"class-index targets must be integers, got dtype {t.dtype}")
+        canonical_t = np.ascontiguousarray(t.reshape(batch, size), dtype=np.int64)
+    else:
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(
+                f"targets must have the shape of predictions: predictions {list(p.shape)} vs targets {list(t.shape)}"
+            )
+        canonical_t = _float32(np.moveaxis(t, dim, 1).reshape(batch, num_classes, size), "targets")
+
+    original_shapes = {
+        "NCS": tuple(p.shape),
+        "NS": expected_index_shape,
+        "NC": (batch, num_classes),
+        "N": (batch,),
+        "": (),
+    }
+
+    def forward(x: np.ndarray, layout: str) -> np.ndarray:
+        if layout == "NCS":
+            return np.moveaxis(x, dim, 1).reshape(batch, num_classes, size)
+        if layout == "NS":
+            return x.reshape(batch, size)
+        return x
+
+    w_layout = weights_layout(spec, variant)
+    w_shape = original_shapes[w_layout]
+    if weights is None:
+        canonical_w = np.ones(forward(np.empty(w_shape, np.float32), w_layout).shape, dtype=np.float32)
+    else:
+        w = _float32(_to_numpy(weights), "weights")
+        if spec.kind == "region" and w.ndim == 1 and ndim > 1 and w.shape[0] == batch:
+            # A region loss weights a sample's overlap *ratio* by an (N,) weight, which a pixel
+            # weight cannot express and the graph's weights input (pixel weights) cannot carry.
+            raise ValueError(
+                f"{spec.name}: per-sample weights of shape ({batch},) are not supported by the ONNX graphs of "
+                f"region losses; pass pixel weights broadcastable to the predictions {list(p.shape)} or use "
+                "the eager/torchscript backend"
+            )
+        if w.ndim == 1 and len(w_shape) > 1 and w.shape[0] == batch:
+            w = w.reshape((batch,) + (1,) * (len(w_shape) - 1))
+        try:
+            w = np.broadcast_to(w, w_shape)
+        except ValueError:
+            raise ValueError(
+                f"weights of shape {list(w.shape)} cannot be applied to the loss's elementwise shape "
+                f"{list(w_shape)}: expected ({batch},) for one weight per sample or a shape that broadcasts "
+                f"to {list(w_shape)}"
+            ) from None
+        canonical_w = np.ascontiguousarray(forward(w, w_layout), dtype=np.float32)
+
+    feeds: Dict[str, np.ndarray] = {"predictions": canonical_p, "targets": canonical_t, "weights": canonical_w}
+    for param in graph_params(spec):
+        feeds[param.name] = _hyperparameter_feed(param, full[param.name], num_classes, spec.name)
+    feeds["reduction"] = np.asarray(REDUCTION_CODES[full["reduction"]], dtype=np.int64)
+
+    v_layout = values_layout(spec, variant)
+    v_shape = original_shapes[v_layout]
+    one_d = ndim == 1
+
+    def restore(values: np.ndarray) -> np.ndarray:
+        if v_layout == "NCS":
+            moved_shape = (batch, num_classes) + spatial
+            out = np.moveaxis(values.reshape(moved_shape), 1, dim)
+            return out.reshape(batch) if one_d else out
+        if v_layout == "NS":
+            return values.reshape(v_shape)
+        return values
+
+    return feeds, restore
+
+
+def request_variant(spec: LossSpec, params: Dict[str, Any], predictions_shape, targets_shape) -> Dict[str, Any]:
+    r"""The variant (and so :func:`onnx_file_name`) that :func:`to_canonical`'s feeds are for."""
+    return variant_of(spec, spec.validate(params), targets_are_indices(predictions_shape, targets_shape))
+
+
+def select_providers(
+    device: str = "auto",
+    available: Optional[Sequence[str]] = None,
+    gpu_present: Optional[bool] = None,
+) -> List[str]:
+    r"""ONNX Runtime execution providers for ``device`` (``"auto"``, ``"cpu"`` or ``"cuda"``).
+
+    CUDA is requested only when ONNX Runtime offers ``CUDAExecutionProvider`` *and* a GPU is present
+    (``torch.cuda.is_available()`` unless ``gpu_present`` is given), so CPU-only machines with the
+    GPU wheel get no provider errors; CPU is always the fallback. ``device="cuda"`` without a usable
+    GPU raises ``ValueError``.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if available is None:
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+    if gpu_present is None:
+        gpu_present = torch.cuda.is_available()
+    cuda_usable = "CUDAExecutionProvider" in available and bool(gpu_present)
+    if device == "cuda" and not cuda_usable:
+        raise ValueError(
+            "device 'cuda' requested but "
+            + ("no GPU is present" if "CUDAExecutionProvider" in available else "ONNX Runtime has no CUDAExecutionProvider")
+        )
+    if device != "cpu" and cuda_usable:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+__all__ = [
+    "REDUCTION_CODES",
+    "ONNX_OUTPUTS",
+    "graph_params",
+    "structural_params",
+    "variants",
+    "variant_key",
+    "variant_of",
+    "request_variant",
+    "onnx_file_name",
+    "onnx_input_names",
+    "targets_are_indices",
+    "example_inputs",
+    "values_layout",
+    "weights_layout",
+    "to_canonical",
+    "select_providers",
+]

@@ -1,0 +1,203 @@
+r"""Assembling and running the server: backends, health, reflection, signals.
+
+``create_server(address, config)`` binds the port and registers the services; ``start()`` opens the
+port at once (liveness ``""`` answers SERVING), then :meth:`LossServer.load` prepares the artifacts
+(exporting them when missing, verifying the manifest checksums), loads every backend, runs each
+loss once per backend, and only then turns readiness (``loss_service.v1.LossService``) SERVING.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Optional, Tuple
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loss_service import losses
+from loss_service.v1 import loss_service_pb2 as pb
+from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
+
+from .artifacts import prepare_artifacts
+from .backends import Backend, EagerBackend, OnnxBackend, TorchScriptBackend
+from .config import ServerConfig, select_device
+from .logs import LOGGER_NAME, event
+from .memory import tune_malloc
+from .scoring import Scorer
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+log = logging.getLogger(f"{LOGGER_NAME}.server")
+
+
+class LossServer:
+    r"""A bound, not yet started ``grpc.aio`` server with LossService, health and reflection."""
+
+    def __init__(self, address: str, config: ServerConfig) -> None:
+        from .service import LossServiceServicer
+
+        self.config = config
+        self.device = select_device(config.device, torch.cuda.is_available(), torch.cuda.device_count())
+        self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="loss-worker")
+        self.health = health.aio.HealthServicer()
+        self.servicer = LossServiceServicer(self.executor, config.inline_elements)
+        self.server = grpc.aio.server(options=config.grpc_options())
+        pb_grpc.add_LossServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        self.address = address
+        self.scorer: Optional[Scorer] = None
+
+    async def start(self) -> None:
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+
+    async def load(self) -> Scorer:
+        r"""Build the backends in the worker pool, attach them, and turn readiness SERVING."""
+        scorer = await asyncio.get_running_loop().run_in_executor(self.executor, self._build_scorer)
+        self.servicer.attach(scorer)
+        self.scorer = scorer
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        return scorer
+
+    def _build_scorer(self) -> Scorer:
+        start = time.perf_counter()
+        artifacts = prepare_artifacts(self.config.artifacts, export_missing=self.config.export_missing)
+        backends: Dict[str, Backend] = {
+            "eager": EagerBackend(self.device),
+            "torchscript": TorchScriptBackend(self.device, artifacts.scripts),
+            "onnx": OnnxBackend(self.device, artifacts.graphs, explicit_device=self.config.device != "auto"),
+        }
+        event(log, "backends_loaded", seconds=round(time.perf_counter() - start, 3), device=self.device,
+              exported=len(artifacts.exported), export_failures=artifacts.failed)
+        warm_up(backends)
+        return Scorer(backends, self.config.default_backend(), self.config.max_elements)
+
+    async def stop(self, grace: Optional[float]) -> None:
+        r"""Readiness NOT_SERVING, stop accepting calls, let in-flight ones finish within ``grace`` s."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def warm_up(backends: Dict[str, Backend]) -> None:
+    r"""Run every loss on every backend on tiny inputs and compare with eager; disable what fails.
+
+    This is the start-up self-check behind readiness: a loss is offered on a backend (ListLosses
+    ``backends``) only if its artifact loaded, ran and matched eager PyTorch here (float32,
+    rtol 1e-4). It also takes one-time costs (TorchScript's profiling runs, ONNX Runtime's first
+    allocations) off the first requests.
+    """
+    reference = backends["eager"]
+    for spec in losses.specs():
+        predictions, targets = spec.make_inputs(2, 3, (4,), torch.Generator().manual_seed(0), torch.float32, {})
+        predictions, targets = predictions.to(reference.torch_device), targets.to(reference.torch_device)
+        with torch.inference_mode():
+            _, expected, _ = reference.runner(spec, {}).statistics(predictions, targets, None, False)
+        for backend in backends.values():
+            if backend is reference:
+                continue
+            if not backend.supports(spec.name):
+                backend.disable(spec.name, "no artifact")
+                log.error("loss unavailable", extra={"fields": {"loss": spec.name, "backend": backend.name, "reason": "no artifact"}})
+                continue
+            try:
+                runner = backend.runner(spec, {})
+                with torch.inference_mode():
+                    for _ in range(2):
+                        _, totals, _ = runner.statistics(predictions, targets, None, False)
+                        runner.reductions(totals)
+                torch.testing.assert_close(totals.cpu(), expected.cpu(), rtol=1e-4, atol=1e-5, check_dtype=False)
+            except Exception as exc:  # noqa: BLE001 - reported, and the loss is not offered there
+                backend.disable(spec.name, f"start-up check failed: {exc}")
+                log.error("loss unavailable", extra={"fields": {"loss": spec.name, "backend": backend.name, "reason": str(exc)}})
+
+
+def create_server(address: str, config: ServerConfig) -> Tuple[LossServer, int]:
+    r"""A :class:`LossServer` bound to ``address`` (port 0 picks a free port) and the bound port.
+
+    Call it from the thread that runs the asyncio event loop; then ``await server.start()`` and
+    ``await server.load()``.
+    """
+    server = LossServer(address, config)
+    return server, server.port
+
+
+async def serve(config: ServerConfig) -> int:
+    r"""Run until SIGTERM/SIGINT; returns the process exit code (0 after a graceful shutdown)."""
+    started = time.perf_counter()
+    tuned = tune_malloc()
+    server, port = create_server(config.address, config)
+    await server.start()
+    event(log, "listening", host=config.host, port=port, device=server.device, malloc_tuned=tuned,
+          default_backend=config.default_backend())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loading = asyncio.ensure_future(server.load())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and loading.exception() is not None:
+        log.error("start failed", exc_info=loading.exception(), extra={"fields": {"port": port}})
+        await server.stop(0)
+        return 1
+    if loading.done():
+        event(log, "ready", port=port, seconds=round(time.perf_counter() - started, 3))
+    await stopping
+    event(log, "shutting_down", grace_seconds=config.grace_seconds)
+    loading.cancel()
+    await server.stop(config.grace_seconds)
+    event(log, "stopped")
+    return 0
+
+
+class BackgroundServer:
+    r"""A server on its own event-loop thread (tests, notebooks): ``with BackgroundServer(cfg) as s:``.
+
+    Entering returns once readiness is SERVING; ``s.port`` is the bound port.
+    """
+
+    def __init__(self, config: ServerConfig, address: Optional[str] = None) -> None:
+        self.config = config
+        self.address = address or config.address
+        self.port = 0
+        self.server: Optional[LossServer] = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="loss-service", daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
+        return self
+
+    async def _start(self) -> None:
+        self.server, self.port = create_server(self.address, self.config)
+        await self.server.start()
+        await self.server.load()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: Optional[float] = 0) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+            self.server = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,246 @@
+r"""The compute backends: eager PyTorch, TorchScript and ONNX Runtime.
+
+A backend turns ``(loss spec, validated hyperparameters)`` into a *runner*, an object with the two
+methods every loss module has::
+
+    statistics(predictions, targets, weights, per_sample) -> (values, totals, sample_totals)
+    reductions(totals) -> (..., 3)   # [sum, mean, weighted_mean], float64
+
+Runners are built once per hyperparameter configuration and kept in a small LRU cache. A cached
+runner is never modified afterwards, so concurrent requests can share it.
+"""
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Hashable, Optional, Protocol, Tuple
+
+import torch
+from torch import Tensor
+
+from loss_service import layout, losses
+from loss_service.losses import LossSpec
+
+from .config import provider_device
+
+DEFAULT_CACHE_SIZE = 64
+
+
+class Runner(Protocol):
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool
+    ) -> Tuple[Tensor, Tensor, Tensor]: ...
+
+    def reductions(self, totals: Tensor) -> Tensor: ...
+
+
+class RunnerCache:
+    r"""A thread-safe LRU map from a hyperparameter configuration to its runner."""
+
+    def __init__(self, capacity: int = DEFAULT_CACHE_SIZE) -> None:
+        self._capacity = capacity
+        self._entries: "OrderedDict[Hashable, Runner]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, build: Callable[[], Runner]) -> Runner:
+        with self._lock:
+            runner = self._entries.get(key)
+            if runner is not None:
+                self._entries.move_to_end(key)
+                return runner
+        # Built outside the lock: loading a TorchScript copy takes milliseconds. Two threads may
+        # build the same configuration at once; both results are equivalent and one is kept.
+        runner = build()
+        with self._lock:
+            self._entries[key] = runner
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+        return runner
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def config_key(loss: str, params: Dict[str, Any]) -> Hashable:
+    r"""A hashable identity of ``(loss, params)``; tensors are keyed by dtype, shape and bytes."""
+    items = []
+    for name in sorted(params):
+        value = params[name]
+        if isinstance(value, Tensor):
+            value = ("tensor", str(value.dtype), tuple(value.shape), value.detach().cpu().contiguous().numpy().tobytes())
+        items.append((name, value))
+    return (loss, tuple(items))
+
+
+class Backend:
+    r"""Common interface: ``name``, ``device``, ``supports(loss)`` and ``runner(spec, params)``."""
+
+    name: str = ""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.torch_device = torch.device(device)
+        self._cache = RunnerCache()
+        # Losses this backend must not serve (artifact failed its start-up check), with the reason.
+        self.disabled: Dict[str, str] = {}
+
+    def supports(self, loss: str) -> bool:
+        return loss not in self.disabled and self._has(loss)
+
+    def _has(self, loss: str) -> bool:
+        raise NotImplementedError
+
+    def disable(self, loss: str, reason: str) -> None:
+        self.disabled[loss] = reason
+
+    def runner(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
+        return self._cache.get(config_key(spec.name, params), lambda: self._build(spec, params))
+
+    def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
+        raise NotImplementedError
+
+    def device_of(self, spec: LossSpec, params: Dict[str, Any]) -> str:
+        r"""The device that runs ``spec`` (the ONNX backend may fall back per session)."""
+        return self.device
+
+
+class EagerBackend(Backend):
+    r"""The loss modules themselves, built with ``losses.build`` and moved to the device."""
+
+    name = "eager"
+
+    def _has(self, loss: str) -> bool:
+        return loss in losses.names()
+
+    def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
+        return losses.build(spec.name, **params).to(self.torch_device).eval()
+
+
+def configure_scripted(scripted: torch.jit.ScriptModule, configured: torch.nn.Module, device: torch.device) -> None:
+    r"""Copy ``configured``'s hyperparameters (typed attributes and buffers) onto ``scripted``.
+
+    Attributes and buffers carry the ParamSpec names, and ``configured`` is the eager module that
+    ``losses.build`` made from the validated request parameters, so the scripted copy ends up with
+    exactly the representation the eager module uses (e.g. an empty buffer for an unset vector).
+    """
+    for name, buffer in configured.named_buffers(recurse=False):
+        setattr(scripted, name, buffer.to(device))
+    for name, value in vars(configured).items():
+        if name.startswith("_") or name == "training":
+            continue
+        if isinstance(value, (bool, int, float, str)) and hasattr(scripted, name):
+            setattr(scripted, name, value)
+
+
+class TorchScriptBackend(Backend):
+    r"""The exported ``<loss>.pt`` files; one separately loaded copy per hyperparameter configuration.
+
+    ``scripts`` maps a loss name to the verified bytes of its ``.pt`` file. Every configuration gets
+    its own ``torch.jit.load`` (with ``map_location=device``) whose attributes are then set, so a
+    module that serves one request is never changed by another.
+    """
+
+    name = "torchscript"
+
+    def __init__(self, device: str, scripts: Dict[str, bytes]) -> None:
+        super().__init__(device)
+        self._scripts = dict(scripts)
+
+    def _has(self, loss: str) -> bool:
+        return loss in self._scripts
+
+    def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
+        scripted = torch.jit.load(io.BytesIO(self._scripts[spec.name]), map_location=self.torch_device)
+        configure_scripted(scripted, losses.build(spec.name, **params), self.torch_device)
+        return scripted.eval()
+
+
+class OnnxRunner:
+    r"""One hyperparameter configuration on the exported ONNX graphs of a loss.
+
+    The graph computes the statistics on the canonical layout (:mod:`loss_service.layout`);
+    ``reductions`` of (possibly accumulated) totals is the library's float64 reductions kernel, a
+    handful of divisions that need no graph of their own.
+    """
+
+    def __init__(self, backend: "OnnxBackend", spec: LossSpec, params: Dict[str, Any]) -> None:
+        self._backend = backend
+        self._spec = spec
+        self._params = params
+        self._reductions = losses.build(spec.name, **params)
+
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        try:
+            variant = layout.request_variant(self._spec, self._params, predictions.shape, targets.shape)
+        except ValueError as exc:
+            raise BackendUnavailable(str(exc)) from None
+        session = self._backend.session(layout.onnx_file_name(self._spec, variant))
+        feeds, restore = layout.to_canonical(self._spec, self._params, predictions, targets, weights)
+        _, values, totals, sample_totals = session.run(layout.ONNX_OUTPUTS, feeds)
+        return torch.from_numpy(restore(values)), torch.from_numpy(totals), torch.from_numpy(sample_totals)
+
+    def reductions(self, totals: Tensor) -> Tensor:
+        return self._reductions.reductions(totals.cpu())
+
+
+class BackendUnavailable(Exception):
+    r"""A valid request that this backend has no artifact for (e.g. an unexported variant)."""
+
+
+class OnnxBackend(Backend):
+    r"""ONNX Runtime sessions, one per exported graph file (``<loss>.onnx`` and its variants).
+
+    ``graphs`` maps a file name to its verified bytes. The execution providers come from
+    :func:`loss_service.layout.select_providers` for the server's device (CUDA with the device's
+    index, CPU as the fallback); the device a response reports is that of the session's first
+    provider.
+    """
+
+    name = "onnx"
+
+    def __init__(
+        self,
+        device: str,
+        graphs: Dict[str, bytes],
+        explicit_device: bool = False,
+        available_providers: Optional[list] = None,
+    ) -> None:
+        super().__init__(device)
+        import onnxruntime
+
+        if available_providers is None:
+            available_providers = onnxruntime.get_available_providers()
+        # An explicitly requested GPU must be honoured (select_providers raises otherwise); with
+        # device=auto a missing CUDAExecutionProvider falls back to CPU.
+        on_gpu = self.torch_device.type == "cuda"
+        kind = "cpu" if not on_gpu else ("cuda" if explicit_device else "auto")
+        names = layout.select_providers(kind, available_providers, gpu_present=on_gpu)
+        index = self.torch_device.index or 0
+        self.providers = [
+            ("CUDAExecutionProvider", {"device_id": index}) if name == "CUDAExecutionProvider" else name
+            for name in names
+        ]
+        self._sessions = {
+            file_name: onnxruntime.InferenceSession(data, providers=self.providers) for file_name, data in graphs.items()
+        }
+        first = {file_name: session.get_providers()[0] for file_name, session in self._sessions.items()}
+        self._devices = {file_name: provider_device(provider, device) for file_name, provider in first.items()}
+
+    def _has(self, loss: str) -> bool:
+        return loss in losses.names() and layout.onnx_file_name(losses.get(loss), {}) in self._sessions
+
+    def session(self, file_name: str):
+        session = self._sessions.get(file_name)
+        if session is None:
+            raise BackendUnavailable(f"no exported ONNX graph {file_name}")
+        return session
+
+    def device_of(self, spec: LossSpec, params: Dict[str, Any]) -> str:
+        return self._devices.get(layout.onnx_file_name(spec, {}), "cpu")
+
+    def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
+        return OnnxRunner(self, spec, params)

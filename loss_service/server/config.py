@@ -1,0 +1,110 @@
+r"""Server settings, and the pure device/backend selection rules (tested without a GPU)."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, List, Tuple
+
+BACKENDS = ("eager", "torchscript", "onnx")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+# Eager is the default: on CPU it is the fastest of the three (no graph-input conversion as for
+# ONNX, no TorchScript interpreter overhead) and it is the reference the others are tested against.
+AUTO_BACKEND = "eager"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_ELEMENTS = 50_000_000
+# Requests with at most this many elements are computed on the event loop: handing a 1e3-element
+# batch to the thread pool costs more than computing it.
+DEFAULT_INLINE_ELEMENTS = 16_384
+
+_CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
+
+
+class ConfigError(ValueError):
+    r"""A server setting that cannot be honoured (e.g. ``--device cuda`` on a machine without a GPU)."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    r"""Everything ``python -m loss_service serve`` can set (flags, or ``LOSS_SERVICE_*`` variables)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    backend: str = "auto"
+    device: str = "auto"
+    artifacts: str = "artifacts"
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_elements: int = DEFAULT_MAX_ELEMENTS
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    grace_seconds: float = 10.0
+    inline_elements: int = DEFAULT_INLINE_ELEMENTS
+    # Build missing artifacts on start (python -m export); off, a missing artifact is a start error.
+    export_missing: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKEND_CHOICES:
+            raise ConfigError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
+        if self.device != "auto" and self.device != "cpu" and not _CUDA_DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_message_bytes", "max_elements", "workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grace_seconds < 0:
+            raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def default_backend(self) -> str:
+        return AUTO_BACKEND if self.backend == "auto" else self.backend
+
+    def grpc_options(self) -> List[Tuple[str, Any]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+
+
+def select_device(requested: str, cuda_available: bool, cuda_device_count: int) -> str:
+    r"""The torch device for ``requested`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+
+    ``auto`` takes ``cuda:0`` when torch sees a GPU, else ``cpu``. An explicit ``cuda``/``cuda:N``
+    that cannot be honoured is a :class:`ConfigError` at start: silently scoring on CPU a workload
+    someone sized for a GPU would hide a deployment mistake.
+    """
+    if requested == "auto":
+        return "cuda:0" if cuda_available and cuda_device_count > 0 else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    match = _CUDA_DEVICE.fullmatch(requested)
+    if not match:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+    if not cuda_available or cuda_device_count == 0:
+        raise ConfigError(f"device {requested!r} requested but torch sees no CUDA device; use --device cpu or auto")
+    index = int(match.group(1) or 0)
+    if index >= cuda_device_count:
+        raise ConfigError(f"device {requested!r} requested but torch sees {cuda_device_count} CUDA device(s)")
+    return f"cuda:{index}"
+
+
+def provider_device(provider: str, device: str) -> str:
+    r"""The device an ONNX Runtime session actually runs on, given its first provider."""
+    return device if provider == "CUDAExecutionProvider" else "cpu"
+
+
+ENVIRONMENT = {
+    "host": "LOSS_SERVICE_HOST",
+    "port": "LOSS_SERVICE_PORT",
+    "backend": "LOSS_SERVICE_BACKEND",
+    "device": "LOSS_SERVICE_DEVICE",
+    "artifacts": "LOSS_SERVICE_ARTIFACTS",
+    "max_message_bytes": "LOSS_SERVICE_MAX_MESSAGE_BYTES",
+    "max_elements": "LOSS_SERVICE_MAX_ELEMENTS",
+    "workers": "LOSS_SERVICE_WORKERS",
+    "grace_seconds": "LOSS_SERVICE_GRACE_SECONDS",
+    "log_level": "LOSS_SERVICE_LOG_LEVEL",
+}

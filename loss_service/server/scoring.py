@@ -1,0 +1,401 @@
+r"""From a ``ScoreBatchRequest`` to a result: parse, decode, validate, compute, summarize.
+
+Everything here is synchronous and free of gRPC context so that it runs on the event loop (small
+requests) or in the worker pool (large ones) alike; errors are :class:`ServiceError`.
+
+Validation is split by cost. Per-request settings (loss, parameters, reduction, backend) are
+checked first. Each tensor is checked while it is decoded (dtype, shape, byte length, element
+limit), then the values in one ``aminmax`` pass per tensor (no temporaries): NaN/Inf in
+predictions, targets and weights, negative weights, probabilities outside ``[0, 1]``. Everything
+that needs the loss's own knowledge (shape agreement, weight broadcasting, class-vector lengths,
+class indices) is raised by the loss library as ``ValueError`` and mapped to the field it names.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from loss_service import losses
+from loss_service.losses import LossSpec
+from loss_service.v1 import loss_service_pb2 as pb
+
+from .backends import Backend, BackendUnavailable
+from .codec import decode, encode
+from .errors import ServiceError, from_library_message, invalid, library_value_error, unavailable_backend
+
+REDUCTIONS: Dict[int, str] = {
+    pb.REDUCTION_UNSPECIFIED: "mean",
+    pb.REDUCTION_MEAN: "mean",
+    pb.REDUCTION_SUM: "sum",
+    pb.REDUCTION_NONE: "none",
+    pb.REDUCTION_WEIGHTED_MEAN: "weighted_mean",
+}
+BACKEND_NAMES: Dict[int, str] = {
+    pb.BACKEND_EAGER: "eager",
+    pb.BACKEND_TORCHSCRIPT: "torchscript",
+    pb.BACKEND_ONNX: "onnx",
+}
+BACKEND_ENUMS: Dict[str, int] = {name: value for value, name in BACKEND_NAMES.items()}
+# Column of each reduction in a reductions kernel's output; "none" reports the sum of the values.
+REDUCTION_COLUMN = {"sum": 0, "mean": 1, "weighted_mean": 2, "none": 0}
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def request_field(param: losses.ParamSpec) -> str:
+    r"""The ``ScoreBatchRequest`` field that carries a parameter (``ParamInfo.request_field``)."""
+    if param.name == "reduction":
+        return "reduction"
+    if param.name == "class_weight":
+        return "class_weights"
+    if param.name == "pos_weight":
+        return "pos_weight"
+    if param.kind in ("vector", "float_or_vector"):
+        # A float_or_vector parameter also accepts a scalar in `params`.
+        return "tensor_params"
+    return "params"
+
+
+def param_value(message: pb.Param) -> Any:
+    which = message.WhichOneof("value")
+    if which is None:
+        return None
+    return getattr(message, which)
+
+
+@dataclass
+class Plan:
+    r"""A request's validated settings; shared by every batch of a stream."""
+
+    spec: LossSpec
+    params: Dict[str, Any]
+    reduction: str
+    backend: Backend
+    # (name the loss library uses in messages, request field) for mapping library errors.
+    error_fields: List[Tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class BatchResult:
+    values: Tensor
+    totals: Tensor
+    reductions: List[float]
+    sample_reductions: Optional[Tensor]
+    num_values: int
+
+
+class Scorer:
+    r"""Turns requests into results with the configured backends."""
+
+    def __init__(self, backends: Mapping[str, Backend], default_backend: str, max_elements: int) -> None:
+        self.backends = dict(backends)
+        self.default_backend = default_backend
+        self.max_elements = max_elements
+
+    # -- settings ---------------------------------------------------------------------------
+    def plan(self, request: pb.ScoreBatchRequest) -> Plan:
+        if not request.loss:
+            raise invalid("loss", f"must be set; expected one of {', '.join(losses.names())}")
+        try:
+            spec = losses.get(request.loss)
+        except ValueError:
+            raise invalid("loss", f"unknown loss '{request.loss}'; expected one of {', '.join(losses.names())}") from None
+        reduction = REDUCTIONS.get(request.reduction)
+        if reduction is None:
+            raise invalid("reduction", f"unknown value {request.reduction}; expected one of {', '.join(pb.Reduction.keys())}")
+        backend = self._backend(request.backend, spec)
+        params, fields = self._params(request, spec)
+        error_fields = [(name, fields.get(name, request_field(spec.param(name)))) for name in spec.param_names()]
+        error_fields += [("predictions", "predictions"), ("targets", "targets"), ("weights", "weights")]
+        return Plan(spec, params, reduction, backend, error_fields)
+
+    def _backend(self, value: int, spec: LossSpec) -> Backend:
+        if value == pb.BACKEND_UNSPECIFIED:
+            name = self.default_backend
+        else:
+            name = BACKEND_NAMES.get(value)
+            if name is None:
+                raise invalid("backend", f"unknown value {value}; expected one of {', '.join(pb.Backend.keys())}")
+        backend = self.backends.get(name)
+        if backend is None:
+            raise unavailable_backend("backend", f"backend '{name}' is not enabled on this server; enabled: {', '.join(self.backends)}")
+        if not backend.supports(spec.name):
+            raise unavailable_backend("backend", f"backend '{name}' has no artifact for loss '{spec.name}'")
+        return backend
+
+    def _params(self, request: pb.ScoreBatchRequest, spec: LossSpec) -> Tuple[Dict[str, Any], Dict[str, str]]:
+        raw: Dict[str, Any] = {}
+        fields: Dict[str, str] = {}
+        valid = spec.param_names()
+
+        def take(name: str, where: str, value: Any) -> None:
+            if name not in valid or name == "reduction":
+                hint = "; set the reduction with the `reduction` field" if name == "reduction" else ""
+                listed = ", ".join(n for n in valid if n != "reduction") or "(none)"
+                raise invalid(where, f"unknown parameter '{name}' for loss '{spec.name}'; valid parameters: {listed}{hint}")
+            if name in raw:
+                raise invalid(where, f"parameter '{name}' is given twice (also as {fields[name]})")
+            expected = request_field(spec.param(name))
+            if expected in ("class_weights", "pos_weight") and where != expected:
+                raise invalid(where, f"parameter '{name}' of loss '{spec.name}' is sent in the `{expected}` field")
+            raw[name] = value
+            fields[name] = where
+
+        for name, message in request.params.items():
+            value = param_value(message)
+            if value is None:
+                raise invalid(f"params.{name}", "must hold a double, int, bool or string value")
+            take(name, f"params.{name}", value)
+        for name, message in request.tensor_params.items():
+            tensor = decode(message, f"tensor_params.{name}", self.max_elements).clone()
+            if name in valid and spec.param(name).kind == "float_or_vector" and tensor.dim() == 0:
+                take(name, f"tensor_params.{name}", float(tensor))
+            else:
+                take(name, f"tensor_params.{name}", tensor)
+        for name, where in (("class_weight", "class_weights"), ("pos_weight", "pos_weight")):
+            if request.HasField(where):
+                if name not in valid:
+                    raise invalid(where, f"loss '{spec.name}' has no '{name}' parameter; valid parameters: {', '.join(valid)}")
+                take(name, where, decode(getattr(request, where), where, self.max_elements).clone())
+        params = {}
+        for name, value in raw.items():
+            try:
+                params[name] = spec.param(name).validate(value, spec.name)
+            except ValueError as exc:
+                raise invalid(fields[name], str(exc)) from None
+        return params, fields
+
+    # -- tensors ----------------------------------------------------------------------------
+    def decode_inputs(self, request: pb.ScoreBatchRequest, plan: Plan) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        if not request.HasField("predictions"):
+            raise invalid("predictions", "must be set")
+        if not request.HasField("targets"):
+            raise invalid("targets", "must be set")
+        predictions = decode(request.predictions, "predictions", self.max_elements)
+        targets = decode(request.targets, "targets", self.max_elements)
+        weights = decode(request.weights, "weights", self.max_elements) if request.HasField("weights") else None
+        check_values(plan.spec, predictions, targets, weights)
+        check_class_indices(plan.spec, plan.params, predictions, targets)
+        return predictions, targets, weights
+
+    # -- compute ----------------------------------------------------------------------------
+    def compute(
+        self, plan: Plan, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool
+    ) -> BatchResult:
+        backend = plan.backend
+        device = backend.torch_device
+        if device.type != "cpu":
+            predictions, targets = predictions.to(device), targets.to(device)
+            weights = weights.to(device) if weights is not None else None
+        runner = backend.runner(plan.spec, plan.params)
+        try:
+            with torch.inference_mode():
+                values, totals, sample_totals = runner.statistics(predictions, targets, weights, per_sample)
+                reductions = runner.reductions(totals)
+                sample_reductions = runner.reductions(sample_totals) if per_sample else None
+        except BackendUnavailable as exc:
+            raise unavailable_backend("backend", f"backend '{backend.name}' cannot run this request: {exc}") from None
+        except (ValueError, RuntimeError) as exc:
+            message = library_value_error(exc)
+            if message is None:
+                raise
+            raise from_library_message(message, plan.error_fields, "predictions") from None
+        return BatchResult(
+            values=values,
+            totals=totals.detach().to("cpu", torch.float64),
+            reductions=reductions.detach().cpu().tolist(),
+            sample_reductions=None if sample_reductions is None else sample_reductions.detach().cpu(),
+            num_values=values.numel(),
+        )
+
+    def score_batch(self, request: pb.ScoreBatchRequest) -> pb.ScoreBatchResponse:
+        plan = self.plan(request)
+        predictions, targets, weights = self.decode_inputs(request, plan)
+        result = self.compute(plan, predictions, targets, weights, request.return_per_sample)
+        column = REDUCTION_COLUMN[plan.reduction]
+        weight_sum, denominator, num_elements = summarize(plan.spec, result.totals, result.num_values)
+        response = pb.ScoreBatchResponse(
+            loss=result.reductions[column],
+            weight_sum=weight_sum,
+            denominator=denominator,
+            num_elements=num_elements,
+            backend=plan.backend.name,
+            device=plan.backend.device_of(plan.spec, plan.params),
+            request_id=request.request_id,
+        )
+        if plan.reduction == "none":
+            # The values in the predictions' dtype, as the loss module's reduction="none" returns.
+            encode(result.values.to(predictions.dtype), response.values)
+        if result.sample_reductions is not None:
+            encode(result.sample_reductions[:, column].contiguous(), response.per_sample)
+        return response
+
+
+def summarize(spec: LossSpec, totals: Tensor, num_values: int) -> Tuple[float, float, int]:
+    r"""``(weight_sum, denominator, num_elements)`` of (possibly accumulated) totals.
+
+    Elementwise losses read them from the totals ``[Σ w·ℓ, Σ w, Σ d, n]``. Region losses
+    (Dice, IoU, Tversky, ...) keep other statistics; for them ``num_elements`` is the number of
+    unreduced loss terms (``values.numel()``, accumulated over a stream) and ``weight_sum`` and
+    ``denominator`` are reported as that same count.
+    """
+    if spec.kind == "elementwise":
+        weight_sum, denominator, count = totals[1:4].tolist()
+        return weight_sum, denominator, int(count)
+    return float(num_values), float(num_values), num_values
+
+
+def check_values(spec: LossSpec, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> None:
+    r"""Value checks that need no knowledge of the loss beyond its input kinds: one pass per tensor."""
+    if predictions.dtype not in FLOAT_DTYPES:
+        raise invalid(
+            "predictions.dtype",
+            f"loss '{spec.name}' expects floating-point predictions (DTYPE_FLOAT32, DTYPE_FLOAT64, DTYPE_FLOAT16 "
+            f"or DTYPE_BFLOAT16), got {predictions.dtype}",
+        )
+    low, high = value_range(predictions)
+    check_finite("predictions", low, high)
+    if spec.predictions == "probabilities" and (low < 0.0 or high > 1.0):
+        raise invalid(
+            "predictions",
+            f"loss '{spec.name}' expects probabilities in [0, 1], got values in [{low}, {high}]"
+            + ("; use bce_with_logits for logits" if spec.name == "bce" else ""),
+        )
+    if targets.dtype in FLOAT_DTYPES:
+        check_finite("targets", *value_range(targets))
+    if weights is not None and weights.dtype != torch.bool:
+        low, high = value_range(weights)
+        check_finite("weights", low, high)
+        if low < 0.0:
+            raise invalid("weights", f"must be >= 0, got a minimum of {low}")
+
+
+def check_class_indices(spec: LossSpec, params: Dict[str, Any], predictions: Tensor, targets: Tensor) -> None:
+    r"""Class-index targets must be integers in ``[0, C)`` or the loss's ``ignore_index``.
+
+    Checked here rather than left to the loss so that every backend rejects them the same way:
+    the exported ONNX graphs skip value checks (they would need a host sync while tracing).
+    Targets with the predictions' rank are dense (probabilities) and are not class indices.
+    """
+    if spec.targets not in ("class_indices", "class_indices_or_probabilities"):
+        return
+    if predictions.dim() < 2 or targets.dim() != predictions.dim() - 1:
+        return
+    if targets.dtype in FLOAT_DTYPES or targets.dtype == torch.bool:
+        raise invalid(
+            "targets.dtype",
+            f"class-index targets (the predictions' shape without the class dimension) must be integers "
+            f"(DTYPE_INT64, DTYPE_INT32, DTYPE_INT16, DTYPE_INT8 or DTYPE_UINT8), got {targets.dtype}",
+        )
+    if targets.numel() == 0:
+        return
+    class_dim = params.get("class_dim", spec.defaults().get("class_dim", 1))
+    if not -predictions.dim() < class_dim < predictions.dim() or class_dim in (0, -predictions.dim()):
+        return  # the loss names the bad class_dim
+    num_classes = predictions.shape[class_dim]
+    low, high = value_range(targets)
+    if low >= 0 and high < num_classes:
+        return
+    ignore_index = params.get("ignore_index", spec.defaults().get("ignore_index"))
+    counted = targets if ignore_index is None else targets[targets != ignore_index]
+    low, high = value_range(counted)
+    if counted.numel() == 0 or (low >= 0 and high < num_classes):
+        return
+    ignored = "" if ignore_index is None else f" or the ignore_index {ignore_index}"
+    raise invalid(
+        "targets",
+        f"class indices must be in [0, {num_classes}){ignored} ({num_classes} classes along dim {class_dim} of "
+        f"predictions), got values in [{int(low)}, {int(high)}]",
+    )
+
+
+def value_range(tensor: Tensor) -> Tuple[float, float]:
+    r"""``(min, max)`` in one pass; NaN anywhere makes both NaN. ``(0, 0)`` for an empty tensor."""
+    if tensor.numel() == 0:
+        return 0.0, 0.0
+    low, high = torch.aminmax(tensor)
+    return float(low), float(high)
+
+
+def check_finite(field: str, low: float, high: float) -> None:
+    if math.isnan(low) or math.isnan(high):
+        raise invalid(field, "must be finite, found NaN")
+    if math.isinf(low) or math.isinf(high):
+        raise invalid(field, "must be finite, found Inf")
+
+
+class StreamAccumulator:
+    r"""Dataset-level scoring over the batches of one ``ScoreStream`` call.
+
+    Batch 0 fixes the settings (loss, params, tensor parameters, reduction, backend). A later batch
+    may leave any of them unset, which means "as in batch 0", or repeat them unchanged; a different
+    value is an error. Totals are summed in float64; the answer is ``reductions(Σ totals)``, which
+    equals ``ScoreBatch`` on the concatenated batches for every loss, Dice-like ones included.
+    """
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self.plan: Optional[Plan] = None
+        self._settings: Dict[str, Any] = {}
+        self.totals: Optional[Tensor] = None
+        self.num_values = 0
+        self.num_batches = 0
+
+    def add(self, request: pb.ScoreBatchRequest) -> None:
+        index = self.num_batches
+        try:
+            if request.return_per_sample:
+                raise invalid("return_per_sample", "ScoreStream returns one dataset-level value; expected false")
+            settings = stream_settings(request)
+            if self.plan is None:
+                self.plan = self.scorer.plan(request)
+                self._settings = settings
+            else:
+                for name, value in settings.items():
+                    if value is not None and value != self._settings[name]:
+                        raise invalid(name, "must be the same in every batch of a stream (or unset); it differs from batch 0")
+            predictions, targets, weights = self.scorer.decode_inputs(request, self.plan)
+            result = self.scorer.compute(self.plan, predictions, targets, weights, False)
+        except ServiceError as error:
+            raise error.in_batch(index) from None
+        self.totals = result.totals if self.totals is None else self.totals + result.totals
+        self.num_values += result.num_values
+        self.num_batches += 1
+
+    def response(self) -> pb.ScoreStreamResponse:
+        if self.plan is None:
+            raise invalid("batches", "a stream needs at least one batch (which names the loss)")
+        plan = self.plan
+        runner = plan.backend.runner(plan.spec, plan.params)
+        with torch.inference_mode():
+            reductions = runner.reductions(self.totals.to(plan.backend.torch_device)).cpu().tolist()
+        weight_sum, denominator, num_elements = summarize(plan.spec, self.totals, self.num_values)
+        return pb.ScoreStreamResponse(
+            loss=reductions[REDUCTION_COLUMN[plan.reduction]],
+            weight_sum=weight_sum,
+            denominator=denominator,
+            num_elements=num_elements,
+            num_batches=self.num_batches,
+            backend=plan.backend.name,
+            device=plan.backend.device_of(plan.spec, plan.params),
+        )
+
+
+def stream_settings(request: pb.ScoreBatchRequest) -> Dict[str, Any]:
+    r"""The per-stream settings of a request, ``None`` where unset (comparable across batches)."""
+
+    def tensor_map(entries) -> Optional[Tuple]:
+        return tuple(sorted((k, v.SerializeToString(deterministic=True)) for k, v in entries.items())) or None
+
+    return {
+        "loss": request.loss or None,
+        "params": tensor_map(request.params),
+        "tensor_params": tensor_map(request.tensor_params),
+        "class_weights": request.class_weights.SerializeToString(deterministic=True) if request.HasField("class_weights") else None,
+        "pos_weight": request.pos_weight.SerializeToString(deterministic=True) if request.HasField("pos_weight") else None,
+        "reduction": request.reduction or None,
+        "backend": request.backend or None,
+    }

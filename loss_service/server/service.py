@@ -1,0 +1,174 @@
+r"""The ``loss_service.v1.LossService`` servicer (grpc.aio).
+
+Small requests are computed on the event loop; requests above ``inline_elements`` go to the worker
+thread pool so that a 1e7-element batch never blocks other calls. Every call logs one JSON line
+(loss, backend, device, elements, duration_ms, status, request_id, labels).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from concurrent.futures import Executor
+from typing import AsyncIterator, Callable, List, Optional, TypeVar
+
+import grpc
+
+from loss_service import losses
+from loss_service.v1 import loss_service_pb2 as pb
+from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
+
+from .errors import ServiceError
+from .logs import LOGGER_NAME, event, monotonic_ms
+from .scoring import BACKEND_ENUMS, Scorer, StreamAccumulator, request_field
+
+log = logging.getLogger(f"{LOGGER_NAME}.calls")
+T = TypeVar("T")
+
+
+def request_elements(request: pb.ScoreBatchRequest) -> int:
+    r"""Element count of the predictions, read from the shape without decoding anything."""
+    return math.prod(request.predictions.shape)
+
+
+def param_message(value) -> Optional[pb.Param]:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return pb.Param(bool_value=value)
+    if isinstance(value, int):
+        return pb.Param(int_value=value)
+    if isinstance(value, float):
+        return pb.Param(double_value=value)
+    if isinstance(value, str):
+        return pb.Param(string_value=value)
+    return None
+
+
+def loss_catalogue(backends_of: Callable[[str], List[str]]) -> pb.ListLossesResponse:
+    r"""The ``ListLosses`` answer: every registered loss, its parameters and its backends."""
+    response = pb.ListLossesResponse()
+    for spec in losses.specs():
+        info = response.losses.add(
+            name=spec.name,
+            summary=spec.summary,
+            predictions=spec.predictions,
+            targets=spec.targets,
+            prediction_shape=spec.prediction_shape,
+            target_shape=spec.target_shape,
+            reference=spec.reference,
+            family=spec.family,
+        )
+        for param in spec.params:
+            entry = info.params.add(
+                name=param.name,
+                kind=param.kind,
+                range=param.range_text(),
+                doc=param.doc,
+                choices=list(param.choices or ()),
+                request_field=request_field(param),
+            )
+            default = param_message(param.default)
+            if default is not None:
+                entry.default_value.CopyFrom(default)
+        info.backends.extend(BACKEND_ENUMS[name] for name in backends_of(spec.name))
+    return response
+
+
+class LossServiceServicer(pb_grpc.LossServiceServicer):
+    r"""Serves ScoreBatch, ScoreStream and ListLosses once :meth:`attach` has given it a scorer."""
+
+    def __init__(self, executor: Executor, inline_elements: int) -> None:
+        self._executor = executor
+        self._inline_elements = inline_elements
+        self._scorer: Optional[Scorer] = None
+        self._catalogue: Optional[pb.ListLossesResponse] = None
+
+    def attach(self, scorer: Scorer) -> None:
+        self._catalogue = loss_catalogue(
+            lambda loss: [name for name, backend in scorer.backends.items() if backend.supports(loss)]
+        )
+        self._scorer = scorer
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> Scorer:
+        if self._scorer is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its backends; retry")
+        return self._scorer
+
+    async def _run(self, elements: int, function: Callable[..., T], *args) -> T:
+        if elements <= self._inline_elements:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> pb.ScoreBatchResponse:
+        scorer = await self._ready(context)
+        start = time.perf_counter()
+        elements = request_elements(request)
+        try:
+            response = await self._run(elements, scorer.score_batch, request)
+        except ServiceError as error:
+            self._log("ScoreBatch", request, start, elements, error.code.name, error.message)
+            await context.abort(*_abort_arguments(error))
+        except Exception as exc:  # a bug, not a bad request: keep the server up and say so
+            log.exception("ScoreBatch failed", extra={"fields": {"loss": request.loss, "request_id": request.request_id}})
+            self._log("ScoreBatch", request, start, elements, "INTERNAL", repr(exc))
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
+        self._log("ScoreBatch", request, start, elements, "OK", backend=response.backend, device=response.device)
+        return response
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreBatchRequest], context: grpc.aio.ServicerContext
+    ) -> pb.ScoreStreamResponse:
+        scorer = await self._ready(context)
+        start = time.perf_counter()
+        accumulator = StreamAccumulator(scorer)
+        first = pb.ScoreBatchRequest()
+        elements = 0
+        try:
+            async for request in request_iterator:
+                if accumulator.num_batches == 0:
+                    first = request
+                count = request_elements(request)
+                elements += count
+                await self._run(count, accumulator.add, request)
+            response = accumulator.response()
+        except ServiceError as error:
+            self._log("ScoreStream", first, start, elements, error.code.name, error.message, batches=accumulator.num_batches)
+            await context.abort(*_abort_arguments(error))
+        except Exception as exc:
+            log.exception("ScoreStream failed", extra={"fields": {"loss": first.loss, "request_id": first.request_id}})
+            self._log("ScoreStream", first, start, elements, "INTERNAL", repr(exc))
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
+        self._log(
+            "ScoreStream", first, start, elements, "OK", backend=response.backend, device=response.device,
+            batches=response.num_batches,
+        )
+        return response
+
+    async def ListLosses(self, request: pb.ListLossesRequest, context: grpc.aio.ServicerContext) -> pb.ListLossesResponse:
+        await self._ready(context)
+        return self._catalogue
+
+    def _log(self, method: str, request: pb.ScoreBatchRequest, start: float, elements: int, status: str,
+             error: str = "", **fields) -> None:
+        event(
+            log,
+            "call",
+            method=method,
+            loss=request.loss,
+            backend=fields.pop("backend", None),
+            device=fields.pop("device", None),
+            elements=elements,
+            duration_ms=monotonic_ms(start),
+            status=status,
+            request_id=request.request_id,
+            labels=dict(request.labels),
+            **({"error": error} if error else {}),
+            **fields,
+        )
+
+
+def _abort_arguments(error: ServiceError):
+    status = error.to_status()
+    return status.code, status.details, status.trailing_metadata

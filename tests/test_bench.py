@@ -1,0 +1,125 @@
+r"""Smoke tests of bench/: every code path of the benchmark on tiny sizes, no timing assertions."""
+import asyncio
+import math
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from bench import bare_server, bench_score
+from loss_service.v1 import loss_service_pb2 as pb
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _with_bare_server(body):
+    r"""Run ``await body(address)`` against an in-process bare server on a free port."""
+
+    async def run():
+        server, port = await bare_server.start_bare_server("127.0.0.1:0", bare_server.message_options(1 << 20))
+        try:
+            return await body(f"127.0.0.1:{port}")
+        finally:
+            await server.stop(None)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("workload", bench_score.WORKLOADS, ids=lambda w: w.label)
+def test_workload_request_carries_the_arrays(workload):
+    arrays = workload.arrays(40, seed=3)
+    assert arrays["predictions"].shape == (10, workload.classes)
+    assert arrays["predictions"].dtype == np.float32
+    request = pb.ScoreBatchRequest.FromString(workload.request(arrays).SerializeToString())
+    assert request.loss == workload.loss
+    assert request.reduction == pb.REDUCTION_MEAN
+    assert {name: p.double_value for name, p in request.params.items()} == workload.params
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(bare_server.decode(getattr(request, name), name), array)
+    assert request.HasField("weights") == workload.elementwise_weights
+    assert math.isfinite(workload.eager(arrays)())
+
+
+def test_weighted_bce_workload_is_torch_weighted_bce():
+    workload = bench_score.WORKLOADS[0]
+    arrays = workload.arrays(400, seed=1)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.from_numpy(arrays["predictions"]), torch.from_numpy(arrays["targets"]),
+        weight=torch.from_numpy(arrays["weights"]),
+    )
+    assert workload.eager(arrays)() == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_workload_rejects_counts_that_are_not_multiples_of_the_classes():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        bench_score.WORKLOADS[0].arrays(10)
+    with pytest.raises(SystemExit):
+        bench_score.parse_args(["--sizes", "1001"])
+
+
+def test_bare_server_sums_the_decoded_tensors_and_names_bad_fields():
+    workload = bench_score.WORKLOADS[0]
+    arrays = workload.arrays(40, seed=2)
+    request = workload.request(arrays)
+    bad = pb.ScoreBatchRequest()
+    bad.CopyFrom(request)
+    bad.targets.data = bad.targets.data[:-4]
+
+    async def body(address):
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.unary_unary(bench_score.SCORE_BATCH, response_deserializer=pb.ScoreBatchResponse.FromString)
+            response = await call(request.SerializeToString())
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await call(bad.SerializeToString())
+            return response, error.value
+
+    response, error = _with_bare_server(body)
+    expected = sum(float(a.astype(np.float64).sum()) for a in arrays.values())
+    assert response.loss == pytest.approx(expected, rel=1e-5)
+    assert response.num_elements == 40
+    assert response.backend == "bare"
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "targets.data" in error.details()
+
+
+def test_measurements_and_report_against_in_process_servers():
+    # The bare server stands in for both servers: this checks the measuring and reporting code.
+    workload = bench_score.WORKLOADS[0]
+    payload = workload.request(workload.arrays(8)).SerializeToString()
+
+    async def body(address):
+        async with grpc.aio.insecure_channel(address) as channel:
+            calls = {"server": bench_score.grpc_call(channel, payload), "bare": bench_score.grpc_call(channel, payload)}
+            medians = await bench_score.interleaved_medians(calls, repeats=2)
+            small = await bench_score.interleaved_small(calls, in_flight=2, seconds=0.05, rounds=2)
+            return medians, small
+
+    medians, small = _with_bare_server(body)
+    assert set(medians) == {"server", "bare"} and all(t > 0 for t in medians.values())
+    assert all(s.requests_per_second > 0 and 0 < s.p50_ms <= s.p99_ms for s in small.values())
+    results = bench_score.Results(
+        large=[bench_score.LargeRow("x", 2_000_000, 1, 2.0, 1.0, 0.5, 0.0)],
+        small=[bench_score.SmallRow("x", 1000, 8, small["server"], small["bare"])],
+    )
+    assert results.large[0].ratio_bare == 0.5 and results.large[0].target() == "FAIL"
+    text = bench_score.format_results(results)
+    assert "2e+06 |" in text and " 0.50 |" in text and "FAIL" in text
+    assert bench_score.results_json(results)["large"][0]["ratio_eager"] == 0.25
+
+
+def test_full_benchmark_on_tiny_sizes_with_both_server_subprocesses(capsys):
+    results = bench_score.main([
+        "--sizes", "40", "400", "--repeats", "1", "--small-elements", "40", "--in-flight", "1", "2",
+        "--small-seconds", "0.05", "--rounds", "1",
+    ])
+    assert [(r.workload, r.elements) for r in results.large] == [
+        (w.label, n) for w in bench_score.WORKLOADS for n in (40, 400)
+    ]
+    assert [(r.workload, r.in_flight) for r in results.small] == [
+        (w.label, k) for w in bench_score.WORKLOADS for k in (1, 2)
+    ]
+    # The real server computed the same loss as eager PyTorch (main raises otherwise).
+    assert all(r.relative_difference <= bench_score.AGREEMENT_RTOL for r in results.large)
+    output = capsys.readouterr().out
+    assert "Large requests" in output and "Small requests" in output

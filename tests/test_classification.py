@@ -1,0 +1,460 @@
+r"""Classification losses beyond the generated suite: identities between losses, probability targets,
+target shapes, channels-last data, the blog forms of focal's alpha, and bad input."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loss_service import losses
+from loss_service.losses import (
+    BinaryFocalLoss,
+    CrossEntropyLoss,
+    FocalLoss,
+    binary_cross_entropy_with_logits,
+    binary_focal_loss,
+    cross_entropy_loss,
+    focal_loss,
+    nll_loss,
+)
+
+from .references import REFERENCES
+
+REDUCTIONS = ["none", "sum", "mean", "weighted_mean"]
+TIGHT = dict(rtol=1e-10, atol=1e-12)
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def logits(*shape, seed=0, scale=2.0):
+    return torch.randn(shape, generator=generator(seed), dtype=torch.float64) * scale
+
+
+def class_indices(shape, num_classes=3, seed=1, ignore_index=-100, ignored_fraction=0.2):
+    targets = torch.randint(0, num_classes, shape, generator=generator(seed))
+    ignored = torch.rand(shape, generator=generator(seed + 1)) < ignored_fraction
+    return torch.where(ignored, torch.full_like(targets, ignore_index), targets)
+
+
+def class_probabilities(shape, seed=2):
+    return torch.softmax(logits(*shape, seed=seed), 1)
+
+
+def value_and_grad(fn, predictions):
+    predictions = predictions.detach().clone().requires_grad_(True)
+    value = fn(predictions)
+    (grad,) = torch.autograd.grad(value.sum(), predictions)
+    return value, grad
+
+
+def assert_same_value_and_grad(fn_a, fn_b, predictions, **tolerance):
+    value_a, grad_a = value_and_grad(fn_a, predictions)
+    value_b, grad_b = value_and_grad(fn_b, predictions)
+    torch.testing.assert_close(value_a, value_b, **(tolerance or TIGHT))
+    torch.testing.assert_close(grad_a, grad_b, **(tolerance or TIGHT))
+
+
+# --- focal with gamma = 0 is cross_entropy -------------------------------------------------------
+
+CE_SETTINGS = [
+    {},
+    {"class_weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)},
+    {"ignore_index": 1},
+    {"label_smoothing": 0.2},
+    {"class_weight": torch.tensor([1.5, 0.0, 3.0], dtype=torch.float64), "ignore_index": 2, "label_smoothing": 0.1},
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("setting", CE_SETTINGS, ids=lambda s: "-".join(s) or "defaults")
+def test_focal_with_gamma_zero_is_cross_entropy(setting, reduction):
+    predictions = logits(4, 3, 5)
+    targets = class_indices((4, 5), ignore_index=setting.get("ignore_index", -100))
+    weights = torch.rand(4, generator=generator(7), dtype=torch.float64) + 0.1
+    assert_same_value_and_grad(
+        lambda p: focal_loss(p, targets, weights, gamma=0.0, reduction=reduction, **setting),
+        lambda p: cross_entropy_loss(p, targets, weights, reduction=reduction, **setting),
+        predictions,
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_focal_with_gamma_zero_is_cross_entropy_for_probability_targets(reduction):
+    predictions = logits(4, 3, 5)
+    targets = class_probabilities((4, 3, 5))
+    class_weight = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    assert_same_value_and_grad(
+        lambda p: focal_loss(p, targets, gamma=0.0, class_weight=class_weight, label_smoothing=0.1, reduction=reduction),
+        lambda p: cross_entropy_loss(p, targets, class_weight=class_weight, label_smoothing=0.1, reduction=reduction),
+        predictions,
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_focal_alpha_multiplies_class_weight(reduction):
+    predictions = logits(4, 3, 5)
+    targets = class_indices((4, 5))
+    alpha = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    class_weight = torch.tensor([1.0, 4.0, 0.5], dtype=torch.float64)
+    assert_same_value_and_grad(
+        lambda p: focal_loss(p, targets, gamma=0.0, alpha=alpha, class_weight=class_weight, reduction=reduction),
+        lambda p: cross_entropy_loss(p, targets, class_weight=alpha * class_weight, reduction=reduction),
+        predictions,
+    )
+
+
+# --- binary_focal ---------------------------------------------------------------------------------
+
+def binary_inputs(shape=(3, 4, 5), seed=0):
+    targets = (torch.rand(shape, generator=generator(seed + 1), dtype=torch.float64) < 0.3).to(torch.float64)
+    return logits(*shape, seed=seed, scale=3.0), targets
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_binary_focal_with_gamma_zero_and_no_alpha_is_bce_with_logits(reduction):
+    predictions, targets = binary_inputs()
+    weights = torch.rand(3, generator=generator(5), dtype=torch.float64)
+    assert_same_value_and_grad(
+        lambda p: binary_focal_loss(p, targets, weights, alpha=-1.0, gamma=0.0, reduction=reduction),
+        lambda p: binary_cross_entropy_with_logits(p, targets, weights, reduction=reduction),
+        predictions,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 0.0), (0.9, 0.7), (-1.0, 3.0), (0.0, 1.0), (1.0, 2.5)])
+def test_binary_focal_matches_torchvision_formula(alpha, gamma, reduction):
+    predictions, targets = binary_inputs()
+    # Soft targets are allowed by torchvision's formula too.
+    soft = targets * 0.8 + 0.1
+
+    def torchvision_formula(p, t):
+        prob = torch.sigmoid(p)
+        ce = F.binary_cross_entropy_with_logits(p, t, reduction="none")
+        p_t = prob * t + (1 - prob) * (1 - t)
+        loss = ce * ((1 - p_t) ** gamma)
+        if alpha >= 0:
+            loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+        return {"none": loss, "sum": loss.sum(), "mean": loss.mean()}[reduction]
+
+    for t in (targets, soft):
+        assert_same_value_and_grad(
+            lambda p: binary_focal_loss(p, t, alpha=alpha, gamma=gamma, reduction=reduction),
+            lambda p: torchvision_formula(p, t),
+            predictions,
+        )
+
+
+def test_binary_focal_is_per_element_not_on_the_batch_mean():
+    # The blog variant alpha * (1 - exp(-BCE_mean))**gamma * BCE_mean differs from the paper's loss.
+    predictions, targets = binary_inputs()
+    bce_mean = F.binary_cross_entropy_with_logits(predictions, targets)
+    blog = 0.25 * (1 - torch.exp(-bce_mean)) ** 2 * bce_mean
+    ours = binary_focal_loss(predictions, targets, alpha=0.25, gamma=2.0)
+    assert not torch.allclose(ours, blog, rtol=1e-3)
+
+
+def test_binary_focal_extreme_logits_with_fractional_gamma_have_finite_gradients():
+    predictions = torch.tensor([[1e4, -1e4, 1e4, -1e4, 0.0]], requires_grad=True)
+    targets = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0]])
+    for gamma in (0.0, 0.3, 1.0, 2.5):
+        loss = binary_focal_loss(predictions, targets, gamma=gamma, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, predictions)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), gamma
+        # The confidently wrong elements cost about alpha_t * 1e4 each.
+        torch.testing.assert_close(loss, torch.tensor(0.75 * 1e4 + 0.25 * 1e4 + 0.25 * 0.5**gamma * 0.6931471805599453))
+
+
+# --- the blog forms of focal's alpha -------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_focal_scalar_alpha_with_balance_index_is_the_vector_form(reduction):
+    predictions = logits(4, 3, 5)
+    targets = class_indices((4, 5))
+    vector = torch.tensor([0.4, 0.4, 0.6], dtype=torch.float64)
+    assert_same_value_and_grad(
+        lambda p: focal_loss(p, targets, gamma=1.5, alpha=0.6, balance_index=2, reduction=reduction),
+        lambda p: focal_loss(p, targets, gamma=1.5, alpha=vector, reduction=reduction),
+        predictions,
+    )
+
+
+def test_focal_module_accepts_the_blog_constructor_forms():
+    predictions = logits(4, 3, 5)
+    targets = class_indices((4, 5), ignored_fraction=0.0)
+    from_float = FocalLoss(alpha=0.6, gamma=2, balance_index=0)
+    from_list = FocalLoss(alpha=[0.6, 0.4, 0.4], gamma=2)
+    built = losses.build("focal", alpha=[0.6, 0.4, 0.4], gamma=2.0)
+    expected = from_list(predictions, targets)
+    torch.testing.assert_close(from_float(predictions, targets), expected, **TIGHT)
+    # ParamSpec.validate stores a list as float32.
+    torch.testing.assert_close(built(predictions, targets), expected, rtol=1e-6, atol=1e-7)
+    scripted = torch.jit.script(from_float)
+    torch.testing.assert_close(scripted(predictions, targets), expected, **TIGHT)
+
+
+def test_focal_normalising_a_vector_alpha_cancels_in_mean_and_matches_the_blog_sum():
+    predictions = logits(6, 3, 4)
+    targets = class_indices((6, 4), ignored_fraction=0.0)
+    alpha = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    normalised = alpha / alpha.sum()
+    torch.testing.assert_close(
+        focal_loss(predictions, targets, alpha=alpha, gamma=2.0),
+        focal_loss(predictions, targets, alpha=normalised, gamma=2.0),
+        **TIGHT,
+    )
+    # The blog's value: mean over elements of -alpha_t (1 - p_t)^gamma log p_t, alpha summing to 1.
+    log_p_t = torch.log_softmax(predictions, 1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    blog = (-normalised[targets] * (1 - log_p_t.exp()) ** 2.0 * log_p_t).mean()
+    ours_sum = focal_loss(predictions, targets, alpha=normalised, gamma=2.0, reduction="sum")
+    torch.testing.assert_close(ours_sum / targets.numel(), blog, **TIGHT)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"alpha": 1.5}, "alpha"),
+    ({"alpha": 0.5, "balance_index": 3}, "balance_index"),
+    ({"alpha": torch.ones(4)}, "alpha"),
+    ({"gamma": -1.0}, "gamma"),
+    ({"label_smoothing": 1.5}, "label_smoothing"),
+    ({"class_weight": torch.ones(2)}, "class_weight"),
+])
+def test_focal_bad_parameters_raise_value_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        focal_loss(logits(2, 3, 4), class_indices((2, 4)), **bad)
+
+
+def test_focal_extreme_logits_with_fractional_gamma_have_finite_gradients():
+    predictions = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, -1e4]], requires_grad=True)
+    targets = torch.tensor([0, 0])
+    for gamma in (0.0, 0.25, 1.0, 2.5):
+        for smoothing in (0.0, 0.1):
+            loss = focal_loss(predictions, targets, gamma=gamma, label_smoothing=smoothing, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, predictions)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all(), (gamma, smoothing)
+    # Well-classified: (1 - p_t)^gamma is (nearly) 0; misclassified by 2e4: about 2e4.
+    torch.testing.assert_close(focal_loss(predictions, targets, gamma=2.0, reduction="none"), torch.tensor([0.0, 2e4]))
+
+
+# --- cross_entropy with probability targets ------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("setting", [
+    {},
+    {"label_smoothing": 0.15},
+    {"weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)},
+    {"weight": torch.tensor([1.5, 0.0, 3.0], dtype=torch.float64), "label_smoothing": 0.3},
+], ids=["defaults", "smoothing", "class_weight", "class_weight-smoothing"])
+def test_cross_entropy_probability_targets_match_torch(setting, reduction):
+    predictions = logits(4, 3, 2, 5)
+    targets = class_probabilities((4, 3, 2, 5))
+    ours = dict(setting)
+    if "weight" in ours:
+        ours["class_weight"] = ours.pop("weight")
+    # ignore_index is irrelevant for probability targets, as in torch.
+    assert_same_value_and_grad(
+        lambda p: cross_entropy_loss(p, targets, reduction=reduction, ignore_index=0, **ours),
+        lambda p: F.cross_entropy(p, targets, reduction=reduction, **setting),
+        predictions,
+    )
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "focal"])
+def test_probability_targets_statistics_weights_and_script(name):
+    predictions = logits(5, 3, 4)
+    targets = class_probabilities((5, 3, 4))
+    weights = torch.rand(5, generator=generator(3), dtype=torch.float64) + 0.1
+    params = {"class_weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), "label_smoothing": 0.1}
+    module = losses.build(name, **params)
+    _, totals, sample_totals = module.statistics(predictions, targets, weights, True)
+    torch.testing.assert_close(sample_totals.sum(0), totals, **TIGHT)
+    for reduction in REDUCTIONS:
+        eager = losses.build(name, **params, reduction=reduction)
+        expected = REFERENCES[name](predictions, targets, weights, params, reduction)
+        torch.testing.assert_close(eager(predictions, targets, weights), expected, **TIGHT)
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.script(eager), buffer)
+        buffer.seek(0)
+        scripted = torch.jit.load(buffer)
+        assert_same_value_and_grad(
+            lambda p: scripted(p, targets, weights), lambda p: eager(p, targets, weights), predictions
+        )
+    small = predictions[:2, :, :2].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p: module(p, targets[:2, :, :2], weights[:2]), (small,))
+
+
+def test_cross_entropy_probability_targets_in_low_precision():
+    predictions = logits(4, 3, 5).to(torch.bfloat16)
+    targets = class_probabilities((4, 3, 5)).to(torch.bfloat16)
+    result = cross_entropy_loss(predictions, targets, label_smoothing=0.1)
+    assert result.dtype == torch.bfloat16
+    expected = F.cross_entropy(predictions.float(), targets.float(), label_smoothing=0.1)
+    torch.testing.assert_close(result.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+# --- target shapes, channels-last, ignore -----------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("shape", [(6,), (3, 2, 4)], ids=["N", "N-d1-d2"])
+def test_cross_entropy_and_nll_on_target_shapes(shape, reduction):
+    predictions = logits(shape[0], 4, *shape[1:])
+    targets = class_indices(shape, num_classes=4, ignore_index=3)
+    class_weight = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
+    kwargs = dict(weight=class_weight, ignore_index=3, reduction=reduction)
+    assert_same_value_and_grad(
+        lambda p: cross_entropy_loss(p, targets, class_weight=class_weight, ignore_index=3, label_smoothing=0.2,
+                                     reduction=reduction),
+        lambda p: F.cross_entropy(p, targets, label_smoothing=0.2, **kwargs),
+        predictions,
+    )
+    log_p = torch.log_softmax(predictions, 1)
+    assert_same_value_and_grad(
+        lambda p: nll_loss(p, targets, class_weight=class_weight, ignore_index=3, reduction=reduction),
+        lambda p: F.nll_loss(p, targets, **kwargs),
+        log_p,
+    )
+
+
+def test_per_sample_weights_apply_along_dim_0_for_any_target_rank():
+    predictions = logits(3, 3, 2, 4)
+    targets = class_indices((3, 2, 4))
+    per_sample = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    for reduction in REDUCTIONS:
+        torch.testing.assert_close(
+            cross_entropy_loss(predictions, targets, per_sample, reduction=reduction),
+            cross_entropy_loss(predictions, targets, per_sample.reshape(3, 1, 1).expand(3, 2, 4), reduction=reduction),
+            **TIGHT,
+        )
+    with pytest.raises(ValueError, match=r"weights.*\[2, 4, 1\].*\[3, 2, 4\]"):
+        cross_entropy_loss(predictions, targets, torch.ones(2, 4, 1, dtype=torch.float64))
+
+
+CHANNELS_LAST = [
+    ("cross_entropy", {"class_weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), "label_smoothing": 0.1}, "index"),
+    ("cross_entropy", {"class_weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)}, "probabilities"),
+    ("nll", {"class_weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), "ignore_index": 1}, "index"),
+    ("focal", {"alpha": 0.3, "balance_index": 1, "gamma": 1.5, "label_smoothing": 0.1}, "index"),
+    ("focal", {"alpha": torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)}, "probabilities"),
+    ("binary_focal", {"class_weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), "gamma": 0.5}, "binary"),
+]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "weighted_mean"])
+@pytest.mark.parametrize("name,params,target_kind", CHANNELS_LAST, ids=lambda x: x if isinstance(x, str) else "")
+def test_class_dim_last_equals_moving_the_class_dim(name, params, target_kind, reduction):
+    channels_first = logits(3, 3, 4)
+    if target_kind == "index":
+        targets_first = targets_last = class_indices((3, 4), ignore_index=params.get("ignore_index", -100))
+    elif target_kind == "probabilities":
+        targets_first = class_probabilities((3, 3, 4))
+        targets_last = targets_first.movedim(1, -1)
+    else:
+        targets_first = (torch.rand(3, 3, 4, generator=generator(4)) < 0.3).double()
+        targets_last = targets_first.movedim(1, -1)
+    if name == "nll":
+        channels_first = torch.log_softmax(channels_first, 1)
+    first = losses.build(name, **params, reduction=reduction)
+    last = losses.build(name, **params, reduction=reduction, class_dim=-1)
+    expected = first(channels_first, targets_first)
+    actual = last(channels_first.movedim(1, -1).contiguous(), targets_last)
+    if reduction == "none" and target_kind == "binary":
+        actual = actual.movedim(-1, 1)
+    torch.testing.assert_close(actual, expected, **TIGHT)
+
+
+def test_class_weight_shaped_to_broadcast_keeps_its_meaning():
+    predictions = logits(3, 3, 4, 5)
+    targets = class_indices((3, 4, 5))
+    vector = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        cross_entropy_loss(predictions, targets, class_weight=vector.reshape(3, 1, 1)),
+        cross_entropy_loss(predictions, targets, class_weight=vector),
+        **TIGHT,
+    )
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll", "focal"])
+@pytest.mark.parametrize("ignore_index", [-100, 1])
+def test_all_targets_ignored_gives_zero_with_finite_gradients(name, ignore_index):
+    predictions = logits(3, 3, 4)
+    if name == "nll":
+        predictions = torch.log_softmax(predictions, 1)
+    targets = torch.full((3, 4), ignore_index)
+    params = {"class_weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), "ignore_index": ignore_index}
+    if name != "nll":
+        params["label_smoothing"] = 0.2
+    for reduction in ["mean", "sum", "weighted_mean", "none"]:
+        module = losses.build(name, **params, reduction=reduction)
+        value, grad = value_and_grad(lambda p: module(p, targets), predictions)
+        assert torch.count_nonzero(value) == 0 and torch.count_nonzero(grad) == 0, reduction
+        assert torch.isfinite(grad).all()
+
+
+def test_cross_entropy_is_finite_where_torch_is_for_minus_infinity_logits():
+    # A masked-out (-inf) class that is not the target: torch's loss and gradient are finite.
+    predictions = torch.tensor([[2.0, -float("inf"), 0.5], [0.1, 0.2, -float("inf")]], dtype=torch.float64)
+    targets = torch.tensor([0, 1])
+    for reduction in ["none", "sum", "mean"]:
+        assert_same_value_and_grad(
+            lambda p: cross_entropy_loss(p, targets, reduction=reduction),
+            lambda p: F.cross_entropy(p, targets, reduction=reduction),
+            predictions,
+        )
+        value, grad = value_and_grad(lambda p: focal_loss(p, targets, gamma=2.0, reduction=reduction), predictions)
+        assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+
+
+def test_extreme_logits_match_torch_for_cross_entropy():
+    signs = torch.where(torch.randn(4, 3, 5, generator=generator(9)) > 0, 1.0, -1.0)
+    predictions = signs * 1e4
+    targets = class_indices((4, 5))
+    assert_same_value_and_grad(
+        lambda p: cross_entropy_loss(p, targets, label_smoothing=0.1),
+        lambda p: F.cross_entropy(p, targets, label_smoothing=0.1),
+        predictions,
+        rtol=1e-6,
+        atol=1e-3,
+    )
+
+
+# --- bad targets ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll", "focal"])
+def test_bad_class_index_targets_raise_value_error(name):
+    predictions = logits(2, 3, 4)
+    module = losses.build(name)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\).*got 3"):
+        module(predictions, torch.tensor([[0, 1, 2, 3], [0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\).*got -1"):
+        module(predictions, torch.tensor([[0, 1, 2, -1], [0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="integer class indices"):
+        module(predictions, torch.tensor([[0.0, 1.5, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="integer class indices"):
+        module(predictions, torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"targets of shape \[2, 5\].*predictions of shape \[2, 3, 4\]"):
+        module(predictions, torch.zeros(2, 5, dtype=torch.long))
+    # Integer-valued floating-point targets and other integer dtypes are class indices.
+    integral = torch.tensor([[0, 1, 2, -100], [2, 2, 1, 0]])
+    expected = module(predictions, integral)
+    torch.testing.assert_close(module(predictions, integral.double()), expected, **TIGHT)
+    torch.testing.assert_close(module(predictions, integral.int()), expected, **TIGHT)
+
+
+def test_probability_targets_must_have_the_predictions_shape():
+    with pytest.raises(ValueError, match=r"targets must have the shape of predictions.*\[2, 3, 4\].*\[2, 3, 5\]"):
+        cross_entropy_loss(logits(2, 3, 4), torch.zeros(2, 3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"targets of shape \[2, 3, 4\]"):
+        nll_loss(logits(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.long))
+
+
+def test_modules_are_typed_and_scriptable_with_settable_attributes():
+    module = torch.jit.script(FocalLoss(gamma=2.0, alpha=torch.tensor([0.2, 0.3, 0.5])))
+    predictions = logits(2, 3, 4).float()
+    targets = class_indices((2, 4))
+    module.gamma = 0.0  # what C++ does with module.setattr("gamma", 0.0)
+    expected = CrossEntropyLoss(class_weight=torch.tensor([0.2, 0.3, 0.5]))(predictions, targets)
+    torch.testing.assert_close(module(predictions, targets), expected)
+    binary = torch.jit.script(BinaryFocalLoss(alpha=-1.0, gamma=0.0))
+    p, t = binary_inputs((2, 3))
+    torch.testing.assert_close(binary(p, t), F.binary_cross_entropy_with_logits(p, t), **TIGHT)
