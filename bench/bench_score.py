@@ -233,6 +233,34 @@ class ServerProcess:
 # ----------------------------------------------------------------------------- measurement
 
 AsyncCall = Callable[[], Awaitable[Any]]
+CpuClock = Callable[[], float]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_clock(pid: int) -> CpuClock:
+    r"""Seconds of CPU (user + system, all threads) used so far by process ``pid``, from ``/proc``.
+
+    CPU per request is far less disturbed than wall time by other work on the machine, so the
+    tables report it next to the wall-clock figures (resolution: one clock tick, 10 ms; it is
+    summed over many calls).
+    """
+    path = f"/proc/{pid}/stat"
+
+    def clock() -> float:
+        with open(path) as stat:
+            # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    return clock
+
+
+@dataclass(frozen=True)
+class Subject:
+    r"""One thing being timed: its call and, for a server process, the clock of its CPU time."""
+
+    call: AsyncCall
+    cpu: Optional[CpuClock] = None
 
 
 def grpc_call(channel: grpc.aio.Channel, payload: bytes) -> AsyncCall:
@@ -248,23 +276,30 @@ def eager_call(run: Callable[[], float]) -> AsyncCall:
     return call
 
 
-async def interleaved_medians(calls: Dict[str, AsyncCall], repeats: int) -> Dict[str, float]:
-    r"""Median seconds per call of each entry of ``calls``, after one warm-up call each.
+async def interleaved_medians(subjects: Dict[str, Subject], repeats: int) -> Dict[str, Tuple[float, Optional[float]]]:
+    r"""``(median wall seconds, mean CPU seconds or None)`` per call of each subject.
 
-    Every round times each call once; the order rotates by one every round so that no entry is
-    always first after the client's own idle time or always right after the heaviest one.
+    One warm-up call each, then ``repeats`` rounds that time each subject once; the order rotates
+    by one every round so that no subject is always first after the client's own idle time or
+    always right after the heaviest one.
     """
-    for call in calls.values():
-        await call()
-    names = list(calls)
+    for subject in subjects.values():
+        await subject.call()
+    names = list(subjects)
     times: Dict[str, List[float]] = {name: [] for name in names}
+    cpu = {name: 0.0 for name in names}
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            subject = subjects[name]
+            cpu_start = subject.cpu() if subject.cpu else 0.0
             start = time.perf_counter()
-            await calls[name]()
+            await subject.call()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            cpu[name] += subject.cpu() - cpu_start if subject.cpu else 0.0
+    return {
+        name: (statistics.median(times[name]), cpu[name] / repeats if subjects[name].cpu else None) for name in names
+    }
 
 
 async def closed_loop(call: AsyncCall, in_flight: int, seconds: float) -> Tuple[int, float, List[float]]:
@@ -291,27 +326,33 @@ class SmallStats:
     requests_per_second: float
     p50_ms: float
     p99_ms: float
+    cpu_ms_per_request: Optional[float]  # CPU time of the server process per request
 
 
-async def interleaved_small(calls: Dict[str, AsyncCall], in_flight: int, seconds: float, rounds: int) -> Dict[str, SmallStats]:
-    r"""Closed-loop rates and latency percentiles, alternating the entries of ``calls`` each round."""
-    for call in calls.values():
-        await closed_loop(call, in_flight, min(seconds, 0.2))
-    names = list(calls)
+async def interleaved_small(subjects: Dict[str, Subject], in_flight: int, seconds: float, rounds: int) -> Dict[str, SmallStats]:
+    r"""Closed-loop rates and latency percentiles, alternating the subjects every round."""
+    for subject in subjects.values():
+        await closed_loop(subject.call, in_flight, min(seconds, 0.2))
+    names = list(subjects)
     completed = {name: 0 for name in names}
     elapsed = {name: 0.0 for name in names}
+    cpu = {name: 0.0 for name in names}
     latencies: Dict[str, List[float]] = {name: [] for name in names}
     for round_index in range(rounds):
         order = names if round_index % 2 == 0 else names[::-1]
         for name in order:
-            count, seconds_taken, values = await closed_loop(calls[name], in_flight, seconds)
+            subject = subjects[name]
+            cpu_start = subject.cpu() if subject.cpu else 0.0
+            count, seconds_taken, values = await closed_loop(subject.call, in_flight, seconds)
+            cpu[name] += subject.cpu() - cpu_start if subject.cpu else 0.0
             completed[name] += count
             elapsed[name] += seconds_taken
             latencies[name].extend(values)
     out = {}
     for name in names:
         p50, p99 = np.percentile(np.asarray(latencies[name]) * 1e3, [50, 99])
-        out[name] = SmallStats(completed[name] / elapsed[name], float(p50), float(p99))
+        cpu_ms = cpu[name] * 1e3 / completed[name] if subjects[name].cpu else None
+        out[name] = SmallStats(completed[name] / elapsed[name], float(p50), float(p99), cpu_ms)
     return out
 
 
@@ -327,6 +368,8 @@ class LargeRow:
     bare_seconds: float
     eager_seconds: float
     relative_difference: float  # |server loss - eager loss| / |eager loss|
+    server_cpu_seconds: Optional[float] = None  # mean CPU time of the server process per request
+    bare_cpu_seconds: Optional[float] = None
 
     @property
     def ratio_bare(self) -> float:
@@ -373,41 +416,57 @@ class Results:
     small: List[SmallRow] = field(default_factory=list)
 
 
-async def run_large(server: grpc.aio.Channel, bare: grpc.aio.Channel, workload: Workload, elements: int, repeats: int) -> LargeRow:
+@dataclass(frozen=True)
+class Endpoint:
+    r"""A listening server: its channel and, if it is a separate process, its CPU clock."""
+
+    channel: grpc.aio.Channel
+    cpu: Optional[CpuClock] = None
+
+    def subject(self, payload: bytes) -> Subject:
+        return Subject(grpc_call(self.channel, payload), self.cpu)
+
+
+async def run_large(server: Endpoint, bare: Endpoint, workload: Workload, elements: int, repeats: int) -> LargeRow:
     r"""Time one workload at one size on both servers and in-process eager."""
     arrays = workload.arrays(elements)
     payload = workload.request(arrays).SerializeToString()
     eager = workload.eager(arrays)
-    server_call = grpc_call(server, payload)
+    server_subject = server.subject(payload)
     expected = eager()
-    served = (await server_call()).loss
+    served = (await server_subject.call()).loss
     relative_difference = abs(served - expected) / max(abs(expected), 1e-30)
     if relative_difference > AGREEMENT_RTOL:
         raise RuntimeError(f"{workload.label} at {elements} elements: server loss {served!r} != eager loss {expected!r}")
-    medians = await interleaved_medians(
-        {"server": server_call, "bare": grpc_call(bare, payload), "eager": eager_call(eager)}, repeats
+    measured = await interleaved_medians(
+        {"server": server_subject, "bare": bare.subject(payload), "eager": Subject(eager_call(eager))}, repeats
     )
-    return LargeRow(workload.label, elements, len(payload), medians["server"], medians["bare"], medians["eager"], relative_difference)
+    return LargeRow(
+        workload.label, elements, len(payload), measured["server"][0], measured["bare"][0], measured["eager"][0],
+        relative_difference, measured["server"][1], measured["bare"][1],
+    )
 
 
-async def run_small(server: grpc.aio.Channel, bare: grpc.aio.Channel, workload: Workload, elements: int,
+async def run_small(server: Endpoint, bare: Endpoint, workload: Workload, elements: int,
                     in_flight: int, seconds: float, rounds: int) -> SmallRow:
     r"""Requests/s and latency percentiles of small requests, server vs bare."""
     payload = workload.request(workload.arrays(elements)).SerializeToString()
     stats = await interleaved_small(
-        {"server": grpc_call(server, payload), "bare": grpc_call(bare, payload)}, in_flight, seconds, rounds
+        {"server": server.subject(payload), "bare": bare.subject(payload)}, in_flight, seconds, rounds
     )
     return SmallRow(workload.label, elements, in_flight, stats["server"], stats["bare"])
 
 
 async def run_all(server_address: str, bare_address: str, workloads: Sequence[Workload], sizes: Sequence[int],
                   repeats: int, small_elements: int, in_flights: Sequence[int], small_seconds: float, rounds: int,
+                  server_cpu: Optional[CpuClock] = None, bare_cpu: Optional[CpuClock] = None,
                   progress: Callable[[str], None] = lambda line: None) -> Results:
     r"""Every large and small measurement against servers already listening on the two addresses."""
     options = message_options(MAX_MESSAGE_BYTES)
     results = Results()
-    async with grpc.aio.insecure_channel(server_address, options=options) as server, \
-            grpc.aio.insecure_channel(bare_address, options=options) as bare:
+    async with grpc.aio.insecure_channel(server_address, options=options) as server_channel, \
+            grpc.aio.insecure_channel(bare_address, options=options) as bare_channel:
+        server, bare = Endpoint(server_channel, server_cpu), Endpoint(bare_channel, bare_cpu)
         for workload in workloads:
             for elements in sizes:
                 row = await run_large(server, bare, workload, elements, repeats)
@@ -435,22 +494,30 @@ def format_results(results: Results) -> str:
     r"""The two Markdown tables (large requests, small requests) with ratios and PASS/FAIL."""
     large = _table(
         ["loss", "elements", "MB", "server ms", "bare ms", "eager ms", "server Mel/s", "bare Mel/s",
-         "eager Mel/s", "server/bare", "server/eager", f">= {LARGE_TARGET} bare"],
+         "eager Mel/s", "server/bare", "server/eager", f">= {LARGE_TARGET} bare", "server CPU ms", "bare CPU ms"],
         [[r.workload, f"{r.elements:.0e}", f"{r.request_bytes / 1e6:.3g}", f"{r.server_seconds * 1e3:.3g}",
           f"{r.bare_seconds * 1e3:.3g}", f"{r.eager_seconds * 1e3:.3g}", f"{r.elements / r.server_seconds / 1e6:.3g}",
           f"{r.elements / r.bare_seconds / 1e6:.3g}", f"{r.elements / r.eager_seconds / 1e6:.3g}",
-          f"{r.ratio_bare:.2f}", f"{r.ratio_eager:.3f}", r.target()] for r in results.large],
+          f"{r.ratio_bare:.2f}", f"{r.ratio_eager:.3f}", r.target(), _ms(r.server_cpu_seconds), _ms(r.bare_cpu_seconds)]
+         for r in results.large],
     )
     small = _table(
         ["loss", "elements", "in flight", "server req/s", "bare req/s", "req/s ratio", f">= {SMALL_RPS_TARGET}",
-         "server p50 ms", "bare p50 ms", "p50 ratio", f"<= {SMALL_P50_TARGET}", "server p99 ms", "bare p99 ms", "p99 ratio"],
+         "server p50 ms", "bare p50 ms", "p50 ratio", f"<= {SMALL_P50_TARGET}", "server p99 ms", "bare p99 ms",
+         "p99 ratio", "server CPU ms/req", "bare CPU ms/req"],
         [[r.workload, f"{r.elements:.0e}", str(r.in_flight), f"{r.server.requests_per_second:.0f}",
           f"{r.bare.requests_per_second:.0f}", f"{r.rps_ratio:.2f}", r.targets()[0], f"{r.server.p50_ms:.3g}",
           f"{r.bare.p50_ms:.3g}", f"{r.p50_ratio:.2f}", r.targets()[1], f"{r.server.p99_ms:.3g}",
-          f"{r.bare.p99_ms:.3g}", f"{r.p99_ratio:.2f}"] for r in results.small],
+          f"{r.bare.p99_ms:.3g}", f"{r.p99_ratio:.2f}", _ms(r.server.cpu_ms_per_request, 1e-3),
+          _ms(r.bare.cpu_ms_per_request, 1e-3)] for r in results.small],
     )
-    return (f"Large requests (one in flight, median; Mel/s = million prediction elements per second):\n\n{large}\n\n"
-            f"Small requests (closed loop):\n\n{small}\n")
+    return (f"Large requests (one in flight, median wall time; Mel/s = million prediction elements per second; "
+            f"CPU = mean CPU time of the server process per request):\n\n{large}\n\n"
+            f"Small requests (closed loop; CPU ms/req = server process CPU time per request):\n\n{small}\n")
+
+
+def _ms(seconds: Optional[float], scale: float = 1.0) -> str:
+    return "-" if seconds is None else f"{seconds * scale * 1e3:.3g}"
 
 
 def results_json(results: Results) -> Dict[str, Any]:
@@ -521,7 +588,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Results:
         print(f"real server: {' '.join(server.argv)}\nbare server: {' '.join(bare.argv)}", flush=True)
         results = asyncio.run(run_all(
             server.address, bare.address, args.workloads, args.sizes, args.repeats, args.small_elements,
-            args.in_flight, args.small_seconds, args.rounds, progress=lambda line: print("  " + line, flush=True),
+            args.in_flight, args.small_seconds, args.rounds, process_cpu_clock(server.process.pid),
+            process_cpu_clock(bare.process.pid), progress=lambda line: print("  " + line, flush=True),
         ))
     print()
     print(format_results(results))

@@ -91,7 +91,7 @@ class CanonicalLossGraph(nn.Module):
         self.spec = spec
         self.hyperparameters = [p.name for p in layout.graph_params(spec)]
         fixed = {p.name: spec.defaults()[p.name] for p in layout.structural_params(spec)}
-        fixed.update({k: v for k, v in variant.items() if k != layout.TARGETS_VARIANT})
+        fixed.update(layout.structural_settings(spec, variant))
         if "class_dim" in spec.param_names():
             fixed["class_dim"] = 1
         self.fixed = fixed
@@ -115,13 +115,12 @@ class CanonicalLossGraph(nn.Module):
 
 
 def example_feeds(spec: LossSpec, variant: Dict[str, Any]) -> Dict[str, Any]:
-    r"""Canonical feeds (as torch tensors) the graph is traced with: default hyperparameters."""
+    r"""Canonical feeds (as torch tensors) the graph is traced with: the variant's default parameters."""
     generator = torch.Generator().manual_seed(0)
     predictions, targets = layout.example_inputs(
         spec, variant, EXPORT_BATCH, EXPORT_CLASSES, (EXPORT_SPATIAL,), generator, torch.float32
     )
-    params = {k: v for k, v in variant.items() if k != layout.TARGETS_VARIANT}
-    feeds, _ = layout.to_canonical(spec, params, predictions, targets, None)
+    feeds, _ = layout.to_canonical(spec, layout.variant_params(spec, variant), predictions, targets, None)
     return {name: torch.from_numpy(array) for name, array in feeds.items()}
 
 

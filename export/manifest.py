@@ -94,6 +94,10 @@ def onnx_entry(spec: LossSpec, variant: Dict[str, Any], path: Path, opset: int) 
             info["role"] = "hyperparameter"
             info["kind"] = params[value.name].kind
             info["default"] = _graph_default(params[value.name])
+            if variant.get(value.name) == layout.SCALAR_FORM:
+                # The scalar-form graph has no "unset": the example value the graph was traced with.
+                info["default"] = {"value": layout.variant_params(spec, variant)[value.name], "shape": [],
+                                   "meaning": "scalar form of a float_or_vector parameter"}
         inputs.append(info)
     outputs = [_value_info(value) for value in model.graph.output]
     meanings = {

@@ -55,6 +55,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--grace-seconds", type=float, default=_env("grace_seconds", defaults.grace_seconds, float),
                         help="on SIGTERM/SIGINT, time given to in-flight calls (%(default)s)")
     parser.add_argument("--log-level", default=_env("log_level", "INFO"), help="%(default)s")
+    parser.add_argument("--no-export", action="store_true",
+                        help="do not export missing artifacts at start; their losses are not offered on that backend")
 
 
 def _add_score(commands: argparse._SubParsersAction) -> None:
@@ -104,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = ServerConfig(
             host=args.host, port=args.port, backend=args.backend, device=args.device, artifacts=args.artifacts,
             max_message_bytes=args.max_message_bytes, max_elements=args.max_elements, workers=args.workers,
-            grace_seconds=args.grace_seconds,
+            grace_seconds=args.grace_seconds, export_missing=not args.no_export,
         )
         return asyncio.run(serve(config))
     except ConfigError as exc:
@@ -117,7 +119,7 @@ def _score(args: argparse.Namespace) -> int:
 
     from loss_service.client import LossClient, LossServiceError
 
-    params = dict(parse_param(text) for text in args.param)
+    params = dict(args.param)
     load = lambda path: None if path is None else np.load(path)
     try:
         with LossClient(args.target, timeout=args.timeout) as client:
@@ -162,11 +164,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     listing.add_argument("--target", default="127.0.0.1:50051")
     listing.add_argument("--timeout", type=float)
     args = parser.parse_args(argv)
-    try:
-        return {"serve": _serve, "score": _score, "losses": _losses}[args.command](args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return 2
+    if args.command == "score":
+        try:
+            args.param = [parse_param(text) for text in args.param]
+        except (ValueError, OSError) as exc:
+            parser.error(str(exc))
+    return {"serve": _serve, "score": _score, "losses": _losses}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Every failure is a :class:`LossServiceError` with the gRPC status code and the s
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -138,7 +139,7 @@ def build_request(
     targets: Any,
     weights: Any = None,
     *,
-    reduction: str = "mean",
+    reduction: Optional[str] = "mean",
     backend: Optional[str] = None,
     class_weights: Any = None,
     pos_weight: Any = None,
@@ -147,14 +148,18 @@ def build_request(
     labels: Optional[Mapping[str, str]] = None,
     **params: Any,
 ) -> pb.ScoreBatchRequest:
-    r"""The ``ScoreBatchRequest`` of :meth:`LossClient.score` (array-valued params go to ``tensor_params``)."""
-    if reduction not in REDUCTIONS:
+    r"""The ``ScoreBatchRequest`` of :meth:`LossClient.score` (array-valued params go to ``tensor_params``).
+
+    ``reduction=None`` leaves it unspecified (the server reads it as ``mean``; in a stream, "as in
+    the first batch").
+    """
+    if reduction is not None and reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of eager, torchscript, onnx or None, got {backend!r}")
     request = pb.ScoreBatchRequest(
         loss=loss,
-        reduction=REDUCTIONS[reduction],
+        reduction=pb.REDUCTION_UNSPECIFIED if reduction is None else REDUCTIONS[reduction],
         backend=BACKENDS[backend],
         return_per_sample=return_per_sample,
         request_id=request_id or "",
@@ -257,20 +262,32 @@ class LossClient:
         a dict batch may also carry them itself.
         """
 
+        def request(index: int, batch) -> pb.ScoreBatchRequest:
+            if isinstance(batch, Mapping):
+                fields = dict(batch)
+                arguments = (fields.pop("predictions"), fields.pop("targets"), fields.pop("weights", None))
+                batch_loss = fields.pop("loss", loss if index == 0 else None)
+            else:
+                arguments = tuple(batch) + (None,) * (3 - len(batch))
+                fields, batch_loss = {}, (loss if index == 0 else None)
+            if index == 0:
+                fields = dict(options, **fields)
+                if not batch_loss:
+                    raise ValueError("score_stream needs the loss name (the `loss` argument or the first batch's 'loss')")
+            else:
+                # Unset settings mean "as in batch 0"; the client's default reduction is not sent again.
+                fields.setdefault("reduction", None)
+            return build_request(batch_loss or "", *arguments, **fields)
+
+        iterator = iter(batches)
+        # The first batch is built here, so that a client-side mistake raises before the call starts
+        # (inside the request iterator gRPC would report it as UNKNOWN).
+        first = [request(0, batch) for batch in itertools.islice(iterator, 1)]
+
         def requests():
-            for index, batch in enumerate(batches):
-                if isinstance(batch, Mapping):
-                    fields = dict(batch)
-                    arguments = (fields.pop("predictions"), fields.pop("targets"), fields.pop("weights", None))
-                    batch_loss = fields.pop("loss", loss)
-                else:
-                    arguments = tuple(batch) + (None,) * (3 - len(batch))
-                    fields, batch_loss = {}, loss
-                if index == 0:
-                    fields = dict(options, **fields)
-                    if not batch_loss:
-                        raise ValueError("score_stream needs the loss name (the `loss` argument or the first batch's 'loss')")
-                yield build_request(batch_loss or "", *arguments, **fields)
+            yield from first
+            for index, batch in enumerate(iterator, start=1):
+                yield request(index, batch)
 
         response = self._call(self._stub.ScoreStream, requests())
         return StreamResult(

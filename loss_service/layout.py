@@ -11,10 +11,12 @@ predictions    ``(N, C, S)`` float32: the class dimension moved to 1, the other 
 targets        dense targets ``(N, C, S)`` float32, or class indices ``(N, S)`` int64 (decided by
                rank: targets with one dimension less than the predictions are class indices)
 weights        float32 with exactly the canonical shape of the weighted tensor (the ``values``
-               output, or the predictions for region losses); ``None`` is fed as ones
+               output, or the predictions for region losses); ``None`` is fed as ones. Region
+               losses give ``(N,)`` weights a per-sample meaning that pixel weights cannot
+               express: ``to_canonical`` rejects them (use the eager/TorchScript backends)
 <param>        every ``graph_input=True`` hyperparameter but ``reduction``: float → 0-d float32,
-               int → 0-d int64, bool → 0-d bool, vector / float_or_vector → ``(C,)`` float32
-               (unset vectors are fed as ones, a single float as ``C`` copies)
+               int → 0-d int64, bool → 0-d bool, vector → ``(C,)`` float32 (unset vectors
+               are fed as ones); float_or_vector → ``(C,)``, or 0-d in its ``<name>=scalar`` variant
 reduction      0-d int64 code: ``REDUCTION_CODES`` (none=0, mean=1, sum=2, weighted_mean=3)
 ============== ================================================================================
 
@@ -25,7 +27,8 @@ layout; ``totals`` -- float64 additive statistics ``(K,)``; ``sample_totals`` --
 ``graph_input=False`` parameters (string choices such as a dice ``mode``) select an exported
 *variant* (``spec.variants``); ``class_dim`` is absorbed by the layout (graphs use class_dim=1).
 A loss whose targets may be class indices or probabilities gets a ``targets=probabilities``
-variant besides the class-index graph.
+variant besides the class-index graph, and a ``float_or_vector`` parameter (focal's ``alpha``) a
+``<name>=scalar`` variant taking it as a 0-d input.
 
 Usage (the server's ONNX backend)::
 
@@ -53,6 +56,7 @@ REDUCTION_CODES: Dict[str, int] = {"none": 0, "mean": 1, "sum": 2, "weighted_mea
 ONNX_OUTPUTS: List[str] = ["loss", "values", "totals", "sample_totals"]
 LAYOUT_PARAMS = ("class_dim",)
 TARGETS_VARIANT = "targets"
+SCALAR_FORM = "scalar"
 PROBABILITY_TARGETS = "probabilities"
 
 Restore = Callable[[np.ndarray], np.ndarray]
@@ -98,9 +102,52 @@ def variants(spec: LossSpec) -> List[Dict[str, Any]]:
         found = found + [
             dict(v, **{TARGETS_VARIANT: PROBABILITY_TARGETS})
             for v in found
-            if natural_index_targets(spec.name, variant_key(v))
+            if natural_index_targets(spec.name, variant_key(v)) and accepts_probability_targets(spec.name, variant_key(v))
         ]
+    for param in scalar_form_params(spec):
+        found = found + [dict(v, **{param.name: SCALAR_FORM}) for v in found]
     return found
+
+
+def scalar_form_params(spec: LossSpec) -> List[ParamSpec]:
+    r"""``float_or_vector`` graph inputs: a scalar may mean more than C copies (focal's ``alpha``
+    with ``balance_index``), so the scalar form is its own variant with a 0-d input."""
+    return [p for p in graph_params(spec) if p.kind == "float_or_vector"]
+
+
+@functools.lru_cache(maxsize=None)
+def accepts_probability_targets(loss: str, key: str) -> bool:
+    r"""Whether the setting ``key`` also takes class-probability targets (a multiclass dice does not)."""
+    spec = get(loss)
+    variant = next(v for v in _structural_variants(spec) if variant_key(v) == key)
+    predictions, _ = spec.make_inputs(2, 3, (5,), torch.Generator().manual_seed(0), torch.float32, dict(variant))
+    probabilities = torch.softmax(torch.randn(predictions.shape, generator=torch.Generator().manual_seed(1)), dim=1)
+    try:
+        spec.module(**spec.validate(dict(variant))).statistics(predictions, probabilities, None, False)
+    except ValueError:
+        return False
+    return True
+
+
+def structural_settings(spec: LossSpec, variant: Dict[str, Any]) -> Dict[str, Any]:
+    r"""The structural parameter settings of a variant (without its target / scalar-form keys)."""
+    names = {p.name for p in structural_params(spec)}
+    return {k: v for k, v in variant.items() if k in names}
+
+
+def variant_params(spec: LossSpec, variant: Dict[str, Any]) -> Dict[str, Any]:
+    r"""Parameters a variant is computed with by default: its structural settings, and for a
+    scalar-form key the parameter's default if it is a number, else the middle of its range."""
+    params = structural_settings(spec, variant)
+    for param in scalar_form_params(spec):
+        if variant.get(param.name) == SCALAR_FORM:
+            if isinstance(param.default, (int, float)) and not isinstance(param.default, bool):
+                params[param.name] = float(param.default)
+            else:
+                low = 0.0 if param.low is None else param.low
+                high = low + 1.0 if param.high is None else param.high
+                params[param.name] = (low + high) / 2
+    return params
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,10 +201,15 @@ def variant_of(spec: LossSpec, params: Dict[str, Any], index_targets: bool) -> D
         if {p.name: base.get(p.name, defaults[p.name]) for p in structural} != wanted:
             continue
         natural_index = natural_index_targets(spec.name, variant_key(base))
+        scalar_forms = {
+            p.name: SCALAR_FORM for p in scalar_form_params(spec) if _is_number(params.get(p.name, defaults[p.name]))
+        }
         if index_targets == natural_index:
-            return base
-        if natural_index and has_probability_targets_variant(spec):
-            return dict(base, **{TARGETS_VARIANT: PROBABILITY_TARGETS})
+            return dict(base, **scalar_forms)
+        if natural_index and has_probability_targets_variant(spec) and accepts_probability_targets(
+            spec.name, variant_key(base)
+        ):
+            return dict(base, **{TARGETS_VARIANT: PROBABILITY_TARGETS}, **scalar_forms)
         raise ValueError(
             f"{spec.name} with {variant_key(base) or 'the default settings'} takes "
             f"{'class-index' if natural_index else 'dense'} targets, got {'class-index' if index_targets else 'dense'} targets"
@@ -166,6 +218,10 @@ def variant_of(spec: LossSpec, params: Dict[str, Any], index_targets: bool) -> D
         f"{spec.name}: no exported ONNX graph for {variant_key(wanted)}; exported settings: "
         f"{', '.join(variant_key(v) or '(default)' for v in _structural_variants(spec))}"
     )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def onnx_input_names(spec: LossSpec, variant: Optional[Dict[str, Any]] = None) -> List[str]:
@@ -191,7 +247,7 @@ def example_inputs(
     ``spec.make_inputs`` with the variant's settings; for the ``targets=probabilities`` variant the
     class indices it draws are replaced by random probability vectors along dim 1.
     """
-    settings = {k: v for k, v in variant.items() if k != TARGETS_VARIANT}
+    settings = variant_params(spec, variant)
     settings.update(params or {})
     predictions, targets = spec.make_inputs(batch, num_classes, tuple(spatial), generator, dtype, settings)
     if variant.get(TARGETS_VARIANT) == PROBABILITY_TARGETS and targets.dim() == predictions.dim() - 1:
@@ -209,8 +265,7 @@ def _values_have_classes(loss: str, key: str) -> Tuple[int, bool]:
     predictions, targets = example_inputs(
         spec, variant, batch, num_classes, (size,), torch.Generator().manual_seed(0), torch.float64
     )
-    params = {k: v for k, v in variant.items() if k != TARGETS_VARIANT}
-    module = spec.module(**spec.validate(params))
+    module = spec.module(**spec.validate(variant_params(spec, variant)))
     values, _, _ = module.statistics(predictions, targets, None, False)
     shape = tuple(values.shape)
     # Some settings fix the class count (a binary dice draws one channel).
@@ -268,8 +323,10 @@ def _hyperparameter_feed(param: ParamSpec, value: Any, num_classes: int, loss: s
     if kind in ("vector", "float_or_vector"):
         if value is None:
             return np.ones([num_classes], dtype=np.float32)
+        if kind == "float_or_vector" and _is_number(value):
+            return np.asarray(value, dtype=np.float32)
         vector = _to_numpy(value).astype(np.float32).reshape(-1)
-        if vector.size == 1 and (kind == "float_or_vector" or num_classes == 1):
+        if vector.size == 1 and num_classes == 1:
             return np.full([num_classes], vector[0], dtype=np.float32)
         if vector.size != num_classes:
             raise ValueError(
@@ -447,6 +504,11 @@ __all__ = [
     "ONNX_OUTPUTS",
     "graph_params",
     "structural_params",
+    "structural_settings",
+    "scalar_form_params",
+    "variant_params",
+    "natural_index_targets",
+    "accepts_probability_targets",
     "variants",
     "variant_key",
     "variant_of",

@@ -1,6 +1,7 @@
 r"""Smoke tests of bench/: every code path of the benchmark on tiny sizes, no timing assertions."""
 import asyncio
 import math
+import os
 
 import grpc
 import numpy as np
@@ -90,14 +91,20 @@ def test_measurements_and_report_against_in_process_servers():
 
     async def body(address):
         async with grpc.aio.insecure_channel(address) as channel:
-            calls = {"server": bench_score.grpc_call(channel, payload), "bare": bench_score.grpc_call(channel, payload)}
-            medians = await bench_score.interleaved_medians(calls, repeats=2)
-            small = await bench_score.interleaved_small(calls, in_flight=2, seconds=0.05, rounds=2)
+            # This process's CPU clock stands in for the server process's.
+            subjects = {
+                "server": bench_score.Subject(bench_score.grpc_call(channel, payload), bench_score.process_cpu_clock(os.getpid())),
+                "bare": bench_score.Subject(bench_score.grpc_call(channel, payload)),
+            }
+            medians = await bench_score.interleaved_medians(subjects, repeats=2)
+            small = await bench_score.interleaved_small(subjects, in_flight=2, seconds=0.05, rounds=2)
             return medians, small
 
     medians, small = _with_bare_server(body)
-    assert set(medians) == {"server", "bare"} and all(t > 0 for t in medians.values())
+    assert set(medians) == {"server", "bare"} and all(wall > 0 for wall, _ in medians.values())
+    assert medians["server"][1] >= 0 and medians["bare"][1] is None
     assert all(s.requests_per_second > 0 and 0 < s.p50_ms <= s.p99_ms for s in small.values())
+    assert small["server"].cpu_ms_per_request > 0 and small["bare"].cpu_ms_per_request is None
     results = bench_score.Results(
         large=[bench_score.LargeRow("x", 2_000_000, 1, 2.0, 1.0, 0.5, 0.0)],
         small=[bench_score.SmallRow("x", 1000, 8, small["server"], small["bare"])],
@@ -105,9 +112,11 @@ def test_measurements_and_report_against_in_process_servers():
     assert results.large[0].ratio_bare == 0.5 and results.large[0].target() == "FAIL"
     text = bench_score.format_results(results)
     assert "2e+06 |" in text and " 0.50 |" in text and "FAIL" in text
+    assert "server CPU ms/req" in text
     assert bench_score.results_json(results)["large"][0]["ratio_eager"] == 0.25
 
 
+@pytest.mark.slow  # starts the real server, which exports missing artifacts on its first start
 def test_full_benchmark_on_tiny_sizes_with_both_server_subprocesses(capsys):
     results = bench_score.main([
         "--sizes", "40", "400", "--repeats", "1", "--small-elements", "40", "--in-flight", "1", "2",

@@ -26,3 +26,9 @@ def test_readme_starts_with_the_two_commands():
     readme = (ROOT / "README.md").read_text().splitlines()
     commands = [line for line in readme[:30] if line.startswith("bash scripts/")]
     assert commands[:2] == ["bash scripts/serve.sh", "bash scripts/test.sh"]
+
+
+def test_readme_lists_every_loss():
+    readme = (ROOT / "README.md").read_text()
+    for name in losses.names():
+        assert f"| `{name}` |" in readme, f"{name} missing from the README's loss table"

@@ -211,27 +211,59 @@ def check_same_shape(predictions: Tensor, targets: Tensor) -> None:
         )
 
 
+def power(base: Tensor, exponent: Tensor) -> Tensor:
+    r"""``base ** exponent`` for a 0-d hyperparameter ``exponent`` (e.g. the focal ``γ``).
+
+    ``torch.pow`` with a 0-d tensor exponent runs a generic broadcasting kernel, ~15x slower than
+    with a Python number (which also takes the ``x·x`` shortcut for 2). Outside export the exponent
+    is read on the host; while exporting it stays a tensor, so the graph keeps it as an input.
+    """
+    if is_exporting():
+        return torch.pow(base, exponent.to(base.dtype))
+    return torch.pow(base, float(exponent.item()))
+
+
+def _element_count(shape: List[int]) -> float:
+    count = 1.0
+    for size in shape:
+        count *= size
+    return count
+
+
+def _left_padded(x: Tensor, ndim: int) -> Tensor:
+    r"""``x`` viewed with ``ndim`` dimensions, as broadcasting aligns it (size-1 dims in front)."""
+    if x.dim() == ndim:
+        return x
+    return x.reshape([1] * (ndim - x.dim()) + list(x.shape))
+
+
 def total_sum(x: Optional[Tensor], shape: List[int], device: torch.device) -> Tensor:
-    r"""Float64 sum of ``x`` broadcast to ``shape`` (``None`` counts 1 per element)."""
+    r"""Float64 sum of ``x`` broadcast to ``shape`` (``None`` counts 1 per element).
+
+    Outside export a broadcast ``x`` (per-sample weights, a class vector) is summed as it is and
+    scaled by how many times broadcasting repeats it, instead of summing a full-size expansion.
+    """
     if x is None:
-        count = 1.0
-        for size in shape:
-            count *= size
-        return torch.full([], count, dtype=torch.float64, device=device)
-    return accumulate(x.expand(shape))
+        return torch.full([], _element_count(shape), dtype=torch.float64, device=device)
+    if is_exporting():
+        return accumulate(x.expand(shape))
+    # max(.., 1): an empty x sums to 0 whatever the factor.
+    repeats = _element_count(shape) / max(_element_count(list(x.shape)), 1.0)
+    return accumulate(x) * repeats
 
 
 def per_sample_sum(x: Optional[Tensor], shape: List[int], device: torch.device) -> Tensor:
     r"""Float64 sums of ``x`` broadcast to ``shape`` over every dimension but the first."""
     if x is None:
-        count = 1.0
-        for size in shape[1:]:
-            count *= size
-        return torch.full([shape[0]], count, dtype=torch.float64, device=device)
-    x = x.expand(shape)
+        return torch.full([shape[0]], _element_count(shape[1:]), dtype=torch.float64, device=device)
     if len(shape) == 1:
-        return x.to(torch.float64)
-    return accumulate(x, list(range(1, len(shape))))
+        return x.expand(shape).to(torch.float64)
+    if is_exporting():
+        return accumulate(x.expand(shape), list(range(1, len(shape))))
+    # As in total_sum: sum x where it is stored and scale by its repetition over dims 1.. .
+    x = _left_padded(x, len(shape))
+    repeats = _element_count(shape[1:]) / max(_element_count(list(x.shape[1:])), 1.0)
+    return (accumulate(x, list(range(1, len(shape)))) * repeats).expand(shape[0])
 
 
 def elementwise_statistics(
@@ -248,6 +280,11 @@ def elementwise_statistics(
     """
     shape = list(weighted_loss.shape)
     device = weighted_loss.device
+    if per_sample and len(shape) > 0 and not is_exporting():
+        # Each full-size tensor is read once: the batch totals are the (small) per-sample sums'
+        # sum, in float64. The exported graph keeps its own ReduceSums (in float64) for totals.
+        sample_totals = _sample_totals(weighted_loss, weight, denominator, shape, device)
+        return weighted_loss, sample_totals.sum(0), sample_totals
     totals = torch.stack(
         [
             accumulate(weighted_loss),
@@ -259,7 +296,14 @@ def elementwise_statistics(
     if not per_sample or len(shape) == 0:
         sample_totals = totals.unsqueeze(0) if per_sample else totals.new_zeros([0, totals.shape[0]])
         return weighted_loss, totals, sample_totals
-    sample_totals = torch.stack(
+    return weighted_loss, totals, _sample_totals(weighted_loss, weight, denominator, shape, device)
+
+
+def _sample_totals(
+    weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], shape: List[int], device: torch.device
+) -> Tensor:
+    r"""``(N, 4)`` per-sample ``[Σ w·ℓ, Σ w, Σ d, n]`` of an elementwise loss of ``shape``."""
+    return torch.stack(
         [
             per_sample_sum(weighted_loss, shape, device),
             per_sample_sum(weight, shape, device),
@@ -268,7 +312,6 @@ def elementwise_statistics(
         ],
         dim=1,
     )
-    return weighted_loss, totals, sample_totals
 
 
 def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:

@@ -2,6 +2,7 @@ r"""Binary cross-entropy on probabilities (``bce``) and on logits (``bce_with_lo
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._registry import LossSpec, ParamSpec, register
@@ -46,16 +47,33 @@ def bce_statistics(
     dtype = compute_dtype(predictions.dtype)
     p = predictions.to(dtype)
     t = as_float(targets, dtype, "targets")
-    if not is_exporting() and p.numel() > 0 and bool(((p < 0) | (p > 1) | torch.isnan(p)).any()):
-        raise ValueError("bce: predictions must be probabilities in [0, 1]; use bce_with_logits for logits")
+    if is_exporting():
+        loss = _bce_terms(p, t)
+    else:
+        if p.numel() > 0:
+            # One pass for the range check; a NaN propagates into the min and max.
+            smallest, largest = torch.aminmax(p)
+            if bool((smallest < 0) | (largest > 1) | torch.isnan(smallest) | torch.isnan(largest)):
+                raise ValueError("bce: predictions must be probabilities in [0, 1]; use bce_with_logits for logits")
+        if torch.is_grad_enabled() and (p.requires_grad or t.requires_grad):
+            loss = _bce_terms(p, t)
+        else:
+            # Without autograd only the value matters: torch's fused kernel computes the same
+            # clamped formula in one pass (its backward differs at p in {0, 1}, hence not above).
+            # Contiguous inputs: the result must not depend on the memory layout.
+            loss = F.binary_cross_entropy(p.contiguous(), t.contiguous(), reduction="none")
+    weight = effective_weight(list(p.shape), weights, class_weight, class_dim, dtype)
+    weighted = loss if weight is None else loss * weight
+    return elementwise_statistics(weighted, weight, None, per_sample)
+
+
+def _bce_terms(p: Tensor, t: Tensor) -> Tensor:
+    r"""``-[t max(log p, -100) + (1 - t) max(log(1 - p), -100)]``, with finite gradients at p in {0, 1}."""
     # torch clamps each log term at -100 so that p = 0 or 1 gives a finite loss; the log's
     # argument is kept positive too, else its backward would be 0 * inf = NaN there.
     log_p = _clamped_log(p, False)
     log_not_p = _clamped_log(p, True)
-    loss = -(t * log_p + (1.0 - t) * log_not_p)
-    weight = effective_weight(list(p.shape), weights, class_weight, class_dim, dtype)
-    weighted = loss if weight is None else loss * weight
-    return elementwise_statistics(weighted, weight, None, per_sample)
+    return -(t * log_p + (1.0 - t) * log_not_p)
 
 
 def binary_cross_entropy(
@@ -101,16 +119,42 @@ def bce_with_logits_statistics(
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype)
     t = as_float(targets, dtype, "targets")
-    # -log σ(x) = softplus(-x) and -log σ(-x) = softplus(-x) + x: one stable log-sigmoid.
-    log_sigmoid_x = log_sigmoid(x)
-    if pos_weight is None:
-        positive_scale = t
+    positive_weight: Optional[Tensor] = None
+    if pos_weight is not None:
+        positive_weight = per_class(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
+    if is_exporting():
+        # -log σ(x) = softplus(-x) and -log σ(-x) = softplus(-x) + x: one stable log-sigmoid
+        # (log_sigmoid, which the ONNX exporter cannot turn into Log(Sigmoid)).
+        log_sigmoid_x = log_sigmoid(x)
+        positive_scale = t if positive_weight is None else positive_weight * t
+        loss = (1.0 - t) * x - (positive_scale + 1.0 - t) * log_sigmoid_x
     else:
-        positive_scale = per_class(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight") * t
-    loss = (1.0 - t) * x - (positive_scale + 1.0 - t) * log_sigmoid_x
+        loss = _fused_bce_with_logits(x, t, positive_weight)
     weight = effective_weight(list(x.shape), weights, class_weight, class_dim, dtype)
-    weighted = loss if weight is None else loss * weight
-    return elementwise_statistics(weighted, weight, None, per_sample)
+    if weight is None:
+        return elementwise_statistics(loss, weight, None, per_sample)
+    if is_exporting():
+        return elementwise_statistics(loss * weight, weight, None, per_sample)
+    # loss is this kernel's own temporary: weight it in place.
+    return elementwise_statistics(loss.mul_(weight), weight, None, per_sample)
+
+
+def _fused_bce_with_logits(x: Tensor, t: Tensor, positive_weight: Optional[Tensor]) -> Tensor:
+    r"""The export form's :math:`(1 - t)\,x - (p_c t + 1 - t)\log\sigma(x)` in 4-5 full-size passes.
+
+    torch's fused ``logsigmoid`` (stable in eager and TorchScript) replaces the 6-op export form,
+    and the products are accumulated in place into this function's own temporaries.
+    """
+    # Contiguous inputs: the vectorised and strided kernels of logsigmoid may differ in the last
+    # bit, and the result must not depend on the memory layout.
+    x = x.contiguous()
+    t = t.contiguous()
+    log_sigmoid_x = F.logsigmoid(x)
+    one_minus_t = 1.0 - t
+    if positive_weight is None:
+        return one_minus_t.mul_(x).sub_(log_sigmoid_x)
+    scale = torch.addcmul(one_minus_t, positive_weight, t)
+    return one_minus_t.mul_(x).addcmul_(scale, log_sigmoid_x, value=-1.0)
 
 
 def binary_cross_entropy_with_logits(

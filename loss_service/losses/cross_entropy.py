@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ._registry import LossSpec, ParamSpec, register
+from ._stable import log_softmax, logsumexp
 from ._reduction import (
     as_float,
     check_reduction,
@@ -48,17 +49,15 @@ def check_label_smoothing(label_smoothing: Tensor) -> None:
         raise ValueError("label_smoothing must be in [0, 1], got {}".format(float(label_smoothing)))
 
 
-def class_index_mask(
+def class_indices(
     targets: Tensor, ignore_index: Tensor, shape: List[int], dim: int, probabilities_allowed: bool
 ) -> Tuple[Tensor, Tensor]:
-    r"""``(target_mask, valid)`` for class-index ``targets`` of predictions of ``shape``.
+    r"""``(indices, valid)``: checked int64 class-index ``targets`` and where they are not ignored.
 
     ``targets`` must have ``shape`` without its class dimension ``dim`` (``(N, d1..dk)`` for
     ``(N, C, d1..dk)``) and hold integers in ``[0, C)`` or ``ignore_index``; integer-valued
-    floating-point targets are accepted as indices. ``target_mask`` (bool, ``shape``) is True at
-    each element's target class -- a comparison with ``arange(C)`` rather than ``one_hot``, so the
-    class count stays symbolic in an exported graph -- and ``valid`` (bool, the elementwise shape)
-    is False where the target equals ``ignore_index``. The range checks run on the host (never a
+    floating-point targets are accepted as indices. ``valid`` (bool, the elementwise shape) is False
+    where the target equals ``ignore_index``. The range checks run on the host (never a
     device-side assert) and are skipped while exporting.
     """
     expected = shape[:dim] + shape[dim + 1:]
@@ -77,13 +76,30 @@ def class_index_mask(
     valid = indices != ignore_index
     num_classes = shape[dim]
     if not is_exporting() and indices.numel() > 0:
-        out_of_range = valid & ((indices < 0) | (indices >= num_classes))
-        if bool(out_of_range.any()):
-            raise ValueError(
-                "targets must be class indices in [0, {}) or ignore_index ({}), got {}".format(
-                    num_classes, int(ignore_index), int(indices[out_of_range][0])
+        # One pass over the targets in the common case: the range of the non-ignored indices.
+        smallest, largest = torch.aminmax(torch.where(valid, indices, torch.zeros_like(indices)))
+        if bool((smallest < 0) | (largest >= num_classes)):
+            out_of_range = valid & ((indices < 0) | (indices >= num_classes))
+            if bool(out_of_range.any()):
+                raise ValueError(
+                    "targets must be class indices in [0, {}) or ignore_index ({}), got {}".format(
+                        num_classes, int(ignore_index), int(indices[out_of_range][0])
+                    )
                 )
-            )
+    return indices, valid
+
+
+def class_index_mask(
+    targets: Tensor, ignore_index: Tensor, shape: List[int], dim: int, probabilities_allowed: bool
+) -> Tuple[Tensor, Tensor]:
+    r"""``(target_mask, valid)`` for class-index ``targets`` of predictions of ``shape``.
+
+    ``targets`` and ``valid`` are as in :func:`class_indices`. ``target_mask`` (bool, ``shape``) is
+    True at each element's target class -- a comparison with ``arange(C)`` rather than ``one_hot``,
+    so the class count stays symbolic in an exported graph.
+    """
+    indices, valid = class_indices(targets, ignore_index, shape, dim, probabilities_allowed)
+    num_classes = shape[dim]
     view = [1] * len(shape)
     view[dim] = num_classes
     classes = torch.arange(num_classes, device=targets.device).reshape(view)
@@ -126,6 +142,55 @@ def index_weights(
     return denominator, denominator, sample_weight
 
 
+def class_vector_along(class_weight: Tensor, shape: List[int], dim: int) -> Optional[Tensor]:
+    r"""The ``(C,)`` vector of a per-class weight shaped by :func:`per_class` along ``dim``.
+
+    ``None`` when the weight also varies along another dimension (a tensor that was given already
+    shaped to broadcast): the caller then keeps the general class-mask form.
+    """
+    num_classes = shape[dim]
+    if class_weight.dim() == 0:
+        return class_weight.expand([num_classes])
+    padded = [1] * (len(shape) - class_weight.dim()) + list(class_weight.shape)
+    for index in range(len(padded)):
+        if index != dim and padded[index] != 1:
+            return None
+    return class_weight.reshape([-1]).expand([num_classes])
+
+
+def eager_index_statistics_inputs(
+    x: Tensor,
+    indices: Tensor,
+    valid: Tensor,
+    weights: Optional[Tensor],
+    class_vector: Optional[Tensor],
+    dim: int,
+    dtype: torch.dtype,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    r"""``(target_nll, lse, w, d, sample_weight)`` of class-index targets, without ``(N, C, *)`` masks.
+
+    The eager/TorchScript form of :func:`index_weights` plus the target's
+    :math:`-\log p_y = \operatorname{lse}(x) - x_y` (0 where ignored): one gather of the target
+    logit and a :func:`~._stable.logsumexp` instead of a full ``log_softmax``, a class mask and a
+    masked sum over the classes. ``class_vector`` is the ``(C,)`` class weight (or ``None``).
+    ``x`` must be contiguous (the result must not depend on the memory layout).
+    """
+    valid_weight = valid.to(dtype)
+    safe_indices = torch.where(valid, indices, torch.zeros_like(indices))
+    lse = logsumexp(x, dim)
+    target_logit = torch.gather(x, dim, safe_indices.unsqueeze(dim)).squeeze(dim)
+    target_nll = torch.where(valid, lse - target_logit, torch.zeros_like(lse))
+    if class_vector is None:
+        denominator = valid_weight
+    else:
+        denominator = class_vector[safe_indices] * valid_weight
+    sample_weight: Optional[Tensor] = None
+    if weights is not None:
+        sample_weight = sample_or_element_weights(weights, list(valid.shape)).to(dtype)
+        return target_nll, lse, denominator * sample_weight, denominator, sample_weight
+    return target_nll, lse, denominator, denominator, sample_weight
+
+
 def cross_entropy_statistics(
     predictions: Tensor,
     targets: Tensor,
@@ -148,7 +213,6 @@ def cross_entropy_statistics(
     check_label_smoothing(label_smoothing)
     epsilon = label_smoothing.to(dtype)
     num_classes = shape[dim]
-    log_p = torch.log_softmax(x, dim)
     weight_c: Optional[Tensor] = None
     if class_weight is not None:
         weight_c = per_class(class_weight.to(dtype), shape, dim, "class_weight")
@@ -157,7 +221,7 @@ def cross_entropy_statistics(
         # Probability targets: torch ignores ignore_index here and its mean divides by N·d1..dk.
         check_same_shape(predictions, targets)
         smoothed = (1.0 - epsilon) * as_float(targets, dtype, "targets") + epsilon / num_classes
-        terms = -smoothed * log_p
+        terms = -smoothed * log_softmax(x, dim)
         if weight_c is not None:
             terms = terms * weight_c
         loss = terms.sum(dim)
@@ -167,8 +231,18 @@ def cross_entropy_statistics(
             loss = loss * sample_weight
         return elementwise_statistics(loss, sample_weight, None, per_sample)
 
+    if not is_exporting():
+        class_vector: Optional[Tensor] = None
+        if weight_c is not None:
+            class_vector = class_vector_along(weight_c, shape, dim)
+        if weight_c is None or class_vector is not None:
+            return _eager_index_cross_entropy(
+                x, targets, weights, weight_c, class_vector, ignore_index, epsilon, shape, dim, dtype, per_sample
+            )
+
     target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, True)
     weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
+    log_p = log_softmax(x, dim)
     nll = -select_class(log_p, target_mask, dim)
     # The smoothing term reads every class; with label_smoothing = 0 it is masked out before use,
     # so a -inf logit of a non-target class stays finite (as in torch) in value and gradient.
@@ -180,6 +254,42 @@ def cross_entropy_statistics(
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if sample_weight is not None:
         loss = loss * sample_weight
+    return elementwise_statistics(loss, weight, denominator, per_sample)
+
+
+def _eager_index_cross_entropy(
+    x: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    weight_c: Optional[Tensor],
+    class_vector: Optional[Tensor],
+    ignore_index: Tensor,
+    epsilon: Tensor,
+    shape: List[int],
+    dim: int,
+    dtype: torch.dtype,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The class-index branch of :func:`cross_entropy_statistics` outside export, same formula.
+
+    Only :math:`-\log p_y` is computed unless ``label_smoothing > 0`` (read on the host), and the
+    temporaries of the elementwise shape are updated in place.
+    """
+    indices, valid = class_indices(targets, ignore_index, shape, dim, True)
+    x = x.contiguous()
+    target_nll, lse, weight, denominator, sample_weight = eager_index_statistics_inputs(
+        x, indices, valid, weights, class_vector, dim, dtype
+    )
+    # denominator = w_y (0 where ignored), so ignored elements give 0 without a mask.
+    loss = denominator * target_nll
+    if bool(epsilon > 0):
+        log_p = x - lse.unsqueeze(dim)
+        if weight_c is not None:
+            log_p = log_p * weight_c
+        loss = (1.0 - epsilon) * loss - (epsilon / shape[dim]) * log_p.sum(dim)
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if sample_weight is not None:
+        loss = loss.mul_(sample_weight)
     return elementwise_statistics(loss, weight, denominator, per_sample)
 
 

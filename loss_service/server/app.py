@@ -94,33 +94,38 @@ def warm_up(backends: Dict[str, Backend]) -> None:
     r"""Run every loss on every backend on tiny inputs and compare with eager; disable what fails.
 
     This is the start-up self-check behind readiness: a loss is offered on a backend (ListLosses
-    ``backends``) only if its artifact loaded, ran and matched eager PyTorch here (float32,
-    rtol 1e-4). It also takes one-time costs (TorchScript's profiling runs, ONNX Runtime's first
+    ``backends``) only if its artifact loaded, ran and matched eager PyTorch here for every setting
+    in ``spec.test_params`` (float32, rtol 1e-4) -- which also catches artifacts exported from an
+    older version of the loss code. It also takes one-time costs (TorchScript's profiling runs, ONNX Runtime's first
     allocations) off the first requests.
     """
     reference = backends["eager"]
     for spec in losses.specs():
-        predictions, targets = spec.make_inputs(2, 3, (4,), torch.Generator().manual_seed(0), torch.float32, {})
-        predictions, targets = predictions.to(reference.torch_device), targets.to(reference.torch_device)
-        with torch.inference_mode():
-            _, expected, _ = reference.runner(spec, {}).statistics(predictions, targets, None, False)
         for backend in backends.values():
-            if backend is reference:
-                continue
-            if not backend.supports(spec.name):
-                backend.disable(spec.name, "no artifact")
-                log.error("loss unavailable", extra={"fields": {"loss": spec.name, "backend": backend.name, "reason": "no artifact"}})
-                continue
-            try:
-                runner = backend.runner(spec, {})
-                with torch.inference_mode():
-                    for _ in range(2):
-                        _, totals, _ = runner.statistics(predictions, targets, None, False)
-                        runner.reductions(totals)
-                torch.testing.assert_close(totals.cpu(), expected.cpu(), rtol=1e-4, atol=1e-5, check_dtype=False)
-            except Exception as exc:  # noqa: BLE001 - reported, and the loss is not offered there
-                backend.disable(spec.name, f"start-up check failed: {exc}")
-                log.error("loss unavailable", extra={"fields": {"loss": spec.name, "backend": backend.name, "reason": str(exc)}})
+            if backend is not reference and not backend.supports(spec.name):
+                _unavailable(backend, spec.name, "no artifact")
+        for params in spec.test_params:
+            predictions, targets = spec.make_inputs(2, 3, (4,), torch.Generator().manual_seed(0), torch.float32, dict(params))
+            predictions, targets = predictions.to(reference.torch_device), targets.to(reference.torch_device)
+            with torch.inference_mode():
+                _, expected, _ = reference.runner(spec, params).statistics(predictions, targets, None, False)
+            for backend in backends.values():
+                if backend is reference or not backend.supports(spec.name):
+                    continue
+                try:
+                    runner = backend.runner(spec, params)
+                    with torch.inference_mode():
+                        for _ in range(2):
+                            _, totals, _ = runner.statistics(predictions, targets, None, False)
+                            runner.reductions(totals)
+                    torch.testing.assert_close(totals.cpu(), expected.cpu(), rtol=1e-4, atol=1e-5, check_dtype=False)
+                except Exception as exc:  # noqa: BLE001 - reported, and the loss is not offered there
+                    _unavailable(backend, spec.name, f"start-up check with {params} failed: {exc}")
+
+
+def _unavailable(backend: Backend, loss: str, reason: str) -> None:
+    backend.disable(loss, reason)
+    log.error("loss unavailable", extra={"fields": {"loss": loss, "backend": backend.name, "reason": reason}})
 
 
 def create_server(address: str, config: ServerConfig) -> Tuple[LossServer, int]:
@@ -197,7 +202,6 @@ class BackgroundServer:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
-            self._loop.close()
 
     def __exit__(self, *exc) -> None:
         self.stop()

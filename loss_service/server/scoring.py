@@ -40,7 +40,8 @@ BACKEND_NAMES: Dict[int, str] = {
     pb.BACKEND_ONNX: "onnx",
 }
 BACKEND_ENUMS: Dict[str, int] = {name: value for value, name in BACKEND_NAMES.items()}
-# Column of each reduction in a reductions kernel's output; "none" reports the sum of the values.
+# Column of each reduction in a reductions kernel's output; for "none" the per-sample values and a
+# stream's loss use the "sum" column.
 REDUCTION_COLUMN = {"sum": 0, "mean": 1, "weighted_mean": 2, "none": 0}
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -198,7 +199,7 @@ class Scorer:
                 sample_reductions = runner.reductions(sample_totals) if per_sample else None
         except BackendUnavailable as exc:
             raise unavailable_backend("backend", f"backend '{backend.name}' cannot run this request: {exc}") from None
-        except (ValueError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - torch.jit.Error is no RuntimeError; non-library errors re-raise
             message = library_value_error(exc)
             if message is None:
                 raise
@@ -216,7 +217,7 @@ class Scorer:
         predictions, targets, weights = self.decode_inputs(request, plan)
         result = self.compute(plan, predictions, targets, weights, request.return_per_sample)
         column = REDUCTION_COLUMN[plan.reduction]
-        weight_sum, denominator, num_elements = summarize(plan.spec, result.totals, result.num_values)
+        weight_sum, denominator, num_elements = summarize(plan, result.totals, result.num_values)
         response = pb.ScoreBatchResponse(
             loss=result.reductions[column],
             weight_sum=weight_sum,
@@ -227,25 +228,29 @@ class Scorer:
             request_id=request.request_id,
         )
         if plan.reduction == "none":
-            # The values in the predictions' dtype, as the loss module's reduction="none" returns.
-            encode(result.values.to(predictions.dtype), response.values)
+            # The values in the predictions' dtype, as the loss module's reduction="none" returns;
+            # `loss` is their float64 sum (for combined losses the "sum" reduction is another number).
+            values = result.values.to(predictions.dtype)
+            encode(values, response.values)
+            response.loss = float(result.values.sum(dtype=torch.float64))
         if result.sample_reductions is not None:
             encode(result.sample_reductions[:, column].contiguous(), response.per_sample)
         return response
 
 
-def summarize(spec: LossSpec, totals: Tensor, num_values: int) -> Tuple[float, float, int]:
+def summarize(plan: Plan, totals: Tensor, num_values: int) -> Tuple[float, float, int]:
     r"""``(weight_sum, denominator, num_elements)`` of (possibly accumulated) totals.
 
-    Elementwise losses read them from the totals ``[Σ w·ℓ, Σ w, Σ d, n]``. Region losses
-    (Dice, IoU, Tversky, ...) keep other statistics; for them ``num_elements`` is the number of
-    unreduced loss terms (``values.numel()``, accumulated over a stream) and ``weight_sum`` and
-    ``denominator`` are reported as that same count.
+    Totals begin with the elementwise block ``[Σ w·ℓ, Σ w, Σ d, n]`` for every loss -- for region
+    losses with ``batch=False`` it is that of their ``(N, C)`` matrix of per-sample, per-class
+    losses, for ``bce_dice`` that of its BCE term -- except region losses with ``batch=True``,
+    whose totals are the per-class sums ``[TP_c, P_c, T_c]`` of the whole dataset. Those report
+    the number of loss terms (one per class) as ``num_elements``, ``weight_sum`` and ``denominator``.
     """
-    if spec.kind == "elementwise":
-        weight_sum, denominator, count = totals[1:4].tolist()
-        return weight_sum, denominator, int(count)
-    return float(num_values), float(num_values), num_values
+    if plan.spec.family == "region" and plan.params.get("batch", plan.spec.defaults().get("batch", False)):
+        return float(num_values), float(num_values), num_values
+    weight_sum, denominator, count = totals[:4].tolist()[1:]
+    return weight_sum, denominator, int(count)
 
 
 def check_values(spec: LossSpec, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> None:
@@ -362,7 +367,8 @@ class StreamAccumulator:
         except ServiceError as error:
             raise error.in_batch(index) from None
         self.totals = result.totals if self.totals is None else self.totals + result.totals
-        self.num_values += result.num_values
+        # Only read for batch=True region losses, whose values (one per class) do not grow with N.
+        self.num_values = result.num_values
         self.num_batches += 1
 
     def response(self) -> pb.ScoreStreamResponse:
@@ -372,7 +378,7 @@ class StreamAccumulator:
         runner = plan.backend.runner(plan.spec, plan.params)
         with torch.inference_mode():
             reductions = runner.reductions(self.totals.to(plan.backend.torch_device)).cpu().tolist()
-        weight_sum, denominator, num_elements = summarize(plan.spec, self.totals, self.num_values)
+        weight_sum, denominator, num_elements = summarize(plan, self.totals, self.num_values)
         return pb.ScoreStreamResponse(
             loss=reductions[REDUCTION_COLUMN[plan.reduction]],
             weight_sum=weight_sum,

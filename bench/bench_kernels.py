@@ -1,0 +1,179 @@
+r"""In-process micro-benchmark of the loss kernels against plain ``torch.nn.functional``.
+
+Usage (from the repository root, venv active)::
+
+    python bench/bench_kernels.py                 # torch's default thread count
+    python bench/bench_kernels.py --threads 1     # one torch thread (what a 2-core server should use)
+    python bench/bench_kernels.py --sizes 100000 --repeats 5
+
+For every workload and size it times, in one run and interleaved round by round (so that machine
+noise hits all three alike), the median wall time of
+
+* ``module(p, t, w)`` -- the registered loss built with ``losses.build(..., reduction="mean")``,
+* ``module.statistics(p, t, w, False)`` -- the kernel the gRPC server calls,
+* the plain PyTorch equivalent (``F.binary_cross_entropy_with_logits(p, t, weight=w,
+  pos_weight=...)``, ``F.cross_entropy``, ...), the floor an engineer would otherwise use,
+
+and prints milliseconds and the ratios ``module / torch`` and ``statistics / torch``.
+
+Inputs have the layout of the service benchmark (``bench/bench_score.py``): predictions
+``(E/4, 4)`` float32 (classes along dim 1, the last one), so *E* is the number of prediction
+elements; weights are per element of the loss (``(E/4, 4)`` for the binary losses, ``(E/4,)``
+for the class-index losses).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    # Run as a script (python bench/bench_kernels.py): make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loss_service import losses  # noqa: E402
+
+NUM_CLASSES = 4
+IGNORE_INDEX = -100
+GAMMA = 2.0
+
+
+@dataclass
+class Workload:
+    r"""One row of the table: a built loss, its inputs and the plain-torch call it is compared with."""
+
+    name: str
+    module: torch.nn.Module
+    predictions: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+    plain: Callable[[], torch.Tensor]
+
+
+def _torch_focal(predictions, targets, weights, class_weight, ignore_index, gamma):
+    r"""The usual plain-torch softmax focal loss: ``(1 - p_t)^γ · CE`` from ``F.cross_entropy``."""
+    cross_entropy = F.cross_entropy(predictions, targets, ignore_index=ignore_index, reduction="none")
+    loss = (1.0 - torch.exp(-cross_entropy)) ** gamma * cross_entropy
+    if class_weight is not None:
+        loss = loss * class_weight[targets.clamp(min=0)]
+    return (loss * weights).mean()
+
+
+def workloads(elements: int, generator: torch.Generator) -> List[Workload]:
+    rows = elements // NUM_CLASSES
+    shape = (rows, NUM_CLASSES)
+    logits = torch.randn(shape, generator=generator) * 3
+    binary_targets = (torch.rand(shape, generator=generator) < 0.3).float()
+    element_weights = torch.rand(shape, generator=generator)
+    probabilities = torch.sigmoid(logits)
+    indices = torch.randint(0, NUM_CLASSES, (rows,), generator=generator)
+    ignored = torch.rand(rows, generator=generator) < 0.15
+    indices_with_ignored = torch.where(ignored, torch.full_like(indices, IGNORE_INDEX), indices)
+    row_weights = torch.rand(rows, generator=generator)
+    pos_weight = torch.tensor([3.0, 0.5, 1.0, 2.0])
+    class_weight = torch.tensor([0.5, 2.0, 1.0, 1.5])
+
+    return [
+        Workload(
+            "bce_with_logits+w+pos_weight",
+            losses.build("bce_with_logits", pos_weight=pos_weight),
+            logits, binary_targets, element_weights,
+            # pos_weight broadcasts along the last dim in torch: the class dim of (E/4, 4).
+            lambda: F.binary_cross_entropy_with_logits(logits, binary_targets, weight=element_weights,
+                                                       pos_weight=pos_weight),
+        ),
+        Workload(
+            "bce+w",
+            losses.build("bce"),
+            probabilities, binary_targets, element_weights,
+            lambda: F.binary_cross_entropy(probabilities, binary_targets, weight=element_weights),
+        ),
+        Workload(
+            "focal+w",
+            losses.build("focal", gamma=GAMMA),
+            logits, indices, row_weights,
+            lambda: _torch_focal(logits, indices, row_weights, None, IGNORE_INDEX, GAMMA),
+        ),
+        Workload(
+            "focal+w+class_weight+ignore",
+            losses.build("focal", gamma=GAMMA, class_weight=class_weight, ignore_index=IGNORE_INDEX),
+            logits, indices_with_ignored, row_weights,
+            lambda: _torch_focal(logits, indices_with_ignored, row_weights, class_weight, IGNORE_INDEX, GAMMA),
+        ),
+        Workload(
+            "cross_entropy+w",
+            losses.build("cross_entropy"),
+            logits, indices, row_weights,
+            lambda: (F.cross_entropy(logits, indices, reduction="none") * row_weights).mean(),
+        ),
+        Workload(
+            "cross_entropy+class_weight+ignore",
+            losses.build("cross_entropy", class_weight=class_weight, ignore_index=IGNORE_INDEX),
+            logits, indices_with_ignored, row_weights,
+            lambda: (F.cross_entropy(logits, indices_with_ignored, weight=class_weight,
+                                     ignore_index=IGNORE_INDEX, reduction="none") * row_weights).mean(),
+        ),
+    ]
+
+
+def _time_once(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure(workload: Workload, repeats: int) -> Dict[str, float]:
+    r"""Median ms of the module, its statistics and plain torch, interleaved after one warm-up each."""
+    m, p, t, w = workload.module, workload.predictions, workload.targets, workload.weights
+    calls = {
+        "module": lambda: m(p, t, w),
+        "statistics": lambda: m.statistics(p, t, w, False),
+        "torch": workload.plain,
+    }
+    times: Dict[str, List[float]] = {key: [] for key in calls}
+    with torch.no_grad():
+        for call in calls.values():
+            call()
+        for _ in range(repeats):
+            for key, call in calls.items():
+                times[key].append(_time_once(call))
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000],
+                        help="prediction elements per call (multiples of 4)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement (median)")
+    parser.add_argument("--only", nargs="*", default=None, help="workload names to run (default: all)")
+    args = parser.parse_args(list(argv))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {args.repeats}, "
+          f"predictions (E/4, {NUM_CLASSES}) float32, reduction=mean, no grad")
+    header = f"| {'workload':>34} | {'elements':>8} | {'module ms':>9} | {'statistics ms':>13} | {'torch ms':>8} " \
+             f"| {'module/torch':>12} | {'statistics/torch':>16} |"
+    print(header)
+    print("|" + "|".join("-" * (len(cell) - 1) + ":" for cell in header.split("|")[1:-1]) + "|")
+    generator = torch.Generator().manual_seed(0)
+    for elements in args.sizes:
+        for workload in workloads(elements, generator):
+            if args.only and workload.name not in args.only:
+                continue
+            result = measure(workload, args.repeats)
+            print(f"| {workload.name:>34} | {elements:>8.0e} | {result['module']:>9.2f} | {result['statistics']:>13.2f} "
+                  f"| {result['torch']:>8.2f} | {result['module'] / result['torch']:>12.2f} "
+                  f"| {result['statistics'] / result['torch']:>16.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,119 @@
+r"""The Python client: numpy and torch inputs, results, errors, streams, listing."""
+import os
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from loss_service import losses
+from loss_service.client import LossClient, LossServiceError, build_request
+from loss_service.server import BackgroundServer, ServerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS") or str(REPO / "artifacts")
+
+
+@pytest.fixture(scope="module")
+def client():
+    config = ServerConfig(port=0, artifacts=ARTIFACTS, export_missing=not os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS"))
+    with BackgroundServer(config, address="127.0.0.1:0") as server:
+        with LossClient(server.target, timeout=60) as connected:
+            yield connected
+
+
+def logits_and_targets(dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, 5, generator=generator).to(dtype), (torch.rand(4, 3, 5, generator=generator) > 0.5).to(dtype)
+
+
+def test_numpy_and_torch_inputs_give_the_same_result(client):
+    predictions, targets = logits_and_targets()
+    weights = torch.tensor([0.5, 1.0, 2.0, 0.0])
+    from_torch = client.score("bce_with_logits", predictions, targets, weights, pos_weight=torch.tensor([1.0, 2.0, 3.0]))
+    from_numpy = client.score("bce_with_logits", predictions.numpy(), targets.numpy(), weights.numpy(),
+                              pos_weight=np.array([1.0, 2.0, 3.0], np.float32))
+    expected = losses.build("bce_with_logits", pos_weight=torch.tensor([1.0, 2.0, 3.0]))(predictions, targets, weights)
+    assert from_torch.loss == from_numpy.loss == pytest.approx(float(expected), rel=1e-6)
+    assert from_torch.backend == "eager" and from_torch.device == "cpu"
+
+
+def test_bfloat16_integer_targets_and_vector_params(client):
+    predictions, _ = logits_and_targets(torch.bfloat16)
+    targets = torch.randint(0, 3, (4, 5), generator=torch.Generator().manual_seed(1))
+    result = client.score("focal", predictions, targets.to(torch.uint8), reduction="none", alpha=torch.tensor([0.2, 0.3, 0.5]))
+    expected = losses.build("focal", alpha=torch.tensor([0.2, 0.3, 0.5]), reduction="none")(predictions, targets)
+    assert result.values.dtype == np.float32 and result.values.shape == (4, 5)
+    np.testing.assert_allclose(result.values, expected.float().numpy(), rtol=2e-2, atol=2e-2)
+    result.values[0, 0] = 1.0  # results are ordinary writable arrays
+
+
+def test_scalar_params_of_every_kind(client):
+    predictions, _ = logits_and_targets()
+    targets = torch.randint(0, 3, (4, 5), generator=torch.Generator().manual_seed(1))
+    result = client.score("cross_entropy", predictions, targets, ignore_index=1, label_smoothing=np.float64(0.1),
+                          reduction="weighted_mean", return_per_sample=True)
+    expected = losses.build("cross_entropy", ignore_index=1, label_smoothing=0.1, reduction="weighted_mean")(predictions, targets)
+    assert result.loss == pytest.approx(float(expected), rel=1e-6)
+    assert result.per_sample.shape == (4,)
+
+
+def test_errors_carry_code_details_and_field_violations(client):
+    predictions, targets = logits_and_targets()
+    with pytest.raises(LossServiceError) as error:
+        client.score("focal", predictions, targets, gamma=-2.0)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.field_violations[0][0] == "params.gamma"
+    assert "gamma" in error.value.details and "INVALID_ARGUMENT" in str(error.value)
+
+
+def test_client_side_mistakes_raise_before_sending():
+    predictions, targets = logits_and_targets()
+    with pytest.raises(ValueError, match="reduction"):
+        build_request("mse", predictions, targets, reduction="average")
+    with pytest.raises(ValueError, match="backend"):
+        build_request("mse", predictions, targets, backend="gpu")
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        build_request("mse", np.zeros(2, np.complex64), targets)
+    with pytest.raises(TypeError, match="gamma"):
+        build_request("focal", predictions, targets, gamma=object())
+
+
+def test_score_stream_accepts_tuples_and_dicts(client):
+    predictions, targets = logits_and_targets()
+    whole = client.score("bce_with_logits", predictions, targets, reduction="sum")
+    tuples = client.score_stream([(predictions[:1], targets[:1]), (predictions[1:], targets[1:])],
+                                 loss="bce_with_logits", reduction="sum")
+    dicts = client.score_stream([{"loss": "bce_with_logits", "predictions": predictions[:3], "targets": targets[:3]},
+                                 {"predictions": predictions[3:], "targets": targets[3:]}], reduction="sum")
+    assert tuples.loss == pytest.approx(whole.loss, rel=1e-6) and dicts.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert (tuples.num_batches, tuples.num_elements) == (2, 60)
+    with pytest.raises(ValueError, match="loss name"):
+        client.score_stream([(predictions, targets)])
+
+
+def test_list_losses(client):
+    infos = client.list_losses()
+    assert [i.name for i in infos] == losses.names()
+    focal = next(i for i in infos if i.name == "focal")
+    gamma = next(p for p in focal.params if p.name == "gamma")
+    assert gamma.kind == "float" and gamma.default == losses.get("focal").param("gamma").default
+    assert gamma.request_field == "params"
+    assert {"eager", "torchscript", "onnx"} == set(focal.backends)
+
+
+def test_message_size_limits_are_raised_to_the_servers(client):
+    # 16 MB of request: over gRPC's 4 MiB default, within the server's (and so the client's) limit.
+    predictions = np.ones(2_000_000, np.float32)
+    request = build_request("mse", predictions, predictions, reduction="none")
+    assert request.ByteSize() > 4 * 1024 * 1024
+    result = client.score("mse", predictions, predictions * 2, reduction="none")
+    assert result.values.shape == (2_000_000,) and result.loss == pytest.approx(2_000_000.0)
+
+
+def test_a_timeout_becomes_deadline_exceeded():
+    with LossClient("127.0.0.1:9", timeout=0.2) as unreachable:
+        with pytest.raises(LossServiceError) as error:
+            unreachable.list_losses()
+    assert error.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)

@@ -1,0 +1,158 @@
+r"""The server as a subprocess started like the README's command: RPCs, health, SIGTERM, bad flags."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loss_service import losses
+from loss_service.client import LossClient
+from loss_service.server import SERVICE_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS") or str(REPO / "artifacts")
+# A folder given explicitly is used as it is; the repository's own folder is completed on start.
+EXPORT_FLAGS = ["--no-export"] if os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS") else []
+START_TIMEOUT = 900  # a cold start exports the artifacts first
+
+
+class ServerProcess:
+    r"""``python -m loss_service serve --port 0``; the port comes from the "listening" log line."""
+
+    def __init__(self, *extra):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loss_service", "serve", "--port", "0", "--artifacts", ARTIFACTS, *EXPORT_FLAGS, *extra],
+            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        )
+        self.lines = []
+        self.port = None
+        self._listening = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.lines.append(line)
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == "listening":
+                self.port = entry["port"]
+                self._listening.set()
+
+    @property
+    def target(self):
+        return f"127.0.0.1:{self.port}"
+
+    def wait_ready(self):
+        assert self._listening.wait(120), "no 'listening' log line:\n" + "".join(self.lines)
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline:
+                assert self.process.poll() is None, "server exited:\n" + "".join(self.lines)
+                status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                time.sleep(0.2)
+        raise AssertionError("readiness never turned SERVING")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def served():
+    server = ServerProcess("--grace-seconds", "20", "--log-level", "INFO")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_every_rpc_against_the_subprocess(served):
+    spec = losses.get("focal")
+    import torch
+
+    predictions, targets = spec.make_inputs(4, 3, (5,), torch.Generator().manual_seed(0), torch.float32, {})
+    with LossClient(served.target, timeout=30) as client:
+        names = [info.name for info in client.list_losses()]
+        assert names == losses.names()
+        result = client.score("focal", predictions.numpy(), targets.numpy(), gamma=2.0, request_id="r-1")
+        expected = float(losses.build("focal", gamma=2.0)(predictions, targets))
+        assert result.loss == pytest.approx(expected, rel=1e-6)
+        assert (result.backend, result.device, result.request_id) == ("eager", "cpu", "r-1")
+        streamed = client.score_stream([(predictions[:1], targets[:1]), (predictions[1:], targets[1:])], loss="focal", gamma=2.0)
+        assert streamed.loss == pytest.approx(result.loss, rel=1e-6)
+    # one structured log line per call
+    calls = [json.loads(line) for line in served.lines if '"event": "call"' in line]
+    batch = next(c for c in calls if c["request_id"] == "r-1")
+    assert batch["loss"] == "focal" and batch["status"] == "OK" and batch["backend"] == "eager"
+    assert batch["elements"] == predictions.numel() and batch["duration_ms"] >= 0 and batch["device"] == "cpu"
+
+
+def test_sigterm_reports_not_serving_and_finishes_the_call_in_flight():
+    server = ServerProcess("--grace-seconds", "20")
+    try:
+        server.wait_ready()
+        channel = grpc.insecure_channel(server.target)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        sent_first = threading.Event()
+
+        def batches():
+            predictions = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+            targets = (predictions > 0).astype(np.float32)
+            yield predictions, targets
+            sent_first.set()
+            time.sleep(2.0)  # the call is in flight while SIGTERM arrives
+            yield predictions, targets
+
+        outcome = {}
+
+        def call():
+            with LossClient(server.target, timeout=60) as client:
+                outcome["result"] = client.score_stream(batches(), loss="bce_with_logits")
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert sent_first.wait(30)
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        caller.join(60)
+        assert outcome["result"].num_batches == 2
+        assert server.process.wait(60) == 0
+        channel.close()
+        assert any('"event": "stopped"' in line for line in server.lines)
+    finally:
+        server.stop()
+
+
+def test_an_explicit_cuda_device_without_a_gpu_fails_at_start():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")  # the fallback logic itself is unit-tested in test_server_units.py
+    result = subprocess.run([sys.executable, "-m", "loss_service", "serve", "--port", "0", "--device", "cuda"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "no CUDA device" in result.stderr
+
+
+def test_environment_variables_configure_serve():
+    environment = dict(os.environ, LOSS_SERVICE_DEVICE="cuda:3", LOSS_SERVICE_PORT="0")
+    result = subprocess.run([sys.executable, "-m", "loss_service", "serve"], cwd=REPO, env=environment,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "cuda:3" in result.stderr

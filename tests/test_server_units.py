@@ -1,0 +1,153 @@
+r"""Server pieces without a server: device selection, settings, tensor codec, error mapping, malloc."""
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from loss_service.server import ConfigError, ServerConfig, select_device, tune_malloc
+from loss_service.server.backends import config_key
+from loss_service.server.codec import WIRE_DTYPES, decode, encode, to_message, to_numpy
+from loss_service.server.config import provider_device
+from loss_service.server.errors import ServiceError, from_library_message, library_value_error
+from loss_service.v1 import loss_service_pb2 as pb
+
+
+@pytest.mark.parametrize(
+    "requested,available,count,expected",
+    [
+        ("auto", False, 0, "cpu"),
+        ("auto", True, 2, "cuda:0"),
+        ("cpu", True, 1, "cpu"),
+        ("cuda", True, 1, "cuda:0"),
+        ("cuda:1", True, 2, "cuda:1"),
+    ],
+)
+def test_select_device(requested, available, count, expected):
+    assert select_device(requested, available, count) == expected
+
+
+@pytest.mark.parametrize("requested,available,count,text", [
+    ("cuda", False, 0, "no CUDA device"),
+    ("cuda:0", False, 0, "no CUDA device"),
+    ("cuda:2", True, 2, "sees 2 CUDA device"),
+    ("tpu", True, 1, "auto, cpu, cuda or cuda:N"),
+])
+def test_an_explicit_device_that_cannot_be_honoured_is_a_start_error(requested, available, count, text):
+    with pytest.raises(ConfigError, match=text):
+        select_device(requested, available, count)
+
+
+def test_this_machine_falls_back_to_cpu_only_for_auto():
+    assert select_device("auto", torch.cuda.is_available(), torch.cuda.device_count()) in ("cpu", "cuda:0")
+
+
+def test_onnx_backend_provider_selection_without_a_gpu():
+    from loss_service.server.backends import OnnxBackend
+
+    # The GPU wheel lists CUDAExecutionProvider on this CPU-only machine: it must not be used for cpu.
+    backend = OnnxBackend("cpu", {}, available_providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert backend.providers == ["CPUExecutionProvider"]
+    assert provider_device("CPUExecutionProvider", "cuda:1") == "cpu"
+    assert provider_device("CUDAExecutionProvider", "cuda:1") == "cuda:1"
+
+
+@pytest.mark.parametrize("field,value,text", [
+    ("backend", "fast", "backend must be one of"),
+    ("device", "gpu", "device must be"),
+    ("port", 70000, "port"),
+    ("max_elements", 0, "max_elements"),
+    ("workers", 0, "workers"),
+    ("grace_seconds", -1.0, "grace_seconds"),
+])
+def test_server_config_rejects_bad_settings(field, value, text):
+    with pytest.raises(ConfigError, match=text):
+        ServerConfig(**{field: value})
+
+
+def test_server_config_defaults_and_options():
+    config = ServerConfig()
+    assert (config.host, config.port, config.backend, config.device) == ("127.0.0.1", 50051, "auto", "auto")
+    assert config.default_backend() == "eager"
+    assert ServerConfig(backend="onnx").default_backend() == "onnx"
+    assert ("grpc.max_receive_message_length", config.max_message_bytes) in config.grpc_options()
+    assert ServerConfig(host="::1", port=5).address == "[::1]:5"
+
+
+@pytest.mark.parametrize("dtype", [d for _, d in WIRE_DTYPES.values()])
+def test_codec_round_trips_every_wire_dtype(dtype):
+    source = (torch.arange(24) % 7).reshape(2, 3, 4).to(dtype)
+    message = encode(source)
+    decoded = decode(message, "predictions", max_elements=100)
+    assert decoded.dtype == dtype and decoded.shape == source.shape
+    assert torch.equal(decoded, source)
+
+
+def test_codec_scalars_empty_tensors_and_numpy():
+    assert decode(to_message(np.float32(2.5)), "x", 10).item() == 2.5
+    empty = decode(to_message(np.zeros((0, 3), np.float64)), "x", 10)
+    assert empty.shape == (0, 3)
+    big_endian = np.arange(4, dtype=">f4")
+    np.testing.assert_array_equal(to_numpy(to_message(big_endian)), big_endian.astype("<f4"))
+    assert to_numpy(encode(torch.ones(2, dtype=torch.bfloat16))).dtype == np.float32
+
+
+@pytest.mark.parametrize("tensor,field,code", [
+    (pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1], data=b"\0" * 4), "x.dtype", grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.Tensor(dtype=77, shape=[1], data=b"\0" * 4), "x.dtype", grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, -1], data=b""), "x.shape", grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3], data=b"\0" * 8), "x.data", grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[11], data=b"\0" * 44), "x.shape", grpc.StatusCode.RESOURCE_EXHAUSTED),
+])
+def test_decode_errors_name_the_field(tensor, field, code):
+    with pytest.raises(ServiceError) as error:
+        decode(tensor, "x", max_elements=10)
+    assert error.value.code == code
+    assert [f for f, _ in error.value.violations] == [field]
+
+
+def test_library_messages_map_to_the_field_they_name():
+    fields = [("class_weight", "class_weights"), ("pos_weight", "pos_weight"), ("gamma", "params.gamma"),
+              ("predictions", "predictions"), ("targets", "targets"), ("weights", "weights")]
+    cases = {
+        "targets must have the shape of predictions: predictions [2] vs targets [3]": "targets",
+        "class_weight must have one entry per class: expected 3": "class_weights",
+        "weights of shape [7, 2] cannot be applied to the loss's elementwise shape [4]": "weights",
+        "bce: predictions must be probabilities in [0, 1]": "predictions",
+        "something unexpected": "request",
+    }
+    for message, field in cases.items():
+        error = from_library_message(message, fields, "request")
+        assert error.violations == [(field, message)], message
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_value_errors_raised_inside_torchscript_are_recognised():
+    @torch.jit.script
+    def check(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > 1:
+            raise ValueError("targets must be small")
+        return x
+
+    with pytest.raises(torch.jit.Error) as error:
+        check(torch.ones(3))
+    assert library_value_error(error.value) == "targets must be small"
+    assert library_value_error(RuntimeError("boom")) is None
+
+
+def test_stream_errors_are_located_in_their_batch():
+    error = ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "weights: bad", [("weights", "bad")]).in_batch(3)
+    assert error.message == "batch 3: weights: bad"
+    assert error.violations == [("batches[3].weights", "bad")]
+    status = error.to_status()
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_config_key_distinguishes_tensor_values():
+    a = config_key("focal", {"alpha": torch.tensor([1.0, 2.0]), "gamma": 2.0})
+    b = config_key("focal", {"gamma": 2.0, "alpha": torch.tensor([1.0, 2.0])})
+    c = config_key("focal", {"alpha": torch.tensor([1.0, 3.0]), "gamma": 2.0})
+    assert a == b and a != c and hash(a) == hash(b)
+
+
+def test_tune_malloc_on_glibc():
+    assert tune_malloc() is True
