@@ -14,7 +14,9 @@ noise hits all three alike), the median wall time of
 * the plain PyTorch equivalent (``F.binary_cross_entropy_with_logits(p, t, weight=w,
   pos_weight=...)``, ``F.cross_entropy``, ...), the floor an engineer would otherwise use,
 
-and prints milliseconds and the ratios ``module / torch`` and ``statistics / torch``.
+and prints milliseconds and the ratios ``module / torch`` and ``statistics / torch``. Like the
+server, the process tunes glibc's malloc first (``loss_service.server.tune_malloc``) so that large
+temporaries reuse warm pages; ``--no-tune-malloc`` measures with glibc's defaults.
 
 Inputs have the layout of the service benchmark (``bench/bench_score.py``): predictions
 ``(E/4, 4)`` float32 (classes along dim 1, the last one), so *E* is the number of prediction
@@ -39,6 +41,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loss_service import losses  # noqa: E402
+from loss_service.server import tune_malloc  # noqa: E402
 
 NUM_CLASSES = 4
 IGNORE_INDEX = -100
@@ -154,11 +157,21 @@ def main(argv: Sequence[str] = ()) -> int:
                         help="prediction elements per call (multiples of 4)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement (median)")
     parser.add_argument("--only", nargs="*", default=None, help="workload names to run (default: all)")
+    parser.add_argument("--no-tune-malloc", action="store_true",
+                        help="keep glibc's default malloc thresholds (the server tunes them at start)")
     args = parser.parse_args(list(argv))
+    known = [workload.name for workload in workloads(NUM_CLASSES, torch.Generator().manual_seed(0))]
+    unknown = [name for name in args.only or [] if name not in known]
+    if unknown:
+        parser.error(f"unknown workload(s) {unknown}; valid: {', '.join(known)}")
+    if any(size <= 0 or size % NUM_CLASSES for size in args.sizes):
+        parser.error(f"--sizes must be positive multiples of {NUM_CLASSES}, got {args.sizes}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {args.repeats}, "
-          f"predictions (E/4, {NUM_CLASSES}) float32, reduction=mean, no grad")
+    # As the server does: large temporaries reuse warm heap pages instead of faulting in fresh ones.
+    tuned = False if args.no_tune_malloc else tune_malloc()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), malloc tuned: {tuned}, median of "
+          f"{args.repeats}, predictions (E/4, {NUM_CLASSES}) float32, reduction=mean, no grad")
     header = f"| {'workload':>34} | {'elements':>8} | {'module ms':>9} | {'statistics ms':>13} | {'torch ms':>8} " \
              f"| {'module/torch':>12} | {'statistics/torch':>16} |"
     print(header)
@@ -169,8 +182,8 @@ def main(argv: Sequence[str] = ()) -> int:
             if args.only and workload.name not in args.only:
                 continue
             result = measure(workload, args.repeats)
-            print(f"| {workload.name:>34} | {elements:>8.0e} | {result['module']:>9.2f} | {result['statistics']:>13.2f} "
-                  f"| {result['torch']:>8.2f} | {result['module'] / result['torch']:>12.2f} "
+            print(f"| {workload.name:>34} | {elements:>8.0e} | {result['module']:>9.2f} "
+                  f"| {result['statistics']:>13.2f} | {result['torch']:>8.2f} | {result['module'] / result['torch']:>12.2f} "
                   f"| {result['statistics'] / result['torch']:>16.2f} |", flush=True)
     return 0
 

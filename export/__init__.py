@@ -3,20 +3,26 @@ r"""``python -m export``: TorchScript and ONNX artifacts of every registered los
 Library use (the server exports missing artifacts at start-up)::
 
     from export import export_losses
-    result = export_losses(Path("artifacts"), names=["focal"], formats=("onnx",), verify="quick")
+    result = export_losses(Path("artifacts"), names=["focal"], formats=("onnx",), verify="quick", jobs=2)
     result.ok, result.manifest, result.rows
 
-Generic over the registry: a newly registered loss is exported and verified with no change here.
-See docs/export.md for the layout, the manifest and the tolerances.
+``jobs > 1`` exports in that many worker processes (spawn context: a fork of a process that has
+run torch or ONNX Runtime threads is unsafe); the calling process collects the results and writes
+the manifest once. Generic over the registry: a newly registered loss is exported and verified with
+no change here. See docs/export.md for the layout, the manifest and the tolerances.
 """
 from __future__ import annotations
 
 import datetime
+import multiprocessing
+import os
+import re
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple
 
 from loss_service import layout, losses
 from loss_service.losses import LossSpec
@@ -88,8 +94,22 @@ def plan(
     return jobs
 
 
-def run_job(job: Job, out: Path, opset: int, verify: str, device: str) -> Dict[str, Any]:
-    r"""Write one artifact, reload and verify it; the manifest entry (raises if the export fails)."""
+def default_jobs() -> int:
+    r"""Worker processes used by default: two, or one on a single-core machine.
+
+    A dynamo export is one busy Python thread, so more workers than cores only adds contention.
+    """
+    return min(2, os.cpu_count() or 1)
+
+
+def run_job(
+    job: Job, out: Path, opset: int, verify: str, device: str, source_fingerprint: Optional[str] = None
+) -> Dict[str, Any]:
+    r"""Write one artifact, reload and verify it; the manifest entry (raises if the export fails).
+
+    ``source_fingerprint`` (default: computed now) is recorded in the entry; a run passes the one
+    it computed at its start, so every entry of a run agrees.
+    """
     path = out / job.file
     if job.format == "torchscript":
         export_torchscript(job.spec, path)
@@ -97,6 +117,7 @@ def run_job(job: Job, out: Path, opset: int, verify: str, device: str) -> Dict[s
         check = lambda: verify_torchscript(job.spec, path, verify)  # noqa: E731
     else:
         export_onnx(job.spec, job.variant, path, opset)
+        strip_object_addresses(path)
         entry = manifest_module.onnx_entry(job.spec, job.variant, path, opset)
         check = lambda: verify_onnx(job.spec, job.variant, path, verify, device)  # noqa: E731
     verification = None
@@ -109,7 +130,80 @@ def run_job(job: Job, out: Path, opset: int, verify: str, device: str) -> Dict[s
             "tolerances": _tolerances(),
             "checks": [c.as_dict() for c in checks],
         }
-    return manifest_module.finish_entry(entry, path, verification)
+    return manifest_module.finish_entry(entry, path, verification, source_fingerprint or manifest_module.fingerprint())
+
+
+_OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+
+
+def strip_object_addresses(path: Path) -> None:
+    r"""Remove memory addresses (``<function sym_float at 0x7f...>``) from the graph's node metadata.
+
+    The dynamo exporter records the repr of some traced callables in each node's
+    ``metadata_props``; the address differs from one process to the next, so without this the
+    bytes (and sha256) of a graph depend on which worker process exported it. The rest of the
+    debugging metadata (stack traces, FX node names) is kept.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    changed = False
+    for node in list(model.graph.node) + [node for function in model.functions for node in function.node]:
+        for prop in node.metadata_props:
+            cleaned = _OBJECT_ADDRESS.sub(">", prop.value)
+            if cleaned != prop.value:
+                prop.value, changed = cleaned, True
+    if changed:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+
+
+def job_key(job: Job) -> Tuple[str, str, Dict[str, Any], str]:
+    r"""What a worker process needs to rebuild ``job`` (a LossSpec holds functions; names pickle)."""
+    return job.spec.name, job.format, job.variant, job.file
+
+
+def _worker_start() -> None:
+    import torch
+
+    # One export per core: intra-op threads of several workers would fight over the same cores.
+    torch.set_num_threads(1)
+
+
+def _run_job_in_worker(
+    key: Tuple[str, str, Dict[str, Any], str], out: Path, opset: int, verify: str, device: str, source_fingerprint: str
+) -> Tuple[Optional[Dict[str, Any]], str, float]:
+    r"""``run_job`` in a worker process: ``(entry, "", seconds)``, or ``(None, message, seconds)``.
+
+    Failures come back as text: exceptions from torch.export or ONNX are not always picklable.
+    """
+    name, fmt, variant, file = key
+    start = time.perf_counter()
+    try:
+        entry = run_job(Job(losses.get(name), fmt, variant, file), out, opset, verify, device, source_fingerprint)
+    except Exception as error:  # noqa: BLE001 - reported per artifact by the caller
+        return None, error_message(error), time.perf_counter() - start
+    return entry, "", time.perf_counter() - start
+
+
+def error_message(error: BaseException) -> str:
+    r"""``"<Type>: <first line of the message>"`` for the summary table."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    r"""Export worker processes (spawn context, one torch thread each)."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_start)
+
+
+def submit(
+    pool: ProcessPoolExecutor, job: Job, out: Path, opset: int, verify: str, device: str, source_fingerprint: str
+) -> "Future[Tuple[Optional[Dict[str, Any]], str, float]]":
+    r"""Export ``job`` in ``pool``; the result is ``(entry, "", seconds)`` or ``(None, error message, seconds)``."""
+    return pool.submit(_run_job_in_worker, job_key(job), out, opset, verify, device, source_fingerprint)
 
 
 def _tolerances() -> Dict[str, float]:
@@ -144,52 +238,90 @@ def export_losses(
     device: str = "auto",
     progress: bool = False,
     all_variants: bool = True,
+    jobs: int = 1,
+    files: Optional[Collection[str]] = None,
 ) -> ExportResult:
     r"""Export (and verify) the artifacts into ``out`` and write ``out/manifest.json``.
+
+    ``files`` keeps only those artifact files of the plan (the server exports just what is missing).
+    ``jobs`` worker processes export concurrently; with ``jobs=1`` (or a single artifact) everything
+    runs in the calling process. The manifest is written once, by the calling process, at the end.
 
     A failure to export or verify any artifact makes ``result.ok`` false; the failing artifact is
     reported in ``result.rows`` with its error (its file is not listed in the manifest).
     """
     if verify not in LEVELS:
         raise ValueError(f"verify must be one of {', '.join(LEVELS)}, got '{verify}'")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     start = time.perf_counter()
-    jobs = plan(names, formats, all_variants)
+    planned = plan(names, formats, all_variants)
+    if files is not None:
+        unknown = sorted(set(files) - {job.file for job in planned})
+        if unknown:
+            raise ValueError(f"files {unknown} are not artifacts of this plan; expected some of "
+                             f"{', '.join(job.file for job in planned)}")
+        planned = [job for job in planned if job.file in files]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    entries: List[Dict[str, Any]] = []
-    rows: List[Row] = []
+    source_fingerprint = manifest_module.fingerprint()
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), file=sys.stderr, unit="artifact", dynamic_ncols=True)
-    for job in jobs:
-        if bar is not None:
-            bar.set_description(job.file)
-        job_start = time.perf_counter()
-        try:
-            entry = run_job(job, out, opset, verify, device)
-        except Exception as error:  # noqa: BLE001 - reported per artifact, and the run fails
-            message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            rows.append(_row(job, None, time.perf_counter() - job_start, message))
-            (out / job.file).unlink(missing_ok=True)
-        else:
-            row = _row(job, entry, time.perf_counter() - job_start)
-            rows.append(row)
-            if row.ok:
-                entries.append(entry)
-        if bar is not None:
-            bar.update(1)
+        bar = tqdm(total=len(planned), file=sys.stderr, unit="artifact", dynamic_ncols=True)
+    results: Dict[str, Tuple[Optional[Dict[str, Any]], str, float]] = {}
+    workers = min(jobs, len(planned))
+    if workers <= 1:
+        for job in planned:
+            if bar is not None:
+                bar.set_description(job.file)
+            job_start = time.perf_counter()
+            try:
+                entry, error = run_job(job, out, opset, verify, device, source_fingerprint), ""
+            except Exception as failure:  # noqa: BLE001 - reported per artifact, and the run fails
+                entry, error = None, error_message(failure)
+            results[job.file] = (entry, error, time.perf_counter() - job_start)
+            if bar is not None:
+                bar.update(1)
+    else:
+        # Longest first: region-loss graphs (7-15 s here), other graphs (~5 s), then TorchScript
+        # modules (~0.1 s), so the short jobs fill the gaps at the end instead of a core idling.
+        ordered = sorted(planned, key=lambda job: (job.format != "onnx", job.spec.kind != "region"))
+        with process_pool(workers) as pool:
+            submitted = {submit(pool, job, out, opset, verify, device, source_fingerprint): job for job in ordered}
+            for future in as_completed(submitted):
+                job = submitted[future]
+                try:
+                    results[job.file] = future.result()
+                except Exception as failure:  # noqa: BLE001 - e.g. a worker killed by the OOM killer
+                    results[job.file] = (None, error_message(failure), 0.0)
+                if bar is not None:
+                    bar.set_description(job.file)
+                    bar.update(1)
     if bar is not None:
         bar.close()
+    entries: List[Dict[str, Any]] = []
+    rows: List[Row] = []
+    for job in planned:
+        entry, error, seconds = results[job.file]
+        if entry is None:
+            rows.append(_row(job, None, seconds, error))
+            (out / job.file).unlink(missing_ok=True)
+            continue
+        row = _row(job, entry, seconds)
+        rows.append(row)
+        if row.ok:
+            entries.append(entry)
     seconds = time.perf_counter() - start
     run = {
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 1),
         "verify": verify,
+        "jobs": workers,
         "failed": sorted(row.file for row in rows if not row.ok),
     }
-    written = manifest_module.write(out, entries, opset, run)
+    written = manifest_module.write(out, entries, opset, run, source_fingerprint)
     return ExportResult(all(row.ok for row in rows), rows, written, seconds)
 
 
@@ -222,4 +354,5 @@ def _size(size: int) -> str:
     return f"{size / 1024:.1f} KiB" if size >= 1024 else f"{size} B"
 
 
-__all__ = ["export_losses", "plan", "summary_table", "ExportResult", "Row", "Job", "FORMATS", "DEFAULT_OPSET", "LEVELS"]
+__all__ = ["export_losses", "plan", "summary_table", "default_jobs", "process_pool", "submit", "ExportResult", "Row", "Job",
+           "FORMATS", "DEFAULT_OPSET", "LEVELS"]

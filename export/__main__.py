@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from loss_service import losses
 
-from . import DEFAULT_OPSET, FORMATS, LEVELS, export_losses, summary_table
+from . import DEFAULT_OPSET, FORMATS, LEVELS, default_jobs, export_losses, summary_table
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--default-variants-only", action="store_true",
                        help="export only <loss>.onnx per loss, not the graphs of other structural settings "
                             "(e.g. dice --mode=multiclass); faster cold starts")
+    parse.add_argument("--jobs", type=int, default=default_jobs(), metavar="N",
+                       help="export in N worker processes at once (default: %(default)s = min(2, CPU count); "
+                            "1 = in this process)")
     parse.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parse
 
@@ -61,6 +64,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"python -m export: error: --opset must be at least 18 (the dynamo exporter's minimum), got {arguments.opset}",
               file=sys.stderr)
         return 2
+    if arguments.jobs < 1:
+        print(f"python -m export: error: --jobs must be at least 1, got {arguments.jobs}", file=sys.stderr)
+        return 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         result = export_losses(
@@ -72,6 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             device=arguments.device,
             progress=not arguments.no_progress,
             all_variants=not arguments.default_variants_only,
+            jobs=arguments.jobs,
         )
     print(summary_table(result.rows))
     print(f"{len(result.rows)} artifacts in {result.seconds:.1f}s -> {arguments.out / 'manifest.json'}"

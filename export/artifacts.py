@@ -73,8 +73,9 @@ def _reductions_arguments(spec: LossSpec) -> List[str]:
 class CanonicalLossGraph(nn.Module):
     r"""The module that becomes an ONNX graph: one loss on the canonical layout.
 
-    ``forward(predictions, targets, weights, *hyperparameters, reduction)`` with the inputs of
-    :func:`loss_service.layout.onnx_input_names` returns ``(loss, values, totals, sample_totals)``:
+    ``forward(predictions, targets, weights, [sample_weights,] *hyperparameters, reduction)`` with
+    the inputs of :func:`loss_service.layout.onnx_input_names` returns
+    ``(loss, values, totals, sample_totals)``:
 
     .. math::
         \mathrm{loss} = \begin{cases}
@@ -84,6 +85,10 @@ class CanonicalLossGraph(nn.Module):
 
     the columns of ``reductions_kernel(totals)``. Structural (``graph_input=False``) settings of the
     variant are fixed Python values; ``class_dim`` is 1 (the layout moves the classes there).
+
+    Losses with a ``sample_weights_kernel`` (region losses) are traced through it, with the
+    full-shape pixel ``weights`` and the ``(N,)`` ``sample_weights`` as two inputs: torch.export
+    cannot trace one input that is ``(N,)`` for some requests and full-shape for others.
     """
 
     def __init__(self, spec: LossSpec, variant: Dict[str, Any]) -> None:
@@ -96,15 +101,23 @@ class CanonicalLossGraph(nn.Module):
             fixed["class_dim"] = 1
         self.fixed = fixed
         self.reduction_arguments = _reductions_arguments(spec)
+        self.weight_inputs = len(layout.weight_input_names(spec))
 
     def forward(self, *inputs: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        predictions, targets, weights = inputs[0], inputs[1], inputs[2]
+        predictions, targets = inputs[0], inputs[1]
+        weight_inputs = inputs[2:2 + self.weight_inputs]
         reduction = inputs[-1]
         arguments: Dict[str, Any] = dict(self.fixed)
-        arguments.update(zip(self.hyperparameters, inputs[3:-1]))
-        values, totals, sample_totals = self.spec.statistics_kernel(
-            predictions, targets, weights, per_sample=True, **arguments
-        )
+        arguments.update(zip(self.hyperparameters, inputs[2 + self.weight_inputs:-1]))
+        if self.spec.sample_weights_kernel is not None:
+            weights, sample_weights = weight_inputs
+            values, totals, sample_totals = self.spec.sample_weights_kernel(
+                predictions, targets, weights, sample_weights, per_sample=True, **arguments
+            )
+        else:
+            values, totals, sample_totals = self.spec.statistics_kernel(
+                predictions, targets, weight_inputs[0], per_sample=True, **arguments
+            )
         reductions = self.spec.reductions_kernel(totals, **{k: arguments[k] for k in self.reduction_arguments})
         loss = torch.where(
             reduction == layout.REDUCTION_CODES["mean"],

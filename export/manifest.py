@@ -3,11 +3,16 @@ r"""``manifest.json``: what the server and the C++ example read instead of guess
 Deterministic: keys sorted, artifacts sorted by file name, numbers rounded to 3 significant digits
 in verification results; the only run-dependent values are under the top-level ``"run"`` key
 (timestamp and durations).
+
+Every entry carries the :func:`fingerprint` of the sources and library versions it was made from,
+so a reader can tell an artifact of older loss code from a current one without re-running it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -26,6 +31,39 @@ def sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_sources() -> List[Path]:
+    r"""The files whose content decides what an artifact computes, sorted.
+
+    ``loss_service/losses/*.py`` (kernels, parameters, defaults), ``loss_service/layout.py`` (the
+    canonical ONNX layout) and ``export/artifacts.py`` (how graphs and modules are built).
+    """
+    from loss_service import losses as losses_package
+
+    from . import artifacts as artifacts_module
+
+    sources = sorted(Path(losses_package.__file__).parent.glob("*.py"))
+    return sources + [Path(layout.__file__), Path(artifacts_module.__file__)]
+
+
+def fingerprint() -> str:
+    r"""sha256 over :func:`fingerprint_sources` (name and content) and the torch/onnx/onnxruntime versions.
+
+    An artifact whose manifest entry has another fingerprint was exported from other loss code or
+    other exporter/runtime versions; the server treats it as missing and exports it again.
+    """
+    digest = hashlib.sha256()
+    for path in fingerprint_sources():
+        content = path.read_bytes()
+        # Length-prefixed fields: no two different (name, content) sequences hash alike.
+        for part in (f"{path.parent.name}/{path.name}".encode(), content):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    library = versions()
+    for name in ("torch", "onnx", "onnxruntime"):
+        digest.update(f"{name}={library[name]}\n".encode())
     return digest.hexdigest()
 
 
@@ -86,6 +124,9 @@ def onnx_entry(spec: LossSpec, variant: Dict[str, Any], path: Path, opset: int) 
         elif value.name == "weights":
             info["role"] = "weights"
             info["default"] = {"fill": 1.0, "shape": info["shape"], "meaning": "no weights"}
+        elif value.name == layout.SAMPLE_WEIGHTS:
+            info["role"] = "sample_weights"
+            info["default"] = {"fill": 1.0, "shape": info["shape"], "meaning": "no per-sample weights"}
         elif value.name == "reduction":
             info["role"] = "reduction"
             info["default"] = {"value": layout.REDUCTION_CODES[spec.defaults().get("reduction", "mean")], "shape": []}
@@ -154,7 +195,10 @@ def torchscript_entry(spec: LossSpec, path: Path) -> Dict[str, Any]:
     }
 
 
-def finish_entry(entry: Dict[str, Any], path: Path, verification: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def finish_entry(
+    entry: Dict[str, Any], path: Path, verification: Optional[Dict[str, Any]], source_fingerprint: str
+) -> Dict[str, Any]:
+    entry["fingerprint"] = source_fingerprint
     entry["sha256"] = sha256(path)
     entry["size_bytes"] = path.stat().st_size
     entry["verification"] = verification
@@ -166,6 +210,8 @@ def layout_description() -> Dict[str, Any]:
         "predictions": "(N, C, S) float32: class dim moved to 1, other dims flattened into S; (N,) -> (N, 1, 1)",
         "targets": "(N, C, S) float32 dense, or (N, S) int64 class indices",
         "weights": "float32, the canonical shape of values (of predictions for region losses); ones = no weights",
+        "sample_weights": "region losses only: (N,) float32 per-sample weights (a request's (N,) weights; "
+        "weights is then all ones); ones = no per-sample weights",
         "hyperparameters": "float -> 0-d float32, int -> 0-d int64, bool -> 0-d bool, vectors -> (C,) float32",
         "reduction_codes": dict(layout.REDUCTION_CODES),
         "outputs": list(layout.ONNX_OUTPUTS),
@@ -173,11 +219,14 @@ def layout_description() -> Dict[str, Any]:
     }
 
 
-def merge(previous: Optional[Dict[str, Any]], entries: List[Dict[str, Any]], out: Path, opset: int) -> List[Dict[str, Any]]:
+def merge(
+    previous: Optional[Dict[str, Any]], entries: List[Dict[str, Any]], out: Path, opset: int, source_fingerprint: str
+) -> List[Dict[str, Any]]:
     r"""This run's entries plus the previous manifest's entries for other files that are still valid.
 
-    A previous entry is kept only when it was written by the same versions (and opset for ONNX) and
-    its file still has the recorded sha256, so ``--loss`` runs accumulate into one manifest.
+    A previous entry is kept only when it was written by the same versions (and opset for ONNX)
+    from the same sources (``fingerprint``) and its file still has the recorded sha256, so
+    ``--loss`` runs (and the server's background exports) accumulate into one manifest.
     """
     by_file = {entry["file"]: entry for entry in entries}
     if previous and previous.get("versions") == versions() and previous.get("schema_version") == SCHEMA_VERSION:
@@ -187,12 +236,23 @@ def merge(previous: Optional[Dict[str, Any]], entries: List[Dict[str, Any]], out
                 continue
             if entry["format"] == "onnx" and entry.get("opset") != opset:
                 continue
+            if entry.get("fingerprint") != source_fingerprint:
+                continue
             if sha256(path) == entry["sha256"]:
                 by_file[entry["file"]] = entry
     return [by_file[name] for name in sorted(by_file)]
 
 
-def write(out: Path, entries: List[Dict[str, Any]], opset: int, run: Dict[str, Any]) -> Dict[str, Any]:
+def write(
+    out: Path, entries: List[Dict[str, Any]], opset: int, run: Dict[str, Any], source_fingerprint: Optional[str] = None
+) -> Dict[str, Any]:
+    r"""Merge ``entries`` into ``out/manifest.json`` atomically (a temporary file renamed over it).
+
+    Readers never see a half-written manifest. Writers must not overlap (a read-merge-write is not
+    a transaction): ``python -m export`` writes once at the end of its run, and the server writes
+    from one thread (the start-up export, then its background exporter).
+    """
+    source_fingerprint = source_fingerprint or fingerprint()
     path = out / MANIFEST_NAME
     previous = None
     if path.exists():
@@ -204,13 +264,22 @@ def write(out: Path, entries: List[Dict[str, Any]], opset: int, run: Dict[str, A
         "schema_version": SCHEMA_VERSION,
         "versions": versions(),
         "opset": opset,
+        "fingerprint": source_fingerprint,
         "layout": layout_description(),
-        "artifacts": merge(previous, entries, out, opset),
+        "artifacts": merge(previous, entries, out, opset, source_fingerprint),
         "run": run,
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=out)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the manifest is read by other users (C++ trainers)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return manifest
 
 

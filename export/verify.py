@@ -167,11 +167,7 @@ class Sample:
 def samples(
     spec: LossSpec, variant: Optional[Dict[str, Any]], cases: Sequence[InputCase], seed: int = 1
 ) -> Iterable[Sample]:
-    r"""Random input sets for one variant (``None``: every ``test_params`` setting, for TorchScript).
-
-    ONNX graphs of region losses take pixel weights only (see :func:`loss_service.layout.to_canonical`),
-    so their per-sample-weight sets are left out for ONNX variants -- and only there.
-    """
+    r"""Random input sets for one variant (``None``: every ``test_params`` setting, for TorchScript)."""
     settings = list(spec.test_params) or [{}]
     if variant is not None:
         structural = layout.structural_settings(spec, variant)
@@ -205,8 +201,6 @@ def samples(
             per_sample = torch.rand(case.batch, generator=generator) + 0.1
             elementwise = torch.rand(weight_shape, generator=generator)
             for label, weights in (("no weights", None), ("per-sample weights", per_sample), ("elementwise weights", elementwise)):
-                if variant is not None and spec.kind == "region" and label == "per-sample weights":
-                    continue
                 yield Sample(case_params, predictions, targets, weights, f"{params} {case} {label}")
 
 

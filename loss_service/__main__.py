@@ -7,6 +7,7 @@ r"""Command line: ``python -m loss_service serve|score|losses`` (also the ``loss
     --artifacts LOSS_SERVICE_ARTIFACTS (artifacts)
     --max-message-bytes LOSS_SERVICE_MAX_MESSAGE_BYTES   --max-elements LOSS_SERVICE_MAX_ELEMENTS
     --workers LOSS_SERVICE_WORKERS              --grace-seconds LOSS_SERVICE_GRACE_SECONDS
+    --jobs LOSS_SERVICE_JOBS (min(2, CPUs))     --torch-threads LOSS_SERVICE_TORCH_THREADS (1)
     --log-level LOSS_SERVICE_LOG_LEVEL (INFO)
 
 ``score`` sends one batch read from ``.npy`` files and prints the result as JSON.
@@ -54,6 +55,10 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                         help="compute threads for large requests (%(default)s)")
     parser.add_argument("--grace-seconds", type=float, default=_env("grace_seconds", defaults.grace_seconds, float),
                         help="on SIGTERM/SIGINT, time given to in-flight calls (%(default)s)")
+    parser.add_argument("--jobs", type=int, default=_env("export_jobs", defaults.export_jobs, int),
+                        help="worker processes exporting missing artifacts before readiness (%(default)s)")
+    parser.add_argument("--torch-threads", type=int, default=_env("torch_threads", defaults.torch_threads, int),
+                        help="torch.set_num_threads at start; 1 is fastest with concurrent requests (%(default)s)")
     parser.add_argument("--log-level", default=_env("log_level", "INFO"), help="%(default)s")
     parser.add_argument("--no-export", action="store_true",
                         help="do not export missing artifacts at start; their losses are not offered on that backend")
@@ -106,7 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
         config = ServerConfig(
             host=args.host, port=args.port, backend=args.backend, device=args.device, artifacts=args.artifacts,
             max_message_bytes=args.max_message_bytes, max_elements=args.max_elements, workers=args.workers,
-            grace_seconds=args.grace_seconds, export_missing=not args.no_export,
+            grace_seconds=args.grace_seconds, export_missing=not args.no_export, export_jobs=args.jobs,
+            torch_threads=args.torch_threads,
         )
         return asyncio.run(serve(config))
     except ConfigError as exc:

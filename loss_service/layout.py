@@ -11,9 +11,13 @@ predictions    ``(N, C, S)`` float32: the class dimension moved to 1, the other 
 targets        dense targets ``(N, C, S)`` float32, or class indices ``(N, S)`` int64 (decided by
                rank: targets with one dimension less than the predictions are class indices)
 weights        float32 with exactly the canonical shape of the weighted tensor (the ``values``
-               output, or the predictions for region losses); ``None`` is fed as ones. Region
-               losses give ``(N,)`` weights a per-sample meaning that pixel weights cannot
-               express: ``to_canonical`` rejects them (use the eager/TorchScript backends)
+               output, or the predictions for region losses); ``None`` is fed as ones; ``(N,)``
+               weights are materialised to that shape, except for region losses (below)
+sample_weights region losses only (``spec.sample_weights_kernel``), right after ``weights``:
+               ``(N,)`` float32 per-sample weights. Region losses give ``(N,)`` weights a
+               per-sample meaning (they weight a sample's overlap) that pixel weights cannot
+               express, so a request's ``(N,)`` weights go here with ``weights`` all ones, and
+               any other weights go to ``weights`` with ``sample_weights`` all ones
 <param>        every ``graph_input=True`` hyperparameter but ``reduction``: float → 0-d float32,
                int → 0-d int64, bool → 0-d bool, vector → ``(C,)`` float32 (unset vectors
                are fed as ones); float_or_vector → ``(C,)``, or 0-d in its ``<name>=scalar`` variant
@@ -58,6 +62,7 @@ LAYOUT_PARAMS = ("class_dim",)
 TARGETS_VARIANT = "targets"
 SCALAR_FORM = "scalar"
 PROBABILITY_TARGETS = "probabilities"
+SAMPLE_WEIGHTS = "sample_weights"
 
 Restore = Callable[[np.ndarray], np.ndarray]
 
@@ -117,7 +122,7 @@ def scalar_form_params(spec: LossSpec) -> List[ParamSpec]:
 
 @functools.lru_cache(maxsize=None)
 def accepts_probability_targets(loss: str, key: str) -> bool:
-    r"""Whether the setting ``key`` also takes class-probability targets (a multiclass dice does not)."""
+    r"""Whether the setting ``key`` also takes class-probability targets (probed on the eager module)."""
     spec = get(loss)
     variant = next(v for v in _structural_variants(spec) if variant_key(v) == key)
     predictions, _ = spec.make_inputs(2, 3, (5,), torch.Generator().manual_seed(0), torch.float32, dict(variant))
@@ -224,12 +229,23 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def has_sample_weights_input(spec: LossSpec) -> bool:
+    r"""Whether the graphs of ``spec`` take a ``sample_weights`` ``(N,)`` input next to ``weights``
+    (losses with a ``sample_weights_kernel``: the region losses)."""
+    return spec.sample_weights_kernel is not None
+
+
+def weight_input_names(spec: LossSpec) -> List[str]:
+    r"""``["weights"]``, or ``["weights", "sample_weights"]`` for :func:`has_sample_weights_input`."""
+    return ["weights", SAMPLE_WEIGHTS] if has_sample_weights_input(spec) else ["weights"]
+
+
 def onnx_input_names(spec: LossSpec, variant: Optional[Dict[str, Any]] = None) -> List[str]:
-    r"""Graph input names in order: predictions, targets, weights, hyperparameters, reduction.
+    r"""Graph input names in order: predictions, targets, weights, [sample_weights], hyperparameters, reduction.
 
     The same for every variant of a loss (``variant`` is accepted for symmetry with the files).
     """
-    return ["predictions", "targets", "weights"] + [p.name for p in graph_params(spec)] + ["reduction"]
+    return ["predictions", "targets"] + weight_input_names(spec) + [p.name for p in graph_params(spec)] + ["reduction"]
 
 
 def example_inputs(
@@ -358,7 +374,8 @@ def to_canonical(
             take their defaults, including ``reduction``).
         predictions: ``(N, C, *)``, ``(N, *, C)`` with ``class_dim=-1``, or ``(N,)``; numpy or torch.
         targets: same shape (dense) or without the class dimension (class indices).
-        weights: ``None``, ``(N,)`` per sample, or broadcastable to the loss's elementwise shape.
+        weights: ``None``, ``(N,)`` per sample, or broadcastable to the loss's elementwise shape
+            (for region losses: to the predictions; their ``(N,)`` weights feed ``sample_weights``).
 
     Returns:
         ``(feeds, restore)``: ``feeds`` maps every name of :func:`onnx_input_names` to a numpy
@@ -418,18 +435,16 @@ def to_canonical(
 
     w_layout = weights_layout(spec, variant)
     w_shape = original_shapes[w_layout]
-    if weights is None:
+    w = None if weights is None else _float32(_to_numpy(weights), "weights")
+    # The rule of the region kernels (region._split_weights): (N,) weights of predictions with
+    # more than one dimension weight samples; a graph cannot decide that per request, so they
+    # have their own input and the pixel weights are fed as ones.
+    sample_w = np.ones((batch,), dtype=np.float32)
+    if has_sample_weights_input(spec) and w is not None and w.ndim == 1 and ndim > 1 and w.shape[0] == batch:
+        sample_w, w = np.ascontiguousarray(w), None
+    if w is None:
         canonical_w = np.ones(forward(np.empty(w_shape, np.float32), w_layout).shape, dtype=np.float32)
     else:
-        w = _float32(_to_numpy(weights), "weights")
-        if spec.kind == "region" and w.ndim == 1 and ndim > 1 and w.shape[0] == batch:
-            # A region loss weights a sample's overlap *ratio* by an (N,) weight, which a pixel
-            # weight cannot express and the graph's weights input (pixel weights) cannot carry.
-            raise ValueError(
-                f"{spec.name}: per-sample weights of shape ({batch},) are not supported by the ONNX graphs of "
-                f"region losses; pass pixel weights broadcastable to the predictions {list(p.shape)} or use "
-                "the eager/torchscript backend"
-            )
         if w.ndim == 1 and len(w_shape) > 1 and w.shape[0] == batch:
             w = w.reshape((batch,) + (1,) * (len(w_shape) - 1))
         try:
@@ -443,6 +458,8 @@ def to_canonical(
         canonical_w = np.ascontiguousarray(forward(w, w_layout), dtype=np.float32)
 
     feeds: Dict[str, np.ndarray] = {"predictions": canonical_p, "targets": canonical_t, "weights": canonical_w}
+    if has_sample_weights_input(spec):
+        feeds[SAMPLE_WEIGHTS] = sample_w
     for param in graph_params(spec):
         feeds[param.name] = _hyperparameter_feed(param, full[param.name], num_classes, spec.name)
     feeds["reduction"] = np.asarray(REDUCTION_CODES[full["reduction"]], dtype=np.int64)
@@ -515,6 +532,9 @@ __all__ = [
     "request_variant",
     "onnx_file_name",
     "onnx_input_names",
+    "has_sample_weights_input",
+    "weight_input_names",
+    "SAMPLE_WEIGHTS",
     "targets_are_indices",
     "example_inputs",
     "values_layout",

@@ -1,6 +1,5 @@
 r"""``python -m loss_service score|losses`` against an in-process server, and the argument parsing."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,11 @@ from loss_service.__main__ import main, parse_param
 from loss_service.server import BackgroundServer, ServerConfig
 
 REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS") or str(REPO / "artifacts")
 
 
 @pytest.fixture(scope="module")
-def server():
-    config = ServerConfig(port=0, artifacts=ARTIFACTS, export_missing=not os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS"))
+def server(server_artifacts):
+    config = ServerConfig(port=0, artifacts=str(server_artifacts.folder), export_missing=server_artifacts.export_missing)
     with BackgroundServer(config, address="127.0.0.1:0") as running:
         yield running
 

@@ -1,7 +1,4 @@
 r"""The Python client: numpy and torch inputs, results, errors, streams, listing."""
-import os
-from pathlib import Path
-
 import grpc
 import numpy as np
 import pytest
@@ -11,13 +8,10 @@ from loss_service import losses
 from loss_service.client import LossClient, LossServiceError, build_request
 from loss_service.server import BackgroundServer, ServerConfig
 
-REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS") or str(REPO / "artifacts")
-
 
 @pytest.fixture(scope="module")
-def client():
-    config = ServerConfig(port=0, artifacts=ARTIFACTS, export_missing=not os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS"))
+def client(server_artifacts):
+    config = ServerConfig(port=0, artifacts=str(server_artifacts.folder), export_missing=server_artifacts.export_missing)
     with BackgroundServer(config, address="127.0.0.1:0") as server:
         with LossClient(server.target, timeout=60) as connected:
             yield connected

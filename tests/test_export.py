@@ -1,7 +1,8 @@
 r"""``python -m export``: artifacts of every registered loss, verified against eager, and the CLI.
 
-One module-scoped export (every loss, both formats, default ONNX variant, ``standard``
-verification) is shared by the tests; tests that need a broken artifact export their own.
+The session's one export (``tests/conftest.py``: every loss, both formats, every ONNX variant,
+``standard`` verification, 2 worker processes) is what these tests check, and what the server
+tests then serve; tests that need a broken artifact or a CLI run export a few losses of their own.
 """
 import json
 import subprocess
@@ -24,10 +25,8 @@ ACCURACY_LOSSES = [name for name in ("bce_with_logits", "binary_focal", "focal")
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("artifacts")
-    result = export.export_losses(out, verify="standard", all_variants=False)
-    return out, result
+def exported(exported_artifacts):
+    return exported_artifacts.folder, exported_artifacts.result
 
 
 def _entry(result, file):
@@ -43,6 +42,8 @@ def test_every_loss_exports_and_verifies_in_both_formats(exported, name):
     spec = losses.get(name)
     failed = [f"{row.file}: {row.error}" for row in result.rows if row.loss == name and not row.ok]
     assert not failed, failed
+    assert sorted(row.file for row in result.rows if row.loss == name) == sorted(
+        job.file for job in export.plan([name])), "every variant of the loss is exported"
     for file, fmt in ((f"{name}.pt", "torchscript"), (f"{name}.onnx", "onnx")):
         assert (out / file).is_file()
         entry = _entry(result, file)
@@ -64,18 +65,22 @@ def test_manifest_contents_and_checksums(exported):
     assert set(written["versions"]) >= {"torch", "onnx", "onnxruntime"}
     assert written["versions"]["torch"] == torch.__version__
     assert written["opset"] == artifacts.DEFAULT_OPSET
+    assert written["run"]["jobs"] == 2
+    # Every entry is tied to the sources it was exported from (and those are today's).
+    assert written["fingerprint"] == manifest.fingerprint()
     files = [entry["file"] for entry in written["artifacts"]]
     assert files == sorted(files)
     for entry in written["artifacts"]:
         path = out / entry["file"]
         assert entry["sha256"] == manifest.sha256(path)
         assert entry["size_bytes"] == path.stat().st_size
+        assert entry["fingerprint"] == written["fingerprint"]
         spec = losses.get(entry["loss"])
         assert [p["name"] for p in entry["hyperparameters"]] == spec.param_names()
         if entry["format"] != "onnx":
             continue
         names = [i["name"] for i in entry["inputs"]]
-        assert names == layout.onnx_input_names(spec)
+        assert names == layout.onnx_input_names(spec, entry["variant"])
         assert [o["name"] for o in entry["outputs"]] == layout.ONNX_OUTPUTS
         inputs = {i["name"]: i for i in entry["inputs"]}
         assert inputs["predictions"]["dtype"] == "float32"
@@ -246,7 +251,7 @@ def test_cli_help_documents_every_option():
     completed = _run_cli("--help")
     assert completed.returncode == 0
     for option in ("--out", "--loss", "--format", "--opset", "--verify", "--no-verify", "--device",
-                   "--default-variants-only", "--no-progress"):
+                   "--default-variants-only", "--jobs", "--no-progress"):
         assert option in completed.stdout
 
 
@@ -287,3 +292,69 @@ def test_cli_failure_exit_status(tmp_path, monkeypatch, capsys):
     output = capsys.readouterr().out
     assert "FAILED" in output and "cannot script" in output
     assert manifest.load(tmp_path)["artifacts"] == []
+
+
+def test_cli_jobs_exports_in_worker_processes(exported, tmp_path):
+    out, result = exported
+    completed = _run_cli("--loss", "bce", "--loss", "mse", "--default-variants-only", "--jobs", "2", "--verify",
+                         "quick", "--out", str(tmp_path), "--no-progress")
+    assert completed.returncode == 0, completed.stderr
+    for file in ("bce.pt", "bce.onnx", "mse.pt", "mse.onnx"):
+        assert file in completed.stdout  # the summary table lists every artifact, in plan order
+    written = manifest.load(tmp_path)
+    assert written["run"]["jobs"] == 2 and written["run"]["verify"] == "quick"
+    assert [e["file"] for e in written["artifacts"]] == ["bce.onnx", "bce.pt", "mse.onnx", "mse.pt"]
+    for entry in written["artifacts"]:
+        assert entry["verification"]["passed"] and entry["verification"]["level"] == "quick"
+        # Worker processes write the same bytes as the session's export.
+        assert entry["sha256"] == _entry(result, entry["file"])["sha256"]
+    table = completed.stdout.splitlines()
+    assert [line.split()[0] for line in table[2:6]] == ["bce.pt", "bce.onnx", "mse.pt", "mse.onnx"]
+
+
+def test_cli_rejects_a_bad_jobs_count(tmp_path):
+    completed = _run_cli("--loss", "bce", "--jobs", "0", "--out", str(tmp_path))
+    assert completed.returncode == 2 and "--jobs" in completed.stderr
+    assert not (tmp_path / manifest.MANIFEST_NAME).exists()
+
+
+def test_export_losses_rejects_files_outside_the_plan(tmp_path):
+    with pytest.raises(ValueError, match="no_such.onnx"):
+        export.export_losses(tmp_path, names=["bce"], files=["bce.pt", "no_such.onnx"])
+    with pytest.raises(ValueError, match="jobs"):
+        export.export_losses(tmp_path, names=["bce"], jobs=0)
+
+
+def test_fingerprint_follows_the_sources_and_versions(tmp_path, monkeypatch):
+    source = tmp_path / "kernel.py"
+    source.write_text("x = 1\n")
+    monkeypatch.setattr(manifest, "fingerprint_sources", lambda: [source])
+    before = manifest.fingerprint()
+    assert manifest.fingerprint() == before  # deterministic
+    source.write_text("x = 2\n")
+    changed_source = manifest.fingerprint()
+    assert changed_source != before
+    versions = dict(manifest.versions(), onnxruntime="0.0.0")
+    monkeypatch.setattr(manifest, "versions", lambda: versions)
+    assert manifest.fingerprint() != changed_source
+
+
+def test_fingerprint_covers_the_loss_layout_and_exporter_sources():
+    names = {f"{path.parent.name}/{path.name}" for path in manifest.fingerprint_sources()}
+    assert {"losses/bce.py", "losses/_reduction.py", "losses/region.py", "loss_service/layout.py",
+            "export/artifacts.py"} <= names
+
+
+def test_manifest_write_is_atomic_and_drops_stale_entries(exported, tmp_path):
+    out, result = exported
+    for file in ("bce.pt", "mse.pt"):
+        (tmp_path / file).write_bytes((out / file).read_bytes())
+    current = manifest.fingerprint()
+    bce, mse = dict(_entry(result, "bce.pt")), dict(_entry(result, "mse.pt"))
+    manifest.write(tmp_path, [bce, dict(mse, fingerprint="stale")], artifacts.DEFAULT_OPSET, {}, "stale")
+    # A later write (another --loss run, or the server's background exporter) keeps only current entries.
+    written = manifest.write(tmp_path, [], artifacts.DEFAULT_OPSET, {}, current)
+    assert [entry["file"] for entry in written["artifacts"]] == ["bce.pt"]
+    assert manifest.load(tmp_path) == written
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bce.pt", "manifest.json", "mse.pt"]  # no temp file left
+    assert (tmp_path / manifest.MANIFEST_NAME).stat().st_mode & 0o777 == 0o644

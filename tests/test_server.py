@@ -1,12 +1,10 @@
 r"""The gRPC LossService end to end against an in-process server on a free port.
 
-One server per module (loading every backend takes seconds). It uses the artifacts folder of
-``LOSS_SERVICE_TEST_ARTIFACTS`` or the repository's ``artifacts/`` (exported on first start).
+One server per module (loading every backend takes seconds). It serves the session's export
+(``tests/conftest.py``), or the folder of ``LOSS_SERVICE_TEST_ARTIFACTS`` as it is.
 Small limits (1 MiB messages, 4096 elements) make the size checks cheap to exercise.
 """
 import math
-import os
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,10 +19,6 @@ from loss_service.server import SERVICE_NAME, BackgroundServer, ServerConfig
 from loss_service.server.codec import to_message
 from loss_service.v1 import loss_service_pb2 as pb
 
-REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS") or str(REPO / "artifacts")
-# A folder given explicitly is used as it is; the repository's own folder is completed on start.
-EXPORT_MISSING = not os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS")
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_ELEMENTS = 4096
 BACKENDS = ("eager", "torchscript", "onnx")
@@ -32,9 +26,9 @@ NUM_CLASSES = 3
 
 
 @pytest.fixture(scope="module")
-def server():
-    config = ServerConfig(port=0, artifacts=ARTIFACTS, max_message_bytes=MAX_MESSAGE_BYTES, max_elements=MAX_ELEMENTS,
-                          workers=2, export_missing=EXPORT_MISSING)
+def server(server_artifacts):
+    config = ServerConfig(port=0, artifacts=str(server_artifacts.folder), max_message_bytes=MAX_MESSAGE_BYTES,
+                          max_elements=MAX_ELEMENTS, workers=2, export_missing=server_artifacts.export_missing)
     with BackgroundServer(config, address="127.0.0.1:0") as running:
         yield running
 

@@ -18,18 +18,15 @@ from loss_service.client import LossClient
 from loss_service.server import SERVICE_NAME
 
 REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS") or str(REPO / "artifacts")
-# A folder given explicitly is used as it is; the repository's own folder is completed on start.
-EXPORT_FLAGS = ["--no-export"] if os.environ.get("LOSS_SERVICE_TEST_ARTIFACTS") else []
-START_TIMEOUT = 900  # a cold start exports the artifacts first
+START_TIMEOUT = 300  # a cold start exports the TorchScript modules and default ONNX graphs first
 
 
 class ServerProcess:
-    r"""``python -m loss_service serve --port 0``; the port comes from the "listening" log line."""
+    r"""``python -m loss_service serve --port 0 --artifacts DIR``; the port comes from the "listening" log line."""
 
-    def __init__(self, *extra):
+    def __init__(self, artifacts, *extra):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "loss_service", "serve", "--port", "0", "--artifacts", ARTIFACTS, *EXPORT_FLAGS, *extra],
+            [sys.executable, "-m", "loss_service", "serve", "--port", "0", "--artifacts", str(artifacts), *extra],
             cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         )
         self.lines = []
@@ -71,9 +68,15 @@ class ServerProcess:
             self.process.wait()
 
 
+def _flags(server_artifacts):
+    # A folder given explicitly (LOSS_SERVICE_TEST_ARTIFACTS) is used as it is.
+    return [] if server_artifacts.export_missing else ["--no-export"]
+
+
 @pytest.fixture(scope="module")
-def served():
-    server = ServerProcess("--grace-seconds", "20", "--log-level", "INFO")
+def served(server_artifacts):
+    server = ServerProcess(server_artifacts.folder, *_flags(server_artifacts), "--grace-seconds", "20",
+                           "--log-level", "INFO", "--torch-threads", "2")
     try:
         server.wait_ready()
         yield server
@@ -102,8 +105,13 @@ def test_every_rpc_against_the_subprocess(served):
     assert batch["elements"] == predictions.numel() and batch["duration_ms"] >= 0 and batch["device"] == "cpu"
 
 
-def test_sigterm_reports_not_serving_and_finishes_the_call_in_flight():
-    server = ServerProcess("--grace-seconds", "20")
+def test_torch_threads_flag_sets_the_servers_intra_op_threads(served):
+    listening = next(json.loads(line) for line in served.lines if '"event": "listening"' in line)
+    assert listening["torch_threads"] == 2  # read back with torch.get_num_threads() after applying it
+
+
+def test_sigterm_reports_not_serving_and_finishes_the_call_in_flight(server_artifacts):
+    server = ServerProcess(server_artifacts.folder, *_flags(server_artifacts), "--grace-seconds", "20")
     try:
         server.wait_ready()
         channel = grpc.insecure_channel(server.target)
@@ -136,6 +144,8 @@ def test_sigterm_reports_not_serving_and_finishes_the_call_in_flight():
         assert server.process.wait(60) == 0
         channel.close()
         assert any('"event": "stopped"' in line for line in server.lines)
+        listening = next(json.loads(line) for line in server.lines if '"event": "listening"' in line)
+        assert listening["torch_threads"] == 1  # the default
     finally:
         server.stop()
 

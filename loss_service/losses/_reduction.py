@@ -19,7 +19,11 @@ the full effective weights ``w``, the sum of the ``mean`` denominators ``d`` (1 
 or the class weight of the target for CE/NLL/focal, as in torch) and the element count.
 
 Hyperparameters enter kernels as 0-d tensors so the same code is scripted for TorchScript and
-traced (with the hyperparameters as graph inputs) for ONNX; kernels never branch on their values.
+traced (with the hyperparameters as graph inputs) for ONNX; the traced code never branches on
+their values. Outside export (eager and TorchScript, the trainers' and the server's hot path) a
+kernel may read a hyperparameter on the host to skip work it makes zero, use torch's fused ops and
+update its own temporaries in place: ``if is_exporting(): <export form> else: <fast form>``, with
+the same formula and results within the test tolerances.
 """
 from typing import List, Optional, Tuple
 
@@ -300,7 +304,11 @@ def elementwise_statistics(
 
 
 def _sample_totals(
-    weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], shape: List[int], device: torch.device
+    weighted_loss: Tensor,
+    weight: Optional[Tensor],
+    denominator: Optional[Tensor],
+    shape: List[int],
+    device: torch.device,
 ) -> Tensor:
     r"""``(N, 4)`` per-sample ``[Σ w·ℓ, Σ w, Σ d, n]`` of an elementwise loss of ``shape``."""
     return torch.stack(

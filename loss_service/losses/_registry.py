@@ -145,6 +145,11 @@ class LossSpec:
       the hyperparameters as graph inputs, so it never branches in Python on their values.
     * ``reductions_kernel(totals, **params)`` -- ``(..., K)`` totals to ``(..., 3)``
       ``[sum, mean, weighted_mean]`` (float64); it takes the parameters it needs by name.
+    * ``sample_weights_kernel`` -- only for losses whose ``(N,)`` weights are not pixel weights
+      (region losses): ``statistics_kernel`` with pixel ``weights`` and an ``(N,)``
+      ``sample_weights`` as separate arguments, ``(predictions, targets, weights, sample_weights,
+      *, per_sample, **params)``. Their ONNX graphs take both inputs (a traced graph cannot tell
+      ``(N,)`` from full-shape weights per request).
     * ``make_inputs(batch, num_classes, spatial, generator, dtype, params)`` -- valid random
       ``(predictions, targets)`` for tests, export and verification.
     * ``test_params`` -- the hyperparameter settings every generated test and export check covers.
@@ -172,6 +177,7 @@ class LossSpec:
     kind: str = "elementwise"
     paper: str = ""
     notes: str = ""
+    sample_weights_kernel: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
 
     def __post_init__(self) -> None:
         if self.predictions not in PREDICTION_KINDS:

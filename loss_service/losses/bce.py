@@ -58,13 +58,14 @@ def bce_statistics(
         if torch.is_grad_enabled() and (p.requires_grad or t.requires_grad):
             loss = _bce_terms(p, t)
         else:
-            # Without autograd only the value matters: torch's fused kernel computes the same
-            # clamped formula in one pass (its backward differs at p in {0, 1}, hence not above).
-            # Contiguous inputs: the result must not depend on the memory layout.
-            loss = F.binary_cross_entropy(p.contiguous(), t.contiguous(), reduction="none")
+            loss = _bce_values(p, t)
     weight = effective_weight(list(p.shape), weights, class_weight, class_dim, dtype)
-    weighted = loss if weight is None else loss * weight
-    return elementwise_statistics(weighted, weight, None, per_sample)
+    if weight is None:
+        return elementwise_statistics(loss, weight, None, per_sample)
+    if is_exporting():
+        return elementwise_statistics(loss * weight, weight, None, per_sample)
+    # loss is this kernel's own temporary: weight it in place.
+    return elementwise_statistics(loss.mul_(weight), weight, None, per_sample)
 
 
 def _bce_terms(p: Tensor, t: Tensor) -> Tensor:
@@ -74,6 +75,19 @@ def _bce_terms(p: Tensor, t: Tensor) -> Tensor:
     log_p = _clamped_log(p, False)
     log_not_p = _clamped_log(p, True)
     return -(t * log_p + (1.0 - t) * log_not_p)
+
+
+def _bce_values(p: Tensor, t: Tensor) -> Tensor:
+    r"""The value of :func:`_bce_terms` in 7 cheap passes instead of ~20, for when no gradient is taken.
+
+    ``log 0 = -inf`` is clamped to -100 directly (its backward would be NaN, hence the guarded
+    form when autograd records), and ``-[(1 - t) a + t b]`` is one ``lerp``, which stays exact at
+    ``t`` in {0, 1}. Contiguous inputs: the result must not depend on the memory layout.
+    """
+    p = p.contiguous()
+    log_p = torch.log(p).clamp_(min=-100.0)
+    log_not_p = torch.log1p(-p).clamp_(min=-100.0)
+    return torch.lerp(log_not_p, log_p, t.contiguous()).neg_()
 
 
 def binary_cross_entropy(

@@ -20,7 +20,16 @@ from ._reduction import (
     vector_buffer,
 )
 from .bce import bce_with_logits_statistics
-from .region import _constant, _flag, _index, _prepare, dice_reductions, dice_statistics, region_inputs
+from .region import (
+    _constant,
+    _flag,
+    _index,
+    _prepare,
+    _split_weights,
+    dice_reductions,
+    dice_statistics_with_sample_weights,
+    region_inputs,
+)
 
 _BCE = get("bce_with_logits")
 _DICE = get("dice")
@@ -88,24 +97,57 @@ def bce_dice_statistics(
     r"""Statistics kernel of :func:`bce_dice_loss`.
 
     ``values`` are per sample, ``(N,)``: the combined loss of each sample alone under the ``mean``
-    rule (what ``reduction="none"`` returns).
+    rule (what ``reduction="none"`` returns). ``weights``: ``(N,)`` per sample or pixel weights,
+    split as for Dice (:func:`~loss_service.losses.region._split_weights`).
+    """
+    pixel_weights, sample_weights = _split_weights(weights, predictions)
+    return bce_dice_statistics_with_sample_weights(
+        predictions, targets, pixel_weights, sample_weights, pos_weight, class_weight, bce_weight, dice_weight,
+        smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, mode, batch, per_sample,
+    )
+
+
+def bce_dice_statistics_with_sample_weights(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    sample_weights: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    bce_weight: Tensor,
+    dice_weight: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`bce_dice_loss` with pixel ``weights`` and ``(N,)`` ``sample_weights`` as
+    separate arguments (the ONNX graphs' entry point).
+
+    The BCE term is elementwise, so both kinds simply multiply each element's weight
+    (:math:`s_n\,w_{nci}`); the Dice term gets them as
+    :func:`~loss_service.losses.region.region_statistics_with_sample_weights` does.
     """
     if mode not in ["binary", "multilabel"]:
         raise ValueError("bce_dice: mode must be 'binary' or 'multilabel', got '{}'".format(mode))
     # The Dice kernel validates the inputs and the weights; the BCE term reuses its view.
-    _, dice_totals, dice_sample_totals = dice_statistics(
-        predictions, targets, weights, smooth_nr, smooth_dr, include_background, squared_pred, log_loss,
-        ignore_index, class_weight, mode, batch, True,
+    _, dice_totals, dice_sample_totals = dice_statistics_with_sample_weights(
+        predictions, targets, weights, sample_weights, smooth_nr, smooth_dr, include_background, squared_pred,
+        log_loss, ignore_index, class_weight, mode, batch, True,
     )
     probabilities, dense, keep = _prepare(predictions, targets, ignore_index, mode)
     logits = predictions.to(probabilities.dtype).reshape(probabilities.shape)
     batch_size = probabilities.shape[0]
     bce_weights = keep
     if weights is not None:
-        if weights.dim() == 1 and predictions.dim() > 1 and weights.shape[0] == batch_size:
-            bce_weights = keep * weights.to(keep.dtype).reshape(batch_size, 1, 1)
-        else:
-            bce_weights = keep * weights.to(keep.dtype).expand(predictions.shape).reshape(probabilities.shape)
+        bce_weights = bce_weights * weights.to(keep.dtype).expand(predictions.shape).reshape(probabilities.shape)
+    if sample_weights is not None:
+        bce_weights = bce_weights * sample_weights.to(keep.dtype).reshape(batch_size, 1, 1)
     _, bce_totals, bce_sample_totals = bce_with_logits_statistics(
         logits, dense, bce_weights, pos_weight, class_weight, 1, True
     )
@@ -276,6 +318,7 @@ register(
         params=BCE_DICE_PARAMS,
         make_inputs=region_inputs,
         statistics_kernel=bce_dice_statistics,
+        sample_weights_kernel=bce_dice_statistics_with_sample_weights,
         reductions_kernel=bce_dice_reductions,
         reference="bce_weight · F.binary_cross_entropy_with_logits + dice_weight · dice, each reduced by its own rule",
         test_params=(
@@ -298,4 +341,11 @@ register(
     )
 )
 
-__all__ = ["BCEDiceLoss", "bce_dice_loss", "bce_dice_statistics", "bce_dice_reductions", "BCE_DICE_PARAMS"]
+__all__ = [
+    "BCEDiceLoss",
+    "bce_dice_loss",
+    "bce_dice_statistics",
+    "bce_dice_statistics_with_sample_weights",
+    "bce_dice_reductions",
+    "BCE_DICE_PARAMS",
+]

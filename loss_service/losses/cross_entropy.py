@@ -52,13 +52,14 @@ def check_label_smoothing(label_smoothing: Tensor) -> None:
 def class_indices(
     targets: Tensor, ignore_index: Tensor, shape: List[int], dim: int, probabilities_allowed: bool
 ) -> Tuple[Tensor, Tensor]:
-    r"""``(indices, valid)``: checked int64 class-index ``targets`` and where they are not ignored.
+    r"""``(indices, valid)``: class-index ``targets`` as int64 (shape and dtype checked) and where
+    they are not ignored.
 
     ``targets`` must have ``shape`` without its class dimension ``dim`` (``(N, d1..dk)`` for
     ``(N, C, d1..dk)``) and hold integers in ``[0, C)`` or ``ignore_index``; integer-valued
     floating-point targets are accepted as indices. ``valid`` (bool, the elementwise shape) is False
-    where the target equals ``ignore_index``. The range checks run on the host (never a
-    device-side assert) and are skipped while exporting.
+    where the target equals ``ignore_index``. The range of the indices is checked by
+    :func:`check_class_range`.
     """
     expected = shape[:dim] + shape[dim + 1:]
     if list(targets.shape) != expected:
@@ -73,20 +74,28 @@ def class_indices(
         if bool((~torch.isfinite(targets) | (targets != torch.floor(targets))).any()):
             raise ValueError("targets must be integer class indices, got non-integer values of dtype {}".format(targets.dtype))
     indices = targets.to(torch.int64)
-    valid = indices != ignore_index
-    num_classes = shape[dim]
-    if not is_exporting() and indices.numel() > 0:
-        # One pass over the targets in the common case: the range of the non-ignored indices.
-        smallest, largest = torch.aminmax(torch.where(valid, indices, torch.zeros_like(indices)))
-        if bool((smallest < 0) | (largest >= num_classes)):
-            out_of_range = valid & ((indices < 0) | (indices >= num_classes))
-            if bool(out_of_range.any()):
-                raise ValueError(
-                    "targets must be class indices in [0, {}) or ignore_index ({}), got {}".format(
-                        num_classes, int(ignore_index), int(indices[out_of_range][0])
-                    )
+    return indices, indices != ignore_index
+
+
+def check_class_range(
+    kept_indices: Tensor, indices: Tensor, valid: Tensor, ignore_index: Tensor, num_classes: int
+) -> None:
+    r"""``ValueError`` unless every non-ignored index is in ``[0, C)``; a host check, never while exporting.
+
+    ``kept_indices`` is ``indices`` with the ignored ones replaced by 0 (one ``aminmax`` pass in the
+    common case); the offending value is only looked up to write the message.
+    """
+    if is_exporting() or indices.numel() == 0:
+        return
+    smallest, largest = torch.aminmax(kept_indices)
+    if bool((smallest < 0) | (largest >= num_classes)):
+        out_of_range = valid & ((indices < 0) | (indices >= num_classes))
+        if bool(out_of_range.any()):
+            raise ValueError(
+                "targets must be class indices in [0, {}) or ignore_index ({}), got {}".format(
+                    num_classes, int(ignore_index), int(indices[out_of_range][0])
                 )
-    return indices, valid
+            )
 
 
 def class_index_mask(
@@ -94,12 +103,15 @@ def class_index_mask(
 ) -> Tuple[Tensor, Tensor]:
     r"""``(target_mask, valid)`` for class-index ``targets`` of predictions of ``shape``.
 
-    ``targets`` and ``valid`` are as in :func:`class_indices`. ``target_mask`` (bool, ``shape``) is
+    ``targets`` and ``valid`` are as in :func:`class_indices`; the range checks run on the host
+    (never a device-side assert) and are skipped while exporting. ``target_mask`` (bool, ``shape``) is
     True at each element's target class -- a comparison with ``arange(C)`` rather than ``one_hot``,
     so the class count stays symbolic in an exported graph.
     """
     indices, valid = class_indices(targets, ignore_index, shape, dim, probabilities_allowed)
     num_classes = shape[dim]
+    if not is_exporting():
+        check_class_range(torch.where(valid, indices, 0), indices, valid, ignore_index, num_classes)
     view = [1] * len(shape)
     view[dim] = num_classes
     classes = torch.arange(num_classes, device=targets.device).reshape(view)
@@ -162,6 +174,7 @@ def eager_index_statistics_inputs(
     x: Tensor,
     indices: Tensor,
     valid: Tensor,
+    ignore_index: Tensor,
     weights: Optional[Tensor],
     class_vector: Optional[Tensor],
     dim: int,
@@ -173,13 +186,15 @@ def eager_index_statistics_inputs(
     :math:`-\log p_y = \operatorname{lse}(x) - x_y` (0 where ignored): one gather of the target
     logit and a :func:`~._stable.logsumexp` instead of a full ``log_softmax``, a class mask and a
     masked sum over the classes. ``class_vector`` is the ``(C,)`` class weight (or ``None``).
-    ``x`` must be contiguous (the result must not depend on the memory layout).
+    ``x`` must be contiguous (the result must not depend on the memory layout). The range of
+    ``indices`` (from :func:`class_indices`) is checked here, on the already masked indices.
     """
+    safe_indices = torch.where(valid, indices, 0)
+    check_class_range(safe_indices, indices, valid, ignore_index, x.shape[dim])
     valid_weight = valid.to(dtype)
-    safe_indices = torch.where(valid, indices, torch.zeros_like(indices))
     lse = logsumexp(x, dim)
     target_logit = torch.gather(x, dim, safe_indices.unsqueeze(dim)).squeeze(dim)
-    target_nll = torch.where(valid, lse - target_logit, torch.zeros_like(lse))
+    target_nll = torch.where(valid, lse - target_logit, 0.0)
     if class_vector is None:
         denominator = valid_weight
     else:
@@ -278,7 +293,7 @@ def _eager_index_cross_entropy(
     indices, valid = class_indices(targets, ignore_index, shape, dim, True)
     x = x.contiguous()
     target_nll, lse, weight, denominator, sample_weight = eager_index_statistics_inputs(
-        x, indices, valid, weights, class_vector, dim, dtype
+        x, indices, valid, ignore_index, weights, class_vector, dim, dtype
     )
     # denominator = w_y (0 where ignored), so ignored elements give 0 without a mask.
     loss = denominator * target_nll
@@ -287,7 +302,7 @@ def _eager_index_cross_entropy(
         if weight_c is not None:
             log_p = log_p * weight_c
         loss = (1.0 - epsilon) * loss - (epsilon / shape[dim]) * log_p.sum(dim)
-        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        loss = torch.where(valid, loss, 0.0)
     if sample_weight is not None:
         loss = loss.mul_(sample_weight)
     return elementwise_statistics(loss, weight, denominator, per_sample)

@@ -22,11 +22,12 @@ from ._reduction import (
     normalize_class_dim,
     optional_vector,
     per_class,
+    power,
     sample_or_element_weights,
     select_reduction,
     vector_buffer,
 )
-from ._stable import log_sigmoid
+from ._stable import log_sigmoid, log_softmax
 from .bce import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from .cross_entropy import (
     IGNORE_INDEX_PARAM,
@@ -34,6 +35,9 @@ from .cross_entropy import (
     check_label_smoothing,
     class_index_inputs,
     class_index_mask,
+    class_indices,
+    class_vector_along,
+    eager_index_statistics_inputs,
     float_hyperparameter,
     index_weights,
     int_hyperparameter,
@@ -55,7 +59,7 @@ def _modulating_factor(one_minus_p: Tensor, gamma: Tensor) -> Tensor:
     for ``γ = 0``), so the base is clamped at the dtype's smallest normal number: the value changes
     by at most ``tiny^γ`` and the clamp's zero gradient stops the backward pass there.
     """
-    return torch.pow(torch.clamp(one_minus_p, min=_smallest_normal(one_minus_p.dtype)), gamma.to(one_minus_p.dtype))
+    return power(torch.clamp(one_minus_p, min=_smallest_normal(one_minus_p.dtype)), gamma)
 
 
 def _check_gamma(gamma: Tensor) -> None:
@@ -220,13 +224,12 @@ def focal_statistics(
     epsilon = label_smoothing.to(dtype)
     num_classes = shape[dim]
     weight_c = focal_class_weight(alpha, balance_index, class_weight, shape, dim, dtype)
-    log_p = torch.log_softmax(x, dim)
 
     if targets.dim() == len(shape):
         # Probability targets: Σ_c q_c a_c (1 - p_c)^γ (-log p_c); gamma = 0 is cross_entropy's.
         check_same_shape(predictions, targets)
         smoothed = (1.0 - epsilon) * as_float(targets, dtype, "targets") + epsilon / num_classes
-        terms = smoothed * _focal_terms(log_p, gamma)
+        terms = smoothed * _focal_terms(log_softmax(x, dim), gamma)
         if weight_c is not None:
             terms = terms * weight_c
         loss = terms.sum(dim)
@@ -236,8 +239,18 @@ def focal_statistics(
             loss = loss * sample_weight
         return elementwise_statistics(loss, sample_weight, None, per_sample)
 
+    if not is_exporting():
+        class_vector: Optional[Tensor] = None
+        if weight_c is not None:
+            class_vector = class_vector_along(weight_c, shape, dim)
+        if weight_c is None or class_vector is not None:
+            return _eager_index_focal(
+                x, targets, weights, gamma, weight_c, class_vector, ignore_index, epsilon, shape, dim, dtype, per_sample
+            )
+
     target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, True)
     weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
+    log_p = log_softmax(x, dim)
     target_term = _focal_terms(select_class(log_p, target_mask, dim), gamma)
     # As in cross_entropy: with label_smoothing = 0 the all-class term is masked out before use.
     smoothing_terms = _focal_terms(torch.where(epsilon > 0, log_p, torch.zeros_like(log_p)), gamma)
@@ -248,6 +261,45 @@ def focal_statistics(
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if sample_weight is not None:
         loss = loss * sample_weight
+    return elementwise_statistics(loss, weight, denominator, per_sample)
+
+
+def _eager_index_focal(
+    x: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    gamma: Tensor,
+    weight_c: Optional[Tensor],
+    class_vector: Optional[Tensor],
+    ignore_index: Tensor,
+    epsilon: Tensor,
+    shape: List[int],
+    dim: int,
+    dtype: torch.dtype,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The class-index branch of :func:`focal_statistics` outside export, same formula.
+
+    The focal term of the target is computed from :math:`-\log p_y` alone (elementwise shape); the
+    all-class smoothing term only when ``label_smoothing > 0`` (read on the host).
+    """
+    indices, valid = class_indices(targets, ignore_index, shape, dim, True)
+    x = x.contiguous()
+    target_nll, lse, weight, denominator, sample_weight = eager_index_statistics_inputs(
+        x, indices, valid, ignore_index, weights, class_vector, dim, dtype
+    )
+    # (1 - p_y)^γ (-log p_y) with 1 - p_y = -expm1(log p_y); target_nll is 0 where ignored and
+    # denominator = a_y is 0 there, so ignored elements give 0 without a mask.
+    one_minus_p = -torch.expm1(-target_nll)
+    loss = _modulating_factor(one_minus_p, gamma).mul_(target_nll).mul_(denominator)
+    if bool(epsilon > 0):
+        smoothing_terms = _focal_terms(x - lse.unsqueeze(dim), gamma)
+        if weight_c is not None:
+            smoothing_terms = smoothing_terms * weight_c
+        loss = (1.0 - epsilon) * loss + (epsilon / shape[dim]) * smoothing_terms.sum(dim)
+        loss = torch.where(valid, loss, 0.0)
+    if sample_weight is not None:
+        loss = loss.mul_(sample_weight)
     return elementwise_statistics(loss, weight, denominator, per_sample)
 
 

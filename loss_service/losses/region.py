@@ -23,6 +23,12 @@ With ``batch=False`` every ``(n, c)`` has its own index; the totals are the elem
 summed over the batch first: the totals are ``[TP_c…, P_c…, T_c…]`` (length ``3C``) and the
 reductions kernel turns them into the per-class losses. Both are additive over batches, so a
 dataset scored batch by batch gets exactly the loss of the concatenated dataset.
+
+Call-time weights: ``(N,)`` weights are per-sample weights :math:`s_n` (``batch=False``: the
+``(n, c)`` losses get weight :math:`s_n w_c`; ``batch=True``: sample ``n``'s sums are scaled by
+:math:`s_n`); any other shape is a pixel weight :math:`w_{nci}` inside the sums. The public
+kernels split them; the ``*_statistics_with_sample_weights`` kernels take both kinds as separate
+arguments (the ONNX graphs feed both, see :mod:`loss_service.layout`).
 """
 from typing import Any, Dict, Optional, Tuple
 
@@ -33,6 +39,7 @@ from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     accumulate,
     as_float,
+    broadcastable,
     check_reduction,
     check_same_shape,
     compute_dtype,
@@ -52,7 +59,8 @@ MODES = ("binary", "multilabel", "multiclass")
 MODE_PARAM = ParamSpec(
     "mode", "str", "binary",
     "binary: sigmoid, one foreground channel (predictions (N, 1, *) or (N, *)); multilabel: sigmoid per "
-    "channel (N, C, *); multiclass: softmax over dim 1 with class-index targets (N, *) or (N, 1, *)",
+    "channel (N, C, *); multiclass: softmax over dim 1 with class-index targets (N, *) or (N, 1, *), or "
+    "class probabilities of the predictions' shape",
     choices=MODES, graph_input=False,
 )
 SMOOTH_NR_PARAM = ParamSpec("smooth_nr", "float", 1e-5, "added to the index's numerator", low=0.0)
@@ -111,6 +119,9 @@ def _prepare(
     r"""Probabilities, dense targets and the not-ignored mask, each ``(N, C, S)`` (mask may be ``(N, 1, S)``).
 
     binary: every non-batch dimension is spatial and there is one channel (``C = 1``).
+    multiclass: targets ``(N, *)``, or ``(N, 1, *)`` with ``C > 1``, are integer class indices;
+    targets of the predictions' shape are class probabilities (the shape decides, as in the ONNX
+    layout, so a graph and the eager kernel read a request the same way).
     """
     if mode not in ["binary", "multilabel", "multiclass"]:
         raise ValueError("mode must be one of 'binary', 'multilabel', 'multiclass', got '{}'".format(mode))
@@ -123,33 +134,21 @@ def _prepare(
             raise ValueError(
                 "multiclass predictions must be (N, C, *) logits, got shape {}".format(list(predictions.shape))
             )
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise ValueError(
-                "multiclass targets must be integer class indices (N, *) or (N, 1, *), got dtype {}".format(targets.dtype)
-            )
-        index = targets
-        if targets.dim() == x.dim() and targets.shape[1] == 1:
-            index = targets.squeeze(1)
-        expected = [x.shape[0]] + list(x.shape[2:])
-        if list(index.shape) != expected:
-            raise ValueError(
-                "multiclass targets must be class indices of shape (N, *) or (N, 1, *) for predictions (N, C, *): "
-                "predictions {} vs targets {}".format(list(predictions.shape), list(targets.shape))
-            )
-        num_classes = x.shape[1]
-        ignored = index == ignore_index.to(index.dtype)
-        if not is_exporting() and index.numel() > 0:
-            if bool(((~ignored) & ((index < 0) | (index >= num_classes))).any()):
-                raise ValueError(
-                    "multiclass targets must be in [0, {}) or equal ignore_index".format(num_classes)
-                )
+        if targets.shape != predictions.shape:
+            return _prepare_class_indices(x, predictions, targets, ignore_index)
+        # Class probabilities (soft labels, label smoothing, one-hot masks): a position whose
+        # target equals ignore_index in any channel is dropped from every class, as an ignored
+        # class index is (the softmax at that position involves every class).
+        ignored_entries = targets == ignore_index.to(targets.dtype)
+        t = as_float(targets, dtype, "targets")
+        if not is_exporting() and t.numel() > 0:
+            if bool(((~ignored_entries) & ((t < 0) | (t > 1) | torch.isnan(t))).any()):
+                raise ValueError("multiclass probability targets must be in [0, 1] (or equal ignore_index)")
+        ignored = ignored_entries.any(dim=1, keepdim=True)
+        t = torch.where(ignored, torch.zeros_like(t), t)
         probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
-        flat_index = _flatten_spatial(index, False)
-        classes = torch.arange(num_classes, device=x.device).reshape(1, num_classes, 1)
-        # Comparing with arange (not F.one_hot) exports to ONNX; ignored positions match no class.
-        dense = (flat_index == classes).to(dtype)
-        keep = (~_flatten_spatial(ignored, False)).to(dtype)
-        return probabilities, dense, keep
+        keep = _flatten_spatial((~ignored).to(dtype), True)
+        return probabilities, _flatten_spatial(t, True), keep
     check_same_shape(predictions, targets)
     if mode == "multilabel" and x.dim() < 2:
         raise ValueError(
@@ -165,6 +164,46 @@ def _prepare(
     probabilities = _flatten_spatial(torch.sigmoid(x), class_channel)
     dense = _flatten_spatial(t, class_channel)
     keep = _flatten_spatial((~ignored).to(dtype), class_channel)
+    return probabilities, dense, keep
+
+
+def _prepare_class_indices(
+    x: Tensor, predictions: Tensor, targets: Tensor, ignore_index: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r""":func:`_prepare` for multiclass class-index targets ``(N, *)`` or ``(N, 1, *)``; ``x`` is the
+    contiguous compute-dtype view of ``predictions``."""
+    dtype = x.dtype
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(
+            "multiclass targets must be integer class indices (N, *) or (N, 1, *), or class probabilities of the "
+            "predictions' shape {}; got dtype {} and shape {}".format(
+                list(predictions.shape), targets.dtype, list(targets.shape)
+            )
+        )
+    index = targets
+    if targets.dim() == x.dim() and targets.shape[1] == 1:
+        index = targets.squeeze(1)
+    expected = [x.shape[0]] + list(x.shape[2:])
+    if list(index.shape) != expected:
+        raise ValueError(
+            "multiclass targets must be class indices of shape (N, *) or (N, 1, *), or class probabilities of "
+            "the predictions' shape (N, C, *): predictions {} vs targets {}".format(
+                list(predictions.shape), list(targets.shape)
+            )
+        )
+    num_classes = x.shape[1]
+    ignored = index == ignore_index.to(index.dtype)
+    if not is_exporting() and index.numel() > 0:
+        if bool(((~ignored) & ((index < 0) | (index >= num_classes))).any()):
+            raise ValueError(
+                "multiclass targets must be in [0, {}) or equal ignore_index".format(num_classes)
+            )
+    probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
+    flat_index = _flatten_spatial(index, False)
+    classes = torch.arange(num_classes, device=x.device).reshape(1, num_classes, 1)
+    # Comparing with arange (not F.one_hot) exports to ONNX; ignored positions match no class.
+    dense = (flat_index == classes).to(dtype)
+    keep = (~_flatten_spatial(ignored, False)).to(dtype)
     return probabilities, dense, keep
 
 
@@ -234,6 +273,46 @@ def _overlap_losses(
     return torch.where(positive, powered, torch.zeros_like(powered))
 
 
+def _split_weights(weights: Optional[Tensor], predictions: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    r"""Call-time ``weights`` of a region loss as ``(pixel_weights, sample_weights)``.
+
+    ``(N,)`` weights of predictions with more than one dimension are per-sample weights (they
+    weight a sample's overlap, which no pixel weight can express); any other shape is a pixel
+    weight broadcastable to the predictions. Shape errors name ``weights`` and both shapes.
+    """
+    if weights is None:
+        return None, None
+    sample_or_element_weights(weights, list(predictions.shape))
+    if weights.dim() == 1 and predictions.dim() > 1 and weights.shape[0] == predictions.shape[0]:
+        return None, weights
+    return weights, None
+
+
+def _check_split_weights(weights: Optional[Tensor], sample_weights: Optional[Tensor], predictions: Tensor) -> None:
+    r"""Pixel ``weights`` must broadcast to the predictions; ``sample_weights`` must be ``(N,)``."""
+    shape = list(predictions.shape)
+    if weights is not None:
+        if weights.is_complex() or weights.dtype == torch.bool:
+            raise ValueError("weights must be a real floating-point or integer tensor, got {}".format(weights.dtype))
+        if not broadcastable(list(weights.shape), shape):
+            raise ValueError(
+                "weights (pixel weights) of shape {} must broadcast to the predictions' shape {}".format(
+                    list(weights.shape), shape
+                )
+            )
+    if sample_weights is not None:
+        if sample_weights.is_complex() or sample_weights.dtype == torch.bool:
+            raise ValueError(
+                "sample_weights must be a real floating-point or integer tensor, got {}".format(sample_weights.dtype)
+            )
+        if sample_weights.dim() != 1 or sample_weights.shape[0] != shape[0]:
+            raise ValueError(
+                "sample_weights must have shape (N,) = [{}] (one weight per sample of predictions {}), got {}".format(
+                    shape[0], shape, list(sample_weights.shape)
+                )
+            )
+
+
 def region_statistics(
     predictions: Tensor,
     targets: Tensor,
@@ -253,19 +332,57 @@ def region_statistics(
     batch: bool,
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""The shared statistics kernel of every region loss (see the module docstring)."""
+    r"""The shared statistics kernel of every region loss (see the module docstring).
+
+    ``weights``: ``(N,)`` per sample or pixel weights broadcastable to the predictions; it is split
+    by :func:`_split_weights` and computed by :func:`region_statistics_with_sample_weights`.
+    """
+    pixel_weights, sample_weights = _split_weights(weights, predictions)
+    return region_statistics_with_sample_weights(
+        predictions, targets, pixel_weights, sample_weights, smooth_nr, smooth_dr, alpha, beta, overlap_scale,
+        gamma,
+        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
+    )
+
+
+def region_statistics_with_sample_weights(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    sample_weights: Optional[Tensor],
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    overlap_scale: float,
+    gamma: Optional[Tensor],
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    class_weight: Optional[Tensor],
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The region kernel with the two kinds of weight as separate arguments.
+
+    ``weights`` are pixel weights :math:`w_{nci}` (broadcastable to the predictions, never read
+    as per-sample) and ``sample_weights`` :math:`s_n` has shape ``(N,)``; ``None`` means ones for
+    either, and both may be given. With ``batch=False`` the loss of ``(n, c)`` gets the weight
+    :math:`s_n\,w_c` (``w_c`` the class weight); with ``batch=True`` the sums become
+    :math:`TP_c = \sum_n s_n \sum_i w_{nci}\,p_{nci}\,t_{nci}` (and so on for ``P``, ``T``).
+
+    The ONNX graphs call this with both inputs (ones for the kind a request does not use), since
+    a traced graph cannot decide per request whether a weight input is ``(N,)`` or full-shape.
+    """
+    _check_split_weights(weights, sample_weights, predictions)
     probabilities, dense, keep = _prepare(predictions, targets, ignore_index, mode)
-    batch_size = probabilities.shape[0]
     num_classes = probabilities.shape[1]
     dtype = probabilities.dtype
     pixel_weight = keep
-    sample_weight: Optional[Tensor] = None
     if weights is not None:
-        shaped = sample_or_element_weights(weights, list(predictions.shape))
-        if weights.dim() == 1 and predictions.dim() > 1 and weights.shape[0] == batch_size:
-            sample_weight = weights.to(torch.float64)
-        else:
-            pixel_weight = keep * _flatten_spatial(shaped.to(dtype).expand(predictions.shape), mode != "binary")
+        pixel_weight = keep * _flatten_spatial(weights.to(dtype).expand(predictions.shape), mode != "binary")
     squared = squared_pred.to(torch.bool)
     predicted_term = torch.where(squared, probabilities * probabilities, probabilities)
     target_term = torch.where(squared, dense * dense, dense)
@@ -274,9 +391,9 @@ def region_statistics(
     target = accumulate(pixel_weight * target_term, [2])
     kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, probabilities.device)
     if batch:
-        if sample_weight is not None:
+        if sample_weights is not None:
             # batch=True: a sample weight scales that sample's contributions to the sums.
-            scale = sample_weight.unsqueeze(1)
+            scale = sample_weights.to(torch.float64).unsqueeze(1)
             true_positive = true_positive * scale
             predicted = predicted * scale
             target = target * scale
@@ -294,9 +411,9 @@ def region_statistics(
         true_positive, predicted, target, smooth_nr, smooth_dr, alpha, beta, overlap_scale, log_loss, gamma
     )
     weight = loss_weight.unsqueeze(0)
-    if sample_weight is not None:
+    if sample_weights is not None:
         # batch=False: a sample weight weights that sample's (n, c) losses.
-        weight = sample_weight.unsqueeze(1) * weight
+        weight = sample_weights.to(torch.float64).unsqueeze(1) * weight
     return elementwise_statistics(losses * weight, weight, kept.unsqueeze(0), per_sample)
 
 
@@ -370,10 +487,38 @@ def dice_statistics(
     batch: bool,
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`dice_loss`: the region kernel with ``k = 2, α = β = 1/2``."""
+    r"""Statistics kernel of :func:`dice_loss`: the region kernel with ``k = 2, α = β = 1/2``.
+
+    ``weights``: ``(N,)`` per sample or pixel weights, split by :func:`_split_weights`.
+    """
+    pixel_weights, sample_weights = _split_weights(weights, predictions)
+    return dice_statistics_with_sample_weights(
+        predictions, targets, pixel_weights, sample_weights, smooth_nr, smooth_dr, include_background,
+        squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
+    )
+
+
+def dice_statistics_with_sample_weights(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    sample_weights: Optional[Tensor],
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    class_weight: Optional[Tensor],
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`dice_loss` with pixel ``weights`` and ``(N,)`` ``sample_weights`` as
+    separate arguments (the ONNX graphs' entry point; see :func:`region_statistics_with_sample_weights`)."""
     half = _constant(0.5, predictions)
-    return region_statistics(
-        predictions, targets, weights, smooth_nr, smooth_dr, half, half, 2.0, None,
+    return region_statistics_with_sample_weights(
+        predictions, targets, weights, sample_weights, smooth_nr, smooth_dr, half, half, 2.0, None,
         include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
     )
 
@@ -423,7 +568,9 @@ def dice_loss(
     Args:
         predictions: logits; binary ``(N, 1, *)`` or ``(N, *)``; multilabel/multiclass ``(N, C, *)``.
         targets: binary/multilabel: the predictions' shape, values in ``[0, 1]`` (soft allowed) or
-            ``ignore_index``; multiclass: integer class indices ``(N, *)`` or ``(N, 1, *)``.
+            ``ignore_index``; multiclass: integer class indices ``(N, *)`` or ``(N, 1, *)`` (``C > 1``),
+            or class probabilities of the predictions' shape (soft labels; a position with
+            ``ignore_index`` in any channel is ignored).
         weights: ``(N,)`` per-sample (``batch=False``: weights the sample's losses; ``batch=True``:
             scales its contributions to the sums) or pixel weights broadcastable to the predictions.
         class_weight: length ``C`` (1 in binary mode), weight of each class's loss.
@@ -554,10 +701,38 @@ def iou_statistics(
     batch: bool,
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`iou_loss`: the region kernel with ``k = 1, α = β = 1``."""
+    r"""Statistics kernel of :func:`iou_loss`: the region kernel with ``k = 1, α = β = 1``.
+
+    ``weights``: ``(N,)`` per sample or pixel weights, split by :func:`_split_weights`.
+    """
+    pixel_weights, sample_weights = _split_weights(weights, predictions)
+    return iou_statistics_with_sample_weights(
+        predictions, targets, pixel_weights, sample_weights, smooth_nr, smooth_dr, include_background,
+        squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
+    )
+
+
+def iou_statistics_with_sample_weights(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    sample_weights: Optional[Tensor],
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    class_weight: Optional[Tensor],
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`iou_loss` with pixel ``weights`` and ``(N,)`` ``sample_weights`` as
+    separate arguments (the ONNX graphs' entry point; see :func:`region_statistics_with_sample_weights`)."""
     one = _constant(1.0, predictions)
-    return region_statistics(
-        predictions, targets, weights, smooth_nr, smooth_dr, one, one, 1.0, None,
+    return region_statistics_with_sample_weights(
+        predictions, targets, weights, sample_weights, smooth_nr, smooth_dr, one, one, 1.0, None,
         include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
     )
 
@@ -694,9 +869,39 @@ def tversky_statistics(
     batch: bool,
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`tversky_loss`: the region kernel with ``k = 1``."""
-    return region_statistics(
-        predictions, targets, weights, smooth_nr, smooth_dr, alpha, beta, 1.0, None,
+    r"""Statistics kernel of :func:`tversky_loss`: the region kernel with ``k = 1``.
+
+    ``weights``: ``(N,)`` per sample or pixel weights, split by :func:`_split_weights`.
+    """
+    pixel_weights, sample_weights = _split_weights(weights, predictions)
+    return tversky_statistics_with_sample_weights(
+        predictions, targets, pixel_weights, sample_weights, alpha, beta, smooth_nr, smooth_dr,
+        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
+    )
+
+
+def tversky_statistics_with_sample_weights(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    sample_weights: Optional[Tensor],
+    alpha: Tensor,
+    beta: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    class_weight: Optional[Tensor],
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`tversky_loss` with pixel ``weights`` and ``(N,)`` ``sample_weights`` as
+    separate arguments (the ONNX graphs' entry point; see :func:`region_statistics_with_sample_weights`)."""
+    return region_statistics_with_sample_weights(
+        predictions, targets, weights, sample_weights, smooth_nr, smooth_dr, alpha, beta, 1.0, None,
         include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
     )
 
@@ -847,9 +1052,40 @@ def focal_tversky_statistics(
     batch: bool,
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`focal_tversky_loss`."""
-    return region_statistics(
-        predictions, targets, weights, smooth_nr, smooth_dr, alpha, beta, 1.0, gamma,
+    r"""Statistics kernel of :func:`focal_tversky_loss`.
+
+    ``weights``: ``(N,)`` per sample or pixel weights, split by :func:`_split_weights`.
+    """
+    pixel_weights, sample_weights = _split_weights(weights, predictions)
+    return focal_tversky_statistics_with_sample_weights(
+        predictions, targets, pixel_weights, sample_weights, alpha, beta, gamma, smooth_nr, smooth_dr,
+        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
+    )
+
+
+def focal_tversky_statistics_with_sample_weights(
+    predictions: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    sample_weights: Optional[Tensor],
+    alpha: Tensor,
+    beta: Tensor,
+    gamma: Tensor,
+    smooth_nr: Tensor,
+    smooth_dr: Tensor,
+    include_background: Tensor,
+    squared_pred: Tensor,
+    log_loss: Tensor,
+    ignore_index: Tensor,
+    class_weight: Optional[Tensor],
+    mode: str,
+    batch: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`focal_tversky_loss` with pixel ``weights`` and ``(N,)`` ``sample_weights`` as
+    separate arguments (the ONNX graphs' entry point; see :func:`region_statistics_with_sample_weights`)."""
+    return region_statistics_with_sample_weights(
+        predictions, targets, weights, sample_weights, smooth_nr, smooth_dr, alpha, beta, 1.0, gamma,
         include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
     )
 
@@ -1040,7 +1276,7 @@ _SHAPES = dict(
     targets="class_indices_or_probabilities",
     prediction_shape="binary: (N, 1, *) or (N, *); multilabel, multiclass: (N, C, *)",
     target_shape="binary, multilabel: same as predictions, values in [0, 1] or ignore_index; "
-    "multiclass: class indices (N, *) or (N, 1, *)",
+    "multiclass: class indices (N, *) or (N, 1, *) (C > 1), or class probabilities (N, C, *)",
 )
 _NOTES = (
     "include_background=False zeroes class 0's weight and mean denominator (the output keeps C columns); "
@@ -1062,6 +1298,7 @@ register(
         params=COMMON_PARAMS,
         make_inputs=region_inputs,
         statistics_kernel=dice_statistics,
+        sample_weights_kernel=dice_statistics_with_sample_weights,
         reductions_kernel=dice_reductions,
         reference="1 - (2·TP + smooth_nr) / (P + T + smooth_dr) per (sample, class) or per class; "
         "monai.losses.DiceLoss with sigmoid/softmax",
@@ -1091,6 +1328,7 @@ register(
         params=COMMON_PARAMS,
         make_inputs=region_inputs,
         statistics_kernel=iou_statistics,
+        sample_weights_kernel=iou_statistics_with_sample_weights,
         reductions_kernel=iou_reductions,
         reference="1 - (TP + smooth_nr) / (P + T - TP + smooth_dr) per (sample, class) or per class",
         test_params=(
@@ -1117,6 +1355,7 @@ register(
         params=(ALPHA_PARAM, BETA_PARAM) + COMMON_PARAMS,
         make_inputs=region_inputs,
         statistics_kernel=tversky_statistics,
+        sample_weights_kernel=tversky_statistics_with_sample_weights,
         reductions_kernel=tversky_reductions,
         reference="1 - (TP + smooth_nr) / (TP + alpha·FP + beta·FN + smooth_dr); monai.losses.TverskyLoss",
         test_params=(
@@ -1144,6 +1383,7 @@ register(
         params=(FOCAL_ALPHA_PARAM, FOCAL_BETA_PARAM, GAMMA_PARAM) + COMMON_PARAMS,
         make_inputs=region_inputs,
         statistics_kernel=focal_tversky_statistics,
+        sample_weights_kernel=focal_tversky_statistics_with_sample_weights,
         reductions_kernel=focal_tversky_reductions,
         reference="max(1 - TI, 0) ** gamma per (sample, class) or per class, TI the Tversky index",
         test_params=(
@@ -1172,13 +1412,18 @@ __all__ = [
     "tversky_loss",
     "focal_tversky_loss",
     "dice_statistics",
+    "dice_statistics_with_sample_weights",
     "dice_reductions",
     "iou_statistics",
+    "iou_statistics_with_sample_weights",
     "iou_reductions",
     "tversky_statistics",
+    "tversky_statistics_with_sample_weights",
     "tversky_reductions",
     "focal_tversky_statistics",
+    "focal_tversky_statistics_with_sample_weights",
     "focal_tversky_reductions",
     "region_statistics",
+    "region_statistics_with_sample_weights",
     "region_reductions",
 ]

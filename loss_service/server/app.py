@@ -1,9 +1,12 @@
 r"""Assembling and running the server: backends, health, reflection, signals.
 
-``create_server(address, config)`` binds the port and registers the services; ``start()`` opens the
-port at once (liveness ``""`` answers SERVING), then :meth:`LossServer.load` prepares the artifacts
-(exporting them when missing, verifying the manifest checksums), loads every backend, runs each
-loss once per backend, and only then turns readiness (``loss_service.v1.LossService``) SERVING.
+``create_server(address, config)`` binds the port and registers the services; ``start()`` sets
+the torch threads and opens the port at once (liveness ``""`` answers SERVING), then
+:meth:`LossServer.load` prepares the artifacts (exporting the missing or stale TorchScript modules
+and default ONNX graphs in worker processes, verifying the manifest checksums), loads every backend,
+runs each loss once per backend (:func:`smoke_check`), turns readiness
+(``loss_service.v1.LossService``) SERVING, and only then starts exporting the other ONNX variants
+in the background (:mod:`.background`).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import grpc
@@ -25,6 +29,7 @@ from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
 from .artifacts import prepare_artifacts
+from .background import VariantExporter
 from .backends import Backend, EagerBackend, OnnxBackend, TorchScriptBackend
 from .config import ServerConfig, select_device
 from .logs import LOGGER_NAME, event
@@ -57,70 +62,85 @@ class LossServer:
             raise OSError(f"could not bind {address}")
         self.address = address
         self.scorer: Optional[Scorer] = None
+        self.variants: Optional[VariantExporter] = None
 
     async def start(self) -> None:
+        # Process-wide: an embedding process that starts a server gets the server's setting.
+        torch.set_num_threads(self.config.torch_threads)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
 
     async def load(self) -> Scorer:
-        r"""Build the backends in the worker pool, attach them, and turn readiness SERVING."""
-        scorer = await asyncio.get_running_loop().run_in_executor(self.executor, self._build_scorer)
+        r"""Build the backends in the worker pool, attach them, turn readiness SERVING, start the variants."""
+        scorer, variants = await asyncio.get_running_loop().run_in_executor(self.executor, self._build_scorer)
         self.servicer.attach(scorer)
         self.scorer = scorer
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if variants is not None:
+            self.variants = variants
+            variants.start()
         return scorer
 
-    def _build_scorer(self) -> Scorer:
+    def _build_scorer(self) -> Tuple[Scorer, Optional[VariantExporter]]:
         start = time.perf_counter()
-        artifacts = prepare_artifacts(self.config.artifacts, export_missing=self.config.export_missing)
+        artifacts = prepare_artifacts(self.config.artifacts, export_missing=self.config.export_missing,
+                                      jobs=self.config.export_jobs)
+        onnx = OnnxBackend(self.device, artifacts.graphs, explicit_device=self.config.device != "auto")
         backends: Dict[str, Backend] = {
             "eager": EagerBackend(self.device),
             "torchscript": TorchScriptBackend(self.device, artifacts.scripts),
-            "onnx": OnnxBackend(self.device, artifacts.graphs, explicit_device=self.config.device != "auto"),
+            "onnx": onnx,
         }
-        event(log, "backends_loaded", seconds=round(time.perf_counter() - start, 3), device=self.device,
-              exported=len(artifacts.exported), export_failures=artifacts.failed)
-        warm_up(backends)
-        return Scorer(backends, self.config.default_backend(), self.config.max_elements)
+        loaded = time.perf_counter()
+        event(log, "backends_loaded", seconds=round(loaded - start, 3), device=self.device,
+              exported=len(artifacts.exported), export_failures=artifacts.failed, pending_variants=len(artifacts.pending))
+        smoke_check(backends)
+        event(log, "smoke_checked", seconds=round(time.perf_counter() - loaded, 3))
+        variants = None
+        if artifacts.pending:
+            variants = VariantExporter(Path(self.config.artifacts), artifacts.pending, onnx.add_graph, artifacts.opset)
+            onnx.pending = variants
+        return Scorer(backends, self.config.default_backend(), self.config.max_elements), variants
 
     async def stop(self, grace: Optional[float]) -> None:
         r"""Readiness NOT_SERVING, stop accepting calls, let in-flight ones finish within ``grace`` s."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.variants is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.variants.stop)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def warm_up(backends: Dict[str, Backend]) -> None:
-    r"""Run every loss on every backend on tiny inputs and compare with eager; disable what fails.
+def smoke_check(backends: Dict[str, Backend]) -> None:
+    r"""Run every loss once on every backend, default settings, tiny input; disable what fails.
 
-    This is the start-up self-check behind readiness: a loss is offered on a backend (ListLosses
-    ``backends``) only if its artifact loaded, ran and matched eager PyTorch here for every setting
-    in ``spec.test_params`` (float32, rtol 1e-4) -- which also catches artifacts exported from an
-    older version of the loss code. It also takes one-time costs (TorchScript's profiling runs, ONNX Runtime's first
-    allocations) off the first requests.
+    The check behind readiness: a loss is offered on a backend (ListLosses ``backends``) only if
+    its artifact loaded, ran, and agreed with eager PyTorch on this input (float32 statistics,
+    rtol 1e-4). Stale artifacts need no sweep over every setting: the manifest's fingerprint
+    already sends them back to the exporter, and the checksums guard the bytes. The run also takes
+    one-time costs (TorchScript's first run, creating each default ONNX session) off the first
+    requests; the sessions of the other variants are created on their first request (~30 ms).
     """
     reference = backends["eager"]
     for spec in losses.specs():
+        predictions, targets = spec.make_inputs(2, 3, (4,), torch.Generator().manual_seed(0), torch.float32, {})
+        predictions, targets = predictions.to(reference.torch_device), targets.to(reference.torch_device)
+        with torch.inference_mode():
+            _, expected, _ = reference.runner(spec, {}).statistics(predictions, targets, None, False)
         for backend in backends.values():
-            if backend is not reference and not backend.supports(spec.name):
+            if backend is reference:
+                continue
+            if not backend.supports(spec.name):
                 _unavailable(backend, spec.name, "no artifact")
-        for params in spec.test_params:
-            predictions, targets = spec.make_inputs(2, 3, (4,), torch.Generator().manual_seed(0), torch.float32, dict(params))
-            predictions, targets = predictions.to(reference.torch_device), targets.to(reference.torch_device)
-            with torch.inference_mode():
-                _, expected, _ = reference.runner(spec, params).statistics(predictions, targets, None, False)
-            for backend in backends.values():
-                if backend is reference or not backend.supports(spec.name):
-                    continue
-                try:
-                    runner = backend.runner(spec, params)
-                    with torch.inference_mode():
-                        for _ in range(2):
-                            _, totals, _ = runner.statistics(predictions, targets, None, False)
-                            runner.reductions(totals)
-                    torch.testing.assert_close(totals.cpu(), expected.cpu(), rtol=1e-4, atol=1e-5, check_dtype=False)
-                except Exception as exc:  # noqa: BLE001 - reported, and the loss is not offered there
-                    _unavailable(backend, spec.name, f"start-up check with {params} failed: {exc}")
+                continue
+            try:
+                runner = backend.runner(spec, {})
+                with torch.inference_mode():
+                    _, totals, _ = runner.statistics(predictions, targets, None, False)
+                    runner.reductions(totals)
+                torch.testing.assert_close(totals.cpu(), expected.cpu(), rtol=1e-4, atol=1e-5, check_dtype=False)
+            except Exception as exc:  # noqa: BLE001 - reported, and the loss is not offered there
+                _unavailable(backend, spec.name, f"start-up check failed: {exc}")
 
 
 def _unavailable(backend: Backend, loss: str, reason: str) -> None:
@@ -145,7 +165,7 @@ async def serve(config: ServerConfig) -> int:
     server, port = create_server(config.address, config)
     await server.start()
     event(log, "listening", host=config.host, port=port, device=server.device, malloc_tuned=tuned,
-          default_backend=config.default_backend())
+          default_backend=config.default_backend(), torch_threads=torch.get_num_threads())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Any, Callable, Dict, Hashable, Optional, Protocol, Tuple
 
 import torch
@@ -191,13 +192,34 @@ class BackendUnavailable(Exception):
     r"""A valid request that this backend has no artifact for (e.g. an unexported variant)."""
 
 
+class VariantPending(Exception):
+    r"""The request needs an ONNX graph that the background exporter has not written yet.
+
+    ``future`` completes when that export ends (successfully or not); the caller waits for it
+    without blocking the event loop and then retries the request.
+    """
+
+    def __init__(self, file_name: str, future: "Future[None]") -> None:
+        super().__init__(f"ONNX graph {file_name} is being exported")
+        self.file_name = file_name
+        self.future = future
+
+
+class PendingGraphs(Protocol):
+    r"""What the ONNX backend asks of the background exporter (:class:`.background.VariantExporter`)."""
+
+    def request(self, file_name: str) -> Optional["Future[None]"]: ...
+
+
 class OnnxBackend(Backend):
     r"""ONNX Runtime sessions, one per exported graph file (``<loss>.onnx`` and its variants).
 
-    ``graphs`` maps a file name to its verified bytes. The execution providers come from
-    :func:`loss_service.layout.select_providers` for the server's device (CUDA with the device's
-    index, CPU as the fallback); the device a response reports is that of the session's first
-    provider.
+    ``graphs`` maps a file name to its verified bytes; more arrive through :meth:`add_graph` while
+    the server runs (the background exporter). A session is created on the first use of its graph
+    (about 30 ms; the start-up smoke check creates those of the default graphs). The execution
+    providers come from :func:`loss_service.layout.select_providers` for the server's device (CUDA
+    with the device's index, CPU as the fallback); the device a response reports is that of the
+    session's first provider.
     """
 
     name = "onnx"
@@ -224,19 +246,41 @@ class OnnxBackend(Backend):
             ("CUDAExecutionProvider", {"device_id": index}) if name == "CUDAExecutionProvider" else name
             for name in names
         ]
-        self._sessions = {
-            file_name: onnxruntime.InferenceSession(data, providers=self.providers) for file_name, data in graphs.items()
-        }
-        first = {file_name: session.get_providers()[0] for file_name, session in self._sessions.items()}
-        self._devices = {file_name: provider_device(provider, device) for file_name, provider in first.items()}
+        self._graphs = dict(graphs)
+        self._sessions: Dict[str, Any] = {}
+        self._devices: Dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.pending: Optional[PendingGraphs] = None
 
     def _has(self, loss: str) -> bool:
-        return loss in losses.names() and layout.onnx_file_name(losses.get(loss), {}) in self._sessions
+        return loss in losses.names() and layout.onnx_file_name(losses.get(loss), {}) in self._graphs
+
+    def add_graph(self, file_name: str, data: bytes) -> None:
+        r"""Offer a newly exported (and checksum-verified) graph; its session is created on first use."""
+        with self._lock:
+            self._graphs[file_name] = data
 
     def session(self, file_name: str):
-        session = self._sessions.get(file_name)
-        if session is None:
+        r"""The session of ``file_name``; raises :class:`VariantPending` while it is being exported."""
+        with self._lock:
+            session = self._sessions.get(file_name)
+            data = self._graphs.get(file_name)
+        if session is not None:
+            return session
+        if data is None:
+            future = self.pending.request(file_name) if self.pending is not None else None
+            if future is not None:
+                raise VariantPending(file_name, future)
             raise BackendUnavailable(f"no exported ONNX graph {file_name}")
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # its warnings (constant folding of CastLike) are not actionable
+        created = onnxruntime.InferenceSession(data, options, providers=self.providers)
+        with self._lock:
+            # Two first requests may both create one; the first stored is kept, the other dropped.
+            session = self._sessions.setdefault(file_name, created)
+            self._devices.setdefault(file_name, provider_device(session.get_providers()[0], self.device))
         return session
 
     def device_of(self, spec: LossSpec, params: Dict[str, Any]) -> str:

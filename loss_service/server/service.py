@@ -19,6 +19,7 @@ from loss_service import losses
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
+from .backends import VariantPending
 from .errors import ServiceError
 from .logs import LOGGER_NAME, event, monotonic_ms
 from .scoring import BACKEND_ENUMS, Scorer, StreamAccumulator, request_field
@@ -97,9 +98,19 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
         return self._scorer
 
     async def _run(self, elements: int, function: Callable[..., T], *args) -> T:
-        if elements <= self._inline_elements:
-            return function(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        r"""``function(*args)`` inline or in the worker pool; after a :class:`VariantPending`, wait and retry.
+
+        The wait for a graph still being exported is awaited on the event loop, never blocking it
+        (other calls and health checks go on). ``function`` changes no state before it raises it.
+        """
+        while True:
+            try:
+                if elements <= self._inline_elements:
+                    return function(*args)
+                return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+            except VariantPending as pending:
+                # Its outcome is read on the retry: a failed export is then a FAILED_PRECONDITION.
+                await asyncio.wait([asyncio.wrap_future(pending.future)])
 
     async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> pb.ScoreBatchResponse:
         scorer = await self._ready(context)
