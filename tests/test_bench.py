@@ -116,11 +116,12 @@ def test_measurements_and_report_against_in_process_servers():
     assert bench_score.results_json(results)["large"][0]["ratio_eager"] == 0.25
 
 
-@pytest.mark.slow  # starts the real server, which exports missing artifacts on its first start
-def test_full_benchmark_on_tiny_sizes_with_both_server_subprocesses(capsys):
+@pytest.mark.slow  # starts the real server (on the session's exported artifacts) and the bare one
+def test_full_benchmark_on_tiny_sizes_with_both_server_subprocesses(capsys, server_artifacts):
+    server_command = f"{bench_score.DEFAULT_SERVER_COMMAND} --artifacts {server_artifacts.folder}"
     results = bench_score.main([
         "--sizes", "40", "400", "--repeats", "1", "--small-elements", "40", "--in-flight", "1", "2",
-        "--small-seconds", "0.05", "--rounds", "1",
+        "--small-seconds", "0.05", "--rounds", "1", "--server-command", server_command,
     ])
     assert [(r.workload, r.elements) for r in results.large] == [
         (w.label, n) for w in bench_score.WORKLOADS for n in (40, 400)

@@ -65,7 +65,8 @@ class LossServer:
         self.variants: Optional[VariantExporter] = None
 
     async def start(self) -> None:
-        # Process-wide: an embedding process that starts a server gets the server's setting.
+        # Holds for this thread (the event loop, which computes small requests) and for every thread
+        # started afterwards (the request workers); threads that already ran torch keep their count.
         torch.set_num_threads(self.config.torch_threads)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
