@@ -206,6 +206,34 @@ def eager_index_statistics_inputs(
     return target_nll, lse, denominator, denominator, sample_weight
 
 
+def probability_target_statistics(
+    class_losses: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor],
+    epsilon: Tensor,
+    weight_c: Optional[Tensor],
+    dim: int,
+    dtype: torch.dtype,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics of a softmax loss on probability targets ``q`` (shared by ``cross_entropy`` and ``focal``).
+
+    ``class_losses`` holds the per-class term (``-log p_c`` for cross-entropy, the focal term for
+    focal); the loss is ``Σ_c q̃_c · w_c · class_losses_c`` with ``q̃ = (1 - ε) q + ε / C``, and its
+    ``mean`` divides by the element count ``N·d1..dk``, as torch does for probability targets.
+    """
+    smoothed = (1.0 - epsilon) * as_float(targets, dtype, "targets") + epsilon / class_losses.shape[dim]
+    terms = smoothed * class_losses
+    if weight_c is not None:
+        terms = terms * weight_c
+    loss = terms.sum(dim)
+    sample_weight: Optional[Tensor] = None
+    if weights is not None:
+        sample_weight = sample_or_element_weights(weights, list(loss.shape)).to(dtype)
+        loss = loss * sample_weight
+    return elementwise_statistics(loss, sample_weight, None, per_sample)
+
+
 def cross_entropy_statistics(
     predictions: Tensor,
     targets: Tensor,
@@ -235,16 +263,9 @@ def cross_entropy_statistics(
     if targets.dim() == len(shape):
         # Probability targets: torch ignores ignore_index here and its mean divides by N·d1..dk.
         check_same_shape(predictions, targets)
-        smoothed = (1.0 - epsilon) * as_float(targets, dtype, "targets") + epsilon / num_classes
-        terms = -smoothed * log_softmax(x, dim)
-        if weight_c is not None:
-            terms = terms * weight_c
-        loss = terms.sum(dim)
-        sample_weight: Optional[Tensor] = None
-        if weights is not None:
-            sample_weight = sample_or_element_weights(weights, list(loss.shape)).to(dtype)
-            loss = loss * sample_weight
-        return elementwise_statistics(loss, sample_weight, None, per_sample)
+        return probability_target_statistics(
+            -log_softmax(x, dim), targets, weights, epsilon, weight_c, dim, dtype, per_sample
+        )
 
     if not is_exporting():
         class_vector: Optional[Tensor] = None

@@ -41,6 +41,7 @@ from .cross_entropy import (
     float_hyperparameter,
     index_weights,
     int_hyperparameter,
+    probability_target_statistics,
     select_class,
 )
 
@@ -228,16 +229,9 @@ def focal_statistics(
     if targets.dim() == len(shape):
         # Probability targets: Σ_c q_c a_c (1 - p_c)^γ (-log p_c); gamma = 0 is cross_entropy's.
         check_same_shape(predictions, targets)
-        smoothed = (1.0 - epsilon) * as_float(targets, dtype, "targets") + epsilon / num_classes
-        terms = smoothed * _focal_terms(log_softmax(x, dim), gamma)
-        if weight_c is not None:
-            terms = terms * weight_c
-        loss = terms.sum(dim)
-        sample_weight: Optional[Tensor] = None
-        if weights is not None:
-            sample_weight = sample_or_element_weights(weights, list(loss.shape)).to(dtype)
-            loss = loss * sample_weight
-        return elementwise_statistics(loss, sample_weight, None, per_sample)
+        return probability_target_statistics(
+            _focal_terms(log_softmax(x, dim), gamma), targets, weights, epsilon, weight_c, dim, dtype, per_sample
+        )
 
     if not is_exporting():
         class_vector: Optional[Tensor] = None
