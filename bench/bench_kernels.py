@@ -5,18 +5,24 @@ Usage (from the repository root, venv active)::
     python bench/bench_kernels.py                 # torch's default thread count
     python bench/bench_kernels.py --threads 1     # one torch thread (what a 2-core server should use)
     python bench/bench_kernels.py --sizes 100000 --repeats 5
+    python bench/bench_kernels.py --threads 1 --sizes 1000 --repeats 41   # per-call overhead, in µs
 
 For every workload and size it times, in one run and interleaved round by round (so that machine
-noise hits all three alike), the median wall time of
+noise hits all of them alike), the median wall time of
 
 * ``module(p, t, w)`` -- the registered loss built with ``losses.build(..., reduction="mean")``,
 * ``module.statistics(p, t, w, False)`` -- the kernel the gRPC server calls,
+* ``module.reductions(module.statistics(p, t, w, False)[1])`` -- ``stats+red``, all the loss work
+  of one server request,
 * the plain PyTorch equivalent (``F.binary_cross_entropy_with_logits(p, t, weight=w,
   pos_weight=...)``, ``F.cross_entropy``, ...), the floor an engineer would otherwise use,
 
-and prints milliseconds and the ratios ``module / torch`` and ``statistics / torch``. Like the
-server, the process tunes glibc's malloc first (``loss_service.server.tune_malloc``) so that large
-temporaries reuse warm pages; ``--no-tune-malloc`` measures with glibc's defaults.
+and prints the times and the ratios ``module / torch`` and ``statistics / torch``: in milliseconds,
+or in microseconds when every size is below 1e5 elements. A call on fewer than 1e5 elements costs
+about as much as timing it, so each timed sample there is the mean of several consecutive calls
+(``1e5 / elements`` of them). Like the server, the process tunes glibc's malloc first
+(``loss_service.server.tune_malloc``) so that large temporaries reuse warm pages;
+``--no-tune-malloc`` measures with glibc's defaults.
 
 Inputs have the layout of the service benchmark (``bench/bench_score.py``): predictions
 ``(E/4, 4)`` float32 (classes along dim 1, the last one), so *E* is the number of prediction
@@ -31,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +52,8 @@ from loss_service.server import tune_malloc  # noqa: E402
 NUM_CLASSES = 4
 IGNORE_INDEX = -100
 GAMMA = 2.0
+# Below this many elements one call is too short to time alone (see the module docstring).
+BATCHED_BELOW = 100_000
 
 
 @dataclass
@@ -56,7 +64,7 @@ class Workload:
     module: torch.nn.Module
     predictions: torch.Tensor
     targets: torch.Tensor
-    weights: torch.Tensor
+    weights: Optional[torch.Tensor]
     plain: Callable[[], torch.Tensor]
 
 
@@ -66,7 +74,9 @@ def _torch_focal(predictions, targets, weights, class_weight, ignore_index, gamm
     loss = (1.0 - torch.exp(-cross_entropy)) ** gamma * cross_entropy
     if class_weight is not None:
         loss = loss * class_weight[targets.clamp(min=0)]
-    return (loss * weights).mean()
+    if weights is not None:
+        loss = loss * weights
+    return loss.mean()
 
 
 def workloads(elements: int, generator: torch.Generator) -> List[Workload]:
@@ -85,6 +95,12 @@ def workloads(elements: int, generator: torch.Generator) -> List[Workload]:
 
     return [
         Workload(
+            "bce_with_logits+w",
+            losses.build("bce_with_logits"),
+            logits, binary_targets, element_weights,
+            lambda: F.binary_cross_entropy_with_logits(logits, binary_targets, weight=element_weights),
+        ),
+        Workload(
             "bce_with_logits+w+pos_weight",
             losses.build("bce_with_logits", pos_weight=pos_weight),
             logits, binary_targets, element_weights,
@@ -97,6 +113,12 @@ def workloads(elements: int, generator: torch.Generator) -> List[Workload]:
             losses.build("bce"),
             probabilities, binary_targets, element_weights,
             lambda: F.binary_cross_entropy(probabilities, binary_targets, weight=element_weights),
+        ),
+        Workload(
+            "focal",
+            losses.build("focal", gamma=GAMMA),
+            logits, indices, None,
+            lambda: _torch_focal(logits, indices, None, None, IGNORE_INDEX, GAMMA),
         ),
         Workload(
             "focal+w",
@@ -126,27 +148,31 @@ def workloads(elements: int, generator: torch.Generator) -> List[Workload]:
     ]
 
 
-def _time_once(call: Callable[[], object]) -> float:
+def _time_once(call: Callable[[], object], calls: int) -> float:
     start = time.perf_counter()
-    call()
-    return (time.perf_counter() - start) * 1e3
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - start) * 1e3 / calls
 
 
 def measure(workload: Workload, repeats: int) -> Dict[str, float]:
-    r"""Median ms of the module, its statistics and plain torch, interleaved after one warm-up each."""
+    r"""Median ms per call of the module, its statistics, statistics+reductions and plain torch,
+    interleaved after one warm-up each."""
     m, p, t, w = workload.module, workload.predictions, workload.targets, workload.weights
     calls = {
         "module": lambda: m(p, t, w),
         "statistics": lambda: m.statistics(p, t, w, False),
+        "stats+red": lambda: m.reductions(m.statistics(p, t, w, False)[1]),
         "torch": workload.plain,
     }
+    per_sample = max(1, BATCHED_BELOW // p.numel())
     times: Dict[str, List[float]] = {key: [] for key in calls}
     with torch.no_grad():
         for call in calls.values():
             call()
         for _ in range(repeats):
             for key, call in calls.items():
-                times[key].append(_time_once(call))
+                times[key].append(_time_once(call, per_sample))
     return {key: statistics.median(values) for key, values in times.items()}
 
 
@@ -172,8 +198,10 @@ def main(argv: Sequence[str] = ()) -> int:
     tuned = False if args.no_tune_malloc else tune_malloc()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), malloc tuned: {tuned}, median of "
           f"{args.repeats}, predictions (E/4, {NUM_CLASSES}) float32, reduction=mean, no grad")
-    header = f"| {'workload':>34} | {'elements':>8} | {'module ms':>9} | {'statistics ms':>13} | {'torch ms':>8} " \
-             f"| {'module/torch':>12} | {'statistics/torch':>16} |"
+    unit, scale = ("µs", 1e3) if max(args.sizes) < BATCHED_BELOW else ("ms", 1.0)
+    columns = [f"module {unit}", f"statistics {unit}", f"stats+red {unit}", f"torch {unit}"]
+    header = f"| {'workload':>34} | {'elements':>8} | " + " | ".join(f"{name:>13}" for name in columns) + \
+             f" | {'module/torch':>12} | {'statistics/torch':>16} |"
     print(header)
     print("|" + "|".join("-" * (len(cell) - 1) + ":" for cell in header.split("|")[1:-1]) + "|")
     generator = torch.Generator().manual_seed(0)
@@ -182,8 +210,8 @@ def main(argv: Sequence[str] = ()) -> int:
             if args.only and workload.name not in args.only:
                 continue
             result = measure(workload, args.repeats)
-            print(f"| {workload.name:>34} | {elements:>8.0e} | {result['module']:>9.2f} "
-                  f"| {result['statistics']:>13.2f} | {result['torch']:>8.2f} | {result['module'] / result['torch']:>12.2f} "
+            times = " | ".join(f"{result[key] * scale:>13.2f}" for key in ("module", "statistics", "stats+red", "torch"))
+            print(f"| {workload.name:>34} | {elements:>8.0e} | {times} | {result['module'] / result['torch']:>12.2f} "
                   f"| {result['statistics'] / result['torch']:>16.2f} |", flush=True)
     return 0
 

@@ -204,6 +204,7 @@ class ServerProcess:
                     raise RuntimeError(f"{self.name} server exited with code {self.process.returncode}:\n{self.log_tail()}")
                 try:
                     call(self.ready_request, timeout=5.0)
+                    self._wait_background_exports(deadline)
                     return
                 except grpc.RpcError as error:
                     # UNAVAILABLE while it binds or loads its backends; anything else is a real error.
@@ -213,6 +214,32 @@ class ServerProcess:
                     last_error = f"{error.code().name}: {error.details()}"
                 time.sleep(0.2)
         raise RuntimeError(f"{self.name} server not ready after {self.ready_timeout:.0f} s ({last_error}):\n{self.log_tail()}")
+
+    def _wait_background_exports(self, deadline: float) -> None:
+        r"""Wait until the real server's background ONNX exports have ended.
+
+        After a fresh export (a new checkout, changed loss code) the server turns ready first and
+        then exports its ONNX variants for a minute or two, one worker process at 100 % of a core:
+        measuring meanwhile would time the exporter. The server logs ``pending_variants`` when its
+        backends are loaded and ``background_export_finished`` at the end; a server that logs
+        neither (another ``--server-command``) is not waited for.
+        """
+        announced = False
+        while True:
+            pending = 0
+            finished = False
+            for line in Path(self.log.name).read_text(errors="replace").splitlines():
+                if '"event": "backends_loaded"' in line:
+                    pending = json.loads(line).get("pending_variants", 0)
+                finished = finished or '"event": "background_export_finished"' in line
+            if not pending or finished:
+                return
+            if not announced:
+                print(f"{self.name} server: waiting for its background export of {pending} ONNX variants ...", flush=True)
+                announced = True
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} server did not finish its background exports:\n{self.log_tail()}")
+            time.sleep(1.0)
 
     def log_tail(self, lines: int = 30) -> str:
         self.log.flush()

@@ -58,7 +58,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--jobs", type=int, default=_env("export_jobs", defaults.export_jobs, int),
                         help="worker processes exporting missing artifacts before readiness (%(default)s)")
     parser.add_argument("--torch-threads", type=int, default=_env("torch_threads", defaults.torch_threads, int),
-                        help="torch.set_num_threads at start; 1 is fastest with concurrent requests (%(default)s)")
+                        help="intra-op threads of a large request computing alone; concurrent ones get 1 each "
+                             "(default: CPU count, %(default)s)")
     parser.add_argument("--log-level", default=_env("log_level", "INFO"), help="%(default)s")
     parser.add_argument("--no-export", action="store_true",
                         help="do not export missing artifacts at start; their losses are not offered on that backend")

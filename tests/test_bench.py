@@ -1,7 +1,12 @@
 r"""Smoke tests of bench/: every code path of the benchmark on tiny sizes, no timing assertions."""
 import asyncio
+import json
 import math
 import os
+import subprocess
+import sys
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -118,7 +123,9 @@ def test_measurements_and_report_against_in_process_servers():
 
 @pytest.mark.slow  # starts the real server (on the session's exported artifacts) and the bare one
 def test_full_benchmark_on_tiny_sizes_with_both_server_subprocesses(capsys, server_artifacts):
-    server_command = f"{bench_score.DEFAULT_SERVER_COMMAND} --artifacts {server_artifacts.folder}"
+    # --no-export: the session's artifacts hold the default graphs only, and the bench would wait for
+    # the background export of every variant (test_the_bench_waits_for_announced_background_exports).
+    server_command = f"{bench_score.DEFAULT_SERVER_COMMAND} --artifacts {server_artifacts.folder} --no-export"
     results = bench_score.main([
         "--sizes", "40", "400", "--repeats", "1", "--small-elements", "40", "--in-flight", "1", "2",
         "--small-seconds", "0.05", "--rounds", "1", "--server-command", server_command,
@@ -133,3 +140,30 @@ def test_full_benchmark_on_tiny_sizes_with_both_server_subprocesses(capsys, serv
     assert all(r.relative_difference <= bench_score.AGREEMENT_RTOL for r in results.large)
     output = capsys.readouterr().out
     assert "Large requests" in output and "Small requests" in output
+
+
+def test_the_bench_waits_for_announced_background_exports():
+    servers = [bench_score.ServerProcess("real", "{python} -c pass", b"", ready_timeout=30) for _ in range(2)]
+    for server in servers:
+        server.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    waiting, stuck = servers
+    try:
+        def write(server, line: str) -> None:
+            server.log.write(line.encode() + b"\n")
+            server.log.flush()
+
+        write(waiting, json.dumps({"event": "backends_loaded", "pending_variants": 0}))
+        started = time.monotonic()
+        waiting._wait_background_exports(started + 20)  # nothing pending: returns at once
+        assert time.monotonic() - started < 0.5
+        write(waiting, json.dumps({"event": "backends_loaded", "pending_variants": 3}))
+        finisher = threading.Timer(1.5, write, [waiting, json.dumps({"event": "background_export_finished"})])
+        finisher.start()
+        waiting._wait_background_exports(time.monotonic() + 20)
+        assert time.monotonic() - started >= 1.4
+        write(stuck, json.dumps({"event": "backends_loaded", "pending_variants": 3}))
+        with pytest.raises(RuntimeError, match="did not finish its background exports"):
+            stuck._wait_background_exports(time.monotonic() - 1)
+    finally:
+        for server in servers:
+            server.stop()

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from loss_service import losses
 from loss_service.client import LossClient, LossServiceError, build_request
 from loss_service.server import SERVICE_NAME, BackgroundServer, ServerConfig
+from loss_service.server import wire
 from loss_service.server.codec import to_message
 from loss_service.v1 import loss_service_pb2 as pb
 
@@ -23,6 +24,16 @@ MAX_MESSAGE_BYTES = 1 << 20
 MAX_ELEMENTS = 4096
 BACKENDS = ("eager", "torchscript", "onnx")
 NUM_CLASSES = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def zero_copy_everywhere():
+    # Every request of this module, tiny ones included, is parsed the way large requests are
+    # (payloads viewed in place, server.wire): the bad-input table below then covers that path.
+    # The plain parse of small requests is covered by the subprocess tests (test_server_process).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wire, "ZERO_COPY_MIN_BYTES", 0)
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from loss_service import losses
 from loss_service.client import LossClient
 from loss_service.server import BackgroundServer, ServerConfig
 from loss_service.server.artifacts import ArtifactError, deferred_files, prepare_artifacts, required_files
+from loss_service.server.service import IntraOpThreads
 
 from .conftest import copy_artifacts
 from .test_server_process import ServerProcess
@@ -132,18 +135,40 @@ def test_a_pending_variant_is_waited_for_and_unavailable_once_its_export_failed(
         backend.session("focal--alpha=scalar.onnx")
 
 
-def test_torch_threads_is_applied_at_start(artifacts_copy):
+def test_event_loop_computes_with_one_thread_and_workers_with_the_budget(artifacts_copy):
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        with BackgroundServer(ServerConfig(port=0, artifacts=str(artifacts_copy), torch_threads=1),
+        with BackgroundServer(ServerConfig(port=0, artifacts=str(artifacts_copy), torch_threads=3),
                               address="127.0.0.1:0") as server:
-            # The threads that compute: the request workers (and the event-loop thread, which set it).
-            assert server.server.executor.submit(torch.get_num_threads).result() == 1
             loop_threads = asyncio.run_coroutine_threadsafe(_num_threads(), server._loop).result()
             assert loop_threads == 1
+            threads = server.server.servicer._threads
+            assert threads.budget == 3
+            assert server.server.executor.submit(threads.run, torch.get_num_threads).result() == 3
     finally:
         torch.set_num_threads(previous)
+
+
+def test_concurrent_large_requests_compute_with_one_thread_each():
+    threads = IntraOpThreads(2)
+    both_inside = threading.Barrier(2, timeout=30)
+    seen = []
+
+    def request():
+        seen.append(torch.get_num_threads())
+        both_inside.wait()
+        return torch.get_num_threads()
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(threads.run, request)
+        second = pool.submit(threads.run, request)
+        counts = sorted([first.result(), second.result()])
+    # The first to start takes the budget, the one that joins it gets 1; each thread keeps its own.
+    assert counts == [1, 2] and sorted(seen) == [1, 2]
+    # Alone again: the whole budget.
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(threads.run, torch.get_num_threads).result() == 2
 
 
 async def _num_threads():

@@ -1,10 +1,15 @@
 r"""Server pieces without a server: device selection, settings, tensor codec, error mapping, malloc."""
+import asyncio
+import io
+import json
+import logging
+
 import grpc
 import numpy as np
 import pytest
 import torch
 
-from loss_service.server import ConfigError, ServerConfig, select_device, tune_malloc
+from loss_service.server import ConfigError, logs, ServerConfig, select_device, tune_malloc
 from loss_service.server.backends import config_key
 from loss_service.server.codec import WIRE_DTYPES, decode, encode, to_message, to_numpy
 from loss_service.server.config import provider_device
@@ -151,3 +156,53 @@ def test_config_key_distinguishes_tensor_values():
 
 def test_tune_malloc_on_glibc():
     assert tune_malloc() is True
+
+
+def _call_fields(request_id):
+    return {"method": "ScoreBatch", "loss": "focal", "backend": "eager", "device": "cpu", "elements": 8,
+            "duration_ms": 0.2, "status": "OK", "request_id": request_id, "labels": {"job": "a"}}
+
+
+def test_call_lines_are_batched_on_the_event_loop_and_flushed_within_the_interval(monkeypatch):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    monkeypatch.setattr(logs, "_json_handler", handler)
+    logger = logging.getLogger("loss_service.test_calls")
+    logger.setLevel(logging.INFO)  # a logger of this test only
+    calls = logs.CallLog(logger)
+
+    async def scenario():
+        calls.write(**_call_fields("a"))
+        calls.write(**_call_fields("b"))
+        buffered = stream.getvalue()
+        await asyncio.sleep(logs.CallLog.FLUSH_SECONDS * 4)
+        return buffered
+
+    assert asyncio.run(scenario()) == ""  # nothing written during the call that logged it
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["request_id"] for line in lines] == ["a", "b"]
+    # The same JSON shape as every other log line.
+    assert set(lines[0]) == {"ts", "level", "logger", "event", *_call_fields("a")}
+    assert lines[0]["event"] == "call" and lines[0]["level"] == "INFO" and lines[0]["logger"] == logger.name
+    # A full buffer is written at once; flush() (server stop) writes the rest.
+    for index in range(logs.CallLog.MAX_BUFFERED):
+        calls.write(**_call_fields(str(index)))
+    assert len(stream.getvalue().splitlines()) == 2 + logs.CallLog.MAX_BUFFERED
+    calls.write(**_call_fields("last"))
+    calls.flush()
+    assert json.loads(stream.getvalue().splitlines()[-1])["request_id"] == "last"
+    # Below INFO nothing is written.
+    logger.setLevel(logging.WARNING)
+    calls.write(**_call_fields("hidden"))
+    calls.flush()
+    assert "hidden" not in stream.getvalue()
+
+
+def test_call_lines_are_ordinary_records_without_the_servers_handler(monkeypatch, caplog):
+    monkeypatch.setattr(logs, "_json_handler", None)
+    logger = logging.getLogger("loss_service.test_calls_plain")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logs.CallLog(logger).write(**_call_fields("plain"))
+    (record,) = [r for r in caplog.records if r.name == logger.name]
+    assert record.getMessage() == "call" and record.fields["request_id"] == "plain"

@@ -47,6 +47,17 @@ def is_exporting() -> bool:
     return False
 
 
+def is_compiling() -> bool:
+    r"""True while ``torch.compile`` or ``torch.export`` traces the code.
+
+    A tracer cannot follow a value read on the host into Python (it would have to guard on it),
+    so host-side shortcuts that are not value checks are skipped then, whatever the branch.
+    """
+    if not torch.jit.is_scripting():
+        return torch.compiler.is_compiling()
+    return False
+
+
 def check_reduction(reduction: str) -> str:
     # Spelled out: TorchScript cannot read module-level lists.
     if reduction not in ["none", "mean", "sum", "weighted_mean"]:
@@ -253,6 +264,8 @@ def total_sum(x: Optional[Tensor], shape: List[int], device: torch.device) -> Te
         return accumulate(x.expand(shape))
     # max(.., 1): an empty x sums to 0 whatever the factor.
     repeats = _element_count(shape) / max(_element_count(list(x.shape)), 1.0)
+    if repeats == 1.0:
+        return accumulate(x)
     return accumulate(x) * repeats
 
 
@@ -289,18 +302,49 @@ def elementwise_statistics(
         # sum, in float64. The exported graph keeps its own ReduceSums (in float64) for totals.
         sample_totals = _sample_totals(weighted_loss, weight, denominator, shape, device)
         return weighted_loss, sample_totals.sum(0), sample_totals
-    totals = torch.stack(
-        [
-            accumulate(weighted_loss),
-            total_sum(weight, shape, device),
-            total_sum(denominator, shape, device),
-            total_sum(None, shape, device),
-        ]
-    )
+    if is_exporting():
+        totals = torch.stack(
+            [
+                accumulate(weighted_loss),
+                total_sum(weight, shape, device),
+                total_sum(denominator, shape, device),
+                total_sum(None, shape, device),
+            ]
+        )
+    else:
+        totals = _eager_totals(weighted_loss, weight, denominator, shape, device)
     if not per_sample or len(shape) == 0:
         sample_totals = totals.unsqueeze(0) if per_sample else totals.new_zeros([0, totals.shape[0]])
         return weighted_loss, totals, sample_totals
     return weighted_loss, totals, _sample_totals(weighted_loss, weight, denominator, shape, device)
+
+
+def _eager_totals(
+    weighted_loss: Tensor,
+    weight: Optional[Tensor],
+    denominator: Optional[Tensor],
+    shape: List[int],
+    device: torch.device,
+) -> Tensor:
+    r"""``[Σ w·ℓ, Σ w, Σ d, n]`` outside export: one float64 tensor holding the element count, with
+    the sums written into it.
+
+    On a small batch each op costs more than its arithmetic: the columns that count 1 per element
+    (``None`` weight or denominator, and ``n``) need no op of their own, and a weight that is also
+    the denominator (CE/NLL/focal without call-time weights) is summed once.
+    """
+    totals = torch.full([4], _element_count(shape), dtype=torch.float64, device=device)
+    # The copy casts the sum to float64, as accumulate does.
+    totals[0] = weighted_loss.sum()
+    if weight is not None:
+        weight_sum = total_sum(weight, shape, device)
+        totals[1] = weight_sum
+        if denominator is weight:
+            totals[2] = weight_sum
+            return totals
+    if denominator is not None:
+        totals[2] = total_sum(denominator, shape, device)
+    return totals
 
 
 def _sample_totals(
@@ -338,10 +382,35 @@ def elementwise_reductions(totals: Tensor) -> Tensor:
     ``mean`` is ``Σ w·ℓ / Σ d`` and ``weighted_mean`` is ``Σ w·ℓ / Σ w``; both are 0 when nothing is
     counted (empty batch, every target ignored) instead of torch's NaN.
     """
-    loss_sum = totals[..., 0]
-    return torch.stack(
-        [loss_sum, safe_divide(loss_sum, totals[..., 2]), safe_divide(loss_sum, totals[..., 1])], dim=-1
-    )
+    if is_exporting():
+        loss_sum = totals[..., 0]
+        return torch.stack(
+            [loss_sum, safe_divide(loss_sum, totals[..., 2]), safe_divide(loss_sum, totals[..., 1])], dim=-1
+        )
+    if (
+        totals.dim() == 1
+        and totals.dtype == torch.float64
+        and totals.device == torch.device("cpu")
+        and not (torch.is_grad_enabled() and totals.requires_grad)
+        and not is_compiling()
+    ):
+        # One request's totals (what the server reduces): the same IEEE float64 divisions on the
+        # host cost one read and one small tensor instead of a chain of tiny tensor ops. (fill_,
+        # not torch.tensor(list) or item assignment: TorchScript passes those through the
+        # default dtype, float32.)
+        values: List[float] = totals.tolist()
+        reductions = torch.full([3], values[0], dtype=torch.float64, device=totals.device)
+        reductions[1].fill_(values[0] / values[2] if values[2] != 0.0 else 0.0)
+        reductions[2].fill_(values[0] / values[1] if values[1] != 0.0 else 0.0)
+        return reductions
+    # Batched totals (per-sample reductions) and autograd: the same values in half the ops of the
+    # export form, both quotients at once by the [Σ d, Σ w] columns, with safe_divide's guard (the
+    # denominator is replaced first, so that gradients stay finite).
+    sums = totals.narrow(-1, 0, 1)
+    denominators = totals.narrow(-1, 1, 2).flip(-1)
+    nonzero = denominators != 0
+    quotients = torch.where(nonzero, sums / torch.where(nonzero, denominators, 1.0), 0.0)
+    return torch.cat([sums, quotients], -1)
 
 
 def select_reduction(values: Tensor, reductions: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:

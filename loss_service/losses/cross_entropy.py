@@ -45,8 +45,11 @@ def int_hyperparameter(value: int, predictions: Tensor) -> Tensor:
 
 
 def check_label_smoothing(label_smoothing: Tensor) -> None:
-    if not is_exporting() and bool((label_smoothing < 0) | (label_smoothing > 1) | torch.isnan(label_smoothing)):
-        raise ValueError("label_smoothing must be in [0, 1], got {}".format(float(label_smoothing)))
+    if not is_exporting():
+        # One host read and Python comparisons (NaN fails both) rather than a tensor expression.
+        value = float(label_smoothing.item())
+        if not (value >= 0.0 and value <= 1.0):
+            raise ValueError("label_smoothing must be in [0, 1], got {}".format(value))
 
 
 def class_indices(
@@ -61,6 +64,12 @@ def class_indices(
     where the target equals ``ignore_index``. The range of the indices is checked by
     :func:`check_class_range`.
     """
+    indices = index_tensor(targets, shape, dim, probabilities_allowed)
+    return indices, indices != ignore_index
+
+
+def index_tensor(targets: Tensor, shape: List[int], dim: int, probabilities_allowed: bool) -> Tensor:
+    r"""Class-index ``targets`` as int64, with the shape and dtype checks of :func:`class_indices`."""
     expected = shape[:dim] + shape[dim + 1:]
     if list(targets.shape) != expected:
         alternative = " or class probabilities of shape {}".format(shape) if probabilities_allowed else ""
@@ -73,8 +82,7 @@ def class_indices(
     if targets.is_floating_point() and not is_exporting() and targets.numel() > 0:
         if bool((~torch.isfinite(targets) | (targets != torch.floor(targets))).any()):
             raise ValueError("targets must be integer class indices, got non-integer values of dtype {}".format(targets.dtype))
-    indices = targets.to(torch.int64)
-    return indices, indices != ignore_index
+    return targets.to(torch.int64)
 
 
 def check_class_range(
@@ -88,14 +96,18 @@ def check_class_range(
     if is_exporting() or indices.numel() == 0:
         return
     smallest, largest = torch.aminmax(kept_indices)
-    if bool((smallest < 0) | (largest >= num_classes)):
+    if int(smallest.item()) < 0 or int(largest.item()) >= num_classes:
         out_of_range = valid & ((indices < 0) | (indices >= num_classes))
         if bool(out_of_range.any()):
-            raise ValueError(
-                "targets must be class indices in [0, {}) or ignore_index ({}), got {}".format(
-                    num_classes, int(ignore_index), int(indices[out_of_range][0])
-                )
-            )
+            _raise_out_of_range(indices, out_of_range, ignore_index, num_classes)
+
+
+def _raise_out_of_range(indices: Tensor, out_of_range: Tensor, ignore_index: Tensor, num_classes: int) -> None:
+    raise ValueError(
+        "targets must be class indices in [0, {}) or ignore_index ({}), got {}".format(
+            num_classes, int(ignore_index), int(indices[out_of_range][0])
+        )
+    )
 
 
 def class_index_mask(
@@ -170,40 +182,86 @@ def class_vector_along(class_weight: Tensor, shape: List[int], dim: int) -> Opti
     return class_weight.reshape([-1]).expand([num_classes])
 
 
-def eager_index_statistics_inputs(
-    x: Tensor,
-    indices: Tensor,
-    valid: Tensor,
-    ignore_index: Tensor,
+def eager_index_targets(
+    targets: Tensor, ignore_index: Tensor, shape: List[int], dim: int
+) -> Tuple[Tensor, Optional[Tensor]]:
+    r"""``(indices, valid)`` of class-index ``targets`` outside export, range-checked on the host.
+
+    One ``aminmax`` of the indices, read on the host, serves the range check and tells whether any
+    target can equal ``ignore_index``. When none can, ``valid`` is ``None`` (every element counts)
+    and no mask is built; otherwise ``valid`` is as in :func:`class_indices` and the returned
+    indices are 0 where ignored, so that they can be gathered.
+    """
+    indices = index_tensor(targets, shape, dim, True)
+    num_classes = shape[dim]
+    if indices.numel() == 0:
+        return indices, None
+    smallest, largest = torch.aminmax(indices)
+    low = int(smallest.item())
+    high = int(largest.item())
+    ignored = int(ignore_index.item())
+    in_range = low >= 0 and high < num_classes
+    if ignored < low or ignored > high:
+        if not in_range:
+            _raise_out_of_range(indices, (indices < 0) | (indices >= num_classes), ignore_index, num_classes)
+        return indices, None
+    valid = indices != ignore_index
+    safe_indices = torch.where(valid, indices, 0)
+    if not in_range:
+        # The values outside [0, C) may all be ignore_index: check the others.
+        check_class_range(safe_indices, indices, valid, ignore_index, num_classes)
+    return safe_indices, valid
+
+
+def eager_target_nll(
+    x: Tensor, lse: Tensor, indices: Tensor, valid: Optional[Tensor], dim: int, keep_lse: bool
+) -> Tensor:
+    r"""The target's :math:`-\log p_y = \operatorname{lse}(x) - x_y` (0 where ignored), outside export.
+
+    One gather of the target logit instead of a full ``log_softmax``, a class mask and a masked sum
+    over the classes. ``x`` must be contiguous and ``lse`` its :func:`~._stable.logsumexp`, which is
+    updated in place unless autograd records ``x`` or ``keep_lse``.
+    """
+    target_logit = torch.gather(x, dim, indices.unsqueeze(dim)).squeeze(dim)
+    if torch.is_grad_enabled() and x.requires_grad:
+        # logsumexp's autograd form is m + log(Σ exp(x - m)) >= m >= x_y: no clamp needed.
+        nll = lse - target_logit
+    else:
+        nll = torch.sub(lse, target_logit) if keep_lse else lse.sub_(target_logit)
+        # The unshifted logsumexp may round an ulp below a dominant x_y: -log p_y >= 0 (which the
+        # focal base 1 - p_y = -expm1(-nll) relies on).
+        nll = nll.clamp_(min=0.0)
+    if valid is None:
+        return nll
+    return torch.where(valid, nll, 0.0)
+
+
+def eager_index_weights(
     weights: Optional[Tensor],
     class_vector: Optional[Tensor],
-    dim: int,
+    indices: Tensor,
+    valid: Optional[Tensor],
     dtype: torch.dtype,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
-    r"""``(target_nll, lse, w, d, sample_weight)`` of class-index targets, without ``(N, C, *)`` masks.
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    r"""``(w, d, sample_weight)`` as :func:`index_weights`, from the outputs of :func:`eager_index_targets`.
 
-    The eager/TorchScript form of :func:`index_weights` plus the target's
-    :math:`-\log p_y = \operatorname{lse}(x) - x_y` (0 where ignored): one gather of the target
-    logit and a :func:`~._stable.logsumexp` instead of a full ``log_softmax``, a class mask and a
-    masked sum over the classes. ``class_vector`` is the ``(C,)`` class weight (or ``None``).
-    ``x`` must be contiguous (the result must not depend on the memory layout). The range of
-    ``indices`` (from :func:`class_indices`) is checked here, on the already masked indices.
+    ``None`` stands for 1 per element: ``d`` is ``None`` without class weights when no target is
+    ignored, and ``w`` too without call-time ``weights`` (the totals then count these on the host).
+    ``class_vector`` is the ``(C,)`` class weight (or ``None``).
     """
-    safe_indices = torch.where(valid, indices, 0)
-    check_class_range(safe_indices, indices, valid, ignore_index, x.shape[dim])
-    valid_weight = valid.to(dtype)
-    lse = logsumexp(x, dim)
-    target_logit = torch.gather(x, dim, safe_indices.unsqueeze(dim)).squeeze(dim)
-    target_nll = torch.where(valid, lse - target_logit, 0.0)
-    if class_vector is None:
-        denominator = valid_weight
-    else:
-        denominator = class_vector[safe_indices] * valid_weight
-    sample_weight: Optional[Tensor] = None
-    if weights is not None:
-        sample_weight = sample_or_element_weights(weights, list(valid.shape)).to(dtype)
-        return target_nll, lse, denominator * sample_weight, denominator, sample_weight
-    return target_nll, lse, denominator, denominator, sample_weight
+    denominator: Optional[Tensor] = None
+    if class_vector is not None:
+        denominator = class_vector[indices]
+        if valid is not None:
+            denominator = torch.where(valid, denominator, 0.0)
+    elif valid is not None:
+        denominator = valid.to(dtype)
+    if weights is None:
+        return denominator, denominator, None
+    sample_weight = sample_or_element_weights(weights, list(indices.shape)).to(dtype)
+    if denominator is None:
+        return sample_weight, denominator, sample_weight
+    return denominator * sample_weight, denominator, sample_weight
 
 
 def probability_target_statistics(
@@ -308,22 +366,27 @@ def _eager_index_cross_entropy(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The class-index branch of :func:`cross_entropy_statistics` outside export, same formula.
 
-    Only :math:`-\log p_y` is computed unless ``label_smoothing > 0`` (read on the host), and the
-    temporaries of the elementwise shape are updated in place.
+    Only :math:`-\log p_y` is computed unless ``label_smoothing > 0`` (read on the host), no mask
+    is built when no target is ignored, and the temporaries of the elementwise shape are updated
+    in place.
     """
-    indices, valid = class_indices(targets, ignore_index, shape, dim, True)
+    indices, valid = eager_index_targets(targets, ignore_index, shape, dim)
     x = x.contiguous()
-    target_nll, lse, weight, denominator, sample_weight = eager_index_statistics_inputs(
-        x, indices, valid, ignore_index, weights, class_vector, dim, dtype
-    )
-    # denominator = w_y (0 where ignored), so ignored elements give 0 without a mask.
-    loss = denominator * target_nll
-    if bool(epsilon > 0):
+    smoothing = float(epsilon.item()) > 0.0
+    lse = logsumexp(x, dim)
+    target_nll = eager_target_nll(x, lse, indices, valid, dim, smoothing)
+    weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
+    # denominator = w_y (0 where ignored, None for 1), so ignored elements give 0 without a mask.
+    loss = target_nll
+    if denominator is not None:
+        loss = loss * denominator if torch.is_grad_enabled() and x.requires_grad else loss.mul_(denominator)
+    if smoothing:
         log_p = x - lse.unsqueeze(dim)
         if weight_c is not None:
             log_p = log_p * weight_c
         loss = (1.0 - epsilon) * loss - (epsilon / shape[dim]) * log_p.sum(dim)
-        loss = torch.where(valid, loss, 0.0)
+        if valid is not None:
+            loss = torch.where(valid, loss, 0.0)
     if sample_weight is not None:
         loss = loss.mul_(sample_weight)
     return elementwise_statistics(loss, weight, denominator, per_sample)

@@ -5,6 +5,7 @@ https://arxiv.org/abs/1708.02002. The focal term multiplies each element's cross
 :math:`(1 - p_t)^\gamma`, *per element*, so that well-classified elements are down-weighted one by
 one (applying it to the batch-mean BCE, as one popular blog does, only rescales the batch loss).
 """
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -27,7 +28,7 @@ from ._reduction import (
     select_reduction,
     vector_buffer,
 )
-from ._stable import log_sigmoid, log_softmax
+from ._stable import log_sigmoid, log_softmax, logsumexp
 from .bce import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from .cross_entropy import (
     IGNORE_INDEX_PARAM,
@@ -35,9 +36,10 @@ from .cross_entropy import (
     check_label_smoothing,
     class_index_inputs,
     class_index_mask,
-    class_indices,
     class_vector_along,
-    eager_index_statistics_inputs,
+    eager_index_targets,
+    eager_index_weights,
+    eager_target_nll,
     float_hyperparameter,
     index_weights,
     int_hyperparameter,
@@ -64,8 +66,11 @@ def _modulating_factor(one_minus_p: Tensor, gamma: Tensor) -> Tensor:
 
 
 def _check_gamma(gamma: Tensor) -> None:
-    if not is_exporting() and bool((gamma < 0) | ~torch.isfinite(gamma)):
-        raise ValueError("gamma must be a finite number >= 0, got {}".format(float(gamma)))
+    if not is_exporting():
+        # One host read and Python comparisons (NaN fails both) rather than a tensor expression.
+        value = float(gamma.item())
+        if not (value >= 0.0 and math.isfinite(value)):
+            raise ValueError("gamma must be a finite number >= 0, got {}".format(value))
 
 
 def binary_focal_statistics(
@@ -81,7 +86,7 @@ def binary_focal_statistics(
     r"""Statistics kernel of :func:`binary_focal_loss`; ``alpha`` and ``gamma`` are 0-d tensors."""
     check_same_shape(predictions, targets)
     _check_gamma(gamma)
-    if not is_exporting() and bool(alpha > 1):
+    if not is_exporting() and float(alpha.item()) > 1.0:
         raise ValueError("alpha must be <= 1 (a negative alpha disables the balancing), got {}".format(float(alpha)))
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype)
@@ -179,11 +184,13 @@ def focal_class_weight(
         if alpha.dim() == 0:
             num_classes = shape[dim]
             if not is_exporting():
-                if bool((alpha < 0) | (alpha > 1)):
-                    raise ValueError("a scalar alpha must be in [0, 1], got {}".format(float(alpha)))
-                if bool((balance_index < 0) | (balance_index >= num_classes)):
+                value = float(alpha.item())
+                if value < 0.0 or value > 1.0:
+                    raise ValueError("a scalar alpha must be in [0, 1], got {}".format(value))
+                balance = int(balance_index.item())
+                if balance < 0 or balance >= num_classes:
                     raise ValueError(
-                        "balance_index must be a class in [0, {}), got {}".format(num_classes, int(balance_index))
+                        "balance_index must be a class in [0, {}), got {}".format(num_classes, balance)
                     )
             view = [1] * len(shape)
             view[dim] = num_classes
@@ -274,24 +281,33 @@ def _eager_index_focal(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The class-index branch of :func:`focal_statistics` outside export, same formula.
 
-    The focal term of the target is computed from :math:`-\log p_y` alone (elementwise shape); the
-    all-class smoothing term only when ``label_smoothing > 0`` (read on the host).
+    The focal term of the target is computed from :math:`-\log p_y` alone (elementwise shape), in
+    place unless autograd records ``x``; the all-class smoothing term only when
+    ``label_smoothing > 0`` (read on the host); no mask when no target is ignored.
     """
-    indices, valid = class_indices(targets, ignore_index, shape, dim, True)
+    indices, valid = eager_index_targets(targets, ignore_index, shape, dim)
     x = x.contiguous()
-    target_nll, lse, weight, denominator, sample_weight = eager_index_statistics_inputs(
-        x, indices, valid, ignore_index, weights, class_vector, dim, dtype
-    )
+    smoothing = float(epsilon.item()) > 0.0
+    lse = logsumexp(x, dim)
+    target_nll = eager_target_nll(x, lse, indices, valid, dim, smoothing)
+    weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
     # (1 - p_y)^γ (-log p_y) with 1 - p_y = -expm1(log p_y); target_nll is 0 where ignored and
     # denominator = a_y is 0 there, so ignored elements give 0 without a mask.
-    one_minus_p = -torch.expm1(-target_nll)
-    loss = _modulating_factor(one_minus_p, gamma).mul_(target_nll).mul_(denominator)
-    if bool(epsilon > 0):
+    if torch.is_grad_enabled() and x.requires_grad:
+        loss = _modulating_factor(-torch.expm1(-target_nll), gamma).mul_(target_nll)
+    else:
+        # No clamp at the smallest normal (it is there for the gradient): target_nll >= 0, so the
+        # base is >= 0, and a base below it means -log p_y below it too, a product of ~0 either way.
+        loss = torch.neg(target_nll).expm1_().neg_().pow_(float(gamma.item())).mul_(target_nll)
+    if denominator is not None:
+        loss = loss.mul_(denominator)
+    if smoothing:
         smoothing_terms = _focal_terms(x - lse.unsqueeze(dim), gamma)
         if weight_c is not None:
             smoothing_terms = smoothing_terms * weight_c
         loss = (1.0 - epsilon) * loss + (epsilon / shape[dim]) * smoothing_terms.sum(dim)
-        loss = torch.where(valid, loss, 0.0)
+        if valid is not None:
+            loss = torch.where(valid, loss, 0.0)
     if sample_weight is not None:
         loss = loss.mul_(sample_weight)
     return elementwise_statistics(loss, weight, denominator, per_sample)

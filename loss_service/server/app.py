@@ -26,7 +26,6 @@ from grpc_reflection.v1alpha import reflection
 
 from loss_service import losses
 from loss_service.v1 import loss_service_pb2 as pb
-from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
 from .artifacts import prepare_artifacts
 from .background import VariantExporter
@@ -44,15 +43,15 @@ class LossServer:
     r"""A bound, not yet started ``grpc.aio`` server with LossService, health and reflection."""
 
     def __init__(self, address: str, config: ServerConfig) -> None:
-        from .service import LossServiceServicer
+        from .service import IntraOpThreads, LossServiceServicer, add_to_server
 
         self.config = config
         self.device = select_device(config.device, torch.cuda.is_available(), torch.cuda.device_count())
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="loss-worker")
         self.health = health.aio.HealthServicer()
-        self.servicer = LossServiceServicer(self.executor, config.inline_elements)
+        self.servicer = LossServiceServicer(self.executor, config.inline_elements, IntraOpThreads(config.torch_threads))
         self.server = grpc.aio.server(options=config.grpc_options())
-        pb_grpc.add_LossServiceServicer_to_server(self.servicer, self.server)
+        add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -65,9 +64,9 @@ class LossServer:
         self.variants: Optional[VariantExporter] = None
 
     async def start(self) -> None:
-        # Holds for this thread (the event loop, which computes small requests) and for every thread
-        # started afterwards (the request workers); threads that already ran torch keep their count.
-        torch.set_num_threads(self.config.torch_threads)
+        # The event loop computes only small requests (below torch's parallel grain size): one
+        # thread. The workers set their own count per large request (service.IntraOpThreads).
+        torch.set_num_threads(1)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
 
@@ -107,6 +106,7 @@ class LossServer:
         r"""Readiness NOT_SERVING, stop accepting calls, let in-flight ones finish within ``grace`` s."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        self.servicer.calls.flush()
         if self.variants is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.variants.stop)
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -166,7 +166,7 @@ async def serve(config: ServerConfig) -> int:
     server, port = create_server(config.address, config)
     await server.start()
     event(log, "listening", host=config.host, port=port, device=server.device, malloc_tuned=tuned,
-          default_backend=config.default_backend(), torch_threads=torch.get_num_threads())
+          default_backend=config.default_backend(), torch_threads=config.torch_threads)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -40,8 +40,12 @@ TORCH_TO_WIRE: Dict[torch.dtype, int] = {torch_dtype: wire for wire, (_, torch_d
 SUPPORTED_DTYPE_NAMES = ", ".join(pb.DType.Name(wire) for wire in WIRE_DTYPES)
 
 
-def decode(tensor: pb.Tensor, field: str, max_elements: int) -> torch.Tensor:
-    r"""A read-only CPU tensor viewing ``tensor.data``; :class:`ServiceError` naming ``field`` otherwise."""
+def decode(tensor: pb.Tensor, field: str, max_elements: int, data: Optional[bytes] = None) -> torch.Tensor:
+    r"""A read-only CPU tensor viewing ``tensor.data``; :class:`ServiceError` naming ``field`` otherwise.
+
+    ``data`` replaces ``tensor.data`` when the payload was kept out of the message
+    (:mod:`.wire`: a ``memoryview`` of the serialized request).
+    """
     wire = WIRE_DTYPES.get(tensor.dtype)
     if wire is None:
         if tensor.dtype == pb.DTYPE_UNSPECIFIED:
@@ -58,7 +62,8 @@ def decode(tensor: pb.Tensor, field: str, max_elements: int) -> torch.Tensor:
             f"{field}.shape",
             f"{count} elements (shape {shape}) exceed the server's limit of {max_elements} elements per tensor",
         )
-    data = tensor.data
+    if data is None:
+        data = tensor.data
     expected = count * numpy_dtype.itemsize
     if len(data) != expected:
         raise invalid(

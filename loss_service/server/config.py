@@ -16,10 +16,16 @@ DEFAULT_MAX_ELEMENTS = 50_000_000
 # Requests with at most this many elements are computed on the event loop: handing a 1e3-element
 # batch to the thread pool costs more than computing it.
 DEFAULT_INLINE_ELEMENTS = 16_384
-# One intra-op thread: with 2 cores, 2 torch threads per request fight over them with the other
-# requests, the event loop and the background exporter (bench: bce on 1e6 elements 159 ms with 2
-# threads, 44 ms with 1). Requests run in parallel on the --workers threads instead.
-DEFAULT_TORCH_THREADS = 1
+
+
+def default_torch_threads() -> int:
+    r"""Intra-op threads of a large request computing alone: one per core, as torch's own default.
+
+    Concurrent large requests get one thread each (:class:`.service.IntraOpThreads`), so cores are
+    never oversubscribed by the server itself; on a host shared with other busy processes, 1 avoids
+    parallel ops waiting for descheduled threads.
+    """
+    return os.cpu_count() or 1
 
 
 def default_export_jobs() -> int:
@@ -52,8 +58,8 @@ class ServerConfig:
     export_missing: bool = True
     # Worker processes exporting the missing artifacts before readiness.
     export_jobs: int = field(default_factory=default_export_jobs)
-    # torch.set_num_threads at start (process-wide).
-    torch_threads: int = DEFAULT_TORCH_THREADS
+    # Intra-op threads of a large request while it is the only one computing (see default_torch_threads).
+    torch_threads: int = field(default_factory=default_torch_threads)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:

@@ -26,6 +26,7 @@ from loss_service.v1 import loss_service_pb2 as pb
 from .backends import Backend, BackendUnavailable
 from .codec import decode, encode
 from .errors import ServiceError, from_library_message, invalid, library_value_error, unavailable_backend
+from .wire import ParsedRequest
 
 REDUCTIONS: Dict[int, str] = {
     pb.REDUCTION_UNSPECIFIED: "mean",
@@ -75,8 +76,16 @@ class Plan:
     params: Dict[str, Any]
     reduction: str
     backend: Backend
-    # (name the loss library uses in messages, request field) for mapping library errors.
-    error_fields: List[Tuple[str, str]] = field(default_factory=list)
+    # The request field that carried each given parameter (e.g. "params.gamma", "class_weights").
+    fields: Dict[str, str] = field(default_factory=dict)
+
+    def error_fields(self) -> List[Tuple[str, str]]:
+        r"""``(name the loss library uses in messages, request field)`` pairs for mapping library errors.
+
+        Built only when a library error needs mapping, not for every request.
+        """
+        pairs = [(name, self.fields.get(name, request_field(self.spec.param(name)))) for name in self.spec.param_names()]
+        return pairs + [("predictions", "predictions"), ("targets", "targets"), ("weights", "weights")]
 
 
 @dataclass
@@ -109,9 +118,7 @@ class Scorer:
             raise invalid("reduction", f"unknown value {request.reduction}; expected one of {', '.join(pb.Reduction.keys())}")
         backend = self._backend(request.backend, spec)
         params, fields = self._params(request, spec)
-        error_fields = [(name, fields.get(name, request_field(spec.param(name)))) for name in spec.param_names()]
-        error_fields += [("predictions", "predictions"), ("targets", "targets"), ("weights", "weights")]
-        return Plan(spec, params, reduction, backend, error_fields)
+        return Plan(spec, params, reduction, backend, fields)
 
     def _backend(self, value: int, spec: LossSpec) -> Backend:
         if value == pb.BACKEND_UNSPECIFIED:
@@ -170,14 +177,17 @@ class Scorer:
         return params, fields
 
     # -- tensors ----------------------------------------------------------------------------
-    def decode_inputs(self, request: pb.ScoreBatchRequest, plan: Plan) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    def decode_inputs(self, parsed: ParsedRequest, plan: Plan) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        request = parsed.message
         if not request.HasField("predictions"):
             raise invalid("predictions", "must be set")
         if not request.HasField("targets"):
             raise invalid("targets", "must be set")
-        predictions = decode(request.predictions, "predictions", self.max_elements)
-        targets = decode(request.targets, "targets", self.max_elements)
-        weights = decode(request.weights, "weights", self.max_elements) if request.HasField("weights") else None
+        predictions = decode(request.predictions, "predictions", self.max_elements, parsed.data("predictions"))
+        targets = decode(request.targets, "targets", self.max_elements, parsed.data("targets"))
+        weights = None
+        if request.HasField("weights"):
+            weights = decode(request.weights, "weights", self.max_elements, parsed.data("weights"))
         check_values(plan.spec, predictions, targets, weights)
         check_class_indices(plan.spec, plan.params, predictions, targets)
         return predictions, targets, weights
@@ -203,7 +213,7 @@ class Scorer:
             message = library_value_error(exc)
             if message is None:
                 raise
-            raise from_library_message(message, plan.error_fields, "predictions") from None
+            raise from_library_message(message, plan.error_fields(), "predictions") from None
         return BatchResult(
             values=values,
             totals=totals.detach().to("cpu", torch.float64),
@@ -212,9 +222,10 @@ class Scorer:
             num_values=values.numel(),
         )
 
-    def score_batch(self, request: pb.ScoreBatchRequest) -> pb.ScoreBatchResponse:
+    def score_batch(self, parsed: ParsedRequest) -> pb.ScoreBatchResponse:
+        request = parsed.message
         plan = self.plan(request)
-        predictions, targets, weights = self.decode_inputs(request, plan)
+        predictions, targets, weights = self.decode_inputs(parsed, plan)
         result = self.compute(plan, predictions, targets, weights, request.return_per_sample)
         column = REDUCTION_COLUMN[plan.reduction]
         weight_sum, denominator, num_elements = summarize(plan, result.totals, result.num_values)
@@ -247,10 +258,20 @@ def summarize(plan: Plan, totals: Tensor, num_values: int) -> Tuple[float, float
     whose totals are the per-class sums ``[TP_c, P_c, T_c]`` of the whole dataset. Those report
     the number of loss terms (one per class) as ``num_elements``, ``weight_sum`` and ``denominator``.
     """
-    if plan.spec.family == "region" and plan.params.get("batch", plan.spec.defaults().get("batch", False)):
+    if plan.spec.family == "region" and setting(plan.spec, plan.params, "batch", False):
         return float(num_values), float(num_values), num_values
     weight_sum, denominator, count = totals[:4].tolist()[1:]
     return weight_sum, denominator, int(count)
+
+
+def setting(spec: LossSpec, params: Dict[str, Any], name: str, fallback: Any = None) -> Any:
+    r"""The request's value of parameter ``name``, else its default, else ``fallback`` (no such parameter)."""
+    if name in params:
+        return params[name]
+    for param in spec.params:
+        if param.name == name:
+            return param.default
+    return fallback
 
 
 def check_values(spec: LossSpec, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> None:
@@ -297,14 +318,14 @@ def check_class_indices(spec: LossSpec, params: Dict[str, Any], predictions: Ten
         )
     if targets.numel() == 0:
         return
-    class_dim = params.get("class_dim", spec.defaults().get("class_dim", 1))
+    class_dim = setting(spec, params, "class_dim", 1)
     if not -predictions.dim() < class_dim < predictions.dim() or class_dim in (0, -predictions.dim()):
         return  # the loss names the bad class_dim
     num_classes = predictions.shape[class_dim]
     low, high = value_range(targets)
     if low >= 0 and high < num_classes:
         return
-    ignore_index = params.get("ignore_index", spec.defaults().get("ignore_index"))
+    ignore_index = setting(spec, params, "ignore_index")
     counted = targets if ignore_index is None else targets[targets != ignore_index]
     low, high = value_range(counted)
     if counted.numel() == 0 or (low >= 0 and high < num_classes):
@@ -349,7 +370,8 @@ class StreamAccumulator:
         self.num_values = 0
         self.num_batches = 0
 
-    def add(self, request: pb.ScoreBatchRequest) -> None:
+    def add(self, parsed: ParsedRequest) -> None:
+        request = parsed.message
         index = self.num_batches
         try:
             if request.return_per_sample:
@@ -362,7 +384,7 @@ class StreamAccumulator:
                 for name, value in settings.items():
                     if value is not None and value != self._settings[name]:
                         raise invalid(name, "must be the same in every batch of a stream (or unset); it differs from batch 0")
-            predictions, targets, weights = self.scorer.decode_inputs(request, self.plan)
+            predictions, targets, weights = self.scorer.decode_inputs(parsed, self.plan)
             result = self.scorer.compute(self.plan, predictions, targets, weights, False)
         except ServiceError as error:
             raise error.in_batch(index) from None

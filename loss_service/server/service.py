@@ -1,19 +1,23 @@
 r"""The ``loss_service.v1.LossService`` servicer (grpc.aio).
 
 Small requests are computed on the event loop; requests above ``inline_elements`` go to the worker
-thread pool so that a 1e7-element batch never blocks other calls. Every call logs one JSON line
-(loss, backend, device, elements, duration_ms, status, request_id, labels).
+thread pool so that a 1e7-element batch never blocks other calls, with the intra-op threads of
+:class:`IntraOpThreads`. Requests arrive as :class:`.wire.ParsedRequest` (:func:`add_to_server`
+registers the zero-copy deserializer). Every call logs one JSON line (loss, backend, device,
+elements, duration_ms, status, request_id, labels).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import threading
 import time
 from concurrent.futures import Executor
 from typing import AsyncIterator, Callable, List, Optional, TypeVar
 
 import grpc
+import torch
 
 from loss_service import losses
 from loss_service.v1 import loss_service_pb2 as pb
@@ -21,16 +25,75 @@ from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
 from .backends import VariantPending
 from .errors import ServiceError
-from .logs import LOGGER_NAME, event, monotonic_ms
+from .logs import LOGGER_NAME, CallLog, monotonic_ms
 from .scoring import BACKEND_ENUMS, Scorer, StreamAccumulator, request_field
+from .wire import ParsedRequest, parse_request
 
 log = logging.getLogger(f"{LOGGER_NAME}.calls")
 T = TypeVar("T")
 
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+
+
 def request_elements(request: pb.ScoreBatchRequest) -> int:
     r"""Element count of the predictions, read from the shape without decoding anything."""
     return math.prod(request.predictions.shape)
+
+
+def add_to_server(servicer: "LossServiceServicer", server: grpc.aio.Server) -> None:
+    r"""Register ``servicer`` like the generated ``add_LossServiceServicer_to_server``, but with
+    :func:`.wire.parse_request` as the request deserializer: the servicer receives
+    :class:`.wire.ParsedRequest` objects whose large payloads are views, not copies."""
+    handlers = {
+        "ScoreBatch": grpc.unary_unary_rpc_method_handler(
+            servicer.ScoreBatch,
+            request_deserializer=parse_request,
+            response_serializer=pb.ScoreBatchResponse.SerializeToString,
+        ),
+        "ScoreStream": grpc.stream_unary_rpc_method_handler(
+            servicer.ScoreStream,
+            request_deserializer=parse_request,
+            response_serializer=pb.ScoreStreamResponse.SerializeToString,
+        ),
+        "ListLosses": grpc.unary_unary_rpc_method_handler(
+            servicer.ListLosses,
+            request_deserializer=pb.ListLossesRequest.FromString,
+            response_serializer=pb.ListLossesResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+class IntraOpThreads:
+    r"""How many torch intra-op threads a large request computes with: all of ``budget`` while it is
+    the only one computing, 1 while others are.
+
+    With one request at a time (a job scoring its batches one by one) its kernels use every core,
+    which is otherwise idle while the request computes; concurrent large requests run one thread
+    each, side by side on the worker threads, instead of oversubscribing the cores (two requests
+    with 2 threads each on 2 cores wait for each other's descheduled threads at every parallel
+    op). ``torch.set_num_threads`` sets OpenMP's thread count of the *calling* thread only, so a
+    worker's setting never changes the event loop's or another worker's.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._computing = 0
+        self._lock = threading.Lock()
+
+    def run(self, function: Callable[..., T], *args) -> T:
+        with self._lock:
+            self._computing += 1
+            threads = self.budget if self._computing == 1 else 1
+        try:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            return function(*args)
+        finally:
+            with self._lock:
+                self._computing -= 1
 
 
 def param_message(value) -> Optional[pb.Param]:
@@ -80,9 +143,11 @@ def loss_catalogue(backends_of: Callable[[str], List[str]]) -> pb.ListLossesResp
 class LossServiceServicer(pb_grpc.LossServiceServicer):
     r"""Serves ScoreBatch, ScoreStream and ListLosses once :meth:`attach` has given it a scorer."""
 
-    def __init__(self, executor: Executor, inline_elements: int) -> None:
+    def __init__(self, executor: Executor, inline_elements: int, threads: IntraOpThreads) -> None:
         self._executor = executor
         self._inline_elements = inline_elements
+        self._threads = threads
+        self.calls = CallLog(log)
         self._scorer: Optional[Scorer] = None
         self._catalogue: Optional[pb.ListLossesResponse] = None
 
@@ -107,17 +172,18 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
             try:
                 if elements <= self._inline_elements:
                     return function(*args)
-                return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+                return await asyncio.get_running_loop().run_in_executor(self._executor, self._threads.run, function, *args)
             except VariantPending as pending:
                 # Its outcome is read on the retry: a failed export is then a FAILED_PRECONDITION.
                 await asyncio.wait([asyncio.wrap_future(pending.future)])
 
-    async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> pb.ScoreBatchResponse:
+    async def ScoreBatch(self, parsed: ParsedRequest, context: grpc.aio.ServicerContext) -> pb.ScoreBatchResponse:
         scorer = await self._ready(context)
         start = time.perf_counter()
+        request = parsed.message
         elements = request_elements(request)
         try:
-            response = await self._run(elements, scorer.score_batch, request)
+            response = await self._run(elements, scorer.score_batch, parsed)
         except ServiceError as error:
             self._log("ScoreBatch", request, start, elements, error.code.name, error.message)
             await context.abort(*_abort_arguments(error))
@@ -129,7 +195,7 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
         return response
 
     async def ScoreStream(
-        self, request_iterator: AsyncIterator[pb.ScoreBatchRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[ParsedRequest], context: grpc.aio.ServicerContext
     ) -> pb.ScoreStreamResponse:
         scorer = await self._ready(context)
         start = time.perf_counter()
@@ -137,12 +203,12 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
         first = pb.ScoreBatchRequest()
         elements = 0
         try:
-            async for request in request_iterator:
+            async for parsed in request_iterator:
                 if accumulator.num_batches == 0:
-                    first = request
-                count = request_elements(request)
+                    first = parsed.message
+                count = request_elements(parsed.message)
                 elements += count
-                await self._run(count, accumulator.add, request)
+                await self._run(count, accumulator.add, parsed)
             response = accumulator.response()
         except ServiceError as error:
             self._log("ScoreStream", first, start, elements, error.code.name, error.message, batches=accumulator.num_batches)
@@ -163,9 +229,7 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
 
     def _log(self, method: str, request: pb.ScoreBatchRequest, start: float, elements: int, status: str,
              error: str = "", **fields) -> None:
-        event(
-            log,
-            "call",
+        self.calls.write(
             method=method,
             loss=request.loss,
             backend=fields.pop("backend", None),
