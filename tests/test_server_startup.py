@@ -24,7 +24,7 @@ from loss_service import losses
 from loss_service.client import LossClient
 from loss_service.server import BackgroundServer, ServerConfig
 from loss_service.server.artifacts import ArtifactError, deferred_files, prepare_artifacts, required_files
-from loss_service.server.service import IntraOpThreads
+from loss_service.server.service import PARALLEL_MIN_ELEMENTS, IntraOpThreads
 
 from .conftest import copy_artifacts
 from .test_server_process import ServerProcess
@@ -145,7 +145,9 @@ def test_event_loop_computes_with_one_thread_and_workers_with_the_budget(artifac
             assert loop_threads == 1
             threads = server.server.servicer._threads
             assert threads.budget == 3
-            assert server.server.executor.submit(threads.run, torch.get_num_threads).result() == 3
+            large, medium = PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_ELEMENTS - 1
+            assert server.server.executor.submit(threads.run, large, torch.get_num_threads).result() == 3
+            assert server.server.executor.submit(threads.run, medium, torch.get_num_threads).result() == 1
     finally:
         torch.set_num_threads(previous)
 
@@ -161,14 +163,14 @@ def test_concurrent_large_requests_compute_with_one_thread_each():
         return torch.get_num_threads()
 
     with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(threads.run, request)
-        second = pool.submit(threads.run, request)
+        first = pool.submit(threads.run, PARALLEL_MIN_ELEMENTS, request)
+        second = pool.submit(threads.run, PARALLEL_MIN_ELEMENTS, request)
         counts = sorted([first.result(), second.result()])
     # The first to start takes the budget, the one that joins it gets 1; each thread keeps its own.
     assert counts == [1, 2] and sorted(seen) == [1, 2]
     # Alone again: the whole budget.
     with ThreadPoolExecutor(1) as pool:
-        assert pool.submit(threads.run, torch.get_num_threads).result() == 2
+        assert pool.submit(threads.run, PARALLEL_MIN_ELEMENTS, torch.get_num_threads).result() == 2
 
 
 async def _num_threads():
