@@ -210,6 +210,26 @@ def test_stream_on_every_backend_for_a_region_loss(client, backend):
     assert streamed.loss == pytest.approx(whole.loss, rel=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multiclass_label_maps_with_a_channel_dimension_on_every_backend(client, backend):
+    # (N, 1, H, W) integer label maps (MONAI's layout) mean the same as (N, H, W) class indices.
+    generator = torch.Generator().manual_seed(5)
+    predictions = torch.randn(3, 4, 5, 6, generator=generator)
+    labels = torch.randint(0, 4, (3, 1, 5, 6), generator=generator)
+    for name in ("dice", "tversky"):
+        expected = eager_value(name, {"mode": "multiclass"}, predictions, labels, None, "mean")
+        result = client.score(name, predictions, labels, backend=backend, mode="multiclass")
+        assert result.backend == backend
+        assert result.loss == pytest.approx(float(expected), rel=1e-5)
+        assert result.loss == pytest.approx(client.score(name, predictions, labels[:, 0], backend=backend,
+                                                         mode="multiclass").loss, rel=1e-6)
+    out_of_range = labels.clone()
+    out_of_range[0, 0, 0, 0] = 4
+    with pytest.raises(LossServiceError) as error:
+        client.score("dice", predictions, out_of_range, backend=backend, mode="multiclass")
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and error.value.field_violations[0][0] == "targets"
+
+
 def test_later_stream_batches_may_repeat_or_omit_settings_but_not_change_them(client):
     _, _, predictions, targets = inputs("focal", batch=4)
     first = {"predictions": predictions[:2], "targets": targets[:2]}

@@ -189,6 +189,7 @@ class Scorer:
         if request.HasField("weights"):
             weights = decode(request.weights, "weights", self.max_elements, parsed.data("weights"))
         check_values(plan.spec, predictions, targets, weights)
+        targets = channel_indices_as_indices(plan.spec, plan.params, predictions, targets)
         check_class_indices(plan.spec, plan.params, predictions, targets)
         return predictions, targets, weights
 
@@ -297,6 +298,23 @@ def check_values(spec: LossSpec, predictions: Tensor, targets: Tensor, weights: 
         check_finite("weights", low, high)
         if low < 0.0:
             raise invalid("weights", f"must be >= 0, got a minimum of {low}")
+
+
+def channel_indices_as_indices(spec: LossSpec, params: Dict[str, Any], predictions: Tensor, targets: Tensor) -> Tensor:
+    r"""Multiclass region targets sent as ``(N, 1, *)`` integer class indices, viewed as ``(N, *)``.
+
+    The region losses accept both forms (MONAI's label maps have the channel); the eager kernel
+    squeezes the channel itself, but the ONNX graphs tell class indices from class probabilities by
+    rank. Squeezing here gives every backend the same input and lets :func:`check_class_indices`
+    check the indices for all of them.
+    """
+    if spec.family != "region" or setting(spec, params, "mode") != "multiclass":
+        return targets
+    if targets.dim() != predictions.dim() or targets.dim() < 2 or targets.shape == predictions.shape:
+        return targets
+    if targets.shape[1] != 1 or targets.is_floating_point() or targets.dtype == torch.bool:
+        return targets  # not class indices with a channel: the loss names what is wrong
+    return targets.squeeze(1)
 
 
 def check_class_indices(spec: LossSpec, params: Dict[str, Any], predictions: Tensor, targets: Tensor) -> None:
