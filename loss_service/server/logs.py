@@ -18,15 +18,17 @@ LOGGER_NAME = "loss_service"
 _ENCODER = json.JSONEncoder(default=str)
 
 
+def json_line(created: float, level: str, logger: str, name: str, fields: Dict[str, Any]) -> Dict[str, Any]:
+    r"""The object of one log line: ``{"ts", "level", "logger", "event", ...fields}``."""
+    entry: Dict[str, Any] = {"ts": round(created, 6), "level": level, "logger": logger, "event": name}
+    entry.update(fields)
+    return entry
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: Dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname,
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        entry.update(getattr(record, "fields", {}))
+        fields = getattr(record, "fields", {})
+        entry = json_line(record.created, record.levelname, record.name, record.getMessage(), fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return _ENCODER.encode(entry)
@@ -72,9 +74,7 @@ class CallLog:
         if handler is None or not self._logger.isEnabledFor(logging.INFO):
             event(self._logger, "call", **fields)
             return
-        entry: Dict[str, Any] = {"ts": round(time.time(), 6), "level": "INFO", "logger": self._logger.name, "event": "call"}
-        entry.update(fields)
-        self._lines.append(_ENCODER.encode(entry))
+        self._lines.append(_ENCODER.encode(json_line(time.time(), "INFO", self._logger.name, "call", fields)))
         if len(self._lines) >= self.MAX_BUFFERED:
             self.flush()
         elif not self._flush_scheduled:
