@@ -10,7 +10,14 @@ elements/s divided by this server's is therefore the fraction of the transport f
 For a fair comparison the bare server runs with the same gRPC message-size options and the same
 process-level allocator tuning as the real server (see :func:`main`).
 
-Run: ``python -m bench.bare_server --port 50052`` (from the repository root).
+With ``--loss`` it is the *loss floor* instead: after the same decoding it computes the requested
+loss with the library's own module (``losses.build(loss, **params)``, built once per configuration;
+``statistics`` and ``reductions`` in inference mode) and answers with it -- no validation, no
+backend dispatch, no log line. That is the least any server scoring this loss with this library
+in Python must do; the real server's rate divided by this one's is the cost of its own work
+(validation, dispatch, logging), and this one's divided by the bare rate is the loss's cost.
+
+Run: ``python -m bench.bare_server --port 50052 [--loss]`` (from the repository root).
 """
 from __future__ import annotations
 
@@ -23,9 +30,13 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
+import torch
 
-from loss_service.server.config import ServerConfig
+from loss_service import losses
+
+from loss_service.server.config import ServerConfig, default_torch_threads
 from loss_service.server.memory import tune_malloc
+from loss_service.server.service import PARALLEL_MIN_ELEMENTS
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc
 
@@ -80,12 +91,55 @@ def decode_and_sum(request: pb.ScoreBatchRequest) -> pb.ScoreBatchResponse:
     )
 
 
+# Column of each reduction in a reductions kernel's output ([sum, mean, weighted_mean]).
+REDUCTION_COLUMNS: Dict[int, int] = {
+    pb.REDUCTION_UNSPECIFIED: 1, pb.REDUCTION_MEAN: 1, pb.REDUCTION_SUM: 0, pb.REDUCTION_WEIGHTED_MEAN: 2,
+}
+
+
+class LossFloor:
+    r"""Decode, then compute the request's loss with the library module and nothing else.
+
+    Parameters are read from ``params`` (any kind); modules are cached per ``(loss, params)``.
+    Not a server: no input is validated beyond what decoding needs, and a bad request gets
+    whatever error the loss library raises.
+    """
+
+    def __init__(self) -> None:
+        self._modules: Dict[Tuple, torch.nn.Module] = {}
+        self._threads = default_torch_threads()
+
+    def __call__(self, request: pb.ScoreBatchRequest) -> pb.ScoreBatchResponse:
+        params = {name: getattr(value, value.WhichOneof("value")) for name, value in request.params.items()}
+        key = (request.loss, tuple(sorted(params.items())))
+        module = self._modules.get(key)
+        if module is None:
+            module = self._modules[key] = losses.build(request.loss, **params).eval()
+        predictions = torch.from_numpy(decode(request.predictions, "predictions"))
+        targets = torch.from_numpy(decode(request.targets, "targets"))
+        weights = torch.from_numpy(decode(request.weights, "weights")) if request.HasField("weights") else None
+        # The real server's thread rule (service.IntraOpThreads with one request at a time).
+        threads = self._threads if predictions.numel() >= PARALLEL_MIN_ELEMENTS else 1
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            _, totals, _ = module.statistics(predictions, targets, weights, False)
+            loss = module.reductions(totals).tolist()[REDUCTION_COLUMNS[request.reduction]]
+        return pb.ScoreBatchResponse(
+            loss=loss, num_elements=predictions.numel(), backend="bare+loss", device="cpu", request_id=request.request_id
+        )
+
+
 class BareLossService(loss_service_pb2_grpc.LossServiceServicer):
-    r"""``ScoreBatch`` = decode and sum; the other RPCs stay UNIMPLEMENTED (not benchmarked)."""
+    r"""``ScoreBatch`` = decode and sum (or decode and score, with ``loss_floor``); the other RPCs
+    stay UNIMPLEMENTED (not benchmarked)."""
+
+    def __init__(self, loss_floor: Optional[LossFloor] = None) -> None:
+        self._answer = loss_floor or decode_and_sum
 
     async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> pb.ScoreBatchResponse:
         try:
-            return decode_and_sum(request)
+            return self._answer(request)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
@@ -98,13 +152,16 @@ def message_options(max_message_bytes: int) -> Sequence[Tuple[str, int]]:
     ]
 
 
-async def start_bare_server(address: str, options: Sequence[Tuple[str, int]]) -> Tuple[grpc.aio.Server, int]:
+async def start_bare_server(
+    address: str, options: Sequence[Tuple[str, int]], loss: bool = False
+) -> Tuple[grpc.aio.Server, int]:
     r"""Start a bare server on ``address`` (``host:0`` picks a free port); returns ``(server, port)``.
 
-    Must be awaited inside the event loop that will serve it.
+    ``loss=True`` starts the loss floor (:class:`LossFloor`). Must be awaited inside the event loop
+    that will serve it.
     """
     server = grpc.aio.server(options=list(options))
-    loss_service_pb2_grpc.add_LossServiceServicer_to_server(BareLossService(), server)
+    loss_service_pb2_grpc.add_LossServiceServicer_to_server(BareLossService(LossFloor() if loss else None), server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"bare server: could not bind {address}")
@@ -112,8 +169,8 @@ async def start_bare_server(address: str, options: Sequence[Tuple[str, int]]) ->
     return server, port
 
 
-async def _serve(address: str, options: Sequence[Tuple[str, int]]) -> None:
-    server, port = await start_bare_server(address, options)
+async def _serve(address: str, options: Sequence[Tuple[str, int]], loss: bool) -> None:
+    server, port = await start_bare_server(address, options, loss)
     # One line on stdout so a parent process started with port 0 can learn the bound port.
     print(f"bare server listening on port {port}", flush=True)
     stop = asyncio.Event()
@@ -128,11 +185,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
+    parser.add_argument("--loss", action="store_true",
+                        help="the loss floor: compute the requested loss with the library after decoding")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # The real server's defaults: the same message-size options and the same malloc thresholds.
     tune_malloc()
-    asyncio.run(_serve(f"{args.host}:{args.port}", ServerConfig().grpc_options()))
+    asyncio.run(_serve(f"{args.host}:{args.port}", ServerConfig().grpc_options(), args.loss))
     return 0
 
 

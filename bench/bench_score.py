@@ -6,10 +6,11 @@ Usage (from the repository root, venv active)::
     python bench/bench_score.py --quick         # smoke run, under 30 s
     python bench/bench_score.py --sizes 1000 1000000 --repeats 7 --json /tmp/bench.json
 
-One run starts two subprocesses on free 127.0.0.1 ports -- the real server
-(``python -m loss_service serve --backend eager``) and the bare server (:mod:`bench.bare_server`,
-which only decodes the request into numpy arrays and sums them) -- and, for every workload and
-size, sends the *same serialized bytes* to both. The client sends pre-serialized requests, so
+One run starts three subprocesses on free 127.0.0.1 ports -- the real server
+(``python -m loss_service serve --backend eager``), the bare server (:mod:`bench.bare_server`,
+which only decodes the request into numpy arrays and sums them) and the loss floor (the bare
+server computing the loss with the library's module and nothing else, ``--loss``; skipped with
+``--no-floor``) -- and, for every workload and size, sends the *same serialized bytes* to each. The client sends pre-serialized requests, so
 client-side encoding is not measured, and it runs in this process on the same machine.
 
 Workloads (an *element* is one prediction element, so the rates of both losses compare):
@@ -20,7 +21,7 @@ Workloads (an *element* is one prediction element, so the rates of both losses c
   indices (6 bytes per element).
 
 Both use ``reduction=mean``. Large requests: one request in flight, a warm-up call, then
-``--repeats`` rounds in which the real server, the bare server and eager PyTorch are each timed
+``--repeats`` rounds in which the servers and eager PyTorch are each timed
 once, in an order that rotates every round so that machine noise hits all three alike; the
 median is reported as elements/s. Small requests (``--small-elements``, default 1e3): closed-loop
 clients with 1 and 8 requests in flight for ``--small-seconds`` per round and server, alternating
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -68,6 +70,7 @@ SCORE_BATCH = "/loss_service.v1.LossService/ScoreBatch"
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 DEFAULT_SERVER_COMMAND = "{python} -m loss_service serve --host 127.0.0.1 --port {port} --backend eager"
 BARE_SERVER_COMMAND = "{python} -m bench.bare_server --host 127.0.0.1 --port {port}"
+LOSS_FLOOR_COMMAND = BARE_SERVER_COMMAND + " --loss"
 
 LARGE_TARGET = 0.8  # server/bare elements/s, for requests of >= LARGE_TARGET_MIN_ELEMENTS
 LARGE_TARGET_MIN_ELEMENTS = 1_000_000
@@ -397,6 +400,11 @@ class LargeRow:
     relative_difference: float  # |server loss - eager loss| / |eager loss|
     server_cpu_seconds: Optional[float] = None  # mean CPU time of the server process per request
     bare_cpu_seconds: Optional[float] = None
+    floor_seconds: Optional[float] = None  # the loss floor (bare server + the library's loss)
+
+    @property
+    def ratio_floor(self) -> Optional[float]:
+        return None if self.floor_seconds is None else self.floor_seconds / self.server_seconds
 
     @property
     def ratio_bare(self) -> float:
@@ -419,6 +427,15 @@ class SmallRow:
     in_flight: int
     server: SmallStats
     bare: SmallStats
+    floor: Optional[SmallStats] = None  # the loss floor (bare server + the library's loss)
+
+    @property
+    def rps_ratio_floor(self) -> Optional[float]:
+        return None if self.floor is None else self.server.requests_per_second / self.floor.requests_per_second
+
+    @property
+    def floor_rps_ratio(self) -> Optional[float]:
+        return None if self.floor is None else self.floor.requests_per_second / self.bare.requests_per_second
 
     @property
     def rps_ratio(self) -> float:
@@ -450,12 +467,17 @@ class Endpoint:
     channel: grpc.aio.Channel
     cpu: Optional[CpuClock] = None
 
+    @staticmethod
+    def subjects(endpoints: Dict[str, Optional["Endpoint"]], payload: bytes) -> Dict[str, Subject]:
+        return {name: endpoint.subject(payload) for name, endpoint in endpoints.items() if endpoint is not None}
+
     def subject(self, payload: bytes) -> Subject:
         return Subject(grpc_call(self.channel, payload), self.cpu)
 
 
-async def run_large(server: Endpoint, bare: Endpoint, workload: Workload, elements: int, repeats: int) -> LargeRow:
-    r"""Time one workload at one size on both servers and in-process eager."""
+async def run_large(server: Endpoint, bare: Endpoint, workload: Workload, elements: int, repeats: int,
+                    floor: Optional[Endpoint] = None) -> LargeRow:
+    r"""Time one workload at one size on the servers and in-process eager."""
     arrays = workload.arrays(elements)
     payload = workload.request(arrays).SerializeToString()
     eager = workload.eager(arrays)
@@ -465,43 +487,46 @@ async def run_large(server: Endpoint, bare: Endpoint, workload: Workload, elemen
     relative_difference = abs(served - expected) / max(abs(expected), 1e-30)
     if relative_difference > AGREEMENT_RTOL:
         raise RuntimeError(f"{workload.label} at {elements} elements: server loss {served!r} != eager loss {expected!r}")
-    measured = await interleaved_medians(
-        {"server": server_subject, "bare": bare.subject(payload), "eager": Subject(eager_call(eager))}, repeats
-    )
+    subjects = Endpoint.subjects({"server": server, "bare": bare, "floor": floor}, payload)
+    measured = await interleaved_medians(dict(subjects, eager=Subject(eager_call(eager))), repeats)
     return LargeRow(
         workload.label, elements, len(payload), measured["server"][0], measured["bare"][0], measured["eager"][0],
         relative_difference, measured["server"][1], measured["bare"][1],
+        measured["floor"][0] if floor is not None else None,
     )
 
 
 async def run_small(server: Endpoint, bare: Endpoint, workload: Workload, elements: int,
-                    in_flight: int, seconds: float, rounds: int) -> SmallRow:
-    r"""Requests/s and latency percentiles of small requests, server vs bare."""
+                    in_flight: int, seconds: float, rounds: int, floor: Optional[Endpoint] = None) -> SmallRow:
+    r"""Requests/s and latency percentiles of small requests, server vs bare (and the loss floor)."""
     payload = workload.request(workload.arrays(elements)).SerializeToString()
-    stats = await interleaved_small(
-        {"server": server.subject(payload), "bare": bare.subject(payload)}, in_flight, seconds, rounds
-    )
-    return SmallRow(workload.label, elements, in_flight, stats["server"], stats["bare"])
+    subjects = Endpoint.subjects({"server": server, "bare": bare, "floor": floor}, payload)
+    stats = await interleaved_small(subjects, in_flight, seconds, rounds)
+    return SmallRow(workload.label, elements, in_flight, stats["server"], stats["bare"], stats.get("floor"))
 
 
 async def run_all(server_address: str, bare_address: str, workloads: Sequence[Workload], sizes: Sequence[int],
                   repeats: int, small_elements: int, in_flights: Sequence[int], small_seconds: float, rounds: int,
                   server_cpu: Optional[CpuClock] = None, bare_cpu: Optional[CpuClock] = None,
-                  progress: Callable[[str], None] = lambda line: None) -> Results:
-    r"""Every large and small measurement against servers already listening on the two addresses."""
+                  progress: Callable[[str], None] = lambda line: None, floor_address: Optional[str] = None,
+                  floor_cpu: Optional[CpuClock] = None) -> Results:
+    r"""Every large and small measurement against servers already listening on the addresses given."""
     options = message_options(MAX_MESSAGE_BYTES)
     results = Results()
-    async with grpc.aio.insecure_channel(server_address, options=options) as server_channel, \
-            grpc.aio.insecure_channel(bare_address, options=options) as bare_channel:
-        server, bare = Endpoint(server_channel, server_cpu), Endpoint(bare_channel, bare_cpu)
+    async with contextlib.AsyncExitStack() as channels:
+        server, bare, floor = [
+            None if address is None else Endpoint(
+                await channels.enter_async_context(grpc.aio.insecure_channel(address, options=options)), cpu)
+            for address, cpu in ((server_address, server_cpu), (bare_address, bare_cpu), (floor_address, floor_cpu))
+        ]
         for workload in workloads:
             for elements in sizes:
-                row = await run_large(server, bare, workload, elements, repeats)
+                row = await run_large(server, bare, workload, elements, repeats, floor)
                 results.large.append(row)
                 progress(f"{workload.label} {elements:.0e}: server/bare {row.ratio_bare:.2f}")
         for workload in workloads:
             for in_flight in in_flights:
-                row = await run_small(server, bare, workload, small_elements, in_flight, small_seconds, rounds)
+                row = await run_small(server, bare, workload, small_elements, in_flight, small_seconds, rounds, floor)
                 results.small.append(row)
                 progress(f"{workload.label} small x{in_flight}: req/s ratio {row.rps_ratio:.2f}")
     return results
@@ -518,29 +543,47 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def format_results(results: Results) -> str:
-    r"""The two Markdown tables (large requests, small requests) with ratios and PASS/FAIL."""
+    r"""The two Markdown tables (large requests, small requests) with ratios and PASS/FAIL.
+
+    Columns of the loss floor appear when it was measured.
+    """
+    large_floor = any(r.floor_seconds is not None for r in results.large)
     large = _table(
         ["loss", "elements", "MB", "server ms", "bare ms", "eager ms", "server Mel/s", "bare Mel/s",
-         "eager Mel/s", "server/bare", "server/eager", f">= {LARGE_TARGET} bare", "server CPU ms", "bare CPU ms"],
+         "eager Mel/s", "server/bare", "server/eager", f">= {LARGE_TARGET} bare", "server CPU ms", "bare CPU ms"]
+        + (["floor ms", "server/floor"] if large_floor else []),
         [[r.workload, f"{r.elements:.0e}", f"{r.request_bytes / 1e6:.3g}", f"{r.server_seconds * 1e3:.3g}",
           f"{r.bare_seconds * 1e3:.3g}", f"{r.eager_seconds * 1e3:.3g}", f"{r.elements / r.server_seconds / 1e6:.3g}",
           f"{r.elements / r.bare_seconds / 1e6:.3g}", f"{r.elements / r.eager_seconds / 1e6:.3g}",
           f"{r.ratio_bare:.2f}", f"{r.ratio_eager:.3f}", r.target(), _ms(r.server_cpu_seconds), _ms(r.bare_cpu_seconds)]
+         + ([_ms(r.floor_seconds), _ratio(r.ratio_floor)] if large_floor else [])
          for r in results.large],
     )
+    small_floor = any(r.floor is not None for r in results.small)
     small = _table(
         ["loss", "elements", "in flight", "server req/s", "bare req/s", "req/s ratio", f">= {SMALL_RPS_TARGET}",
          "server p50 ms", "bare p50 ms", "p50 ratio", f"<= {SMALL_P50_TARGET}", "server p99 ms", "bare p99 ms",
-         "p99 ratio", "server CPU ms/req", "bare CPU ms/req"],
+         "p99 ratio", "server CPU ms/req", "bare CPU ms/req"]
+        + (["floor req/s", "floor p50 ms", "floor/bare req/s", "server/floor req/s", "floor CPU ms/req"]
+           if small_floor else []),
         [[r.workload, f"{r.elements:.0e}", str(r.in_flight), f"{r.server.requests_per_second:.0f}",
           f"{r.bare.requests_per_second:.0f}", f"{r.rps_ratio:.2f}", r.targets()[0], f"{r.server.p50_ms:.3g}",
           f"{r.bare.p50_ms:.3g}", f"{r.p50_ratio:.2f}", r.targets()[1], f"{r.server.p99_ms:.3g}",
           f"{r.bare.p99_ms:.3g}", f"{r.p99_ratio:.2f}", _ms(r.server.cpu_ms_per_request, 1e-3),
-          _ms(r.bare.cpu_ms_per_request, 1e-3)] for r in results.small],
+          _ms(r.bare.cpu_ms_per_request, 1e-3)]
+         + ([f"{r.floor.requests_per_second:.0f}", f"{r.floor.p50_ms:.3g}", _ratio(r.floor_rps_ratio),
+             _ratio(r.rps_ratio_floor), _ms(r.floor.cpu_ms_per_request, 1e-3)]
+            if small_floor and r.floor is not None else ["-"] * 5 if small_floor else [])
+         for r in results.small],
     )
     return (f"Large requests (one in flight, median wall time; Mel/s = million prediction elements per second; "
-            f"CPU = mean CPU time of the server process per request):\n\n{large}\n\n"
+            f"CPU = mean CPU time of the server process per request; floor = the bare server computing the loss "
+            f"with the library, nothing else):\n\n{large}\n\n"
             f"Small requests (closed loop; CPU ms/req = server process CPU time per request):\n\n{small}\n")
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _ms(seconds: Optional[float], scale: float = 1.0) -> str:
@@ -549,8 +592,10 @@ def _ms(seconds: Optional[float], scale: float = 1.0) -> str:
 
 def results_json(results: Results) -> Dict[str, Any]:
     return {
-        "large": [dict(asdict(r), ratio_bare=r.ratio_bare, ratio_eager=r.ratio_eager, target=r.target()) for r in results.large],
+        "large": [dict(asdict(r), ratio_bare=r.ratio_bare, ratio_eager=r.ratio_eager, ratio_floor=r.ratio_floor,
+                       target=r.target()) for r in results.large],
         "small": [dict(asdict(r), rps_ratio=r.rps_ratio, p50_ratio=r.p50_ratio, p99_ratio=r.p99_ratio,
+                       rps_ratio_floor=r.rps_ratio_floor, floor_rps_ratio=r.floor_rps_ratio,
                        targets=list(r.targets())) for r in results.small],
     }
 
@@ -585,6 +630,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="seconds to wait for the servers to answer (the real server's first start exports "
                              "its artifacts, minutes on 2 cores; later starts take seconds)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the loss floor (the bare server computing the loss with the library, "
+                             "bench/bare_server.py --loss)")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ([1e3, 1e5, 1e6] if args.quick else [1e3, 1e5, 1e6, 1e7]))]
     args.small_elements = int(args.small_elements)
@@ -610,13 +658,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Results:
     ready_request = WORKLOADS[0].request(WORKLOADS[0].arrays(WORKLOADS[0].classes)).SerializeToString()
     print(machine_description(), flush=True)
     print("starting the servers (the real one exports missing artifacts first) ...", flush=True)
-    with ServerProcess("real", args.server_command, ready_request, args.ready_timeout) as server, \
-            ServerProcess("bare", BARE_SERVER_COMMAND, ready_request, args.ready_timeout) as bare:
+    with contextlib.ExitStack() as processes:
+        server, bare = (
+            processes.enter_context(ServerProcess(name, command, ready_request, args.ready_timeout))
+            for name, command in (("real", args.server_command), ("bare", BARE_SERVER_COMMAND))
+        )
+        floor = None if args.no_floor else processes.enter_context(
+            ServerProcess("loss floor", LOSS_FLOOR_COMMAND, ready_request, args.ready_timeout))
         print(f"real server: {' '.join(server.argv)}\nbare server: {' '.join(bare.argv)}", flush=True)
+        if floor is not None:
+            print(f"loss floor: {' '.join(floor.argv)}", flush=True)
         results = asyncio.run(run_all(
             server.address, bare.address, args.workloads, args.sizes, args.repeats, args.small_elements,
             args.in_flight, args.small_seconds, args.rounds, process_cpu_clock(server.process.pid),
             process_cpu_clock(bare.process.pid), progress=lambda line: print("  " + line, flush=True),
+            floor_address=None if floor is None else floor.address,
+            floor_cpu=None if floor is None else process_cpu_clock(floor.process.pid),
         ))
     print()
     print(format_results(results))

@@ -7,7 +7,7 @@ r"""Command line: ``python -m loss_service serve|score|losses`` (also the ``loss
     --artifacts LOSS_SERVICE_ARTIFACTS (artifacts)
     --max-message-bytes LOSS_SERVICE_MAX_MESSAGE_BYTES   --max-elements LOSS_SERVICE_MAX_ELEMENTS
     --workers LOSS_SERVICE_WORKERS              --grace-seconds LOSS_SERVICE_GRACE_SECONDS
-    --jobs LOSS_SERVICE_JOBS (min(2, CPUs))     --torch-threads LOSS_SERVICE_TORCH_THREADS (1)
+    --jobs LOSS_SERVICE_JOBS (min(2, CPUs))     --torch-threads LOSS_SERVICE_TORCH_THREADS (CPUs)
     --log-level LOSS_SERVICE_LOG_LEVEL (INFO)
 
 ``score`` sends one batch read from ``.npy`` files and prints the result as JSON.

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bench import bare_server, bench_score
+from loss_service import losses
 from loss_service.v1 import loss_service_pb2 as pb
 
 pytestmark = pytest.mark.timeout(300)
@@ -89,6 +90,41 @@ def test_bare_server_sums_the_decoded_tensors_and_names_bad_fields():
     assert "targets.data" in error.details()
 
 
+@pytest.mark.parametrize("workload", bench_score.WORKLOADS, ids=lambda w: w.label)
+def test_loss_floor_answers_the_librarys_loss(workload):
+    arrays = workload.arrays(40, seed=4)
+    request = workload.request(arrays)
+    request.reduction = pb.REDUCTION_SUM
+    floor = bare_server.LossFloor()
+    assert floor(request).loss == pytest.approx(_library_loss(workload, arrays, "sum"), rel=1e-6)
+    request.reduction = pb.REDUCTION_MEAN
+    response = floor(request)
+    assert response.loss == pytest.approx(workload.eager(arrays)(), rel=1e-6)
+    assert response.backend == "bare+loss" and response.num_elements == 40
+
+
+def _library_loss(workload, arrays, reduction):
+    module = losses.build(workload.loss, reduction=reduction, **workload.params)
+    weights = torch.from_numpy(arrays["weights"]) if "weights" in arrays else None
+    return float(module(torch.from_numpy(arrays["predictions"]), torch.from_numpy(arrays["targets"]), weights))
+
+
+def test_loss_floor_server_serves_the_loss():
+    workload = bench_score.WORKLOADS[1]
+    arrays = workload.arrays(40, seed=5)
+
+    async def body():
+        server, port = await bare_server.start_bare_server("127.0.0.1:0", bare_server.message_options(1 << 20), loss=True)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary(bench_score.SCORE_BATCH, response_deserializer=pb.ScoreBatchResponse.FromString)
+                return await call(workload.request(arrays).SerializeToString())
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(body()).loss == pytest.approx(workload.eager(arrays)(), rel=1e-6)
+
+
 def test_measurements_and_report_against_in_process_servers():
     # The bare server stands in for both servers: this checks the measuring and reporting code.
     workload = bench_score.WORKLOADS[0]
@@ -117,8 +153,18 @@ def test_measurements_and_report_against_in_process_servers():
     assert results.large[0].ratio_bare == 0.5 and results.large[0].target() == "FAIL"
     text = bench_score.format_results(results)
     assert "2e+06 |" in text and " 0.50 |" in text and "FAIL" in text
-    assert "server CPU ms/req" in text
+    assert "server CPU ms/req" in text and "floor" not in text.split("\n\n", 1)[1]
     assert bench_score.results_json(results)["large"][0]["ratio_eager"] == 0.25
+    # With the loss floor measured, its columns and ratios appear.
+    floored = bench_score.Results(
+        large=[bench_score.LargeRow("x", 2_000_000, 1, 2.0, 1.0, 0.5, 0.0, floor_seconds=1.6)],
+        small=[bench_score.SmallRow("x", 1000, 8, small["server"], small["bare"], small["bare"])],
+    )
+    assert floored.large[0].ratio_floor == pytest.approx(0.8)
+    assert floored.small[0].floor_rps_ratio == 1.0
+    text = bench_score.format_results(floored)
+    assert "server/floor" in text and "server/floor req/s" in text and " 0.80 |" in text
+    assert bench_score.results_json(floored)["small"][0]["floor_rps_ratio"] == 1.0
 
 
 @pytest.mark.slow  # starts the real server (on the session's exported artifacts) and the bare one
@@ -138,6 +184,7 @@ def test_full_benchmark_on_tiny_sizes_with_both_server_subprocesses(capsys, serv
     ]
     # The real server computed the same loss as eager PyTorch (main raises otherwise).
     assert all(r.relative_difference <= bench_score.AGREEMENT_RTOL for r in results.large)
+    assert all(r.floor_seconds > 0 for r in results.large) and all(r.floor is not None for r in results.small)
     output = capsys.readouterr().out
     assert "Large requests" in output and "Small requests" in output
 

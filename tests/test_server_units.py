@@ -3,6 +3,7 @@ import asyncio
 import io
 import json
 import logging
+import time
 
 import grpc
 import numpy as np
@@ -185,6 +186,17 @@ def test_call_lines_are_batched_on_the_event_loop_and_flushed_within_the_interva
     # The same JSON shape as every other log line.
     assert set(lines[0]) == {"ts", "level", "logger", "event", *_call_fields("a")}
     assert lines[0]["event"] == "call" and lines[0]["level"] == "INFO" and lines[0]["logger"] == logger.name
+    # Each line carries the time its call ended, not the time of the flush that formatted it.
+    ended = time.time()
+    calls.write(**_call_fields("timed"))
+    time.sleep(0.05)
+    calls.flush()
+    timed = json.loads(stream.getvalue().splitlines()[-1])
+    assert timed["request_id"] == "timed" and ended - 0.001 <= timed["ts"] < ended + 0.03
+    stream.truncate(0)
+    stream.seek(0)
+    calls.write(**_call_fields("a"))
+    calls.write(**_call_fields("b"))
     # A full buffer is written at once; flush() (server stop) writes the rest.
     for index in range(logs.CallLog.MAX_BUFFERED):
         calls.write(**_call_fields(str(index)))

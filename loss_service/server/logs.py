@@ -1,8 +1,8 @@
 r"""One JSON object per log line (``{"ts", "level", "logger", "event", ...fields}``) on stderr.
 
 The per-RPC ``call`` lines are the hot path (one per request, thousands per second): they go
-through :class:`CallLog`, which formats each line directly and writes them in batches, instead of
-a ``logging`` record, handler lock, formatter and flushed write per line.
+through :class:`CallLog`, which keeps each call's fields and formats and writes them in batches,
+instead of a ``logging`` record, handler lock, formatter and flushed write per line.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 LOGGER_NAME = "loss_service"
 # One encoder for every line: json.dumps(..., default=str) would build a new one per call.
@@ -53,10 +53,12 @@ def configure(level: str = "INFO") -> None:
 class CallLog:
     r"""The ``call`` lines of one server, written in batches from its event loop.
 
-    :meth:`write` formats the line at once (the same JSON as :class:`JsonFormatter`, timestamped
-    when the call ended) and buffers it; the buffer goes to the stream of the handler
-    :func:`configure` installed within :data:`FLUSH_SECONDS` (a callback on the running event
-    loop), when it holds :data:`MAX_BUFFERED` lines, and on :meth:`flush` (server stop). Without
+    :meth:`write` buffers the call's fields with the time the call ended; :meth:`flush` formats
+    them (the same JSON as :class:`JsonFormatter`) and writes them to the stream of the handler
+    :func:`configure` installed, within :data:`FLUSH_SECONDS` (a callback on the running event
+    loop), when :data:`MAX_BUFFERED` lines are waiting, and at server stop. Formatting in the
+    flush takes the encoding off each call's latency (a client waiting for the answer) and runs
+    it in one loop, where it costs a third of what it costs between two requests. Without
     that handler (a library user's own logging setup, tests' ``caplog``) each line is an ordinary
     ``logging`` record. Call it from the event loop thread only.
     """
@@ -66,7 +68,7 @@ class CallLog:
 
     def __init__(self, logger: logging.Logger) -> None:
         self._logger = logger
-        self._lines: List[str] = []
+        self._pending: List[Tuple[float, Dict[str, Any]]] = []
         self._flush_scheduled = False
 
     def write(self, **fields: Any) -> None:
@@ -74,8 +76,8 @@ class CallLog:
         if handler is None or not self._logger.isEnabledFor(logging.INFO):
             event(self._logger, "call", **fields)
             return
-        self._lines.append(_ENCODER.encode(json_line(time.time(), "INFO", self._logger.name, "call", fields)))
-        if len(self._lines) >= self.MAX_BUFFERED:
+        self._pending.append((time.time(), fields))
+        if len(self._pending) >= self.MAX_BUFFERED:
             self.flush()
         elif not self._flush_scheduled:
             try:
@@ -87,10 +89,13 @@ class CallLog:
     def flush(self) -> None:
         self._flush_scheduled = False
         handler = _json_handler
-        if not self._lines or handler is None:
+        if not self._pending or handler is None:
             return
-        text = "\n".join(self._lines) + "\n"
-        self._lines.clear()
+        name = self._logger.name
+        text = "".join(
+            _ENCODER.encode(json_line(created, "INFO", name, "call", fields)) + "\n" for created, fields in self._pending
+        )
+        self._pending.clear()
         with handler.lock:
             handler.stream.write(text)
             handler.stream.flush()

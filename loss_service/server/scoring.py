@@ -215,11 +215,12 @@ class Scorer:
             if message is None:
                 raise
             raise from_library_message(message, plan.error_fields(), "predictions") from None
+        # Results of inference mode carry no autograd history: no detach() needed.
         return BatchResult(
             values=values,
-            totals=totals.detach().to("cpu", torch.float64),
-            reductions=reductions.detach().cpu().tolist(),
-            sample_reductions=None if sample_reductions is None else sample_reductions.detach().cpu(),
+            totals=totals.to("cpu", torch.float64),
+            reductions=reductions.tolist(),
+            sample_reductions=None if sample_reductions is None else sample_reductions.cpu(),
             num_values=values.numel(),
         )
 
@@ -261,7 +262,7 @@ def summarize(plan: Plan, totals: Tensor, num_values: int) -> Tuple[float, float
     """
     if plan.spec.family == "region" and setting(plan.spec, plan.params, "batch", False):
         return float(num_values), float(num_values), num_values
-    weight_sum, denominator, count = totals[:4].tolist()[1:]
+    _, weight_sum, denominator, count = totals.tolist()[:4]
     return weight_sum, denominator, int(count)
 
 

@@ -246,7 +246,7 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
             duration_ms=monotonic_ms(start),
             status=status,
             request_id=request.request_id,
-            labels=dict(request.labels),
+            labels=dict(request.labels) if request.labels else {},
             **({"error": error} if error else {}),
             **fields,
         )
