@@ -26,7 +26,7 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
@@ -36,7 +36,8 @@ from loss_service import losses
 
 from loss_service.server.config import ServerConfig, default_torch_threads
 from loss_service.server.memory import tune_malloc
-from loss_service.server.service import PARALLEL_MIN_ELEMENTS
+from loss_service.server.scoring import REDUCTION_COLUMN, REDUCTIONS, param_value
+from loss_service.server.service import IntraOpThreads
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc
 
@@ -91,26 +92,21 @@ def decode_and_sum(request: pb.ScoreBatchRequest) -> pb.ScoreBatchResponse:
     )
 
 
-# Column of each reduction in a reductions kernel's output ([sum, mean, weighted_mean]).
-REDUCTION_COLUMNS: Dict[int, int] = {
-    pb.REDUCTION_UNSPECIFIED: 1, pb.REDUCTION_MEAN: 1, pb.REDUCTION_SUM: 0, pb.REDUCTION_WEIGHTED_MEAN: 2,
-}
-
-
 class LossFloor:
     r"""Decode, then compute the request's loss with the library module and nothing else.
 
     Parameters are read from ``params`` (any kind); modules are cached per ``(loss, params)``.
     Not a server: no input is validated beyond what decoding needs, and a bad request gets
-    whatever error the loss library raises.
+    whatever error the loss library raises. The loss is computed with the real server's thread
+    rule (:class:`IntraOpThreads`, one request at a time) and its reduction columns.
     """
 
     def __init__(self) -> None:
         self._modules: Dict[Tuple, torch.nn.Module] = {}
-        self._threads = default_torch_threads()
+        self._threads = IntraOpThreads(default_torch_threads())
 
     def __call__(self, request: pb.ScoreBatchRequest) -> pb.ScoreBatchResponse:
-        params = {name: getattr(value, value.WhichOneof("value")) for name, value in request.params.items()}
+        params = {name: param_value(value) for name, value in request.params.items()}
         key = (request.loss, tuple(sorted(params.items())))
         module = self._modules.get(key)
         if module is None:
@@ -118,16 +114,20 @@ class LossFloor:
         predictions = torch.from_numpy(decode(request.predictions, "predictions"))
         targets = torch.from_numpy(decode(request.targets, "targets"))
         weights = torch.from_numpy(decode(request.weights, "weights")) if request.HasField("weights") else None
-        # The real server's thread rule (service.IntraOpThreads with one request at a time).
-        threads = self._threads if predictions.numel() >= PARALLEL_MIN_ELEMENTS else 1
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        with torch.inference_mode():
-            _, totals, _ = module.statistics(predictions, targets, weights, False)
-            loss = module.reductions(totals).tolist()[REDUCTION_COLUMNS[request.reduction]]
+        reductions = self._threads.run(predictions.numel(), _reductions, module, predictions, targets, weights)
+        loss = reductions[REDUCTION_COLUMN[REDUCTIONS[request.reduction]]]
         return pb.ScoreBatchResponse(
             loss=loss, num_elements=predictions.numel(), backend="bare+loss", device="cpu", request_id=request.request_id
         )
+
+
+def _reductions(
+    module: torch.nn.Module, predictions: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor]
+) -> List[float]:
+    r"""``[sum, mean, weighted_mean]`` of the loss, from the module's statistics in inference mode."""
+    with torch.inference_mode():
+        _, totals, _ = module.statistics(predictions, targets, weights, False)
+        return module.reductions(totals).tolist()
 
 
 class BareLossService(loss_service_pb2_grpc.LossServiceServicer):

@@ -571,15 +571,20 @@ def format_results(results: Results) -> str:
           f"{r.bare.p50_ms:.3g}", f"{r.p50_ratio:.2f}", r.targets()[1], f"{r.server.p99_ms:.3g}",
           f"{r.bare.p99_ms:.3g}", f"{r.p99_ratio:.2f}", _ms(r.server.cpu_ms_per_request, 1e-3),
           _ms(r.bare.cpu_ms_per_request, 1e-3)]
-         + ([f"{r.floor.requests_per_second:.0f}", f"{r.floor.p50_ms:.3g}", _ratio(r.floor_rps_ratio),
-             _ratio(r.rps_ratio_floor), _ms(r.floor.cpu_ms_per_request, 1e-3)]
-            if small_floor and r.floor is not None else ["-"] * 5 if small_floor else [])
+         + (_small_floor_cells(r) if small_floor else [])
          for r in results.small],
     )
     return (f"Large requests (one in flight, median wall time; Mel/s = million prediction elements per second; "
             f"CPU = mean CPU time of the server process per request; floor = the bare server computing the loss "
             f"with the library, nothing else):\n\n{large}\n\n"
             f"Small requests (closed loop; CPU ms/req = server process CPU time per request):\n\n{small}\n")
+
+
+def _small_floor_cells(row: SmallRow) -> List[str]:
+    if row.floor is None:
+        return ["-"] * 5
+    return [f"{row.floor.requests_per_second:.0f}", f"{row.floor.p50_ms:.3g}", _ratio(row.floor_rps_ratio),
+            _ratio(row.rps_ratio_floor), _ms(row.floor.cpu_ms_per_request, 1e-3)]
 
 
 def _ratio(value: Optional[float]) -> str:
