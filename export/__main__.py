@@ -10,6 +10,7 @@ from typing import List, Optional
 from loss_service import losses
 
 from . import DEFAULT_OPSET, FORMATS, LEVELS, default_jobs, export_losses, summary_table
+from .manifest import MANIFEST_KEY_VARIABLE, SIGNATURE_NAME
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,7 +19,8 @@ def parser() -> argparse.ArgumentParser:
         description=(
             "Write a TorchScript module (<loss>.pt) and ONNX graphs (<loss>.onnx, plus one per structural "
             "variant) for every registered loss into --out, reload each from disk and verify it against eager "
-            "PyTorch, and write manifest.json (checksums, inputs/outputs, defaults, versions, verification). "
+            "PyTorch, and write manifest.json (checksums, inputs/outputs, defaults, versions, verification), "
+            f"signed into {SIGNATURE_NAME} when {MANIFEST_KEY_VARIABLE} is set. "
             "Exit status 1 if any artifact fails to export or verify, 2 for bad options."
         ),
     )

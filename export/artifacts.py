@@ -6,7 +6,8 @@ hyperparameter is a typed attribute (tensors are buffers) that C++ changes with
 
 ONNX: the loss's statistics and reductions kernels wrapped in :class:`CanonicalLossGraph` and
 exported with ``torch.onnx.export(..., dynamo=True)`` on the canonical layout of
-:mod:`loss_service.layout`, every ``graph_input=True`` hyperparameter being a graph input.
+:mod:`loss_service.layout`, every ``graph_input=True`` hyperparameter being a graph input; the
+model metadata names the loss and variant (:func:`onnx_identity`).
 """
 from __future__ import annotations
 
@@ -148,8 +149,19 @@ def _dynamic_axes(shape: Tuple[int, ...]) -> Optional[Dict[int, Any]]:
     return axes or None
 
 
+def onnx_identity(spec: LossSpec, variant: Dict[str, Any]) -> Dict[str, str]:
+    r"""The model metadata (``metadata_props``) by which a graph says which loss and variant it computes.
+
+    Graphs of different losses or variants often have the same inputs and outputs (``dice.onnx`` and
+    ``iou.onnx``; ``dice.onnx`` and ``dice--mode=multilabel.onnx``), so the server tells them apart
+    by these entries (:func:`loss_service.server.artifacts.check_graph`).
+    """
+    return {"loss_service.loss": spec.name, "loss_service.variant": layout.variant_key(variant)}
+
+
 def export_onnx(spec: LossSpec, variant: Dict[str, Any], path: Path, opset: int = DEFAULT_OPSET) -> None:
-    r"""Trace the canonical graph of ``spec``/``variant`` with the dynamo exporter and save it."""
+    r"""Trace the canonical graph of ``spec``/``variant`` with the dynamo exporter and save it, with
+    its :func:`onnx_identity` in the model metadata."""
     feeds = example_feeds(spec, variant)
     names = layout.onnx_input_names(spec, variant)
     args = tuple(feeds[name] for name in names)
@@ -169,6 +181,7 @@ def export_onnx(spec: LossSpec, variant: Dict[str, Any], path: Path, opset: int 
         )
         if program is None:
             raise RuntimeError(f"{spec.name}: torch.onnx.export returned no program")
+        program.model.metadata_props.update(onnx_identity(spec, variant))
         tmp = path.with_suffix(path.suffix + ".tmp")
         program.save(str(tmp))
         os.replace(tmp, path)

@@ -6,10 +6,16 @@ in verification results; the only run-dependent values are under the top-level `
 
 Every entry carries the :func:`fingerprint` of the sources and library versions it was made from,
 so a reader can tell an artifact of older loss code from a current one without re-running it.
+
+With a key in ``LOSS_SERVICE_MANIFEST_KEY``, :func:`write` also writes ``manifest.json.hmac``, the
+HMAC-SHA256 of the manifest's bytes, and the server refuses a manifest whose signature is missing or
+wrong (:func:`check_signature`): without the key, whoever can write the folder can also edit the
+checksums of swapped files.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import tempfile
@@ -23,7 +29,13 @@ from loss_service import layout
 from loss_service.losses import LossSpec, ParamSpec
 
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = MANIFEST_NAME + ".hmac"
+MANIFEST_KEY_VARIABLE = "LOSS_SERVICE_MANIFEST_KEY"
 SCHEMA_VERSION = 1
+
+
+class SignatureError(ValueError):
+    r"""``manifest.json``'s HMAC signature is missing or does not match (a key is set)."""
 
 
 def sha256(path: Path) -> str:
@@ -98,7 +110,8 @@ def _graph_default(param: ParamSpec) -> Dict[str, Any]:
     return {"value": _json_value(param.default), "shape": []}
 
 
-def _value_info(value) -> Dict[str, Any]:
+def value_info(value) -> Dict[str, Any]:
+    r"""Name, dtype and shape (dimension names or sizes) of a graph input or output, as the manifest records them."""
     import onnx
 
     tensor = value.type.tensor_type
@@ -118,7 +131,7 @@ def onnx_entry(spec: LossSpec, variant: Dict[str, Any], path: Path, opset: int) 
     params = {p.name: p for p in layout.graph_params(spec)}
     inputs = []
     for value in model.graph.input:
-        info = _value_info(value)
+        info = value_info(value)
         if value.name in ("predictions", "targets"):
             info["role"] = value.name
         elif value.name == "weights":
@@ -140,7 +153,7 @@ def onnx_entry(spec: LossSpec, variant: Dict[str, Any], path: Path, opset: int) 
                 info["default"] = {"value": layout.variant_params(spec, variant)[value.name], "shape": [],
                                    "meaning": "scalar form of a float_or_vector parameter"}
         inputs.append(info)
-    outputs = [_value_info(value) for value in model.graph.output]
+    outputs = [value_info(value) for value in model.graph.output]
     meanings = {
         "loss": "float64 scalar: the reduction chosen by the reduction code (for none: the sum)",
         "values": "weighted unreduced losses in the canonical layout",
@@ -246,7 +259,8 @@ def merge(
 def write(
     out: Path, entries: List[Dict[str, Any]], opset: int, run: Dict[str, Any], source_fingerprint: Optional[str] = None
 ) -> Dict[str, Any]:
-    r"""Merge ``entries`` into ``out/manifest.json`` atomically (a temporary file renamed over it).
+    r"""Merge ``entries`` into ``out/manifest.json`` atomically (a temporary file renamed over it),
+    and sign it into ``manifest.json.hmac`` (likewise) when :func:`manifest_key` is set.
 
     Readers never see a half-written manifest. Writers must not overlap (a read-merge-write is not
     a transaction): ``python -m export`` writes once at the end of its run, and the server writes
@@ -257,7 +271,11 @@ def write(
     previous = None
     if path.exists():
         try:
-            previous = json.loads(path.read_text())
+            data = path.read_bytes()
+            # A SignatureError is a ValueError too: the entries of a manifest that is not signed with
+            # today's key are not carried over (re-signing them would vouch for what nobody checked).
+            check_signature(out, data)
+            previous = json.loads(data)
         except (OSError, ValueError):
             previous = None
     manifest = {
@@ -269,10 +287,22 @@ def write(
         "artifacts": merge(previous, entries, out, opset, source_fingerprint),
         "run": run,
     }
-    handle, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=out)
+    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    # The manifest first: a crash between the two renames leaves a signature that does not match,
+    # which a server with the key refuses (it fails closed).
+    _replace(path, data)
+    key = manifest_key()
+    if key is not None:
+        _replace(out / SIGNATURE_NAME, (signature(data, key) + "\n").encode())
+    return manifest
+
+
+def _replace(path: Path, data: bytes) -> None:
+    r"""Write ``data`` to ``path`` atomically: a temporary file in the same folder renamed over it."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the manifest is read by other users (C++ trainers)
@@ -280,7 +310,35 @@ def write(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return manifest
+
+
+def manifest_key() -> Optional[bytes]:
+    r"""The HMAC key in ``LOSS_SERVICE_MANIFEST_KEY`` (UTF-8); ``None`` when unset or empty: no signing."""
+    value = os.environ.get(MANIFEST_KEY_VARIABLE)
+    return value.encode() if value else None
+
+
+def signature(data: bytes, key: bytes) -> str:
+    r"""HMAC-SHA256 of a manifest's bytes, hex: the content of ``manifest.json.hmac``."""
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def check_signature(out: Path, data: bytes) -> None:
+    r"""Raise :class:`SignatureError` unless ``out/manifest.json.hmac`` signs ``data`` (the manifest's
+    bytes) with :func:`manifest_key`; nothing to check when no key is set."""
+    key = manifest_key()
+    if key is None:
+        return
+    path = Path(out) / SIGNATURE_NAME
+    fix = f"re-export with the key set: {MANIFEST_KEY_VARIABLE}=... python -m export --out {out}"
+    try:
+        recorded = path.read_bytes().strip()
+    except FileNotFoundError:
+        raise SignatureError(f"{path} is missing and {MANIFEST_KEY_VARIABLE} is set; {fix}") from None
+    if not hmac.compare_digest(recorded, signature(data, key).encode()):
+        raise SignatureError(
+            f"{Path(out) / MANIFEST_NAME}: its HMAC does not match {path} (edited, or signed with another key); {fix}"
+        )
 
 
 def load(out: Path) -> Dict[str, Any]:

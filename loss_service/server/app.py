@@ -3,7 +3,8 @@ r"""Assembling and running the server: backends, health, reflection, signals.
 ``create_server(address, config)`` binds the port and registers the services; ``start()`` sets
 the torch threads and opens the port at once (liveness ``""`` answers SERVING), then
 :meth:`LossServer.load` prepares the artifacts (exporting the missing or stale TorchScript modules
-and default ONNX graphs in worker processes, verifying the manifest checksums), loads every backend,
+and default ONNX graphs in worker processes, verifying the manifest's signature if a key is set,
+the checksums and that each artifact is the loss its entry says), loads every backend,
 runs each loss once per backend (:func:`smoke_check`), turns readiness
 (``loss_service.v1.LossService``) SERVING, and only then starts exporting the other ONNX variants
 in the background (:mod:`.background`).
@@ -27,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from loss_service import losses
 from loss_service.v1 import loss_service_pb2 as pb
 
-from .artifacts import prepare_artifacts
+from .artifacts import ArtifactError, prepare_artifacts
 from .background import VariantExporter
 from .backends import Backend, EagerBackend, OnnxBackend, TorchScriptBackend
 from .config import ServerConfig, select_device
@@ -117,8 +118,10 @@ def smoke_check(backends: Dict[str, Backend]) -> None:
 
     The check behind readiness: a loss is offered on a backend (ListLosses ``backends``) only if
     its artifact loaded, ran, and agreed with eager PyTorch on this input (float32 statistics,
-    rtol 1e-4). Stale artifacts need no sweep over every setting: the manifest's fingerprint
-    already sends them back to the exporter, and the checksums guard the bytes. The run also takes
+    rtol 1e-4). A TorchScript module that is not its loss's (``ArtifactError`` on its first load)
+    stops the start instead, like a checksum mismatch: the folder is not what its manifest says.
+    Stale artifacts need no sweep over every setting: the manifest's fingerprint already sends
+    them back to the exporter, and the checksums guard the bytes. The run also takes
     one-time costs (TorchScript's first run, creating each default ONNX session) off the first
     requests; the sessions of the other variants are created on their first request (~30 ms).
     """
@@ -140,6 +143,8 @@ def smoke_check(backends: Dict[str, Backend]) -> None:
                     _, totals, _ = runner.statistics(predictions, targets, None, False)
                     runner.reductions(totals)
                 torch.testing.assert_close(totals.cpu(), expected.cpu(), rtol=1e-4, atol=1e-5, check_dtype=False)
+            except ArtifactError:
+                raise
             except Exception as exc:  # noqa: BLE001 - reported, and the loss is not offered there
                 _unavailable(backend, spec.name, f"start-up check failed: {exc}")
 

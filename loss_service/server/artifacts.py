@@ -10,11 +10,15 @@ anything else counts as missing. At start the server
    TorchScript module (about 0.1 s each) and every loss's default ONNX graph ``<loss>.onnx``
    (seconds each). An artifact that fails to export is logged and left out: its loss is then not
    offered on that backend (ListLosses ``backends``), while every other loss is;
-2. reads each current file once, checks its sha256 against the manifest (a mismatch stops the
-   start) and keeps the verified bytes: the backends load from these bytes, so a file swapped
-   after the check is never used;
+2. reads each current file once, checks its sha256 against the manifest and that it is the
+   artifact its entry and file name say (:func:`read_verified`; either mismatch stops the start),
+   and keeps the verified bytes: the backends load from these bytes, so a file swapped after the
+   check is never used;
 3. returns the missing ONNX *variants* (other structural settings, probability targets, scalar
    alpha) as ``pending``: :class:`.background.VariantExporter` builds them after readiness.
+
+With ``LOSS_SERVICE_MANIFEST_KEY`` set, the manifest must carry a valid HMAC signature
+(:func:`export.manifest.check_signature`), else the start stops as well.
 """
 from __future__ import annotations
 
@@ -24,12 +28,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from loss_service import layout
+from loss_service.losses import LossSpec
 
 from .logs import LOGGER_NAME, event
 
+if TYPE_CHECKING:
+    from export import Job
+
 log = logging.getLogger(f"{LOGGER_NAME}.artifacts")
-MANIFEST_NAME = "manifest.json"
 # Exports before readiness skip the exporter's verification to keep a cold start short: the
 # start-up smoke check (app.smoke_check) runs each of these artifacts once against eager PyTorch.
 # The background exporter verifies the variants ("quick"), and `python -m export` runs (image
@@ -38,7 +49,8 @@ START_VERIFY_LEVEL = "none"
 
 
 class ArtifactError(RuntimeError):
-    r"""An unreadable manifest, or an artifact whose bytes do not match their manifest checksum."""
+    r"""An unreadable or unsigned manifest, or an artifact that is not what its manifest entry says
+    (checksum, loss, variant)."""
 
 
 @dataclass
@@ -60,11 +72,19 @@ class LoadedArtifacts:
 
 
 def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
-    path = folder / MANIFEST_NAME
+    r"""``folder``'s manifest (``None`` without one), once its signature is checked (if a key is set)."""
+    from export import manifest as export_manifest
+
+    path = folder / export_manifest.MANIFEST_NAME
     if not path.exists():
         return None
+    data = path.read_bytes()
     try:
-        return json.loads(path.read_text())
+        export_manifest.check_signature(folder, data)
+    except export_manifest.SignatureError as exc:
+        raise ArtifactError(str(exc)) from None
+    try:
+        return json.loads(data)
     except ValueError as exc:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
 
@@ -125,28 +145,130 @@ def prepare_artifacts(folder: str | Path, export_missing: bool = True, jobs: int
         loaded.exported = [row.file for row in result.rows if row.ok]
         event(log, "exported", folder=str(folder), files=len(result.rows), seconds=round(time.perf_counter() - start, 1))
         current = current_entries(folder, result.manifest, fingerprint)
-    for name in required_files() + deferred_files():
-        entry = current.get(name)
+    for job in export.plan():
+        entry = current.get(job.file)
         if entry is None:
             continue
-        data = read_verified(folder, entry)
-        if entry["format"] == "torchscript":
-            loaded.scripts[entry["loss"]] = data
+        data = read_verified(folder, entry, job)
+        if job.format == "torchscript":
+            loaded.scripts[job.spec.name] = data
         else:
-            loaded.graphs[name] = data
+            loaded.graphs[job.file] = data
     if export_missing:
         loaded.pending = [name for name in deferred_files() if name not in current]
     return loaded
 
 
-def read_verified(folder: Path, entry: Dict[str, Any]) -> bytes:
-    r"""The bytes of ``entry``'s file, after checking them against the manifest's sha256."""
+def read_verified(folder: Path, entry: Dict[str, Any], job: "Job") -> bytes:
+    r"""The bytes of ``entry``'s file, once checked to be ``job``'s artifact (the plan's for that file name).
+
+    The entry must name ``job``'s loss, format and variant, the bytes must have the entry's sha256,
+    and a graph must be that loss and variant's (:func:`check_graph`). A TorchScript module is
+    checked once loaded (:func:`check_scripted`), which the TorchScript backend does anyway.
+    """
     path = folder / entry["file"]
+    claimed = (entry["loss"], entry["format"], entry["variant_key"])
+    planned = (job.spec.name, job.format, layout.variant_key(job.variant))
+    if claimed != planned:
+        raise ArtifactError(f"{path}: its manifest entry says (loss, format, variant) {claimed}, the file name "
+                            f"{planned}{_fix(folder)}")
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
-        raise ArtifactError(
-            f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']}; re-export with "
-            f"`python -m export --out {folder}`"
-        )
+        raise ArtifactError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']}{_fix(folder)}")
+    if job.format == "onnx":
+        check_graph(path, entry, job, data)
     return data
+
+
+def check_graph(path: Path, entry: Dict[str, Any], job: "Job", data: bytes) -> None:
+    r"""Raise :class:`ArtifactError` unless ``data`` is the ONNX graph of ``job``'s loss and variant.
+
+    Compared: the loss and variant the exporter wrote into the model metadata
+    (:func:`export.artifacts.onnx_identity`; many graphs have the same inputs and outputs); each
+    input's name, element type and rank with the feeds the layout makes for that variant
+    (:func:`export.artifacts.example_feeds`, i.e. :func:`loss_service.layout.to_canonical`), in
+    graph order; the output names with ``layout.ONNX_OUTPUTS``; and the inputs and outputs (names,
+    element types, shapes) with those the manifest entry recorded.
+    """
+    import onnx
+
+    from export import manifest as export_manifest
+    from export.artifacts import example_feeds, onnx_identity
+
+    model = onnx.load_model_from_string(data)
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    differences = [
+        f"metadata {key} {metadata.get(key)!r}, expected {value!r}"
+        for key, value in onnx_identity(job.spec, job.variant).items()
+        if metadata.get(key) != value
+    ]
+    inputs = [export_manifest.value_info(value) for value in model.graph.input]
+    outputs = [export_manifest.value_info(value) for value in model.graph.output]
+    feeds = example_feeds(job.spec, job.variant)
+    names = layout.onnx_input_names(job.spec, job.variant)
+    differences += _differences(
+        "inputs",
+        [(value["name"], value["dtype"], len(value["shape"])) for value in inputs],
+        [(name, feeds[name].numpy().dtype.name, feeds[name].dim()) for name in names],
+    )
+    differences += _differences("outputs", [value["name"] for value in outputs], layout.ONNX_OUTPUTS)
+    for side, found in (("inputs", inputs), ("outputs", outputs)):
+        if side in entry:
+            differences += _differences(f"{side} vs the manifest entry", _typed_shapes(found), _typed_shapes(entry[side]))
+    if differences:
+        variant = layout.variant_key(job.variant) or "default variant"
+        raise ArtifactError(
+            f"{path} is not the ONNX graph of {job.spec.name} ({variant}): {'; '.join(differences)}{_fix(path.parent)}"
+        )
+
+
+def check_scripted(spec: LossSpec, scripted: torch.jit.ScriptModule, configured: torch.nn.Module) -> None:
+    r"""Raise :class:`ArtifactError` unless ``scripted`` (a loaded ``<loss>.pt``) is ``spec``'s module.
+
+    Compared with the registry: the TorchScript class (``spec.module``'s qualified name), the methods
+    the backend calls (``statistics``, ``reductions``), and every hyperparameter of ``spec`` in the
+    form :func:`.backends.configure_scripted` sets it: a buffer where ``configured`` (the eager module
+    of ``spec``) has a buffer, else an attribute of the same Python type.
+    """
+    from export.artifacts import torchscript_file_name
+
+    # TorchScript's own naming (``__torch__.<module>.<class>``) on both sides; torch has no public API for it.
+    found = scripted._c._type().qualified_name()
+    expected = torch._jit_internal._qualified_name(spec.module)
+    differences = [f"class {found}, expected {expected}"] if found != expected else []
+    differences += [f"no method {name}" for name in ("statistics", "reductions")
+                    if not isinstance(getattr(scripted, name, None), torch.ScriptMethod)]
+    buffers = dict(scripted.named_buffers(recurse=False))
+    eager_buffers = dict(configured.named_buffers(recurse=False))
+    for param in spec.params:
+        if param.name in eager_buffers:
+            if param.name not in buffers:
+                differences.append(f"no buffer {param.name}")
+            continue
+        kind = type(getattr(configured, param.name))
+        if not hasattr(scripted, param.name) or type(getattr(scripted, param.name)) is not kind:
+            differences.append(f"no {kind.__name__} attribute {param.name}")
+    if differences:
+        raise ArtifactError(f"{torchscript_file_name(spec)} is not the TorchScript module of {spec.name}: "
+                            f"{'; '.join(differences)}{_fix('<the artifacts folder>')}")
+
+
+def _differences(what: str, found: Sequence[Any], expected: Sequence[Any]) -> List[str]:
+    r"""What ``found`` has and ``expected`` lacks and the reverse, or that only their order differs."""
+    if list(found) == list(expected):
+        return []
+    unexpected = [item for item in found if item not in expected]
+    missing = [item for item in expected if item not in found]
+    if not unexpected and not missing:
+        return [f"{what} in another order"]
+    return [f"{what}: unexpected {unexpected}, missing {missing}"]
+
+
+def _typed_shapes(values: Sequence[Dict[str, Any]]) -> List[Tuple[str, str, Tuple[Any, ...]]]:
+    r"""``(name, dtype, shape)`` of graph inputs or outputs as :func:`export.manifest.value_info` describes them."""
+    return [(value["name"], value["dtype"], tuple(value["shape"])) for value in values]
+
+
+def _fix(folder: "Path | str") -> str:
+    return f"; re-export with `python -m export --out {folder}`"

@@ -23,6 +23,7 @@ from torch import Tensor
 from loss_service import layout, losses
 from loss_service.losses import LossSpec
 
+from .artifacts import check_scripted
 from .config import provider_device
 
 DEFAULT_CACHE_SIZE = 64
@@ -139,8 +140,9 @@ class TorchScriptBackend(Backend):
     r"""The exported ``<loss>.pt`` files; one separately loaded copy per hyperparameter configuration.
 
     ``scripts`` maps a loss name to the verified bytes of its ``.pt`` file. Every configuration gets
-    its own ``torch.jit.load`` (with ``map_location=device``) whose attributes are then set, so a
-    module that serves one request is never changed by another.
+    its own ``torch.jit.load`` (with ``map_location=device``), checked to be the loss's module
+    (:func:`.artifacts.check_scripted`, which raises ``ArtifactError``), whose attributes are then
+    set, so a module that serves one request is never changed by another.
     """
 
     name = "torchscript"
@@ -154,7 +156,9 @@ class TorchScriptBackend(Backend):
 
     def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
         scripted = torch.jit.load(io.BytesIO(self._scripts[spec.name]), map_location=self.torch_device)
-        configure_scripted(scripted, losses.build(spec.name, **params), self.torch_device)
+        configured = losses.build(spec.name, **params)
+        check_scripted(spec, scripted, configured)
+        configure_scripted(scripted, configured, self.torch_device)
         return scripted.eval()
 
 
@@ -256,7 +260,7 @@ class OnnxBackend(Backend):
         return loss in losses.names() and layout.onnx_file_name(losses.get(loss), {}) in self._graphs
 
     def add_graph(self, file_name: str, data: bytes) -> None:
-        r"""Offer a newly exported (and checksum-verified) graph; its session is created on first use."""
+        r"""Offer a newly exported graph (checked by ``read_verified``); its session is created on first use."""
         with self._lock:
             self._graphs[file_name] = data
 

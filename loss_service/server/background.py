@@ -154,7 +154,7 @@ class VariantExporter:
                     "failed": [],
                 }
                 export_manifest.write(self.folder, [entry], self.opset, run, fingerprint)
-                data = read_verified(self.folder, entry)
+                data = read_verified(self.folder, entry, self._jobs[file_name])
             except Exception as failure:  # noqa: BLE001 - e.g. a full disk: this variant is not offered
                 entry, error = None, f"{type(failure).__name__}: {failure}"
             else:
