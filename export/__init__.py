@@ -8,17 +8,22 @@ Library use (the server exports missing artifacts at start-up)::
 
 ``jobs > 1`` exports in that many worker processes (spawn context: a fork of a process that has
 run torch or ONNX Runtime threads is unsafe); the calling process collects the results and writes
-the manifest once. Generic over the registry: a newly registered loss is exported and verified with
-no change here. See docs/export.md for the layout, the manifest and the tolerances.
+the manifest once. The workers end with the calling process, even when it is killed
+(:func:`process_pool`). Generic over the registry: a newly registered loss is exported and verified
+with no change here. See docs/export.md for the layout, the manifest and the tolerances.
 """
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (_terminate_pools_at_exit)
 import datetime
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
 import time
+import weakref
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +62,13 @@ class Row:
     max_rel_error: Optional[float] = None
     seconds: float = 0.0
     error: str = ""
+
+
+class ExportInterrupted(RuntimeError):
+    r"""The process began to exit during :func:`export_losses`, which stopped and wrote no manifest.
+
+    Its worker processes were terminated; an export running in the calling process was let finish.
+    """
 
 
 @dataclass
@@ -164,11 +176,44 @@ def job_key(job: Job) -> Tuple[str, str, Dict[str, Any], str]:
     return job.spec.name, job.format, job.variant, job.file
 
 
-def _worker_start() -> None:
+def _worker_start(parent_pid: int) -> None:
+    end_with_parent(parent_pid)
     import torch
 
     # One export per core: intra-op threads of several workers would fight over the same cores.
     torch.set_num_threads(1)
+
+
+# Linux's <sys/prctl.h>: PR_SET_PDEATHSIG, the signal this process gets when its parent ends.
+_PR_SET_PDEATHSIG = 1
+# Where the kernel cannot signal it, how often a worker looks whether its parent is still there.
+PARENT_POLL_SECONDS = 1.0
+
+
+def end_with_parent(parent_pid: int) -> None:
+    r"""End this process when its parent ``parent_pid`` ends, even by SIGKILL (which runs no clean-up there).
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``. The kernel sends it when the *thread* that started
+    this process ends, not when the whole parent process does: see :func:`process_pool` for which
+    thread that is. Elsewhere, or if prctl fails: a daemon thread polls ``os.getppid()``. Either way
+    a parent that ended before this call is caught at once: this process has been re-parented.
+    """
+    signalled = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        # prctl is variadic and reads its second argument as an unsigned long: pass one.
+        signalled = ctypes.CDLL(None).prctl(ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL)) == 0
+    if not signalled:
+        threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="parent-watch", daemon=True).start()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
 
 
 def _run_job_in_worker(
@@ -194,9 +239,53 @@ def error_message(error: BaseException) -> str:
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
-    r"""Export worker processes (spawn context, one torch thread each)."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_start)
+    r"""Export worker processes (spawn context, one torch thread each) that end with this process.
+
+    A worker ends when this process does, even by SIGKILL (:func:`end_with_parent`); on Linux it
+    ends as soon as the *thread* that started it ends. Python 3.11's ProcessPoolExecutor starts
+    spawn workers in :meth:`~ProcessPoolExecutor.submit`, in the calling thread (its management
+    thread starts some only with ``max_tasks_per_child``, not used here): so make the pool, submit
+    to it and wait for its results in one thread that lives until the pool is shut down.
+
+    At interpreter exit the workers are terminated (:func:`terminate`) before concurrent.futures
+    joins its threads, so that the exit does not wait for the exports in progress.
+    """
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_start, initargs=(os.getpid(),))
+    with _pools_lock:
+        _live_pools.add(pool)
+    return pool
+
+
+def terminate(pool: ProcessPoolExecutor) -> None:
+    r"""End ``pool``'s worker processes now (thread-safe; call it before ``pool.shutdown``, which forgets them).
+
+    The exports in progress are lost and every pending future fails with BrokenProcessPool.
+    ProcessPoolExecutor has no public terminate before Python 3.14; ``shutdown(cancel_futures=True)``
+    still waits for (or leaves running) the calls its workers have taken.
+    """
+    for worker in list((pool._processes or {}).values()):
+        worker.terminate()
+
+
+def _terminate_pools_at_exit() -> None:
+    global _exiting
+    _exiting = True
+    with _pools_lock:
+        pools = list(_live_pools)
+    for pool in pools:
+        terminate(pool)
+
+
+# The pools of process_pool still referenced: the exit hook terminates their workers.
+_live_pools: "weakref.WeakSet[ProcessPoolExecutor]" = weakref.WeakSet()
+_pools_lock = threading.Lock()
+# Set by the exit hook: export_losses then stops, reporting its cut-short run as an error, not as failed artifacts.
+_exiting = False
+# Threading runs these hooks before it joins the non-daemon threads, in the reverse order of
+# registration: this one before concurrent.futures' (imported above), which join the executors'
+# threads and the pools' management threads, i.e. wait for the exports in progress.
+threading._register_atexit(_terminate_pools_at_exit)  # type: ignore[attr-defined]
 
 
 def submit(
@@ -248,7 +337,8 @@ def export_losses(
     runs in the calling process. The manifest is written once, by the calling process, at the end.
 
     A failure to export or verify any artifact makes ``result.ok`` false; the failing artifact is
-    reported in ``result.rows`` with its error (its file is not listed in the manifest).
+    reported in ``result.rows`` with its error (its file is not listed in the manifest). An exit of
+    the process during the run (e.g. the server's SIGTERM) raises :class:`ExportInterrupted`.
     """
     if verify not in LEVELS:
         raise ValueError(f"verify must be one of {', '.join(LEVELS)}, got '{verify}'")
@@ -274,6 +364,8 @@ def export_losses(
     workers = min(jobs, len(planned))
     if workers <= 1:
         for job in planned:
+            if _exiting:
+                break  # an export in this process cannot be cut short: stop between two
             if bar is not None:
                 bar.set_description(job.file)
             job_start = time.perf_counter()
@@ -289,16 +381,23 @@ def export_losses(
         # modules (~0.1 s), so the short jobs fill the gaps at the end instead of a core idling.
         ordered = sorted(planned, key=lambda job: (job.format != "onnx", job.spec.kind != "region"))
         with process_pool(workers) as pool:
-            submitted = {submit(pool, job, out, opset, verify, device, source_fingerprint): job for job in ordered}
-            for future in as_completed(submitted):
-                job = submitted[future]
-                try:
-                    results[job.file] = future.result()
-                except Exception as failure:  # noqa: BLE001 - e.g. a worker killed by the OOM killer
-                    results[job.file] = (None, error_message(failure), 0.0)
-                if bar is not None:
-                    bar.set_description(job.file)
-                    bar.update(1)
+            try:
+                submitted = {submit(pool, job, out, opset, verify, device, source_fingerprint): job for job in ordered}
+                for future in as_completed(submitted):
+                    job = submitted[future]
+                    try:
+                        results[job.file] = future.result()
+                    except Exception as failure:  # noqa: BLE001 - e.g. a worker killed by the OOM killer
+                        results[job.file] = (None, error_message(failure), 0.0)
+                    if bar is not None:
+                        bar.set_description(job.file)
+                        bar.update(1)
+            except BaseException:
+                # E.g. Ctrl-C: leaving the `with` would wait for every export still queued.
+                terminate(pool)
+                raise
+    if _exiting:
+        raise ExportInterrupted("the process is exiting: the export was stopped")
     if bar is not None:
         bar.close()
     entries: List[Dict[str, Any]] = []
@@ -354,5 +453,5 @@ def _size(size: int) -> str:
     return f"{size / 1024:.1f} KiB" if size >= 1024 else f"{size} B"
 
 
-__all__ = ["export_losses", "plan", "summary_table", "default_jobs", "process_pool", "submit", "ExportResult", "Row", "Job",
-           "FORMATS", "DEFAULT_OPSET", "LEVELS"]
+__all__ = ["export_losses", "plan", "summary_table", "default_jobs", "process_pool", "terminate", "end_with_parent",
+           "submit", "ExportResult", "ExportInterrupted", "Row", "Job", "FORMATS", "DEFAULT_OPSET", "LEVELS"]

@@ -19,7 +19,7 @@ import datetime
 import logging
 import threading
 import time
-from concurrent.futures import Future, TimeoutError
+from concurrent.futures import Future, ProcessPoolExecutor, TimeoutError
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -31,13 +31,16 @@ log = logging.getLogger(f"{LOGGER_NAME}.background")
 BACKGROUND_VERIFY_LEVEL = "quick"
 # How often the exporter thread, waiting for its worker, looks whether the server is stopping.
 STOP_POLL_SECONDS = 0.2
+# The most stop() waits for the exporter thread: it ends within STOP_POLL_SECONDS of the
+# terminated worker, unless it is writing the manifest.
+STOP_JOIN_SECONDS = 2.0
 
 
 class VariantExporter:
     r"""Exports ``files`` (ONNX variant file names of ``export.plan()``) into ``folder``.
 
     ``deliver(file_name, data)`` receives each exported graph's verified bytes (the ONNX backend's
-    ``add_graph``). :meth:`request` is thread-safe; :meth:`stop` ends the worker process.
+    ``add_graph``). :meth:`request` is thread-safe; :meth:`stop` ends the worker process at once.
     """
 
     def __init__(self, folder: Path, files: List[str], deliver: Callable[[str, bytes], None], opset: int) -> None:
@@ -54,6 +57,8 @@ class VariantExporter:
         self._deliver = deliver
         self._lock = threading.Lock()
         self._stopping = False
+        # The worker pool, made and used by the exporter thread (its worker ends with that thread).
+        self._pool: Optional[ProcessPoolExecutor] = None
         self._thread = threading.Thread(target=self._run, name="variant-exporter", daemon=True)
         self.exported: List[str] = []
         self.failed: Dict[str, str] = {}
@@ -80,12 +85,18 @@ class VariantExporter:
         return not self._thread.is_alive()
 
     def stop(self) -> None:
-        r"""Drop the queue, end the worker process, and fail every waiting request."""
+        r"""Drop the queue, end the worker process at once (its export in progress is lost), and fail
+        every waiting request."""
+        import export
+
         with self._lock:
             self._stopping = True
             self._queue.clear()
+            pool = self._pool
+        if pool is not None:
+            export.terminate(pool)
         if self._thread.ident is not None:
-            self._thread.join(10)
+            self._thread.join(STOP_JOIN_SECONDS)
         with self._lock:
             futures, self._futures = self._futures, {}
         for future in futures.values():
@@ -109,6 +120,8 @@ class VariantExporter:
         fingerprint = export_manifest.fingerprint()
         started = time.perf_counter()
         pool = export.process_pool(1)
+        with self._lock:
+            self._pool = pool
         event(log, "background_export_started", files=len(self._queue))
         try:
             while (file_name := self._next()) is not None:
@@ -130,11 +143,13 @@ class VariantExporter:
                     entry, error = None, "; ".join(f"{c['name']}: {', '.join(c['failures'][:2])}" for c in failed_checks)
                 self._finish(file_name, entry, error, fingerprint, time.perf_counter() - job_start)
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-            # ProcessPoolExecutor has no public terminate before Python 3.14; without it a stop (and
-            # the process exit) would wait for the export in progress, seconds to a minute.
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                process.terminate()
+            if self._stopped():
+                # stop() may have come before this thread's submit started the worker; without this
+                # the process exit would wait for the export in progress, seconds to a minute.
+                export.terminate(pool)
+            # Waits for an idle or terminated worker only (milliseconds), and must: the worker is
+            # killed when this thread ends (export.process_pool), which would break a shutdown in progress.
+            pool.shutdown(wait=True, cancel_futures=True)
             event(log, "background_export_finished", exported=len(self.exported), failed=sorted(self.failed),
                   seconds=round(time.perf_counter() - started, 1))
 
