@@ -6,6 +6,7 @@ r"""Command line: ``python -m loss_service serve|score|losses`` (also the ``loss
     --backend LOSS_SERVICE_BACKEND (auto)       --device LOSS_SERVICE_DEVICE (auto)
     --artifacts LOSS_SERVICE_ARTIFACTS (artifacts)
     --max-message-bytes LOSS_SERVICE_MAX_MESSAGE_BYTES   --max-elements LOSS_SERVICE_MAX_ELEMENTS
+    --max-inflight-bytes LOSS_SERVICE_MAX_INFLIGHT_BYTES (memory limit / 2 / 4)
     --workers LOSS_SERVICE_WORKERS              --grace-seconds LOSS_SERVICE_GRACE_SECONDS
     --jobs LOSS_SERVICE_JOBS (min(2, CPUs))     --torch-threads LOSS_SERVICE_TORCH_THREADS (CPUs)
     --log-level LOSS_SERVICE_LOG_LEVEL (INFO)
@@ -51,6 +52,10 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                         help="largest request/response message (%(default)s)")
     parser.add_argument("--max-elements", type=int, default=_env("max_elements", defaults.max_elements, int),
                         help="largest tensor in a request, in elements; above: RESOURCE_EXHAUSTED (%(default)s)")
+    parser.add_argument("--max-inflight-bytes", type=int,
+                        default=_env("max_inflight_bytes", defaults.max_inflight_bytes, int),
+                        help="sum of the request bodies being processed; a request that would exceed it gets "
+                             "RESOURCE_EXHAUSTED at once (default: memory limit / 2 / 4, here %(default)s)")
     parser.add_argument("--workers", type=int, default=_env("workers", defaults.workers, int),
                         help="compute threads for large requests (%(default)s)")
     parser.add_argument("--grace-seconds", type=float, default=_env("grace_seconds", defaults.grace_seconds, float),
@@ -111,7 +116,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = ServerConfig(
             host=args.host, port=args.port, backend=args.backend, device=args.device, artifacts=args.artifacts,
-            max_message_bytes=args.max_message_bytes, max_elements=args.max_elements, workers=args.workers,
+            max_message_bytes=args.max_message_bytes, max_elements=args.max_elements,
+            max_inflight_bytes=args.max_inflight_bytes, workers=args.workers,
             grace_seconds=args.grace_seconds, export_missing=not args.no_export, export_jobs=args.jobs,
             torch_threads=args.torch_threads,
         )

@@ -194,10 +194,15 @@ def targets_are_indices(predictions_shape: Sequence[int], targets_shape: Sequenc
     )
 
 
+class NoExportedGraph(ValueError):
+    r"""Valid settings that no exported ONNX graph computes (other losses' errors are plain ``ValueError``\ s)."""
+
+
 def variant_of(spec: LossSpec, params: Dict[str, Any], index_targets: bool) -> Dict[str, Any]:
     r"""The exported variant that computes ``spec`` with ``params`` on this target form.
 
-    Raises ``ValueError`` naming the setting when no exported graph has it.
+    Raises ``ValueError`` when the setting does not take this target form, and
+    :class:`NoExportedGraph` naming the setting when no exported graph has it.
     """
     defaults = spec.defaults()
     structural = structural_params(spec)
@@ -219,7 +224,7 @@ def variant_of(spec: LossSpec, params: Dict[str, Any], index_targets: bool) -> D
             f"{spec.name} with {variant_key(base) or 'the default settings'} takes "
             f"{'class-index' if natural_index else 'dense'} targets, got {'class-index' if index_targets else 'dense'} targets"
         )
-    raise ValueError(
+    raise NoExportedGraph(
         f"{spec.name}: no exported ONNX graph for {variant_key(wanted)}; exported settings: "
         f"{', '.join(variant_key(v) or '(default)' for v in _structural_variants(spec))}"
     )
@@ -392,9 +397,11 @@ def to_canonical(
     ndim = p.ndim
     if ndim == 0:
         raise ValueError("predictions must have a batch dimension: expected (N, C, *) or (N,), got a scalar")
-    if ndim == 1:
-        p = p.reshape(p.shape[0], 1)
-        t = t.reshape(t.shape[0], 1) if not index_targets else t
+    request_shape = tuple(p.shape)
+    if ndim == 1 or (_one_channel(full) and p.shape[1] != 1 and t.shape == p.shape):
+        # No class dimension: one channel, every non-batch dimension spatial (as the kernels read it).
+        p = p.reshape((p.shape[0], 1) + p.shape[1:])
+        t = t.reshape((t.shape[0], 1) + t.shape[1:]) if not index_targets else t
     dim = _class_dim(spec, full, p.ndim)
     batch, num_classes = p.shape[0], p.shape[dim]
     moved = np.moveaxis(p, dim, 1)
@@ -436,6 +443,9 @@ def to_canonical(
     w_layout = weights_layout(spec, variant)
     w_shape = original_shapes[w_layout]
     w = None if weights is None else _float32(_to_numpy(weights), "weights")
+    if w is not None and ndim > 1 and p.shape != request_shape and not (w.ndim == 1 and w.shape[0] == batch):
+        # Weights broadcast against the request's shape, before its channel is inserted.
+        w = _broadcast_weights(w, request_shape, batch).reshape(p.shape)
     # The rule of the region kernels (region._split_weights): (N,) weights of predictions with
     # more than one dimension weight samples; a graph cannot decide that per request, so they
     # have their own input and the pixel weights are fed as ones.
@@ -445,16 +455,7 @@ def to_canonical(
     if w is None:
         canonical_w = np.ones(forward(np.empty(w_shape, np.float32), w_layout).shape, dtype=np.float32)
     else:
-        if w.ndim == 1 and len(w_shape) > 1 and w.shape[0] == batch:
-            w = w.reshape((batch,) + (1,) * (len(w_shape) - 1))
-        try:
-            w = np.broadcast_to(w, w_shape)
-        except ValueError:
-            raise ValueError(
-                f"weights of shape {list(w.shape)} cannot be applied to the loss's elementwise shape "
-                f"{list(w_shape)}: expected ({batch},) for one weight per sample or a shape that broadcasts "
-                f"to {list(w_shape)}"
-            ) from None
+        w = _broadcast_weights(w, w_shape, batch)
         canonical_w = np.ascontiguousarray(forward(w, w_layout), dtype=np.float32)
 
     feeds: Dict[str, np.ndarray] = {"predictions": canonical_p, "targets": canonical_t, "weights": canonical_w}
@@ -478,6 +479,26 @@ def to_canonical(
         return values
 
     return feeds, restore
+
+
+def _one_channel(settings: Dict[str, Any]) -> bool:
+    r"""Settings whose predictions have no class dimension: a binary region loss's ``(N, *)`` (or
+    ``(N, 1, *)``) logits are one channel over every non-batch dimension."""
+    return settings.get("mode") == "binary"
+
+
+def _broadcast_weights(w: np.ndarray, shape: Tuple[int, ...], batch: int) -> np.ndarray:
+    r"""``w`` (``(N,)`` per sample, or broadcastable) expanded to ``shape``; ``ValueError`` otherwise."""
+    if w.ndim == 1 and len(shape) > 1 and w.shape[0] == batch:
+        w = w.reshape((batch,) + (1,) * (len(shape) - 1))
+    try:
+        return np.broadcast_to(w, shape)
+    except ValueError:
+        raise ValueError(
+            f"weights of shape {list(w.shape)} cannot be applied to the loss's elementwise shape "
+            f"{list(shape)}: expected ({batch},) for one weight per sample or a shape that broadcasts "
+            f"to {list(shape)}"
+        ) from None
 
 
 def request_variant(spec: LossSpec, params: Dict[str, Any], predictions_shape, targets_shape) -> Dict[str, Any]:
@@ -517,6 +538,7 @@ def select_providers(
 
 
 __all__ = [
+    "NoExportedGraph",
     "REDUCTION_CODES",
     "ONNX_OUTPUTS",
     "graph_params",

@@ -336,6 +336,30 @@ def _too_many_elements():
     return build_request("mse", predictions, predictions)
 
 
+def _focal(**options):
+    def make():
+        _, _, predictions, targets = inputs("focal")
+        return build_request("focal", predictions, targets, **options)
+    return make
+
+
+def _scalar_predictions():
+    request = build_request("dice", np.float32(0.5), np.float32(1.0))
+    assert list(request.predictions.shape) == [], "a 0-d array is sent as a 0-d tensor"
+    return request
+
+
+def _labels(labels):
+    def make():
+        request = _valid()
+        request.labels.update(labels)
+        return request
+    return make
+
+
+LONG_NAME = "y" * 20_000
+
+
 BAD_INPUTS = [
     # id, request factory, status, field, text in the description
     ("unknown-loss", _with(loss="no_such_loss"), "INVALID_ARGUMENT", "loss", "bce_with_logits"),
@@ -345,7 +369,7 @@ BAD_INPUTS = [
     ("parameter-out-of-range", _with("focal", params={"gamma": pb.Param(double_value=-1.0)}), "INVALID_ARGUMENT",
      "params.gamma", "gamma"),
     ("parameter-wrong-kind", _with("focal", params={"gamma": pb.Param(string_value="two")}), "INVALID_ARGUMENT",
-     "params.gamma", "must be a number"),
+     "params.gamma", "is sent as double_value or int_value, got string_value"),
     ("parameter-not-integer", _with("cross_entropy", params={"ignore_index": pb.Param(double_value=1.5)}),
      "INVALID_ARGUMENT", "params.ignore_index", "integer"),
     ("reduction-as-param", _with(params={"reduction": pb.Param(string_value="sum")}), "INVALID_ARGUMENT",
@@ -387,6 +411,26 @@ BAD_INPUTS = [
     ("missing-targets", lambda: pb.ScoreBatchRequest(loss="mse", predictions=_tensor(np.zeros(3, np.float32))),
      "INVALID_ARGUMENT", "targets", "must be set"),
     ("over-the-element-limit", _too_many_elements, "RESOURCE_EXHAUSTED", "predictions.shape", "limit of 4096"),
+    ("a-zero-beside-a-huge-dimension", _predictions(_set_shape([0, 2 ** 62])), "RESOURCE_EXHAUSTED", "predictions.shape",
+     "limit of 4096"),
+    ("too-many-dimensions", _predictions(_set_shape([1] * 33)), "INVALID_ARGUMENT", "predictions.shape", "at most 32"),
+    ("scalar-predictions", _scalar_predictions, "INVALID_ARGUMENT", "predictions.shape", "batch dimension"),
+    ("2-d-class-weights", _with("cross_entropy", class_weights=_tensor(np.ones((3, 1), np.float32))),
+     "INVALID_ARGUMENT", "class_weights", "1-D vector"),
+    ("2-d-alpha", _focal(alpha=np.ones((3, 1), np.float32)), "INVALID_ARGUMENT", "tensor_params.alpha", "1-D vector"),
+    ("gamma-beyond-float32", _with("focal", params={"gamma": pb.Param(double_value=1e308)}), "INVALID_ARGUMENT",
+     "params.gamma", "finite in float32"),
+    ("empty-class-weights", _with("cross_entropy", class_weights=_tensor(np.ones(0, np.float32))), "INVALID_ARGUMENT",
+     "class_weights", "empty vector"),
+    ("empty-pos-weight", _with(pos_weight=_tensor(np.ones(0, np.float32))), "INVALID_ARGUMENT", "pos_weight",
+     "empty vector"),
+    ("empty-alpha", _focal(alpha=np.ones(0, np.float32)), "INVALID_ARGUMENT", "tensor_params.alpha", "empty vector"),
+    ("a-9-kb-loss-name", _with(loss="x" * 9000), "INVALID_ARGUMENT", "loss", "... (9000 characters)"),
+    ("a-20-kb-parameter-name", _with("focal", params={LONG_NAME: pb.Param(double_value=1.0)}), "INVALID_ARGUMENT",
+     f"params.{'y' * 64}... (20000 characters)", "unknown parameter"),
+    ("too-many-labels", _labels({str(i): "x" for i in range(65)}), "INVALID_ARGUMENT", "labels", "at most 64"),
+    ("a-long-label-value", _labels({"job": "v" * 300}), "INVALID_ARGUMENT", "labels[job]", "at most 256"),
+    ("a-long-request-id", _with(request_id="r" * 300), "INVALID_ARGUMENT", "request_id", "at most 256"),
 ]
 
 
@@ -420,6 +464,84 @@ def test_bad_input_is_rejected_the_same_way_on_every_backend(client, backend):
         client.score_request(bad_shape)
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.field_violations[0][0] == "targets"
+
+
+def _raw_call(server, method, body, stream=False):
+    with grpc.insecure_channel(server.target) as channel:
+        path = f"/{SERVICE_NAME}/{method}"
+        try:
+            if stream:
+                channel.stream_unary(path)(iter([body]), timeout=30)
+            else:
+                channel.unary_unary(path)(body, timeout=30)
+        except grpc.RpcError as error:
+            return error
+    raise AssertionError("the call succeeded")
+
+
+@pytest.mark.parametrize("method", ["ScoreBatch", "ScoreStream"])
+@pytest.mark.parametrize("body", [b"\xff\xff\xff", b"\x0a\x05ab", _valid().SerializeToString()[:-3]],
+                         ids=["garbage", "truncated-string", "truncated-request"])
+def test_bytes_that_are_not_a_request_are_invalid_argument(server, client, method, body):
+    error = _raw_call(server, method, body, stream=method == "ScoreStream")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid loss_service.v1.ScoreBatchRequest" in error.details()
+    assert "DecodeError" not in error.details() and "<class" not in error.details()
+    _, _, predictions, targets = inputs("mse")
+    assert client.score("mse", predictions, targets).loss == pytest.approx(
+        float(eager_value("mse", {}, predictions, targets, None, "mean")), rel=1e-6)
+
+
+@pytest.mark.parametrize("where", ["loss", "params", "tensor_params", "labels"])
+def test_statuses_stay_small_whatever_the_request_echoes(server, where):
+    request = _valid("focal")
+    name = "\u00e9" * 500_000  # 1 MB of UTF-8, 6 bytes each once percent-encoded
+    if where == "loss":
+        request.loss = name
+    elif where == "params":
+        request.params[name].double_value = 1.0
+    elif where == "tensor_params":
+        request.tensor_params[name].CopyFrom(_tensor(np.ones(3, np.float32)))
+    else:
+        request.labels[name] = "x"
+    error = _raw_call(server, "ScoreBatch", request.SerializeToString())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    size = len(error.details()) + sum(len(key) + len(value) for key, value in error.trailing_metadata())
+    assert size < 4096, size
+    assert "(500000 characters)" in error.details()
+
+
+@pytest.mark.parametrize("name,mode", [("cross_entropy", None), ("dice", "multiclass"), ("bce_with_logits", None)])
+def test_a_stream_whose_class_count_changes_is_rejected_naming_the_batch(client, name, mode):
+    options = {"mode": mode} if mode else {}
+    generator = torch.Generator().manual_seed(3)
+    three, wider = (losses.get(name).make_inputs(2, classes, (5,), generator, torch.float32, dict(options))
+                    for classes in (3, 4))
+    with pytest.raises(LossServiceError) as error:
+        client.score_stream([three, three, wider], loss=name, **options)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    [(field, description)] = error.value.field_violations
+    assert field == "batches[2].predictions.shape"
+    assert "4 classes along dim 1, batch 0 had 3 classes along dim 1" in description
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_binary_region_masks_without_a_channel_on_every_backend(client, backend):
+    # Binary region losses read (N, *) logits as one channel over every non-batch dimension.
+    generator = torch.Generator().manual_seed(6)
+    for shape in ((3, 5), (3, 2, 4, 4)):
+        predictions = torch.randn(shape, generator=generator)
+        masks = (torch.rand(shape, generator=generator) > 0.5).float()
+        weights = torch.rand(shape[:1] + (1,) * (len(shape) - 1), generator=generator) + 0.5
+        for name in ("dice", "iou", "tversky", "focal_tversky", "bce_dice"):
+            for reduction in ("mean", "none"):
+                expected = eager_value(name, {}, predictions, masks, weights, reduction)
+                result = client.score(name, predictions, masks, weights, backend=backend, reduction=reduction)
+                what = f"{name} {shape} {reduction} on {backend}"
+                if reduction == "none":
+                    np.testing.assert_allclose(result.values, expected.numpy(), rtol=1e-5, atol=1e-6, err_msg=what)
+                else:
+                    assert result.loss == pytest.approx(float(expected), rel=1e-5), what
 
 
 def test_a_message_over_the_size_limit_is_resource_exhausted(client):

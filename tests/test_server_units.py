@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from loss_service.server import ConfigError, logs, ServerConfig, select_device, tune_malloc
-from loss_service.server.backends import config_key
+from loss_service.server.backends import RUNNER_BYTES, RunnerCache, config_key
+from loss_service.server.memory import RequestBudget
 from loss_service.server.codec import WIRE_DTYPES, decode, encode, to_message, to_numpy
 from loss_service.server.config import provider_device
 from loss_service.server.errors import ServiceError, from_library_message, library_value_error
@@ -153,6 +154,57 @@ def test_config_key_distinguishes_tensor_values():
     b = config_key("focal", {"gamma": 2.0, "alpha": torch.tensor([1.0, 2.0])})
     c = config_key("focal", {"alpha": torch.tensor([1.0, 3.0]), "gamma": 2.0})
     assert a == b and a != c and hash(a) == hash(b)
+    # A vector is keyed by a digest, not by its bytes: a key stays small whatever the vector's size.
+    large = config_key("focal", {"alpha": torch.ones(1_000_000)})
+    assert len(repr(large)) < 300
+
+
+def test_runner_cache_is_bounded_in_bytes_and_entries():
+    cache = RunnerCache(capacity=3, max_bytes=1000)
+    cache.put("a", "runner a", 200)
+    cache.put("b", "runner b", 200)
+    assert cache.get("a") == "runner a" and cache.bytes == 400
+    cache.put("too large", "runner", 251)  # more than a quarter of the budget: never kept
+    assert cache.get("too large") is None and "too large" not in cache
+    cache.put("c", "runner c", 250)
+    cache.put("d", "runner d", 250)  # 4 entries > 3: the least recently used ("b") goes
+    assert "b" not in cache and cache.get("a") == "runner a" and len(cache) == 3
+    cache.put("e", "runner e", 250)  # 950 bytes > 1000 - 200: "c" goes
+    assert "c" not in cache and cache.bytes <= 1000
+
+
+def test_a_runner_is_kept_only_after_it_served_a_valid_request():
+    from loss_service import losses
+    from loss_service.server.backends import EagerBackend
+
+    backend = EagerBackend("cpu")
+    spec, params = losses.get("cross_entropy"), {"class_weight": torch.ones(5)}
+    key = config_key(spec.name, params)
+    runner = backend.runner(spec, params, key)
+    assert not backend.warm(key), "built but not kept"
+    backend.keep(key, runner, params)
+    assert backend.warm(key) and backend.runner(spec, params, key) is runner
+    assert backend._cache.bytes == RUNNER_BYTES + 5 * 4
+
+
+def test_request_budget_refuses_what_would_exceed_it_and_reports_idle():
+    idle = []
+    budget = RequestBudget(100, on_idle=lambda: idle.append(budget.in_use))
+    budget.acquire(60)
+    with pytest.raises(ServiceError) as error:
+        budget.acquire(50)
+    assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "60 of 100 bytes in use" in error.value.message
+    with pytest.raises(ServiceError, match="exceed the server's in-flight request budget of 100"):
+        budget.acquire(101)
+    with budget.holding(40):
+        assert budget.in_use == 100
+    budget.release(60)
+    assert budget.in_use == 0
+    assert idle == []  # far less than IDLE_TRIM_MIN_BYTES went through: nothing to give back
+    large = RequestBudget(1 << 30, on_idle=lambda: idle.append(large.in_use))
+    with large.holding(32 << 20):
+        pass
+    assert idle == [0]
 
 
 def test_tune_malloc_on_glibc():

@@ -1,4 +1,8 @@
-r"""Zero-copy request parsing (:mod:`loss_service.server.wire`) against protobuf's own parser."""
+r"""Request parsing (:mod:`loss_service.server.wire`) against protobuf's own parser: the same
+meaning, payloads viewed in place, bounded work on hostile bodies."""
+import time
+
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -6,10 +10,11 @@ from google.protobuf.message import DecodeError
 
 from loss_service.server import wire
 from loss_service.server.codec import decode, encode
+from loss_service.server.errors import ServiceError
 from loss_service.server.wire import ParsedRequest, parse_request
 from loss_service.v1 import loss_service_pb2 as pb
 
-LARGE = 40_000  # elements: 160 kB of float32, above ZERO_COPY_MIN_BYTES
+LARGE = 200_000  # elements: 1.6 MB in all, above ZERO_COPY_MIN_BYTES
 
 
 def _request(elements: int = LARGE, weights: bool = True) -> pb.ScoreBatchRequest:
@@ -29,8 +34,11 @@ def _request(elements: int = LARGE, weights: bool = True) -> pb.ScoreBatchReques
 
 
 def _reassembled(parsed: ParsedRequest) -> pb.ScoreBatchRequest:
+    r"""The public message the parse stands for: its maps, its fields and the viewed payloads."""
     message = pb.ScoreBatchRequest()
-    message.CopyFrom(parsed.message)
+    message.ParseFromString(parsed.message.SerializeToString())  # the same wire layout
+    assert dict(message.params) == parsed.params and dict(message.tensor_params) == parsed.tensor_params
+    assert dict(message.labels) == parsed.labels
     for name, payload in parsed.payloads.items():
         getattr(message, name).data = bytes(payload)
     return message
@@ -80,7 +88,7 @@ def test_layouts_protobuf_merges_are_left_to_protobuf():
     extra.predictions.shape.append(7)
     serialized = request.SerializeToString() + extra.SerializeToString()
     parsed = parse_request(serialized)
-    assert parsed.payloads == {} and parsed.message == pb.ScoreBatchRequest.FromString(serialized)
+    assert parsed.payloads == {} and _reassembled(parsed) == pb.ScoreBatchRequest.FromString(serialized)
     # data twice inside one tensor: the last one wins in protobuf.
     tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2], data=b"\0" * 8).SerializeToString() + b"\x1a\x08" + b"\1" * 8
     serialized = request.SerializeToString() + b"\x2a" + _varint(len(tensor)) + tensor  # field 5: weights
@@ -92,18 +100,22 @@ def test_small_requests_take_the_plain_parse():
     serialized = _request(elements=400).SerializeToString()
     assert len(serialized) < wire.ZERO_COPY_MIN_BYTES
     parsed = parse_request(serialized)
-    assert parsed.payloads == {} and parsed.message == pb.ScoreBatchRequest.FromString(serialized)
+    assert parsed.payloads == {} and _reassembled(parsed) == pb.ScoreBatchRequest.FromString(serialized)
     assert parsed.data("predictions") == parsed.message.predictions.data
 
 
+@pytest.mark.parametrize("elements", [400, LARGE])
 @pytest.mark.parametrize("cut", [1, 7, 100, 1000])
-def test_malformed_messages_fail_as_protobuf_fails(cut):
-    serialized = _request().SerializeToString()
+def test_malformed_messages_fail_where_protobuf_fails_with_invalid_argument(cut, elements):
+    serialized = _request(elements).SerializeToString()
     truncated = serialized[:-cut]
     with pytest.raises(DecodeError):
         pb.ScoreBatchRequest.FromString(truncated)
-    with pytest.raises(DecodeError):
+    with pytest.raises(ServiceError) as error:
         parse_request(truncated)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid loss_service.v1.ScoreBatchRequest" in error.value.message
+    assert "DecodeError" not in error.value.message
 
 
 def test_unknown_fields_are_kept_as_protobuf_keeps_them():
@@ -119,3 +131,93 @@ def _varint(value: int) -> bytes:
         value >>= 7
         if not value:
             return bytes(out)
+
+
+@pytest.mark.parametrize("elements", [400, LARGE])
+def test_maps_mean_what_protobufs_maps_mean_and_are_bounded(elements):
+    request = _request(elements)
+    # A key repeated on the wire: the last entry wins, as in a protobuf map.
+    again = pb.ScoreBatchRequest()
+    again.params["gamma"].double_value = 3.0
+    again.labels["job"] = "nightly"
+    serialized = request.SerializeToString() + again.SerializeToString()
+    parsed = parse_request(serialized)
+    assert _reassembled(parsed) == pb.ScoreBatchRequest.FromString(serialized)
+    assert parsed.params["gamma"].double_value == 3.0 and parsed.labels == {"job": "nightly"}
+    for name in wire.MAP_FIELDS:
+        crowded = pb.ScoreBatchRequest()
+        for index in range(wire.MAX_MAP_ENTRIES + 1):
+            entries = getattr(crowded, name)
+            if name == "labels":
+                entries[str(index)] = "x"
+            elif name == "params":
+                entries[str(index)].int_value = index
+            else:
+                entries[str(index)].dtype = pb.DTYPE_FLOAT32
+        with pytest.raises(ServiceError) as error:
+            parse_request(request.SerializeToString() + crowded.SerializeToString())
+        [(field, description)] = error.value.violations
+        assert field == name and description.endswith(f"entries; expected at most {wire.MAX_MAP_ENTRIES}")
+
+
+def test_a_body_with_more_fields_than_the_scan_reads_is_parsed_by_protobuf():
+    request = _request()
+    serialized = request.SerializeToString()
+    extra = b"\xa0\x06\x01" * (wire.scan_budget(len(serialized)) + 10)  # unknown varint fields
+    body = serialized + extra
+    assert len(body) <= wire.FULL_PARSE_MAX_BYTES
+    parsed = parse_request(body)
+    assert parsed.payloads == {} and _reassembled(parsed) == pb.ScoreBatchRequest.FromString(body)
+
+
+def test_a_huge_body_of_tiny_fields_is_refused_without_parsing_it():
+    body = b"\x40\x01" * ((wire.FULL_PARSE_MAX_BYTES + 2) // 2)  # the reduction field, 8 M times
+    start = time.perf_counter()
+    with pytest.raises(ServiceError) as error:
+        parse_request(body)
+    assert time.perf_counter() - start < 0.5
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and "more than" in error.value.message
+    # Below the limit protobuf reads it (linear in C), as it would any valid message.
+    smaller = body[: wire.FULL_PARSE_MAX_BYTES // 2]
+    assert parse_request(smaller).message.reduction == 1
+
+
+def _best_seconds(function, body, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        try:
+            function(body)
+        except (DecodeError, ServiceError):
+            pass
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _hostile_bodies():
+    normal = _request().SerializeToString()
+    labelled = _request()
+    for index in range(60):
+        labelled.labels[f"label-{index}"] = "value"
+    mib = 1024 * 1024
+    return {
+        "normal": normal,
+        "normal+60 labels": labelled.SerializeToString(),
+        "normal+unknown fields": normal + b"\xa0\x06\x01" * 5000,
+        "1 MiB of enum fields": b"\x40\x01" * (mib // 2),
+        "1 MiB of unknown fields": b"\xa0\x06\x01" * (mib // 3),
+        "1 MiB of labels": pb.ScoreBatchRequest(labels={str(i): "v" for i in range(mib // 12)}).SerializeToString(),
+        "4 MiB of enum fields": b"\x40\x01" * (2 * mib),
+        "16 MiB of enum fields": b"\x40\x01" * (8 * mib),
+        "a tensor with 1e5 unpacked dims": pb.ScoreBatchRequest(
+            predictions=pb.Tensor(shape=[1] * 100_000, data=b"\0" * mib)).SerializeToString(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_hostile_bodies()))
+def test_parsing_never_costs_more_than_twice_protobufs_own_parse(name):
+    body = _hostile_bodies()[name]
+    repeats = 3 if len(body) > 4 * 1024 * 1024 else 15
+    ours = _best_seconds(parse_request, body, repeats)
+    protobufs = _best_seconds(pb.ScoreBatchRequest.FromString, body, repeats)
+    assert ours <= 2 * protobufs, f"{name}: {ours * 1e6:.0f} us vs protobuf's {protobufs * 1e6:.0f} us"

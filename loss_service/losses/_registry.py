@@ -10,6 +10,8 @@ import torch
 PREDICTION_KINDS = ("logits", "probabilities", "log_probabilities", "real")
 TARGET_KINDS = ("class_indices", "class_indices_or_probabilities", "probabilities", "binary_masks", "real")
 PARAM_KINDS = ("float", "int", "bool", "str", "vector", "float_or_vector")
+# Kernels compute float32 inputs in float32: a hyperparameter beyond its range would become inf.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class ParamSpec:
                 raise ValueError(f"{where}parameter '{self.name}' must be a real tensor, got dtype {tensor.dtype}")
             if tensor.dim() == 0:
                 raise ValueError(f"{where}parameter '{self.name}' must be a per-class vector, got a scalar")
+            if tensor.numel() == 0:
+                # Modules keep an empty buffer for "not set"; an empty vector must not pass as that.
+                raise ValueError(f"{where}parameter '{self.name}' must have one entry per class, got an empty vector")
             tensor = tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{where}parameter '{self.name}' must be finite")
@@ -85,10 +90,12 @@ class ParamSpec:
                 if not value.is_integer():
                     raise ValueError(f"{where}parameter '{self.name}' must be an integer, got {value}")
                 value = int(value)
+            if not -(2**63) <= value < 2**63:
+                raise ValueError(f"{where}parameter '{self.name}' must fit in int64, got {value}")
         else:
             value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"{where}parameter '{self.name}' must be finite, got {value}")
+            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+                raise ValueError(f"{where}parameter '{self.name}' must be finite in float32 (|x| <= 3.4e38), got {value}")
         if self._out_of_range(value):
             raise ValueError(f"{where}parameter '{self.name}' must be in {self.range_text()}, got {value}")
         return value

@@ -125,6 +125,8 @@ def _prepare(
     """
     if mode not in ["binary", "multilabel", "multiclass"]:
         raise ValueError("mode must be one of 'binary', 'multilabel', 'multiclass', got '{}'".format(mode))
+    if predictions.dim() == 0:
+        raise ValueError("predictions must have a batch dimension: expected (N, *) logits, got a scalar")
     dtype = compute_dtype(predictions.dtype)
     # One memory layout for the sums: a strided view gives bit-identical results to its copy.
     x = predictions.to(dtype).contiguous()

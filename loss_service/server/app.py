@@ -30,14 +30,16 @@ from loss_service.v1 import loss_service_pb2 as pb
 
 from .artifacts import ArtifactError, prepare_artifacts
 from .background import VariantExporter
-from .backends import Backend, EagerBackend, OnnxBackend, TorchScriptBackend
+from .backends import Backend, EagerBackend, OnnxBackend, TorchScriptBackend, config_key
 from .config import ServerConfig, select_device
 from .logs import LOGGER_NAME, event
-from .memory import tune_malloc
+from .memory import RequestBudget, trim_malloc, tune_malloc
 from .scoring import Scorer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 log = logging.getLogger(f"{LOGGER_NAME}.server")
+# How long the server must have had no request in flight before it returns freed memory.
+IDLE_TRIM_SECONDS = 1.0
 
 
 class LossServer:
@@ -50,7 +52,9 @@ class LossServer:
         self.device = select_device(config.device, torch.cuda.is_available(), torch.cuda.device_count())
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="loss-worker")
         self.health = health.aio.HealthServicer()
-        self.servicer = LossServiceServicer(self.executor, config.inline_elements, IntraOpThreads(config.torch_threads))
+        self.budget = RequestBudget(config.max_inflight_bytes, on_idle=self._trim_when_still_idle)
+        self.servicer = LossServiceServicer(self.executor, config.inline_elements, IntraOpThreads(config.torch_threads),
+                                            self.budget)
         self.server = grpc.aio.server(options=config.grpc_options())
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -63,6 +67,7 @@ class LossServer:
         self.address = address
         self.scorer: Optional[Scorer] = None
         self.variants: Optional[VariantExporter] = None
+        self.stopping = False
 
     async def start(self) -> None:
         # The event loop computes only small requests (below torch's parallel grain size): one
@@ -73,7 +78,10 @@ class LossServer:
 
     async def load(self) -> Scorer:
         r"""Build the backends in the worker pool, attach them, turn readiness SERVING, start the variants."""
-        scorer, variants = await asyncio.get_running_loop().run_in_executor(self.executor, self._build_scorer)
+        loop = asyncio.get_running_loop()
+        scorer, variants = await loop.run_in_executor(self.executor, self._build_scorer)
+        # Start-up (exports, loads, the smoke check) leaves freed memory behind: serve from a lean heap.
+        await loop.run_in_executor(self.executor, trim_malloc)
         self.servicer.attach(scorer)
         self.scorer = scorer
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -103,8 +111,19 @@ class LossServer:
             onnx.pending = variants
         return Scorer(backends, self.config.default_backend(), self.config.max_elements), variants
 
+    def _trim_when_still_idle(self) -> None:
+        r"""Return freed memory to the kernel if no request arrives for :data:`IDLE_TRIM_SECONDS`."""
+        loop = asyncio.get_running_loop()
+
+        def trim() -> None:
+            if self.budget.in_use == 0 and not self.stopping:
+                loop.run_in_executor(self.executor, trim_malloc)
+
+        loop.call_later(IDLE_TRIM_SECONDS, trim)
+
     async def stop(self, grace: Optional[float]) -> None:
         r"""Readiness NOT_SERVING, stop accepting calls, let in-flight ones finish within ``grace`` s."""
+        self.stopping = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.servicer.calls.flush()
@@ -130,7 +149,9 @@ def smoke_check(backends: Dict[str, Backend]) -> None:
         predictions, targets = spec.make_inputs(2, 3, (4,), torch.Generator().manual_seed(0), torch.float32, {})
         predictions, targets = predictions.to(reference.torch_device), targets.to(reference.torch_device)
         with torch.inference_mode():
-            _, expected, _ = reference.runner(spec, {}).statistics(predictions, targets, None, False)
+            runner = reference.runner(spec, {})
+            _, expected, _ = runner.statistics(predictions, targets, None, False)
+        reference.keep(config_key(spec.name, {}), runner, {})
         for backend in backends.values():
             if backend is reference:
                 continue
@@ -147,6 +168,9 @@ def smoke_check(backends: Dict[str, Backend]) -> None:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported, and the loss is not offered there
                 _unavailable(backend, spec.name, f"start-up check failed: {exc}")
+            else:
+                # The first requests with default settings find their runner built.
+                backend.keep(config_key(spec.name, {}), runner, {})
 
 
 def _unavailable(backend: Backend, loss: str, reason: str) -> None:

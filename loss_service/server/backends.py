@@ -6,11 +6,14 @@ methods every loss module has::
     statistics(predictions, targets, weights, per_sample) -> (values, totals, sample_totals)
     reductions(totals) -> (..., 3)   # [sum, mean, weighted_mean], float64
 
-Runners are built once per hyperparameter configuration and kept in a small LRU cache. A cached
-runner is never modified afterwards, so concurrent requests can share it.
+Runners are built once per hyperparameter configuration and kept in a small LRU cache with a byte
+budget -- but only once they have served a valid request, so a rejected request leaves nothing
+behind. A cached runner is never modified afterwards, so concurrent requests can share it.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import io
 import threading
 from collections import OrderedDict
@@ -27,6 +30,10 @@ from .artifacts import check_scripted
 from .config import provider_device
 
 DEFAULT_CACHE_SIZE = 64
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+# Memory of a runner besides its hyperparameter tensors: a module's Python objects (TorchScript
+# copies share their code with the loaded module; ONNX runners share the sessions).
+RUNNER_BYTES = 4096
 
 
 class Runner(Protocol):
@@ -38,42 +45,67 @@ class Runner(Protocol):
 
 
 class RunnerCache:
-    r"""A thread-safe LRU map from a hyperparameter configuration to its runner."""
+    r"""A thread-safe LRU map from a configuration key to its runner, bounded in entries and bytes.
 
-    def __init__(self, capacity: int = DEFAULT_CACHE_SIZE) -> None:
+    A runner's cost (its hyperparameter tensors and the backend's per-runner memory) counts
+    against ``max_bytes``; a runner costing more than a quarter of it is not kept at all.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_CACHE_SIZE, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self._capacity = capacity
-        self._entries: "OrderedDict[Hashable, Runner]" = OrderedDict()
+        self._max_bytes = max_bytes
+        self._entries: "OrderedDict[Hashable, Tuple[Runner, int]]" = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable, build: Callable[[], Runner]) -> Runner:
+    def get(self, key: Hashable) -> Optional[Runner]:
         with self._lock:
-            runner = self._entries.get(key)
-            if runner is not None:
-                self._entries.move_to_end(key)
-                return runner
-        # Built outside the lock: loading a TorchScript copy takes milliseconds. Two threads may
-        # build the same configuration at once; both results are equivalent and one is kept.
-        runner = build()
-        with self._lock:
-            self._entries[key] = runner
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
             self._entries.move_to_end(key)
-            while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
-        return runner
+            return entry[0]
+
+    def put(self, key: Hashable, runner: Runner, cost: int) -> None:
+        if cost > self._max_bytes // 4:
+            return
+        with self._lock:
+            # Two threads may build the same configuration at once; both are equivalent, one is kept.
+            if key in self._entries:
+                return
+            self._entries[key] = (runner, cost)
+            self._bytes += cost
+            while len(self._entries) > self._capacity or self._bytes > self._max_bytes:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self._bytes -= evicted
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
 
 def config_key(loss: str, params: Dict[str, Any]) -> Hashable:
-    r"""A hashable identity of ``(loss, params)``; tensors are keyed by dtype, shape and bytes."""
+    r"""A hashable identity of ``(loss, params)``; tensors are keyed by dtype, shape and a digest of their bytes."""
     items = []
     for name in sorted(params):
         value = params[name]
         if isinstance(value, Tensor):
-            value = ("tensor", str(value.dtype), tuple(value.shape), value.detach().cpu().contiguous().numpy().tobytes())
+            data = value.detach().cpu().contiguous().numpy()
+            value = ("tensor", str(value.dtype), tuple(value.shape), hashlib.blake2b(data.data, digest_size=32).digest())
         items.append((name, value))
     return (loss, tuple(items))
+
+
+def params_bytes(params: Dict[str, Any]) -> int:
+    r"""Bytes of the tensors among ``params`` (what a runner built from them holds)."""
+    return sum(value.numel() * value.element_size() for value in params.values() if isinstance(value, Tensor))
 
 
 class Backend:
@@ -97,8 +129,18 @@ class Backend:
     def disable(self, loss: str, reason: str) -> None:
         self.disabled[loss] = reason
 
-    def runner(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
-        return self._cache.get(config_key(spec.name, params), lambda: self._build(spec, params))
+    def runner(self, spec: LossSpec, params: Dict[str, Any], key: Optional[Hashable] = None) -> Runner:
+        r"""The cached runner of ``(spec, params)``, else a new one, which :meth:`keep` may cache."""
+        cached = self._cache.get(config_key(spec.name, params) if key is None else key)
+        return cached if cached is not None else self._build(spec, params)
+
+    def keep(self, key: Hashable, runner: Runner, params: Dict[str, Any]) -> None:
+        r"""Cache ``runner`` under ``key``: call it once the runner has served a valid request."""
+        self._cache.put(key, runner, RUNNER_BYTES + params_bytes(params))
+
+    def warm(self, key: Hashable) -> bool:
+        r"""Whether the runner of ``key`` is cached (a request then builds nothing)."""
+        return key in self._cache
 
     def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
         raise NotImplementedError
@@ -137,12 +179,14 @@ def configure_scripted(scripted: torch.jit.ScriptModule, configured: torch.nn.Mo
 
 
 class TorchScriptBackend(Backend):
-    r"""The exported ``<loss>.pt`` files; one separately loaded copy per hyperparameter configuration.
+    r"""The exported ``<loss>.pt`` files; one separate copy of the module per hyperparameter configuration.
 
-    ``scripts`` maps a loss name to the verified bytes of its ``.pt`` file. Every configuration gets
-    its own ``torch.jit.load`` (with ``map_location=device``), checked to be the loss's module
-    (:func:`.artifacts.check_scripted`, which raises ``ArtifactError``), whose attributes are then
-    set, so a module that serves one request is never changed by another.
+    ``scripts`` maps a loss name to the verified bytes of its ``.pt`` file. Each is loaded once, on
+    first use (``map_location=device``; :func:`.artifacts.check_scripted` checks that it is the
+    loss's module and raises ``ArtifactError`` otherwise). A configuration gets a deep copy of that
+    module whose attributes are then set -- its own attributes and buffers, the code shared -- so a
+    module that serves one request is never changed by another, and a new configuration costs no
+    new load (which holds the GIL for tens of milliseconds).
     """
 
     name = "torchscript"
@@ -150,15 +194,25 @@ class TorchScriptBackend(Backend):
     def __init__(self, device: str, scripts: Dict[str, bytes]) -> None:
         super().__init__(device)
         self._scripts = dict(scripts)
+        self._loaded: Dict[str, torch.jit.ScriptModule] = {}
+        self._load_lock = threading.Lock()
 
     def _has(self, loss: str) -> bool:
         return loss in self._scripts
 
+    def _module(self, spec: LossSpec) -> torch.jit.ScriptModule:
+        r"""The loaded and checked module of ``spec``, never configured itself."""
+        with self._load_lock:
+            module = self._loaded.get(spec.name)
+            if module is None:
+                module = torch.jit.load(io.BytesIO(self._scripts[spec.name]), map_location=self.torch_device)
+                check_scripted(spec, module, losses.build(spec.name))
+                self._loaded[spec.name] = module
+            return module
+
     def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
-        scripted = torch.jit.load(io.BytesIO(self._scripts[spec.name]), map_location=self.torch_device)
-        configured = losses.build(spec.name, **params)
-        check_scripted(spec, scripted, configured)
-        configure_scripted(scripted, configured, self.torch_device)
+        scripted = copy.deepcopy(self._module(spec))
+        configure_scripted(scripted, losses.build(spec.name, **params), self.torch_device)
         return scripted.eval()
 
 
@@ -181,7 +235,7 @@ class OnnxRunner:
     ) -> Tuple[Tensor, Tensor, Tensor]:
         try:
             variant = layout.request_variant(self._spec, self._params, predictions.shape, targets.shape)
-        except ValueError as exc:
+        except layout.NoExportedGraph as exc:
             raise BackendUnavailable(str(exc)) from None
         session = self._backend.session(layout.onnx_file_name(self._spec, variant))
         feeds, restore = layout.to_canonical(self._spec, self._params, predictions, targets, weights)

@@ -2,8 +2,9 @@ r"""``loss_service.v1.Tensor`` <-> ``torch.Tensor`` without copying the payload 
 
 A request's ``data`` bytes are viewed in place (``np.frombuffer`` -> ``torch.from_numpy``): the
 resulting tensors are read-only views of the protobuf's bytes and are never written to. Decoding
-validates, in this order: the dtype, negative dimensions, the element limit (``RESOURCE_EXHAUSTED``)
-and ``len(data) == prod(shape) * itemsize``.
+validates, in this order: the dtype, the number of dimensions, negative dimensions, the element
+limit for the whole tensor and for each dimension (``RESOURCE_EXHAUSTED``) and
+``len(data) == prod(shape) * itemsize``.
 """
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ WIRE_DTYPES: Dict[int, Tuple[np.dtype, torch.dtype]] = {
 }
 TORCH_TO_WIRE: Dict[torch.dtype, int] = {torch_dtype: wire for wire, (_, torch_dtype) in WIRE_DTYPES.items()}
 SUPPORTED_DTYPE_NAMES = ", ".join(pb.DType.Name(wire) for wire in WIRE_DTYPES)
+# More than any loss needs ((N, C, *) with a few spatial dimensions), fewer than numpy's 64.
+MAX_DIMENSIONS = 32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    r"""The protocol's name of a torch dtype (``DTYPE_FLOAT32``), as messages to clients say it."""
+    wire = TORCH_TO_WIRE.get(dtype)
+    return pb.DType.Name(wire) if wire is not None else str(dtype)
 
 
 def decode(tensor: pb.Tensor, field: str, max_elements: int, data: Optional[bytes] = None) -> torch.Tensor:
@@ -52,10 +61,19 @@ def decode(tensor: pb.Tensor, field: str, max_elements: int, data: Optional[byte
             raise invalid(f"{field}.dtype", f"must be set; expected one of {SUPPORTED_DTYPE_NAMES}")
         raise invalid(f"{field}.dtype", f"unsupported dtype {tensor.dtype}; expected one of {SUPPORTED_DTYPE_NAMES}")
     numpy_dtype, torch_dtype = wire
+    if len(tensor.shape) > MAX_DIMENSIONS:
+        raise invalid(f"{field}.shape", f"has {len(tensor.shape)} dimensions; expected at most {MAX_DIMENSIONS}")
     shape = list(tensor.shape)
     for dim, size in enumerate(shape):
         if size < 0:
             raise invalid(f"{field}.shape", f"dimension {dim} is {size}; expected sizes >= 0, got shape {shape}")
+        if size > max_elements:
+            # Even beside a zero (an empty tensor) a larger dimension cannot be a tensor this server
+            # would compute with; numpy and torch reject such shapes themselves.
+            raise too_large(
+                f"{field}.shape",
+                f"dimension {dim} is {size} (shape {shape}), over the server's limit of {max_elements} elements per tensor",
+            )
     count = math.prod(shape)
     if count > max_elements:
         raise too_large(
@@ -100,7 +118,8 @@ def to_message(array, field: str = "tensor") -> pb.Tensor:
     array = np.asarray(array)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    # np.ascontiguousarray would turn a 0-d array into shape (1,).
+    tensor = torch.from_numpy(array if array.flags.c_contiguous else np.ascontiguousarray(array))
     if tensor.dtype not in TORCH_TO_WIRE:
         raise TypeError(f"{field}: unsupported dtype {array.dtype}; supported: {SUPPORTED_DTYPE_NAMES}")
     return encode(tensor)

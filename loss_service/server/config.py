@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Tuple
 
 BACKENDS = ("eager", "torchscript", "onnx")
@@ -16,6 +17,29 @@ DEFAULT_MAX_ELEMENTS = 50_000_000
 # Requests with at most this many elements are computed on the event loop: handing a 1e3-element
 # batch to the thread pool costs more than computing it.
 DEFAULT_INLINE_ELEMENTS = 16_384
+
+
+# Peak memory of a request being computed, per byte of its body (the body, its decoded views, the
+# loss's temporaries and results): docs/service.md, "Memory".
+REQUEST_MEMORY_FACTOR = 4
+
+
+def memory_limit() -> int:
+    r"""Bytes of memory this process may use: the cgroup's limit (v2 or v1) where lower than physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return min(physical, int(text))
+    return physical
+
+
+def default_inflight_bytes() -> int:
+    r"""Request bytes in flight by default: half the memory limit over :data:`REQUEST_MEMORY_FACTOR`."""
+    return memory_limit() // 2 // REQUEST_MEMORY_FACTOR
 
 
 def default_torch_threads() -> int:
@@ -50,6 +74,8 @@ class ServerConfig:
     artifacts: str = "artifacts"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_elements: int = DEFAULT_MAX_ELEMENTS
+    # Sum of the body sizes of the requests being processed; above it: RESOURCE_EXHAUSTED at once.
+    max_inflight_bytes: int = field(default_factory=default_inflight_bytes)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     grace_seconds: float = 10.0
     inline_elements: int = DEFAULT_INLINE_ELEMENTS
@@ -68,7 +94,7 @@ class ServerConfig:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_message_bytes", "max_elements", "workers", "export_jobs", "torch_threads"):
+        for name in ("max_message_bytes", "max_elements", "max_inflight_bytes", "workers", "export_jobs", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.grace_seconds < 0:
@@ -124,6 +150,7 @@ ENVIRONMENT = {
     "artifacts": "LOSS_SERVICE_ARTIFACTS",
     "max_message_bytes": "LOSS_SERVICE_MAX_MESSAGE_BYTES",
     "max_elements": "LOSS_SERVICE_MAX_ELEMENTS",
+    "max_inflight_bytes": "LOSS_SERVICE_MAX_INFLIGHT_BYTES",
     "workers": "LOSS_SERVICE_WORKERS",
     "grace_seconds": "LOSS_SERVICE_GRACE_SECONDS",
     "export_jobs": "LOSS_SERVICE_JOBS",

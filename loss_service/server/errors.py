@@ -3,6 +3,10 @@ r"""Request errors and the one place that turns them into gRPC statuses.
 Every rejected request carries a status code, a message that names the offending field and what was
 expected, and the same information as ``google.rpc.BadRequest`` field violations (the rich error
 model of ``grpcio-status``) so that clients can read it without parsing text.
+
+Statuses are bounded whatever a client sends: text taken from a request (a loss name, a parameter
+name) is quoted through :func:`echo`, and every message and description is cut to
+:data:`MAX_TEXT_CHARACTERS`, so a status stays far below gRPC's 8 KiB metadata budget.
 """
 from __future__ import annotations
 
@@ -17,15 +21,40 @@ from grpc_status import rpc_status
 
 FieldViolation = Tuple[str, str]
 
+# Client text quoted in a status: enough to recognise a name, never the whole of a huge one.
+ECHO_CHARACTERS = 64
+# Longest message or field-violation description a status carries (the status travels in
+# grpc-message and grpc-status-details-bin headers; clients refuse headers over 8-16 KiB).
+MAX_TEXT_CHARACTERS = 1024
+MAX_VIOLATIONS = 4
+
+
+def echo(text: str) -> str:
+    r"""``text`` as a status may quote it: printable ASCII (other characters escaped), at most
+    :data:`ECHO_CHARACTERS` of it, with the full length said when it is cut."""
+    shown = text[:ECHO_CHARACTERS].encode("unicode_escape").decode("ascii")
+    if len(text) <= ECHO_CHARACTERS:
+        return shown
+    return f"{shown}... ({len(text)} characters)"
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= MAX_TEXT_CHARACTERS:
+        return text
+    return text[: MAX_TEXT_CHARACTERS - 16] + f"... ({len(text)} characters)"
+
 
 class ServiceError(Exception):
     r"""A request the service refuses: a gRPC status code plus ``(field, description)`` violations."""
 
     def __init__(self, code: grpc.StatusCode, message: str, violations: Sequence[FieldViolation] = ()) -> None:
+        message = _bounded(message)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.violations: List[FieldViolation] = list(violations)
+        self.violations: List[FieldViolation] = [
+            (_bounded(field), _bounded(description)) for field, description in violations[:MAX_VIOLATIONS]
+        ]
 
     def in_batch(self, index: int) -> "ServiceError":
         r"""The same error located in batch ``index`` of a stream (``batches[index].<field>``)."""
@@ -58,6 +87,11 @@ def invalid(field: str, description: str) -> ServiceError:
 def too_large(field: str, description: str) -> ServiceError:
     r"""``RESOURCE_EXHAUSTED`` for one field (a request over the server's element limit)."""
     return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{field}: {description}", [(field, description)])
+
+
+def over_budget(description: str) -> ServiceError:
+    r"""``RESOURCE_EXHAUSTED`` without a field: the server's in-flight memory budget is in use."""
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, description)
 
 
 def unavailable_backend(field: str, description: str) -> ServiceError:
@@ -103,6 +137,8 @@ __all__ = [
     "ServiceError",
     "invalid",
     "too_large",
+    "over_budget",
+    "echo",
     "unavailable_backend",
     "library_value_error",
     "from_library_message",

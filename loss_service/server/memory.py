@@ -12,36 +12,118 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+from .errors import over_budget
 
 # From <malloc.h>.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 # Above the largest tensor a default-limited request carries (5e7 float32 = 200 MB), so that even
 # the biggest buffers come from the reusable heap. mallopt returns 0 if glibc refuses the value.
 DEFAULT_MMAP_THRESHOLD = 256 * 1024 * 1024
 DEFAULT_TRIM_THRESHOLD = 1024 * 1024 * 1024
+# One arena for every thread: glibc returns a thread arena's free top only as it frees (which the
+# trim threshold above prevents), never on malloc_trim, so memory freed by a worker thread would
+# stay resident; the main arena gives everything back on trim_malloc().
+DEFAULT_ARENA_MAX = 1
+# Below this many request bytes since the last trim, there is little to give back.
+IDLE_TRIM_MIN_BYTES = 16 * 1024 * 1024
 
 log = logging.getLogger(__name__)
 
 
-def tune_malloc(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD, trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> bool:
-    r"""Set ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` with ``mallopt``; ``False`` off glibc.
-
-    Call it once, early in the process. Blocks up to ``mmap_threshold`` bytes then come from the
-    heap and up to ``trim_threshold`` bytes of free heap stay mapped, so repeated large requests
-    reuse warm pages instead of faulting in fresh ones.
-    """
+def _libc() -> Optional[ctypes.CDLL]:
     name = ctypes.util.find_library("c")
     if not name:
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def tune_malloc(
+    mmap_threshold: int = DEFAULT_MMAP_THRESHOLD,
+    trim_threshold: int = DEFAULT_TRIM_THRESHOLD,
+    arena_max: int = DEFAULT_ARENA_MAX,
+) -> bool:
+    r"""Set ``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD`` and ``M_ARENA_MAX`` with ``mallopt``; ``False`` off glibc.
+
+    Call it once, early in the process, before it starts threads. Blocks up to ``mmap_threshold``
+    bytes then come from the heap and up to ``trim_threshold`` bytes of free heap stay mapped, so
+    repeated large requests reuse warm pages instead of faulting in fresh ones, until
+    :func:`trim_malloc` gives them back when the server is idle.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
+    settings = ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold), (M_ARENA_MAX, arena_max))
+    ok = all([bool(mallopt(option, int(value))) for option, value in settings])
     if not ok:
-        log.warning("mallopt refused mmap_threshold=%d trim_threshold=%d", mmap_threshold, trim_threshold)
+        log.warning("mallopt refused mmap_threshold=%d trim_threshold=%d arena_max=%d", mmap_threshold, trim_threshold,
+                    arena_max)
     return ok
+
+
+def trim_malloc() -> bool:
+    r"""Give the free memory of every glibc arena back to the kernel (``malloc_trim(0)``); ``False`` off glibc.
+
+    With :func:`tune_malloc`'s thresholds freed request buffers stay mapped for the next large
+    request; once the server is idle they are returned (:class:`RequestBudget`'s ``on_idle``).
+    ctypes releases the GIL for the call, which walks the heap: call it off the event loop.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
+    libc.malloc_trim(0)
+    return True
+
+
+class RequestBudget:
+    r"""Bytes of the requests being processed, held against ``limit`` (use from the event loop only).
+
+    :meth:`acquire` refuses at once (``RESOURCE_EXHAUSTED``) a request that would take the total
+    over the limit, before anything is decoded: the server never holds more than the limit for
+    requests it computes, and nothing for those it refuses. ``on_idle`` runs when the total
+    returns to zero after at least :data:`IDLE_TRIM_MIN_BYTES` went through since it last ran.
+    """
+
+    def __init__(self, limit: int, on_idle: Optional[Callable[[], None]] = None) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._since_idle = 0
+        self._on_idle = on_idle
+
+    def acquire(self, size: int) -> None:
+        if self.in_use + size > self.limit:
+            if size > self.limit:
+                raise over_budget(f"request: {size} bytes exceed the server's in-flight request budget of {self.limit} bytes")
+            raise over_budget(
+                f"request: {size} bytes would exceed the server's in-flight request budget ({self.in_use} of "
+                f"{self.limit} bytes in use); retry later"
+            )
+        self.in_use += size
+        self._since_idle += size
+
+    def release(self, size: int) -> None:
+        self.in_use -= size
+        if self.in_use == 0 and self._since_idle >= IDLE_TRIM_MIN_BYTES:
+            self._since_idle = 0
+            if self._on_idle is not None:
+                self._on_idle()
+
+    @contextmanager
+    def holding(self, size: int) -> Iterator[None]:
+        self.acquire(size)
+        try:
+            yield
+        finally:
+            self.release(size)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -23,9 +23,9 @@ from loss_service import losses
 from loss_service.losses import LossSpec
 from loss_service.v1 import loss_service_pb2 as pb
 
-from .backends import Backend, BackendUnavailable
-from .codec import decode, encode
-from .errors import ServiceError, from_library_message, invalid, library_value_error, unavailable_backend
+from .backends import Backend, BackendUnavailable, config_key
+from .codec import decode, dtype_name, encode
+from .errors import ServiceError, echo, from_library_message, invalid, library_value_error, unavailable_backend
 from .wire import ParsedRequest
 
 REDUCTIONS: Dict[int, str] = {
@@ -45,6 +45,20 @@ BACKEND_ENUMS: Dict[str, int] = {name: value for value, name in BACKEND_NAMES.it
 # stream's loss use the "sum" column.
 REDUCTION_COLUMN = {"sum": 0, "mean": 1, "weighted_mean": 2, "none": 0}
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# What a request may carry for the log line (request_id, labels): enough for ids and job names,
+# bounded so that no request makes the log (or the event loop writing it) pay for its size.
+MAX_REQUEST_ID_CHARACTERS = 256
+MAX_LABELS = 64
+MAX_LABEL_KEY_CHARACTERS = 128
+MAX_LABEL_VALUE_CHARACTERS = 256
+# The Param fields that may carry each scalar kind (ints are exact in double_value too).
+PARAM_FIELDS: Dict[str, Tuple[str, ...]] = {
+    "float": ("double_value", "int_value"),
+    "int": ("int_value", "double_value"),
+    "bool": ("bool_value",),
+    "str": ("string_value",),
+    "float_or_vector": ("double_value", "int_value"),
+}
 
 
 def request_field(param: losses.ParamSpec) -> str:
@@ -78,6 +92,8 @@ class Plan:
     backend: Backend
     # The request field that carried each given parameter (e.g. "params.gamma", "class_weights").
     fields: Dict[str, str] = field(default_factory=dict)
+    # The runner cache's key of (loss, params): computed once per request.
+    key: Hashable = None
 
     def error_fields(self) -> List[Tuple[str, str]]:
         r"""``(name the loss library uses in messages, request field)`` pairs for mapping library errors.
@@ -106,19 +122,25 @@ class Scorer:
         self.max_elements = max_elements
 
     # -- settings ---------------------------------------------------------------------------
-    def plan(self, request: pb.ScoreBatchRequest) -> Plan:
+    def plan(self, parsed: ParsedRequest) -> Plan:
+        check_metadata(parsed)
+        request = parsed.message
         if not request.loss:
             raise invalid("loss", f"must be set; expected one of {', '.join(losses.names())}")
         try:
             spec = losses.get(request.loss)
         except ValueError:
-            raise invalid("loss", f"unknown loss '{request.loss}'; expected one of {', '.join(losses.names())}") from None
+            raise invalid("loss", f"unknown loss '{echo(request.loss)}'; expected one of {', '.join(losses.names())}") from None
         reduction = REDUCTIONS.get(request.reduction)
         if reduction is None:
             raise invalid("reduction", f"unknown value {request.reduction}; expected one of {', '.join(pb.Reduction.keys())}")
         backend = self._backend(request.backend, spec)
-        params, fields = self._params(request, spec)
-        return Plan(spec, params, reduction, backend, fields)
+        params, fields = self._params(parsed, spec)
+        return Plan(spec, params, reduction, backend, fields, config_key(spec.name, params))
+
+    def warm(self, plan: Plan) -> bool:
+        r"""Whether ``plan``'s runner is built already (a request then costs only its computation)."""
+        return plan.backend.warm(plan.key)
 
     def _backend(self, value: int, spec: LossSpec) -> Backend:
         if value == pb.BACKEND_UNSPECIFIED:
@@ -134,40 +156,50 @@ class Scorer:
             raise unavailable_backend("backend", f"backend '{name}' has no artifact for loss '{spec.name}'")
         return backend
 
-    def _params(self, request: pb.ScoreBatchRequest, spec: LossSpec) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    def _params(self, parsed: ParsedRequest, spec: LossSpec) -> Tuple[Dict[str, Any], Dict[str, str]]:
+        request = parsed.message
         raw: Dict[str, Any] = {}
         fields: Dict[str, str] = {}
         valid = spec.param_names()
 
-        def take(name: str, where: str, value: Any) -> None:
+        def known(name: str, where: str) -> losses.ParamSpec:
+            r"""The spec of parameter ``name`` sent in ``where``: a parameter of the loss, given once,
+            in the request field that carries it."""
             if name not in valid or name == "reduction":
                 hint = "; set the reduction with the `reduction` field" if name == "reduction" else ""
                 listed = ", ".join(n for n in valid if n != "reduction") or "(none)"
-                raise invalid(where, f"unknown parameter '{name}' for loss '{spec.name}'; valid parameters: {listed}{hint}")
+                raise invalid(where, f"unknown parameter '{echo(name)}' for loss '{spec.name}'; valid parameters: {listed}{hint}")
             if name in raw:
                 raise invalid(where, f"parameter '{name}' is given twice (also as {fields[name]})")
-            expected = request_field(spec.param(name))
-            if expected in ("class_weights", "pos_weight") and where != expected:
-                raise invalid(where, f"parameter '{name}' of loss '{spec.name}' is sent in the `{expected}` field")
-            raw[name] = value
+            param = spec.param(name)
+            expected = request_field(param)
+            # A float_or_vector parameter also accepts a scalar in `params`.
+            carriers = {expected, "params"} if param.kind == "float_or_vector" else {expected}
+            if where.split(".", 1)[0] not in carriers:
+                raise invalid(where, f"parameter '{name}' ({param.kind}) of loss '{spec.name}' is sent in `{expected}`")
             fields[name] = where
+            return param
 
-        for name, message in request.params.items():
-            value = param_value(message)
-            if value is None:
-                raise invalid(f"params.{name}", "must hold a double, int, bool or string value")
-            take(name, f"params.{name}", value)
-        for name, message in request.tensor_params.items():
-            tensor = decode(message, f"tensor_params.{name}", self.max_elements).clone()
-            if name in valid and spec.param(name).kind == "float_or_vector" and tensor.dim() == 0:
-                take(name, f"tensor_params.{name}", float(tensor))
-            else:
-                take(name, f"tensor_params.{name}", tensor)
+        for name, message in parsed.params.items():
+            where = f"params.{echo(name)}"
+            param = known(name, where)
+            which = message.WhichOneof("value")
+            if which is None:
+                raise invalid(where, "must hold a double, int, bool or string value")
+            if which not in PARAM_FIELDS[param.kind]:
+                raise invalid(where, f"parameter '{name}' ({param.kind}) is sent as {' or '.join(PARAM_FIELDS[param.kind])}, got {which}")
+            raw[name] = getattr(message, which)
+        for name, message in parsed.tensor_params.items():
+            where = f"tensor_params.{echo(name)}"
+            param = known(name, where)
+            tensor = decode(message, where, self.max_elements)
+            raw[name] = float(tensor) if param.kind == "float_or_vector" and tensor.dim() == 0 else class_vector(tensor, where)
         for name, where in (("class_weight", "class_weights"), ("pos_weight", "pos_weight")):
             if request.HasField(where):
                 if name not in valid:
                     raise invalid(where, f"loss '{spec.name}' has no '{name}' parameter; valid parameters: {', '.join(valid)}")
-                take(name, where, decode(getattr(request, where), where, self.max_elements).clone())
+                known(name, where)
+                raw[name] = class_vector(decode(getattr(request, where), where, self.max_elements), where)
         params = {}
         for name, value in raw.items():
             try:
@@ -184,6 +216,8 @@ class Scorer:
         if not request.HasField("targets"):
             raise invalid("targets", "must be set")
         predictions = decode(request.predictions, "predictions", self.max_elements, parsed.data("predictions"))
+        if predictions.dim() == 0:
+            raise invalid("predictions.shape", "must have a batch dimension: expected (N, ...) as ListLosses says, got a scalar")
         targets = decode(request.targets, "targets", self.max_elements, parsed.data("targets"))
         weights = None
         if request.HasField("weights"):
@@ -202,7 +236,8 @@ class Scorer:
         if device.type != "cpu":
             predictions, targets = predictions.to(device), targets.to(device)
             weights = weights.to(device) if weights is not None else None
-        runner = backend.runner(plan.spec, plan.params)
+        runner = backend.runner(plan.spec, plan.params, plan.key)
+        fresh = not backend.warm(plan.key)
         try:
             with torch.inference_mode():
                 values, totals, sample_totals = runner.statistics(predictions, targets, weights, per_sample)
@@ -215,6 +250,9 @@ class Scorer:
             if message is None:
                 raise
             raise from_library_message(message, plan.error_fields(), "predictions") from None
+        if fresh:
+            # Only now: a runner built for a request that turned out invalid is never kept.
+            backend.keep(plan.key, runner, plan.params)
         # Results of inference mode carry no autograd history: no detach() needed.
         return BatchResult(
             values=values,
@@ -224,9 +262,9 @@ class Scorer:
             num_values=values.numel(),
         )
 
-    def score_batch(self, parsed: ParsedRequest) -> pb.ScoreBatchResponse:
+    def score_batch(self, parsed: ParsedRequest, plan: Plan) -> pb.ScoreBatchResponse:
+        r"""The answer to one request whose settings :meth:`plan` has validated."""
         request = parsed.message
-        plan = self.plan(request)
         predictions, targets, weights = self.decode_inputs(parsed, plan)
         result = self.compute(plan, predictions, targets, weights, request.return_per_sample)
         column = REDUCTION_COLUMN[plan.reduction]
@@ -282,7 +320,7 @@ def check_values(spec: LossSpec, predictions: Tensor, targets: Tensor, weights: 
         raise invalid(
             "predictions.dtype",
             f"loss '{spec.name}' expects floating-point predictions (DTYPE_FLOAT32, DTYPE_FLOAT64, DTYPE_FLOAT16 "
-            f"or DTYPE_BFLOAT16), got {predictions.dtype}",
+            f"or DTYPE_BFLOAT16), got {dtype_name(predictions.dtype)}",
         )
     low, high = value_range(predictions)
     check_finite("predictions", low, high)
@@ -333,7 +371,7 @@ def check_class_indices(spec: LossSpec, params: Dict[str, Any], predictions: Ten
         raise invalid(
             "targets.dtype",
             f"class-index targets (the predictions' shape without the class dimension) must be integers "
-            f"(DTYPE_INT64, DTYPE_INT32, DTYPE_INT16, DTYPE_INT8 or DTYPE_UINT8), got {targets.dtype}",
+            f"(DTYPE_INT64, DTYPE_INT32, DTYPE_INT16, DTYPE_INT8 or DTYPE_UINT8), got {dtype_name(targets.dtype)}",
         )
     if targets.numel() == 0:
         return
@@ -355,6 +393,47 @@ def check_class_indices(spec: LossSpec, params: Dict[str, Any], predictions: Ten
         f"class indices must be in [0, {num_classes}){ignored} ({num_classes} classes along dim {class_dim} of "
         f"predictions), got values in [{int(low)}, {int(high)}]",
     )
+
+
+def check_metadata(parsed: ParsedRequest) -> None:
+    r"""``request_id`` and ``labels`` within the sizes a log line carries."""
+    request_id = parsed.message.request_id
+    if len(request_id) > MAX_REQUEST_ID_CHARACTERS:
+        raise invalid("request_id", f"has {len(request_id)} characters; expected at most {MAX_REQUEST_ID_CHARACTERS}")
+    if len(parsed.labels) > MAX_LABELS:
+        raise invalid("labels", f"has {len(parsed.labels)} entries; expected at most {MAX_LABELS}")
+    for key, value in parsed.labels.items():
+        if len(key) > MAX_LABEL_KEY_CHARACTERS:
+            raise invalid("labels", f"key '{echo(key)}' is longer than {MAX_LABEL_KEY_CHARACTERS} characters")
+        if len(value) > MAX_LABEL_VALUE_CHARACTERS:
+            raise invalid(f"labels[{echo(key)}]", f"has {len(value)} characters; expected at most {MAX_LABEL_VALUE_CHARACTERS}")
+
+
+def class_vector(tensor: Tensor, where: str) -> Tensor:
+    r"""A per-class vector parameter as sent: 1-D with one entry per class (a private copy)."""
+    if tensor.dim() != 1:
+        raise invalid(where, f"must be a 1-D vector with one entry per class, got shape {list(tensor.shape)}")
+    if tensor.numel() == 0:
+        raise invalid(where, "must have one entry per class, got an empty vector")
+    return tensor.clone()
+
+
+def class_axis(spec: LossSpec, params: Dict[str, Any], predictions: Tensor) -> Optional[Tuple[int, int]]:
+    r"""``(dimension, size)`` of the classes a batch is scored with; ``None`` when it has no class axis.
+
+    Losses with a ``class_dim`` parameter have their classes there (from 2-D predictions on); those
+    with a ``mode`` have them along dim 1 unless the mode is binary (one class).
+    """
+    names = spec.param_names()
+    if "class_dim" in names:
+        if predictions.dim() < 2:
+            return None
+        dim = setting(spec, params, "class_dim")
+        dim = dim + predictions.dim() if dim < 0 else dim
+        return (dim, predictions.shape[dim]) if 0 < dim < predictions.dim() else None
+    if setting(spec, params, "mode") == "binary" or predictions.dim() < 2:
+        return None
+    return 1, predictions.shape[1]
 
 
 def value_range(tensor: Tensor) -> Tuple[float, float]:
@@ -388,25 +467,34 @@ class StreamAccumulator:
         self.totals: Optional[Tensor] = None
         self.num_values = 0
         self.num_batches = 0
+        # The class axis of batch 0: every later batch must have the same classes.
+        self._classes: Optional[Tuple[int, int]] = None
 
     def add(self, parsed: ParsedRequest) -> None:
+        r"""Add one batch; a :class:`ServiceError` (the caller locates it in the stream) changes nothing."""
         request = parsed.message
-        index = self.num_batches
-        try:
-            if request.return_per_sample:
-                raise invalid("return_per_sample", "ScoreStream returns one dataset-level value; expected false")
-            settings = stream_settings(request)
-            if self.plan is None:
-                self.plan = self.scorer.plan(request)
-                self._settings = settings
-            else:
-                for name, value in settings.items():
-                    if value is not None and value != self._settings[name]:
-                        raise invalid(name, "must be the same in every batch of a stream (or unset); it differs from batch 0")
-            predictions, targets, weights = self.scorer.decode_inputs(parsed, self.plan)
-            result = self.scorer.compute(self.plan, predictions, targets, weights, False)
-        except ServiceError as error:
-            raise error.in_batch(index) from None
+        if request.return_per_sample:
+            raise invalid("return_per_sample", "ScoreStream returns one dataset-level value; expected false")
+        settings = stream_settings(parsed)
+        plan = self.plan
+        if plan is None:
+            plan = self.scorer.plan(parsed)
+        else:
+            check_metadata(parsed)
+            for name, value in settings.items():
+                if value is not None and value != self._settings[name]:
+                    raise invalid(name, "must be the same in every batch of a stream (or unset); it differs from batch 0")
+        predictions, targets, weights = self.scorer.decode_inputs(parsed, plan)
+        classes = class_axis(plan.spec, plan.params, predictions)
+        if self.num_batches > 0 and classes != self._classes:
+            raise invalid(
+                "predictions.shape",
+                f"has {classes_text(classes)}, batch 0 had {classes_text(self._classes)}: every batch of a stream "
+                f"must have the same classes (shape {list(predictions.shape)})",
+            )
+        result = self.scorer.compute(plan, predictions, targets, weights, False)
+        if self.plan is None:
+            self.plan, self._settings, self._classes = plan, settings, classes
         self.totals = result.totals if self.totals is None else self.totals + result.totals
         # Only read for batch=True region losses, whose values (one per class) do not grow with N.
         self.num_values = result.num_values
@@ -416,7 +504,7 @@ class StreamAccumulator:
         if self.plan is None:
             raise invalid("batches", "a stream needs at least one batch (which names the loss)")
         plan = self.plan
-        runner = plan.backend.runner(plan.spec, plan.params)
+        runner = plan.backend.runner(plan.spec, plan.params, plan.key)
         with torch.inference_mode():
             reductions = runner.reductions(self.totals.to(plan.backend.torch_device)).cpu().tolist()
         weight_sum, denominator, num_elements = summarize(plan, self.totals, self.num_values)
@@ -431,16 +519,21 @@ class StreamAccumulator:
         )
 
 
-def stream_settings(request: pb.ScoreBatchRequest) -> Dict[str, Any]:
-    r"""The per-stream settings of a request, ``None`` where unset (comparable across batches)."""
+def classes_text(classes: Optional[Tuple[int, int]]) -> str:
+    return "no class dimension" if classes is None else f"{classes[1]} classes along dim {classes[0]}"
 
-    def tensor_map(entries) -> Optional[Tuple]:
+
+def stream_settings(parsed: ParsedRequest) -> Dict[str, Any]:
+    r"""The per-stream settings of a request, ``None`` where unset (comparable across batches)."""
+    request = parsed.message
+
+    def message_map(entries) -> Optional[Tuple]:
         return tuple(sorted((k, v.SerializeToString(deterministic=True)) for k, v in entries.items())) or None
 
     return {
         "loss": request.loss or None,
-        "params": tensor_map(request.params),
-        "tensor_params": tensor_map(request.tensor_params),
+        "params": message_map(parsed.params),
+        "tensor_params": message_map(parsed.tensor_params),
         "class_weights": request.class_weights.SerializeToString(deterministic=True) if request.HasField("class_weights") else None,
         "pos_weight": request.pos_weight.SerializeToString(deterministic=True) if request.HasField("pos_weight") else None,
         "reduction": request.reduction or None,

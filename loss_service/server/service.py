@@ -1,10 +1,17 @@
 r"""The ``loss_service.v1.LossService`` servicer (grpc.aio).
 
-Small requests are computed on the event loop; requests above ``inline_elements`` go to the worker
-thread pool so that a 1e7-element batch never blocks other calls, with the intra-op threads of
-:class:`IntraOpThreads`. Requests arrive as :class:`.wire.ParsedRequest` (:func:`add_to_server`
-registers the zero-copy deserializer). Every call logs one JSON line (loss, backend, device,
-elements, duration_ms, status, request_id, labels).
+Requests arrive as the serialized bytes gRPC received (:func:`add_to_server` registers no
+deserializer) and are read by :func:`.wire.parse_request`. The event loop only does work that is
+small whatever the request: a body under :data:`INLINE_MAX_BYTES` is parsed and planned on it,
+and computed on it too when it has at most ``inline_elements`` elements and its runner is built
+already (a handoff to a thread costs more than such a loss). Everything else -- parsing large
+bodies, building runners (a TorchScript copy takes a noticeable fraction of a second), computing
+large batches -- runs in the worker thread pool with the intra-op threads of
+:class:`IntraOpThreads`, so health checks and small calls are answered meanwhile.
+
+Every request's body counts against the in-flight budget (:class:`.memory.RequestBudget`) until
+its work has ended, also when the client has gone. Every call logs one JSON line (loss, backend,
+device, elements, duration_ms, status, request_id, labels).
 """
 from __future__ import annotations
 
@@ -13,8 +20,10 @@ import logging
 import math
 import threading
 import time
+import traceback
 from concurrent.futures import Executor
-from typing import AsyncIterator, Callable, List, Optional, TypeVar
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Dict, List, Optional, TypeVar
 
 import grpc
 import torch
@@ -24,36 +33,40 @@ from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
 from .backends import VariantPending
-from .errors import ServiceError
+from .errors import ServiceError, echo
 from .logs import LOGGER_NAME, CallLog, monotonic_ms
-from .scoring import BACKEND_ENUMS, Scorer, StreamAccumulator, request_field
+from .memory import RequestBudget
+from .scoring import BACKEND_ENUMS, MAX_REQUEST_ID_CHARACTERS, Scorer, StreamAccumulator, check_metadata, request_field
 from .wire import ParsedRequest, parse_request
 
 log = logging.getLogger(f"{LOGGER_NAME}.calls")
 T = TypeVar("T")
 
+# Bodies below this size are parsed on the event loop: protobuf reads them in well under a
+# millisecond whatever their fields; larger ones are parsed in the worker pool.
+INLINE_MAX_BYTES = 64 * 1024
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 
 
-def request_elements(request: pb.ScoreBatchRequest) -> int:
+def request_elements(request) -> int:
     r"""Element count of the predictions, read from the shape without decoding anything."""
     return math.prod(request.predictions.shape)
 
 
 def add_to_server(servicer: "LossServiceServicer", server: grpc.aio.Server) -> None:
-    r"""Register ``servicer`` like the generated ``add_LossServiceServicer_to_server``, but with
-    :func:`.wire.parse_request` as the request deserializer: the servicer receives
-    :class:`.wire.ParsedRequest` objects whose large payloads are views, not copies."""
+    r"""Register ``servicer`` like the generated ``add_LossServiceServicer_to_server``, but without
+    a request deserializer for the scoring methods: the servicer receives the serialized bytes and
+    parses them itself (:mod:`.wire`), off the event loop when they are large, and answers bytes
+    that are not a request with ``INVALID_ARGUMENT`` (a deserializer's failure would be UNKNOWN)."""
     handlers = {
         "ScoreBatch": grpc.unary_unary_rpc_method_handler(
             servicer.ScoreBatch,
-            request_deserializer=parse_request,
             response_serializer=pb.ScoreBatchResponse.SerializeToString,
         ),
         "ScoreStream": grpc.stream_unary_rpc_method_handler(
             servicer.ScoreStream,
-            request_deserializer=parse_request,
             response_serializer=pb.ScoreStreamResponse.SerializeToString,
         ),
         "ListLosses": grpc.unary_unary_rpc_method_handler(
@@ -146,13 +159,43 @@ def loss_catalogue(backends_of: Callable[[str], List[str]]) -> pb.ListLossesResp
     return response
 
 
+@dataclass
+class CallRecord:
+    r"""What one call's log line says of the request (bounded whatever the request held)."""
+
+    method: str
+    start: float = field(default_factory=time.perf_counter)
+    loss: str = ""
+    request_id: str = ""
+    labels: Dict[str, str] = field(default_factory=dict)
+    elements: int = 0
+    identified: bool = False
+    # Batches a stream has added (None for ScoreBatch).
+    batches: Optional[int] = None
+
+    def identify(self, parsed: ParsedRequest) -> int:
+        r"""Take the request's identity from its first message; the message's element count."""
+        request = parsed.message
+        if not self.identified:
+            self.identified = True
+            self.loss = echo(request.loss)
+            self.request_id = request.request_id[:MAX_REQUEST_ID_CHARACTERS]
+            try:
+                check_metadata(parsed)
+                self.labels = parsed.labels
+            except ServiceError:
+                self.labels = {}  # over the limits: the call is refused for them, not logged with them
+        return request_elements(request)
+
+
 class LossServiceServicer(pb_grpc.LossServiceServicer):
     r"""Serves ScoreBatch, ScoreStream and ListLosses once :meth:`attach` has given it a scorer."""
 
-    def __init__(self, executor: Executor, inline_elements: int, threads: IntraOpThreads) -> None:
+    def __init__(self, executor: Executor, inline_elements: int, threads: IntraOpThreads, budget: RequestBudget) -> None:
         self._executor = executor
         self._inline_elements = inline_elements
         self._threads = threads
+        self.budget = budget
         self.calls = CallLog(log)
         self._scorer: Optional[Scorer] = None
         self._catalogue: Optional[pb.ListLossesResponse] = None
@@ -163,95 +206,163 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
         )
         self._scorer = scorer
 
-    async def _ready(self, context: grpc.aio.ServicerContext) -> Scorer:
+    def _ready(self) -> Scorer:
         if self._scorer is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its backends; retry")
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is still loading its backends; retry")
         return self._scorer
 
-    async def _run(self, elements: int, function: Callable[..., T], *args) -> T:
-        r"""``function(*args)`` inline or in the worker pool; after a :class:`VariantPending`, wait and retry.
+    async def _run(self, inline: bool, function: Callable[..., T], *args) -> T:
+        r"""``function(*args)`` on the event loop or in the worker pool; after a :class:`VariantPending`,
+        wait (on the event loop, never blocking it) and call it again.
 
-        The wait for a graph still being exported is awaited on the event loop, never blocking it
-        (other calls and health checks go on). ``function`` changes no state before it raises it.
+        ``function`` changes no state before it raises :class:`VariantPending`. Work in the pool
+        runs to its end even when the call is cancelled meanwhile: the caller's budget is held
+        until then, since the work still holds the request's memory.
         """
         while True:
             try:
-                if elements <= self._inline_elements:
+                if inline:
                     return function(*args)
-                return await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._threads.run, elements, function, *args
-                )
+                work = asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+                try:
+                    return await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    await asyncio.wait([work])
+                    raise
             except VariantPending as pending:
                 # Its outcome is read on the retry: a failed export is then a FAILED_PRECONDITION.
                 await asyncio.wait([asyncio.wrap_future(pending.future)])
 
-    async def ScoreBatch(self, parsed: ParsedRequest, context: grpc.aio.ServicerContext) -> pb.ScoreBatchResponse:
-        scorer = await self._ready(context)
-        start = time.perf_counter()
-        request = parsed.message
-        elements = request_elements(request)
+    def _inline(self, scorer: Scorer, plan, elements: int) -> bool:
+        return plan is not None and elements <= self._inline_elements and scorer.warm(plan)
+
+    async def ScoreBatch(self, body: bytes, context: grpc.aio.ServicerContext) -> Optional[pb.ScoreBatchResponse]:
+        call = CallRecord("ScoreBatch")
         try:
-            response = await self._run(elements, scorer.score_batch, parsed)
+            scorer = self._ready()
+            with self.budget.holding(len(body)):
+                if len(body) < INLINE_MAX_BYTES:
+                    parsed = parse_request(body)
+                    call.elements = call.identify(parsed)
+                    plan = scorer.plan(parsed)
+                    if self._inline(scorer, plan, call.elements):
+                        response = await self._run(True, scorer.score_batch, parsed, plan)
+                    else:
+                        response = await self._run(False, self._threads.run, call.elements, scorer.score_batch, parsed, plan)
+                else:
+                    response = await self._run(False, self._parse_and_score, scorer, body, call)
         except ServiceError as error:
-            self._log("ScoreBatch", request, start, elements, error.code.name, error.message)
-            await context.abort(*_abort_arguments(error))
-        except Exception as exc:  # a bug, not a bad request: keep the server up and say so
-            log.exception("ScoreBatch failed", extra={"fields": {"loss": request.loss, "request_id": request.request_id}})
-            self._log("ScoreBatch", request, start, elements, "INTERNAL", repr(exc))
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
-        self._log("ScoreBatch", request, start, elements, "OK", backend=response.backend, device=response.device)
+            return self._refuse(context, call, error)
+        except Exception as error:  # a bug, not a bad request: keep the server up and say so
+            log.exception("ScoreBatch failed", extra={"fields": {"loss": call.loss, "request_id": call.request_id}})
+            return self._refuse(context, call, error)
+        self._log(call, "OK", backend=response.backend, device=response.device)
         return response
+
+    def _parse_and_score(self, scorer: Scorer, body: bytes, call: CallRecord) -> pb.ScoreBatchResponse:
+        parsed = parse_request(body)
+        call.elements = call.identify(parsed)
+        return self._threads.run(call.elements, scorer.score_batch, parsed, scorer.plan(parsed))
 
     async def ScoreStream(
-        self, request_iterator: AsyncIterator[ParsedRequest], context: grpc.aio.ServicerContext
-    ) -> pb.ScoreStreamResponse:
-        scorer = await self._ready(context)
-        start = time.perf_counter()
-        accumulator = StreamAccumulator(scorer)
-        first = pb.ScoreBatchRequest()
-        elements = 0
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> Optional[pb.ScoreStreamResponse]:
+        call = CallRecord("ScoreStream", batches=0)
         try:
-            async for parsed in request_iterator:
-                if accumulator.num_batches == 0:
-                    first = parsed.message
-                count = request_elements(parsed.message)
-                elements += count
-                await self._run(count, accumulator.add, parsed)
+            scorer = self._ready()
+            accumulator = StreamAccumulator(scorer)
+            async for body in request_iterator:
+                try:
+                    with self.budget.holding(len(body)):
+                        call.elements += await self._add_batch(scorer, accumulator, body, call)
+                except ServiceError as error:
+                    raise error.in_batch(accumulator.num_batches) from None
+                call.batches = accumulator.num_batches
             response = accumulator.response()
         except ServiceError as error:
-            self._log("ScoreStream", first, start, elements, error.code.name, error.message, batches=accumulator.num_batches)
-            await context.abort(*_abort_arguments(error))
-        except Exception as exc:
-            log.exception("ScoreStream failed", extra={"fields": {"loss": first.loss, "request_id": first.request_id}})
-            self._log("ScoreStream", first, start, elements, "INTERNAL", repr(exc))
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
-        self._log(
-            "ScoreStream", first, start, elements, "OK", backend=response.backend, device=response.device,
-            batches=response.num_batches,
-        )
+            return self._refuse(context, call, error)
+        except Exception as error:
+            log.exception("ScoreStream failed", extra={"fields": {"loss": call.loss, "request_id": call.request_id}})
+            return self._refuse(context, call, error)
+        self._log(call, "OK", backend=response.backend, device=response.device, batches=call.batches)
         return response
 
-    async def ListLosses(self, request: pb.ListLossesRequest, context: grpc.aio.ServicerContext) -> pb.ListLossesResponse:
-        await self._ready(context)
+    async def _add_batch(self, scorer: Scorer, accumulator: StreamAccumulator, body: bytes, call: CallRecord) -> int:
+        r"""Add one batch to ``accumulator``; its element count."""
+        if len(body) >= INLINE_MAX_BYTES:
+            return await self._run(False, self._parse_and_add, accumulator, body, call)
+        parsed = parse_request(body)
+        elements = call.identify(parsed)
+        if self._inline(scorer, accumulator.plan, elements):
+            await self._run(True, accumulator.add, parsed)
+        else:
+            await self._run(False, self._threads.run, elements, accumulator.add, parsed)
+        return elements
+
+    def _parse_and_add(self, accumulator: StreamAccumulator, body: bytes, call: CallRecord) -> int:
+        parsed = parse_request(body)
+        elements = call.identify(parsed)
+        self._threads.run(elements, accumulator.add, parsed)
+        return elements
+
+    async def ListLosses(self, request: pb.ListLossesRequest, context: grpc.aio.ServicerContext) -> Optional[pb.ListLossesResponse]:
+        try:
+            self._ready()
+        except ServiceError as error:
+            return _set_status(context, error)
         return self._catalogue
 
-    def _log(self, method: str, request: pb.ScoreBatchRequest, start: float, elements: int, status: str,
-             error: str = "", **fields) -> None:
+    def _refuse(self, context: grpc.aio.ServicerContext, call: CallRecord, error: Exception) -> None:
+        r"""Answer the call with ``error``'s status (``INTERNAL`` for anything but a :class:`ServiceError`).
+
+        The status is set, not raised (``context.abort``): an exception leaving the handler would
+        carry its frame, and with it the request, into reference cycles inside grpc.
+        """
+        release_frames(error)
+        if not isinstance(error, ServiceError):
+            error = ServiceError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        fields = {"batches": call.batches} if call.batches is not None else {}
+        self._log(call, error.code.name, error.message, **fields)
+        return _set_status(context, error)
+
+    def _log(self, call: CallRecord, status: str, error: str = "", **fields) -> None:
         self.calls.write(
-            method=method,
-            loss=request.loss,
+            method=call.method,
+            loss=call.loss,
             backend=fields.pop("backend", None),
             device=fields.pop("device", None),
-            elements=elements,
-            duration_ms=monotonic_ms(start),
+            elements=call.elements,
+            duration_ms=monotonic_ms(call.start),
             status=status,
-            request_id=request.request_id,
-            labels=dict(request.labels) if request.labels else {},
+            request_id=call.request_id,
+            labels=call.labels,
             **({"error": error} if error else {}),
             **fields,
         )
 
 
-def _abort_arguments(error: ServiceError):
+# What a client learns of a server bug: nothing of the server's internals (the log has the trace).
+INTERNAL_MESSAGE = "internal error; the server logged it with the call's request_id"
+
+
+def release_frames(error: BaseException) -> None:
+    r"""Drop the local variables of the finished frames that ``error`` (and the errors it was raised
+    from) passed through.
+
+    They hold the request -- its body, its decoded tensors, the module built for it -- and
+    tracebacks form reference cycles that only the cyclic garbage collector frees, at a time of
+    its choosing: a refused request must not keep its memory until then.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+def _set_status(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+    r"""The status of a refused call, set on ``context``: the handler then returns ``None``."""
     status = error.to_status()
-    return status.code, status.details, status.trailing_metadata
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
