@@ -14,8 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loss_service import losses
-from loss_service.client import LossClient
+from loss_service.client import LossClient, build_request
 from loss_service.server import SERVICE_NAME
+from loss_service.server.app import ARRIVAL_MAX_SECONDS
+from loss_service.v1 import loss_service_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 300  # a cold start exports the TorchScript modules and default ONNX graphs first
@@ -153,6 +155,47 @@ def test_sigterm_reports_not_serving_and_finishes_the_call_in_flight(server_arti
         assert any('"event": "stopped"' in line for line in server.lines)
         listening = next(json.loads(line) for line in server.lines if '"event": "listening"' in line)
         assert listening["torch_threads"] == os.cpu_count()  # the default
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_shutdown_finishes_every_call_in_flight_and_refuses_new_ones(server_artifacts, signum):
+    import torch
+
+    server = ServerProcess(server_artifacts.folder, *_flags(server_artifacts), "--grace-seconds", "30")
+    try:
+        server.wait_ready()
+        rng = np.random.default_rng(0)
+        rows = 2_500_000  # 1e7 elements of (rows, 4) logits
+        predictions, targets = rng.normal(size=(rows, 4)).astype(np.float32), rng.integers(0, 4, rows)
+        expected = float(losses.build("focal", gamma=2.0)(torch.from_numpy(predictions), torch.from_numpy(targets)))
+        body = build_request("focal", predictions, targets, gamma=2.0).SerializeToString()
+        with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 256 << 20)]) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                                timeout=300)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            call = channel.unary_unary(f"/{SERVICE_NAME}/ScoreBatch")
+            ended = []
+            calls = [call.future(body, timeout=300) for _ in range(16)]
+            for future in calls:
+                future.add_done_callback(lambda _: ended.append(time.monotonic()))
+            time.sleep(0.05)
+            signalled = time.monotonic()
+            server.process.send_signal(signum)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # Calls on their way are let in for at most ARRIVAL_MAX_SECONDS; then the server stops listening.
+            time.sleep(max(0.0, signalled + ARRIVAL_MAX_SECONDS + 0.5 - time.monotonic()))
+            with grpc.insecure_channel(server.target) as late:
+                with pytest.raises(grpc.RpcError) as refused:
+                    late.unary_unary(f"/{SERVICE_NAME}/ListLosses")(pb.ListLossesRequest().SerializeToString(), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            for future in calls:  # every call in flight completes: none is cancelled
+                assert pb.ScoreBatchResponse.FromString(future.result()).loss == pytest.approx(expected, rel=1e-5)
+            last_ended = max(ended)
+            assert sum(end > signalled for end in ended) >= 8, "the calls were not in flight at the signal"
+        assert server.process.wait(30) == 0
+        assert time.monotonic() - last_ended < 3.0, "the server took longer than 3 s to exit after the last call"
     finally:
         server.stop()
 

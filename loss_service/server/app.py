@@ -40,6 +40,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 log = logging.getLogger(f"{LOGGER_NAME}.server")
 # How long the server must have had no request in flight before it returns freed memory.
 IDLE_TRIM_SECONDS = 1.0
+# On shutdown, calls that reached the server before it stopped are still taken in while they keep
+# arriving (until none has for ARRIVAL_QUIET_SECONDS, at most ARRIVAL_MAX_SECONDS): gRPC cancels
+# calls it has received but not yet handed to the servicer once its shutdown begins.
+ARRIVAL_QUIET_SECONDS = 0.25
+ARRIVAL_MAX_SECONDS = 1.0
 
 
 class LossServer:
@@ -122,10 +127,29 @@ class LossServer:
         loop.call_later(IDLE_TRIM_SECONDS, trim)
 
     async def stop(self, grace: Optional[float]) -> None:
-        r"""Readiness NOT_SERVING, stop accepting calls, let in-flight ones finish within ``grace`` s."""
+        r"""Readiness NOT_SERVING, stop accepting calls, let in-flight ones finish within ``grace`` s.
+
+        Between the two, calls already on their way are let in (:data:`ARRIVAL_QUIET_SECONDS`): a
+        load balancer sees NOT_SERVING at once, and no call that reached the server is cancelled
+        by its shutdown, only those that arrive once it no longer listens (UNAVAILABLE).
+        """
         self.stopping = True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if grace:
+            settle_until = started + min(grace, ARRIVAL_MAX_SECONDS)
+            while loop.time() < settle_until and time.monotonic() - self.servicer.last_call_started < ARRIVAL_QUIET_SECONDS:
+                await asyncio.sleep(ARRIVAL_QUIET_SECONDS / 5)
+            grace = max(0.0, grace - (loop.time() - started))
+        shutdown = asyncio.ensure_future(self.server.stop(grace))
+        while self.servicer.in_flight and not shutdown.done():
+            await asyncio.sleep(0.05)
+        if not shutdown.done():
+            # Only calls of other services are left (health Watch streams, which never end by
+            # themselves): end them now rather than at the end of the grace period.
+            await self.server.stop(0)
+        await shutdown
         self.servicer.calls.flush()
         if self.variants is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.variants.stop)

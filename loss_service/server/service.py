@@ -23,7 +23,7 @@ import time
 import traceback
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Dict, List, Optional, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, TypeVar
 
 import grpc
 import torch
@@ -62,15 +62,15 @@ def add_to_server(servicer: "LossServiceServicer", server: grpc.aio.Server) -> N
     that are not a request with ``INVALID_ARGUMENT`` (a deserializer's failure would be UNKNOWN)."""
     handlers = {
         "ScoreBatch": grpc.unary_unary_rpc_method_handler(
-            servicer.ScoreBatch,
+            servicer.tracked(servicer.ScoreBatch),
             response_serializer=pb.ScoreBatchResponse.SerializeToString,
         ),
         "ScoreStream": grpc.stream_unary_rpc_method_handler(
-            servicer.ScoreStream,
+            servicer.tracked(servicer.ScoreStream),
             response_serializer=pb.ScoreStreamResponse.SerializeToString,
         ),
         "ListLosses": grpc.unary_unary_rpc_method_handler(
-            servicer.ListLosses,
+            servicer.tracked(servicer.ListLosses),
             request_deserializer=pb.ListLossesRequest.FromString,
             response_serializer=pb.ListLossesResponse.SerializeToString,
         ),
@@ -197,6 +197,10 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
         self._threads = threads
         self.budget = budget
         self.calls = CallLog(log)
+        # Calls in a handler now, and time.monotonic() when the last one reached it (the shutdown
+        # waits for arrivals to stop, then for these to end).
+        self.in_flight = 0
+        self.last_call_started = 0.0
         self._scorer: Optional[Scorer] = None
         self._catalogue: Optional[pb.ListLossesResponse] = None
 
@@ -205,6 +209,19 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
             lambda loss: [name for name, backend in scorer.backends.items() if backend.supports(loss)]
         )
         self._scorer = scorer
+
+    def tracked(self, handler: Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        r"""``handler`` counted in :attr:`in_flight` while it runs."""
+
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> T:
+            self.in_flight += 1
+            self.last_call_started = time.monotonic()
+            try:
+                return await handler(request, context)
+            finally:
+                self.in_flight -= 1
+
+        return counted
 
     def _ready(self) -> Scorer:
         if self._scorer is None:
