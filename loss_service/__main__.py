@@ -6,7 +6,7 @@ r"""Command line: ``python -m loss_service serve|score|losses`` (also the ``loss
     --backend LOSS_SERVICE_BACKEND (auto)       --device LOSS_SERVICE_DEVICE (auto)
     --artifacts LOSS_SERVICE_ARTIFACTS (artifacts)
     --max-message-bytes LOSS_SERVICE_MAX_MESSAGE_BYTES   --max-elements LOSS_SERVICE_MAX_ELEMENTS
-    --max-inflight-bytes LOSS_SERVICE_MAX_INFLIGHT_BYTES (memory limit / 2 / 4)
+    --max-inflight-bytes LOSS_SERVICE_MAX_INFLIGHT_BYTES (memory limit / 2 / 8)
     --workers LOSS_SERVICE_WORKERS              --grace-seconds LOSS_SERVICE_GRACE_SECONDS
     --jobs LOSS_SERVICE_JOBS (min(2, CPUs))     --torch-threads LOSS_SERVICE_TORCH_THREADS (CPUs)
     --log-level LOSS_SERVICE_LOG_LEVEL (INFO)
@@ -55,7 +55,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-inflight-bytes", type=int,
                         default=_env("max_inflight_bytes", defaults.max_inflight_bytes, int),
                         help="sum of the request bodies being processed; a request that would exceed it gets "
-                             "RESOURCE_EXHAUSTED at once (default: memory limit / 2 / 4, here %(default)s)")
+                             "RESOURCE_EXHAUSTED at once (default: memory limit / 2 / 8, here %(default)s)")
     parser.add_argument("--workers", type=int, default=_env("workers", defaults.workers, int),
                         help="compute threads for large requests (%(default)s)")
     parser.add_argument("--grace-seconds", type=float, default=_env("grace_seconds", defaults.grace_seconds, float),

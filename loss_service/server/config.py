@@ -19,9 +19,10 @@ DEFAULT_MAX_ELEMENTS = 50_000_000
 DEFAULT_INLINE_ELEMENTS = 16_384
 
 
-# Peak memory of a request being computed, per byte of its body (the body, its decoded views, the
-# loss's temporaries and results): docs/service.md, "Memory".
-REQUEST_MEMORY_FACTOR = 4
+# Peak memory of a request being computed, per byte of its body (gRPC's buffer, the body, decoded
+# views, the loss's temporaries and results): at most this for every workload of
+# bench/bench_memory.py (docs/service.md, "Memory").
+REQUEST_MEMORY_FACTOR = 8
 
 
 def memory_limit() -> int:
