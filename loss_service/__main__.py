@@ -10,6 +10,8 @@ r"""Command line: ``python -m loss_service serve|score|losses`` (also the ``loss
     --workers LOSS_SERVICE_WORKERS              --grace-seconds LOSS_SERVICE_GRACE_SECONDS
     --jobs LOSS_SERVICE_JOBS (min(2, CPUs))     --torch-threads LOSS_SERVICE_TORCH_THREADS (CPUs)
     --log-level LOSS_SERVICE_LOG_LEVEL (INFO)
+    --metrics-port LOSS_SERVICE_METRICS_PORT (off; 0 = any free port)
+    --metrics-host LOSS_SERVICE_METRICS_HOST (127.0.0.1)
 
 ``score`` sends one batch read from ``.npy`` files and prints the result as JSON.
 """
@@ -68,6 +70,11 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--log-level", default=_env("log_level", "INFO"), help="%(default)s")
     parser.add_argument("--no-export", action="store_true",
                         help="do not export missing artifacts at start; their losses are not offered on that backend")
+    parser.add_argument("--metrics-port", type=int, default=_env("metrics_port", defaults.metrics_port, int),
+                        help="serve Prometheus metrics over HTTP on this port (GET /metrics); 0 picks a free one, "
+                             "printed in the 'listening' log line (default: off)")
+    parser.add_argument("--metrics-host", default=_env("metrics_host", defaults.metrics_host),
+                        help="address of the metrics endpoint (%(default)s)")
 
 
 def _add_score(commands: argparse._SubParsersAction) -> None:
@@ -120,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_inflight_bytes=args.max_inflight_bytes, workers=args.workers,
             grace_seconds=args.grace_seconds, export_missing=not args.no_export, export_jobs=args.jobs,
             torch_threads=args.torch_threads,
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         )
         return asyncio.run(serve(config))
     except ConfigError as exc:

@@ -1,5 +1,6 @@
 r"""The server as a subprocess started like the README's command: RPCs, health, SIGTERM, bad flags."""
 import json
+import ipaddress
 import os
 import signal
 import subprocess
@@ -70,6 +71,34 @@ class ServerProcess:
             self.process.wait()
 
 
+def listening_ports(pid):
+    r"""``{(address, port)}`` of the TCP sockets process ``pid`` listens on (Linux ``/proc``); an
+    IPv4-mapped IPv6 address (gRPC's dual-stack sockets) as its IPv4 address."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and inode in inodes:  # 0A: LISTEN
+                    address, port = local.split(":")
+                    packed = bytes.fromhex(address)
+                    # The kernel prints each 32-bit word of the address in host (little-endian) order.
+                    packed = b"".join(packed[i:i + 4][::-1] for i in range(0, len(packed), 4))
+                    ip = ipaddress.ip_address(packed)
+                    found.add((str(getattr(ip, "ipv4_mapped", None) or ip), int(port, 16)))
+    return found
+
+
 def _flags(server_artifacts):
     # A folder given explicitly (LOSS_SERVICE_TEST_ARTIFACTS) is used as it is.
     return [] if server_artifacts.export_missing else ["--no-export"]
@@ -117,6 +146,12 @@ def test_every_rpc_against_the_subprocess(served):
 def test_torch_threads_flag_sets_the_servers_intra_op_threads(served):
     listening = next(json.loads(line) for line in served.lines if '"event": "listening"' in line)
     assert listening["torch_threads"] == 2
+
+
+def test_the_server_listens_on_its_grpc_port_only_without_metrics(served):
+    listening = next(json.loads(line) for line in served.lines if '"event": "listening"' in line)
+    assert "metrics_port" not in listening
+    assert listening_ports(served.process.pid) == {("127.0.0.1", served.port)}
 
 
 def test_sigterm_reports_not_serving_and_finishes_the_call_in_flight(server_artifacts):
@@ -184,8 +219,10 @@ def test_shutdown_finishes_every_call_in_flight_and_refuses_new_ones(server_arti
             signalled = time.monotonic()
             server.process.send_signal(signum)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            # Calls on their way are let in for at most ARRIVAL_MAX_SECONDS; then the server stops listening.
-            time.sleep(max(0.0, signalled + ARRIVAL_MAX_SECONDS + 0.5 - time.monotonic()))
+            # Calls on their way are let in for at most ARRIVAL_MAX_SECONDS after readiness turned
+            # NOT_SERVING (later than the signal if the event loop was receiving requests); then the
+            # server stops listening.
+            time.sleep(ARRIVAL_MAX_SECONDS + 0.5)
             with grpc.insecure_channel(server.target) as late:
                 with pytest.raises(grpc.RpcError) as refused:
                     late.unary_unary(f"/{SERVICE_NAME}/ListLosses")(pb.ListLossesRequest().SerializeToString(), timeout=10)

@@ -143,10 +143,10 @@ def test_the_event_loop_answers_while_hostile_requests_are_processed(served):
 
 # -- the in-flight budget -----------------------------------------------------------------------
 
-@pytest.fixture
-def gated_server(server_artifacts, monkeypatch):
-    r"""A server whose requests with request_id "hold" wait at a gate inside the scorer, and whose
-    in-flight budget is 3 MB."""
+def gate_scorer(patch):
+    r"""Make requests with request_id "hold" wait at a gate inside the scorer (patched with ``patch``):
+    ``(gate, entered)``, two events. Set the gate before the server stops: stopping waits for the
+    work of a held call."""
     gate, entered = threading.Event(), threading.Event()
     score_batch = Scorer.score_batch
 
@@ -156,7 +156,15 @@ def gated_server(server_artifacts, monkeypatch):
             gate.wait(60)
         return score_batch(self, parsed, plan)
 
-    monkeypatch.setattr(Scorer, "score_batch", held)
+    patch.setattr(Scorer, "score_batch", held)
+    return gate, entered
+
+
+@pytest.fixture
+def gated_server(server_artifacts, monkeypatch):
+    r"""A server whose requests with request_id "hold" wait at a gate inside the scorer, and whose
+    in-flight budget is 3 MB."""
+    gate, entered = gate_scorer(monkeypatch)
     config = ServerConfig(port=0, artifacts=str(server_artifacts.folder), export_missing=server_artifacts.export_missing,
                           workers=2, max_inflight_bytes=3_000_000)
     with BackgroundServer(config, address="127.0.0.1:0") as server:

@@ -15,7 +15,8 @@ from loss_service.server.backends import RUNNER_BYTES, RunnerCache, config_key
 from loss_service.server.memory import RequestBudget
 from loss_service.server.codec import WIRE_DTYPES, decode, encode, to_message, to_numpy
 from loss_service.server.config import provider_device
-from loss_service.server.errors import ServiceError, from_library_message, library_value_error
+from loss_service.server.errors import (REFUSED_FOR_MEMORY, REFUSED_FOR_SIZE, ServiceError, from_library_message,
+                                        library_value_error, too_large)
 from loss_service.v1 import loss_service_pb2 as pb
 
 
@@ -62,6 +63,7 @@ def test_onnx_backend_provider_selection_without_a_gpu():
     ("backend", "fast", "backend must be one of"),
     ("device", "gpu", "device must be"),
     ("port", 70000, "port"),
+    ("metrics_port", -1, "metrics_port must be in"),
     ("max_elements", 0, "max_elements"),
     ("workers", 0, "workers"),
     ("grace_seconds", -1.0, "grace_seconds"),
@@ -78,6 +80,7 @@ def test_server_config_defaults_and_options():
     assert ServerConfig(backend="onnx").default_backend() == "onnx"
     assert ("grpc.max_receive_message_length", config.max_message_bytes) in config.grpc_options()
     assert ServerConfig(host="::1", port=5).address == "[::1]:5"
+    assert (config.metrics_port, config.metrics_host) == (None, "127.0.0.1")  # metrics off, loopback when on
 
 
 @pytest.mark.parametrize("dtype", [d for _, d in WIRE_DTYPES.values()])
@@ -110,6 +113,7 @@ def test_decode_errors_name_the_field(tensor, field, code):
         decode(tensor, "x", max_elements=10)
     assert error.value.code == code
     assert [f for f, _ in error.value.violations] == [field]
+    assert error.value.reason == (REFUSED_FOR_SIZE if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None)
 
 
 def test_library_messages_map_to_the_field_they_name():
@@ -147,6 +151,7 @@ def test_stream_errors_are_located_in_their_batch():
     assert error.violations == [("batches[3].weights", "bad")]
     status = error.to_status()
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert too_large("predictions.shape", "too many").in_batch(1).reason == REFUSED_FOR_SIZE
 
 
 def test_config_key_distinguishes_tensor_values():
@@ -184,7 +189,7 @@ def test_a_runner_is_kept_only_after_it_served_a_valid_request():
     assert not backend.warm(key), "built but not kept"
     backend.keep(key, runner, params)
     assert backend.warm(key) and backend.runner(spec, params, key) is runner
-    assert backend._cache.bytes == RUNNER_BYTES + 5 * 4
+    assert backend.cached() == (1, RUNNER_BYTES + 5 * 4)
 
 
 def test_request_budget_refuses_what_would_exceed_it_and_reports_idle():
@@ -194,6 +199,7 @@ def test_request_budget_refuses_what_would_exceed_it_and_reports_idle():
     with pytest.raises(ServiceError) as error:
         budget.acquire(50)
     assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "60 of 100 bytes in use" in error.value.message
+    assert error.value.reason == REFUSED_FOR_MEMORY
     with pytest.raises(ServiceError, match="exceed the server's in-flight request budget of 100"):
         budget.acquire(101)
     with budget.holding(40):

@@ -7,7 +7,8 @@ and default ONNX graphs in worker processes, verifying the manifest's signature 
 the checksums and that each artifact is the loss its entry says), loads every backend,
 runs each loss once per backend (:func:`smoke_check`), turns readiness
 (``loss_service.v1.LossService``) SERVING, and only then starts exporting the other ONNX variants
-in the background (:mod:`.background`).
+in the background (:mod:`.background`). With ``metrics_port`` set, ``start()`` also opens the
+Prometheus endpoint (:mod:`.metrics`) and ``stop()`` closes it last.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from .backends import Backend, EagerBackend, OnnxBackend, TorchScriptBackend, co
 from .config import ServerConfig, select_device
 from .logs import LOGGER_NAME, event
 from .memory import RequestBudget, trim_malloc, tune_malloc
+from .metrics import ServerMetrics
 from .scoring import Scorer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -58,8 +60,10 @@ class LossServer:
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="loss-worker")
         self.health = health.aio.HealthServicer()
         self.budget = RequestBudget(config.max_inflight_bytes, on_idle=self._trim_when_still_idle)
+        self.metrics = (ServerMetrics(self.budget, lambda: self.servicer.in_flight)
+                        if config.metrics_port is not None else None)
         self.servicer = LossServiceServicer(self.executor, config.inline_elements, IntraOpThreads(config.torch_threads),
-                                            self.budget)
+                                            self.budget, self.metrics)
         self.server = grpc.aio.server(options=config.grpc_options())
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -80,6 +84,8 @@ class LossServer:
         torch.set_num_threads(1)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.metrics is not None:
+            self.metrics.expose(self.config.metrics_host, self.config.metrics_port)
 
     async def load(self) -> Scorer:
         r"""Build the backends in the worker pool, attach them, turn readiness SERVING, start the variants."""
@@ -90,6 +96,8 @@ class LossServer:
         self.servicer.attach(scorer)
         self.scorer = scorer
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics is not None:
+            self.metrics.serving(scorer, variants)
         if variants is not None:
             self.variants = variants
             variants.start()
@@ -137,6 +145,8 @@ class LossServer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         await self.health.enter_graceful_shutdown()
+        if self.metrics is not None:
+            self.metrics.not_serving()
         if grace:
             settle_until = started + min(grace, ARRIVAL_MAX_SECONDS)
             while loop.time() < settle_until and time.monotonic() - self.servicer.last_call_started < ARRIVAL_QUIET_SECONDS:
@@ -154,6 +164,8 @@ class LossServer:
         if self.variants is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.variants.stop)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.metrics is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.metrics.close)
 
 
 def smoke_check(backends: Dict[str, Backend]) -> None:
@@ -218,8 +230,9 @@ async def serve(config: ServerConfig) -> int:
     tuned = tune_malloc()
     server, port = create_server(config.address, config)
     await server.start()
+    metrics = {} if server.metrics is None else {"metrics_host": config.metrics_host, "metrics_port": server.metrics.port}
     event(log, "listening", host=config.host, port=port, device=server.device, malloc_tuned=tuned,
-          default_backend=config.default_backend(), torch_threads=config.torch_threads)
+          default_backend=config.default_backend(), torch_threads=config.torch_threads, **metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -142,6 +142,10 @@ class Backend:
         r"""Whether the runner of ``key`` is cached (a request then builds nothing)."""
         return key in self._cache
 
+    def cached(self) -> Tuple[int, int]:
+        r"""How many runners are cached, and the bytes they are counted for (the metrics report both)."""
+        return len(self._cache), self._cache.bytes
+
     def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
         raise NotImplementedError
 

@@ -5,7 +5,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 BACKENDS = ("eager", "torchscript", "onnx")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -87,14 +87,18 @@ class ServerConfig:
     export_jobs: int = field(default_factory=default_export_jobs)
     # Intra-op threads of a large request while it is the only one computing (see default_torch_threads).
     torch_threads: int = field(default_factory=default_torch_threads)
+    # Prometheus endpoint (server/metrics.py): off when None; 0 picks a free port (logged at start).
+    metrics_port: Optional[int] = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:
             raise ConfigError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
         if self.device != "auto" and self.device != "cpu" and not _CUDA_DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("port", "metrics_port"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         for name in ("max_message_bytes", "max_elements", "max_inflight_bytes", "workers", "export_jobs", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -157,4 +161,6 @@ ENVIRONMENT = {
     "export_jobs": "LOSS_SERVICE_JOBS",
     "torch_threads": "LOSS_SERVICE_TORCH_THREADS",
     "log_level": "LOSS_SERVICE_LOG_LEVEL",
+    "metrics_port": "LOSS_SERVICE_METRICS_PORT",
+    "metrics_host": "LOSS_SERVICE_METRICS_HOST",
 }

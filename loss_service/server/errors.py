@@ -44,10 +44,19 @@ def _bounded(text: str) -> str:
     return text[: MAX_TEXT_CHARACTERS - 16] + f"... ({len(text)} characters)"
 
 
-class ServiceError(Exception):
-    r"""A request the service refuses: a gRPC status code plus ``(field, description)`` violations."""
+# Why a request was refused for what it would cost (ServiceError.reason, the label of the refused
+# requests metric): the in-flight memory budget, or a tensor over the server's element limit.
+REFUSED_FOR_MEMORY = "memory"
+REFUSED_FOR_SIZE = "size"
+REFUSAL_REASONS = (REFUSED_FOR_MEMORY, REFUSED_FOR_SIZE)
 
-    def __init__(self, code: grpc.StatusCode, message: str, violations: Sequence[FieldViolation] = ()) -> None:
+
+class ServiceError(Exception):
+    r"""A request the service refuses: a gRPC status code plus ``(field, description)`` violations,
+    and for a refusal of what it would cost, the ``reason`` (one of :data:`REFUSAL_REASONS`)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, violations: Sequence[FieldViolation] = (),
+                 reason: Optional[str] = None) -> None:
         message = _bounded(message)
         super().__init__(message)
         self.code = code
@@ -55,6 +64,7 @@ class ServiceError(Exception):
         self.violations: List[FieldViolation] = [
             (_bounded(field), _bounded(description)) for field, description in violations[:MAX_VIOLATIONS]
         ]
+        self.reason = reason
 
     def in_batch(self, index: int) -> "ServiceError":
         r"""The same error located in batch ``index`` of a stream (``batches[index].<field>``)."""
@@ -62,6 +72,7 @@ class ServiceError(Exception):
             self.code,
             f"batch {index}: {self.message}",
             [(f"batches[{index}].{field}", description) for field, description in self.violations],
+            self.reason,
         )
 
     def to_status(self) -> grpc.Status:
@@ -86,12 +97,13 @@ def invalid(field: str, description: str) -> ServiceError:
 
 def too_large(field: str, description: str) -> ServiceError:
     r"""``RESOURCE_EXHAUSTED`` for one field (a request over the server's element limit)."""
-    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{field}: {description}", [(field, description)])
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{field}: {description}", [(field, description)],
+                        reason=REFUSED_FOR_SIZE)
 
 
 def over_budget(description: str) -> ServiceError:
     r"""``RESOURCE_EXHAUSTED`` without a field: the server's in-flight memory budget is in use."""
-    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, description)
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, description, reason=REFUSED_FOR_MEMORY)
 
 
 def unavailable_backend(field: str, description: str) -> ServiceError:
@@ -134,6 +146,9 @@ def from_library_message(message: str, fields: Iterable[Tuple[str, str]], defaul
 
 __all__ = [
     "FieldViolation",
+    "REFUSAL_REASONS",
+    "REFUSED_FOR_MEMORY",
+    "REFUSED_FOR_SIZE",
     "ServiceError",
     "invalid",
     "too_large",

@@ -11,7 +11,8 @@ large batches -- runs in the worker thread pool with the intra-op threads of
 
 Every request's body counts against the in-flight budget (:class:`.memory.RequestBudget`) until
 its work has ended, also when the client has gone. Every call logs one JSON line (loss, backend,
-device, elements, duration_ms, status, request_id, labels).
+device, elements, duration_ms, status, request_id, labels), a cancelled one too, and is counted in
+the server's metrics (:mod:`.metrics`) when they are on.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from .backends import VariantPending
 from .errors import ServiceError, echo
 from .logs import LOGGER_NAME, CallLog, monotonic_ms
 from .memory import RequestBudget
+from .metrics import ServerMetrics
 from .scoring import BACKEND_ENUMS, MAX_REQUEST_ID_CHARACTERS, Scorer, StreamAccumulator, check_metadata, request_field
 from .wire import ParsedRequest, parse_request
 
@@ -169,6 +171,8 @@ class CallRecord:
     request_id: str = ""
     labels: Dict[str, str] = field(default_factory=dict)
     elements: int = 0
+    # Bytes of the request messages received (all batches of a stream).
+    request_bytes: int = 0
     identified: bool = False
     # Batches a stream has added (None for ScoreBatch).
     batches: Optional[int] = None
@@ -191,12 +195,14 @@ class CallRecord:
 class LossServiceServicer(pb_grpc.LossServiceServicer):
     r"""Serves ScoreBatch, ScoreStream and ListLosses once :meth:`attach` has given it a scorer."""
 
-    def __init__(self, executor: Executor, inline_elements: int, threads: IntraOpThreads, budget: RequestBudget) -> None:
+    def __init__(self, executor: Executor, inline_elements: int, threads: IntraOpThreads, budget: RequestBudget,
+                 metrics: Optional[ServerMetrics] = None) -> None:
         self._executor = executor
         self._inline_elements = inline_elements
         self._threads = threads
         self.budget = budget
         self.calls = CallLog(log)
+        self._metrics = metrics
         # Calls in a handler now, and time.monotonic() when the last one reached it (the shutdown
         # waits for arrivals to stop, then for these to end).
         self.in_flight = 0
@@ -254,7 +260,7 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
         return plan is not None and elements <= self._inline_elements and scorer.warm(plan)
 
     async def ScoreBatch(self, body: bytes, context: grpc.aio.ServicerContext) -> Optional[pb.ScoreBatchResponse]:
-        call = CallRecord("ScoreBatch")
+        call = CallRecord("ScoreBatch", request_bytes=len(body))
         try:
             scorer = self._ready()
             with self.budget.holding(len(body)):
@@ -270,6 +276,9 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
                     response = await self._run(False, self._parse_and_score, scorer, body, call)
         except ServiceError as error:
             return self._refuse(context, call, error)
+        except asyncio.CancelledError:
+            self._log_cancelled(context, call)
+            raise
         except Exception as error:  # a bug, not a bad request: keep the server up and say so
             log.exception("ScoreBatch failed", extra={"fields": {"loss": call.loss, "request_id": call.request_id}})
             return self._refuse(context, call, error)
@@ -289,6 +298,7 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
             scorer = self._ready()
             accumulator = StreamAccumulator(scorer)
             async for body in request_iterator:
+                call.request_bytes += len(body)
                 try:
                     with self.budget.holding(len(body)):
                         call.elements += await self._add_batch(scorer, accumulator, body, call)
@@ -298,10 +308,13 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
             response = accumulator.response()
         except ServiceError as error:
             return self._refuse(context, call, error)
+        except asyncio.CancelledError:
+            self._log_cancelled(context, call)
+            raise
         except Exception as error:
             log.exception("ScoreStream failed", extra={"fields": {"loss": call.loss, "request_id": call.request_id}})
             return self._refuse(context, call, error)
-        self._log(call, "OK", backend=response.backend, device=response.device, batches=call.batches)
+        self._log(call, "OK", backend=response.backend, device=response.device)
         return response
 
     async def _add_batch(self, scorer: Scorer, accumulator: StreamAccumulator, body: bytes, call: CallRecord) -> int:
@@ -338,23 +351,33 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
         release_frames(error)
         if not isinstance(error, ServiceError):
             error = ServiceError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-        fields = {"batches": call.batches} if call.batches is not None else {}
-        self._log(call, error.code.name, error.message, **fields)
+        self._log(call, error.code.name, error.message, refused_for=error.reason)
         return _set_status(context, error)
 
-    def _log(self, call: CallRecord, status: str, error: str = "", **fields) -> None:
+    def _log_cancelled(self, context: grpc.aio.ServicerContext, call: CallRecord) -> None:
+        r"""Log a call grpc cancelled (the client cancelled it, or its deadline passed): the client has its status."""
+        remaining = context.time_remaining()
+        status = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        self._log(call, status.name)
+
+    def _log(self, call: CallRecord, status: str, error: str = "", refused_for: Optional[str] = None,
+             backend: Optional[str] = None, device: Optional[str] = None) -> None:
+        r"""Write the call's log line, and count it in the metrics: every call ends here, once."""
+        if self._metrics is not None:
+            self._metrics.call_finished(call.method, call.loss, backend or "", status, time.perf_counter() - call.start,
+                                        call.elements, call.request_bytes, refused_for)
         self.calls.write(
             method=call.method,
             loss=call.loss,
-            backend=fields.pop("backend", None),
-            device=fields.pop("device", None),
+            backend=backend,
+            device=device,
             elements=call.elements,
             duration_ms=monotonic_ms(call.start),
             status=status,
             request_id=call.request_id,
             labels=call.labels,
             **({"error": error} if error else {}),
-            **fields,
+            **({"batches": call.batches} if call.batches is not None else {}),
         )
 
 
