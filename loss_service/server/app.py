@@ -1,4 +1,4 @@
-r"""Assembling and running the server: backends, health, reflection, signals.
+r"""Assembling and running the server: backends, health, reflection, security, signals.
 
 ``create_server(address, config)`` binds the port and registers the services; ``start()`` sets
 the torch threads and opens the port at once (liveness ``""`` answers SERVING), then
@@ -35,6 +35,7 @@ from .config import ServerConfig, select_device
 from .logs import LOGGER_NAME, event
 from .memory import RequestBudget, trim_malloc, tune_malloc
 from .scoring import Scorer
+from .security import load_server_security
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 log = logging.getLogger(f"{LOGGER_NAME}.server")
@@ -43,25 +44,27 @@ IDLE_TRIM_SECONDS = 1.0
 
 
 class LossServer:
-    r"""A bound, not yet started ``grpc.aio`` server with LossService, health and reflection."""
+    r"""A bound, not yet started ``grpc.aio`` server with LossService, health and (if configured) reflection."""
 
     def __init__(self, address: str, config: ServerConfig) -> None:
         from .service import IntraOpThreads, LossServiceServicer, add_to_server
 
         self.config = config
         self.device = select_device(config.device, torch.cuda.is_available(), torch.cuda.device_count())
+        security = load_server_security(config, address)
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="loss-worker")
         self.health = health.aio.HealthServicer()
         self.budget = RequestBudget(config.max_inflight_bytes, on_idle=self._trim_when_still_idle)
         self.servicer = LossServiceServicer(self.executor, config.inline_elements, IntraOpThreads(config.torch_threads),
                                             self.budget)
-        self.server = grpc.aio.server(options=config.grpc_options())
+        self.server = grpc.aio.server(options=config.grpc_options(), interceptors=security.interceptors)
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
-        self.port = self.server.add_insecure_port(address)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            )
+        self.port = security.add_port(self.server, address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         self.address = address

@@ -5,7 +5,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 BACKENDS = ("eager", "torchscript", "onnx")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -86,6 +86,17 @@ class ServerConfig:
     export_jobs: int = field(default_factory=default_export_jobs)
     # Intra-op threads of a large request while it is the only one computing (see default_torch_threads).
     torch_threads: int = field(default_factory=default_torch_threads)
+    # Transport security and authentication (security.py; docs/service.md, "Security").
+    # PEM files: the server's certificate chain and key (TLS), and the CA of client certificates (mutual TLS).
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_client_ca: Optional[str] = None
+    # Accepted bearer tokens: a file's, and these (LOSS_SERVICE_TOKENS); none = no authentication.
+    token_file: Optional[str] = None
+    tokens: Tuple[str, ...] = field(default=(), repr=False)
+    reflection: bool = False
+    # Allow a non-loopback address without TLS and tokens (security.check_exposure).
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:
@@ -99,6 +110,9 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.grace_seconds < 0:
             raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        from .security import check_settings  # security.py imports this module
+
+        check_settings(self)
 
     @property
     def address(self) -> str:
@@ -156,4 +170,9 @@ ENVIRONMENT = {
     "export_jobs": "LOSS_SERVICE_JOBS",
     "torch_threads": "LOSS_SERVICE_TORCH_THREADS",
     "log_level": "LOSS_SERVICE_LOG_LEVEL",
+    "tls_cert": "LOSS_SERVICE_TLS_CERT",
+    "tls_key": "LOSS_SERVICE_TLS_KEY",
+    "tls_client_ca": "LOSS_SERVICE_TLS_CLIENT_CA",
+    "token_file": "LOSS_SERVICE_TOKEN_FILE",
+    "tokens": "LOSS_SERVICE_TOKENS",
 }
