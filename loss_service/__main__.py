@@ -12,8 +12,14 @@ r"""Command line: ``python -m loss_service serve|score|losses`` (also the ``loss
     --log-level LOSS_SERVICE_LOG_LEVEL (INFO)
     --metrics-port LOSS_SERVICE_METRICS_PORT (off; 0 = any free port)
     --metrics-host LOSS_SERVICE_METRICS_HOST (127.0.0.1)
+    --tls-cert LOSS_SERVICE_TLS_CERT            --tls-key LOSS_SERVICE_TLS_KEY
+    --tls-client-ca LOSS_SERVICE_TLS_CLIENT_CA  --token-file LOSS_SERVICE_TOKEN_FILE
+    LOSS_SERVICE_TOKENS (more accepted tokens; no flag: a command line is visible to every user)
+    --reflection, --insecure, --no-export (flags only)
 
-``score`` sends one batch read from ``.npy`` files and prints the result as JSON.
+``score`` sends one batch read from ``.npy`` files and prints the result as JSON; ``score`` and
+``losses`` connect with ``--ca``, ``--client-cert``, ``--client-key``, ``--token``/``--token-file``
+or ``LOSS_SERVICE_CA``, ``LOSS_SERVICE_CLIENT_CERT``, ``LOSS_SERVICE_CLIENT_KEY``, ``LOSS_SERVICE_TOKEN``.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import os
 import sys
 from typing import Any, Callable, List, Optional, Sequence
 
+from loss_service.client import CLIENT_ENVIRONMENT, LossClient
 from loss_service.server.config import BACKEND_CHOICES, ENVIRONMENT, ConfigError, ServerConfig
 
 
@@ -75,11 +82,25 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                              "printed in the 'listening' log line (default: off)")
     parser.add_argument("--metrics-host", default=_env("metrics_host", defaults.metrics_host),
                         help="address of the metrics endpoint (%(default)s)")
+    security = parser.add_argument_group("transport security and authentication (docs/service.md, Security)")
+    security.add_argument("--tls-cert", default=_env("tls_cert", defaults.tls_cert),
+                          help="PEM certificate chain of the server: serve over TLS (with --tls-key)")
+    security.add_argument("--tls-key", default=_env("tls_key", defaults.tls_key),
+                          help="PEM private key (unencrypted) of --tls-cert")
+    security.add_argument("--tls-client-ca", default=_env("tls_client_ca", defaults.tls_client_ca),
+                          help="PEM CA certificate(s): require client certificates signed by them (mutual TLS)")
+    security.add_argument("--token-file", default=_env("token_file", defaults.token_file),
+                          help=f"file of accepted bearer tokens (separated by lines, spaces or commas; '#' comments); "
+                               f"{ENVIRONMENT['tokens']} may list more. With tokens, every call but the health "
+                               "checks needs 'authorization: Bearer <token>'")
+    security.add_argument("--reflection", action="store_true", help="serve gRPC reflection (off by default)")
+    security.add_argument("--insecure", action="store_true",
+                          help="allow a non-loopback --host without TLS and tokens (a network that is trusted itself)")
 
 
 def _add_score(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("score", help="score one batch of .npy files against a server; prints JSON")
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port (%(default)s)")
+    _add_connection(parser)
     parser.add_argument("--loss", required=True)
     parser.add_argument("--predictions", required=True, help=".npy file")
     parser.add_argument("--targets", required=True, help=".npy file")
@@ -93,7 +114,37 @@ def _add_score(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=["eager", "torchscript", "onnx"])
     parser.add_argument("--per-sample", action="store_true", help="also return one value per sample")
     parser.add_argument("--request-id")
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    r"""The flags of ``score`` and ``losses`` that say where the server is and how to reach it."""
+    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port (%(default)s)")
     parser.add_argument("--timeout", type=float, help="deadline in seconds")
+    security = parser.add_argument_group("TLS and authentication (docs/service.md, Security)")
+    security.add_argument("--ca", help="PEM certificate of the CA that signed the server's: connect over TLS "
+                                       f"({CLIENT_ENVIRONMENT['ca']})")
+    security.add_argument("--client-cert",
+                          help=f"PEM client certificate for mutual TLS ({CLIENT_ENVIRONMENT['client_cert']})")
+    security.add_argument("--client-key",
+                          help=f"PEM private key of --client-cert ({CLIENT_ENVIRONMENT['client_key']})")
+    token = security.add_mutually_exclusive_group()
+    token.add_argument("--token", help=f"bearer token sent with every call ({CLIENT_ENVIRONMENT['token']}; "
+                                       "--token-file keeps it out of the process list)")
+    token.add_argument("--token-file", help="file holding the bearer token (one token; '#' comments)")
+
+
+def _connect(args: argparse.Namespace) -> LossClient:
+    r"""The :class:`LossClient` of the connection flags (:func:`_add_connection`)."""
+    from loss_service.server.security import read_token_file
+
+    token = args.token
+    if args.token_file:
+        tokens = read_token_file(args.token_file)
+        if len(tokens) != 1:
+            raise ConfigError(f"token file {args.token_file} holds {len(tokens)} tokens; the client sends one")
+        (token,) = tokens
+    return LossClient(args.target, timeout=args.timeout, ca=args.ca, client_cert=args.client_cert,
+                      client_key=args.client_key, token=token)
 
 
 def parse_param(text: str) -> tuple:
@@ -115,6 +166,14 @@ def parse_param(text: str) -> tuple:
     return name, value
 
 
+def _environment_tokens() -> tuple:
+    r"""The tokens of ``LOSS_SERVICE_TOKENS`` (not through :func:`_env`: its errors quote the value)."""
+    from loss_service.server.security import parse_tokens
+
+    text = os.environ.get(ENVIRONMENT["tokens"], "")
+    return parse_tokens(text, ENVIRONMENT["tokens"]) if text.strip() else ()
+
+
 def _serve(args: argparse.Namespace) -> int:
     from loss_service.server import logs
     from loss_service.server.app import serve
@@ -128,6 +187,9 @@ def _serve(args: argparse.Namespace) -> int:
             grace_seconds=args.grace_seconds, export_missing=not args.no_export, export_jobs=args.jobs,
             torch_threads=args.torch_threads,
             metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+            token_file=args.token_file, tokens=_environment_tokens(), reflection=args.reflection,
+            insecure=args.insecure,
         )
         return asyncio.run(serve(config))
     except ConfigError as exc:
@@ -138,12 +200,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from loss_service.client import LossClient, LossServiceError
+    from loss_service.client import LossServiceError
 
     params = dict(args.param)
     load = lambda path: None if path is None else np.load(path)
     try:
-        with LossClient(args.target, timeout=args.timeout) as client:
+        with args.client as client:
             result = client.score(
                 args.loss, load(args.predictions), load(args.targets), load(args.weights),
                 reduction=args.reduction, backend=args.backend, class_weights=load(args.class_weights),
@@ -164,10 +226,10 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _losses(args: argparse.Namespace) -> int:
-    from loss_service.client import LossClient, LossServiceError
+    from loss_service.client import LossServiceError
 
     try:
-        with LossClient(args.target, timeout=args.timeout) as client:
+        with args.client as client:
             infos = client.list_losses()
     except LossServiceError as error:
         print(json.dumps({"code": error.code.name, "details": error.details}), file=sys.stderr)
@@ -181,14 +243,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_serve(commands)
     _add_score(commands)
-    listing = commands.add_parser("losses", help="list the server's losses (ListLosses) as JSON")
-    listing.add_argument("--target", default="127.0.0.1:50051")
-    listing.add_argument("--timeout", type=float)
+    _add_connection(commands.add_parser("losses", help="list the server's losses (ListLosses) as JSON"))
     args = parser.parse_args(argv)
     if args.command == "score":
         try:
             args.param = [parse_param(text) for text in args.param]
         except (ValueError, OSError) as exc:
+            parser.error(str(exc))
+    if args.command in ("score", "losses"):
+        try:
+            args.client = _connect(args)
+        except (ValueError, OSError) as exc:  # ConfigError is a ValueError
             parser.error(str(exc))
     return {"serve": _serve, "score": _score, "losses": _losses}[args.command](args)
 

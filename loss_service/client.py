@@ -8,6 +8,10 @@ Example::
         result = client.score("focal", logits, targets, weights, reduction="mean", gamma=2.0)
         print(result.loss, result.backend, result.device)
 
+Over TLS with a bearer token (docs/service.md, Security)::
+
+    with LossClient("scoring.example.org:50051", ca="ca.pem", token=token) as client: ...
+
 Inputs may be numpy arrays or torch tensors of any supported dtype (torch's bfloat16 included).
 Every failure is a :class:`LossServiceError` with the gRPC status code and the server's
 ``google.rpc.BadRequest`` field violations.
@@ -15,7 +19,9 @@ Every failure is a :class:`LossServiceError` with the gRPC status code and the s
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -25,6 +31,7 @@ from grpc_status import rpc_status
 
 from loss_service.server.codec import to_message, to_numpy
 from loss_service.server.config import DEFAULT_MAX_MESSAGE_BYTES
+from loss_service.server.security import bearer_metadata
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -183,6 +190,39 @@ def build_request(
     return request
 
 
+# What LossClient reads when the argument of the same name is not given (docs/service.md, Security).
+CLIENT_ENVIRONMENT = {
+    "ca": "LOSS_SERVICE_CA",
+    "client_cert": "LOSS_SERVICE_CLIENT_CERT",
+    "client_key": "LOSS_SERVICE_CLIENT_KEY",
+    "token": "LOSS_SERVICE_TOKEN",
+}
+# A PEM file's path, or its bytes.
+Pem = Union[str, os.PathLike, bytes]
+
+
+def _setting(value: Any, name: str) -> Any:
+    return value if value is not None else (os.environ.get(CLIENT_ENVIRONMENT[name]) or None)
+
+
+def _pem(source: Optional[Pem]) -> Optional[bytes]:
+    if source is None or isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
+
+
+def tls_credentials(ca: Optional[Pem] = None, client_cert: Optional[Pem] = None,
+                    client_key: Optional[Pem] = None) -> Optional[grpc.ChannelCredentials]:
+    r"""TLS credentials trusting ``ca`` (``None``: the system's roots) and presenting ``client_cert``
+    with ``client_key`` (mutual TLS); ``None`` (plaintext) when none of them is given."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together (the certificate and its private key)")
+    if ca is None and client_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=_pem(ca), private_key=_pem(client_key),
+                                        certificate_chain=_pem(client_cert))
+
+
 class LossClient:
     r"""A channel to a LossService; use as a context manager (``with LossClient(target) as c:``).
 
@@ -191,6 +231,17 @@ class LossClient:
         timeout: per-call deadline in seconds (``None``: no deadline).
         max_message_bytes: the largest request/response the channel accepts; the default matches
             the server's default ``--max-message-bytes`` (gRPC's own default is 4 MiB).
+        ca: the PEM CA certificate (path or bytes) the server's certificate is checked against:
+            connect over TLS. ``client_cert`` and ``client_key`` (PEM) add a client certificate
+            (mutual TLS); with them alone, TLS trusts the system's roots.
+        token: bearer token sent as ``authorization: Bearer <token>`` metadata with every call.
+            It is sent on plaintext channels too (a server on loopback, or behind a mesh that
+            encrypts): there it travels in clear.
+        credentials: any other ``grpc.ChannelCredentials`` (e.g. ``grpc.ssl_channel_credentials()``
+            for TLS with the system's roots), instead of ``ca``/``client_cert``/``client_key``.
+
+    Those of ``ca``, ``client_cert``, ``client_key`` (without ``credentials``) and ``token`` that are
+    not given are read from :data:`CLIENT_ENVIRONMENT` (``LOSS_SERVICE_CA``, ...).
     """
 
     def __init__(
@@ -199,6 +250,10 @@ class LossClient:
         *,
         timeout: Optional[float] = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        ca: Optional[Pem] = None,
+        client_cert: Optional[Pem] = None,
+        client_key: Optional[Pem] = None,
+        token: Optional[str] = None,
         credentials: Optional[grpc.ChannelCredentials] = None,
     ) -> None:
         options = [
@@ -206,9 +261,18 @@ class LossClient:
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
         if credentials is None:
+            credentials = tls_credentials(_setting(ca, "ca"), _setting(client_cert, "client_cert"),
+                                          _setting(client_key, "client_key"))
+        elif ca is not None or client_cert is not None or client_key is not None:
+            raise ValueError("pass either credentials or ca/client_cert/client_key, not both")
+        if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
+        token = _setting(token, "token")
+        # Metadata of every call rather than gRPC call credentials: those are refused on plaintext
+        # channels, and run a Python plugin per call.
+        self._metadata = bearer_metadata(token) if token else None
         self._stub = pb_grpc.LossServiceStub(self._channel)
         self.timeout = timeout
         self.target = target
@@ -224,7 +288,7 @@ class LossClient:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise LossServiceError.from_rpc_error(error) from None
 

@@ -39,7 +39,8 @@ def zero_copy_everywhere():
 @pytest.fixture(scope="module")
 def server(server_artifacts):
     config = ServerConfig(port=0, artifacts=str(server_artifacts.folder), max_message_bytes=MAX_MESSAGE_BYTES,
-                          max_elements=MAX_ELEMENTS, workers=2, export_missing=server_artifacts.export_missing)
+                          max_elements=MAX_ELEMENTS, workers=2, export_missing=server_artifacts.export_missing,
+                          reflection=True)
     with BackgroundServer(config, address="127.0.0.1:0") as running:
         yield running
 

@@ -198,41 +198,73 @@ def test_sigterm_reports_not_serving_and_finishes_the_call_in_flight(server_arti
 def test_shutdown_finishes_every_call_in_flight_and_refuses_new_ones(server_artifacts, signum):
     import torch
 
-    server = ServerProcess(server_artifacts.folder, *_flags(server_artifacts), "--grace-seconds", "30")
+    from tests.test_metrics import scrape, series
+
+    server = ServerProcess(server_artifacts.folder, *_flags(server_artifacts), "--grace-seconds", "30",
+                           "--metrics-port", "0")
     try:
         server.wait_ready()
+        metrics_port = next(json.loads(line) for line in server.lines if '"event": "listening"' in line)["metrics_port"]
         rng = np.random.default_rng(0)
         rows = 2_500_000  # 1e7 elements of (rows, 4) logits
         predictions, targets = rng.normal(size=(rows, 4)).astype(np.float32), rng.integers(0, 4, rows)
         expected = float(losses.build("focal", gamma=2.0)(torch.from_numpy(predictions), torch.from_numpy(targets)))
-        body = build_request("focal", predictions, targets, gamma=2.0).SerializeToString()
+        half = rows // 2
+        signalled = threading.Event()
+
+        def batches():
+            yield predictions[:half], targets[:half]
+            signalled.wait(60)  # the rest of the call goes on after the signal
+            yield predictions[half:], targets[half:]
+
+        outcomes, ended = {}, []
+
+        def stream(index):
+            with LossClient(server.target, timeout=300) as client:
+                try:
+                    outcomes[index] = client.score_stream(batches(), loss="focal", gamma=2.0).loss
+                except Exception as error:  # noqa: BLE001 - reported by the assertion below
+                    outcomes[index] = error
+            ended.append(time.monotonic())
+
+        streams = [threading.Thread(target=stream, args=(index,)) for index in range(16)]
+        for thread in streams:
+            thread.start()
+        deadline = time.monotonic() + 120
+        while scrape(metrics_port)[series("loss_service_inflight_requests")] < len(streams):
+            assert time.monotonic() < deadline, "the 16 calls never were in flight together"
+            time.sleep(0.1)
         with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 256 << 20)]) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
                                                                 timeout=300)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-            call = channel.unary_unary(f"/{SERVICE_NAME}/ScoreBatch")
-            ended = []
-            calls = [call.future(body, timeout=300) for _ in range(16)]
-            for future in calls:
-                future.add_done_callback(lambda _: ended.append(time.monotonic()))
+            # Unary calls still on their way at the signal: none may be cancelled (those the server
+            # has not seen yet get UNAVAILABLE, which a retrying client sends elsewhere).
+            body = build_request("focal", predictions, targets, gamma=2.0).SerializeToString()
+            unary = [channel.unary_unary(f"/{SERVICE_NAME}/ScoreBatch").future(body, timeout=300) for _ in range(8)]
             time.sleep(0.05)
-            signalled = time.monotonic()
             server.process.send_signal(signum)
+            signalled.set()
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
             # Calls on their way are let in for at most ARRIVAL_MAX_SECONDS after readiness turned
             # NOT_SERVING (later than the signal if the event loop was receiving requests); then the
             # server stops listening.
-            time.sleep(ARRIVAL_MAX_SECONDS + 0.5)
+            time.sleep(ARRIVAL_MAX_SECONDS + 2.0)
             with grpc.insecure_channel(server.target) as late:
                 with pytest.raises(grpc.RpcError) as refused:
                     late.unary_unary(f"/{SERVICE_NAME}/ListLosses")(pb.ListLossesRequest().SerializeToString(), timeout=10)
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            for future in calls:  # every call in flight completes: none is cancelled
-                assert pb.ScoreBatchResponse.FromString(future.result()).loss == pytest.approx(expected, rel=1e-5)
-            last_ended = max(ended)
-            assert sum(end > signalled for end in ended) >= 8, "the calls were not in flight at the signal"
+            for future in unary:
+                try:
+                    assert pb.ScoreBatchResponse.FromString(future.result()).loss == pytest.approx(expected, rel=1e-5)
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        for thread in streams:
+            thread.join(300)
+        # Every call in flight at the signal completes, with the value of its whole dataset.
+        assert all(outcomes[index] == pytest.approx(expected, rel=1e-5) for index in range(16)), outcomes
         assert server.process.wait(30) == 0
-        assert time.monotonic() - last_ended < 3.0, "the server took longer than 3 s to exit after the last call"
+        assert time.monotonic() - max(ended) < 3.0, "the server took longer than 3 s to exit after the last call"
     finally:
         server.stop()
 

@@ -1,4 +1,4 @@
-r"""Assembling and running the server: backends, health, reflection, signals.
+r"""Assembling and running the server: backends, health, reflection, security, signals.
 
 ``create_server(address, config)`` binds the port and registers the services; ``start()`` sets
 the torch threads and opens the port at once (liveness ``""`` answers SERVING), then
@@ -37,6 +37,7 @@ from .logs import LOGGER_NAME, event
 from .memory import RequestBudget, trim_malloc, tune_malloc
 from .metrics import ServerMetrics
 from .scoring import Scorer
+from .security import load_server_security
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 log = logging.getLogger(f"{LOGGER_NAME}.server")
@@ -49,28 +50,70 @@ ARRIVAL_QUIET_SECONDS = 0.25
 ARRIVAL_MAX_SECONDS = 1.0
 
 
+class _WatchEnded(Exception):
+    r"""Raised by :class:`_EndingWatch` once a Watch stream has told its client the server is stopping."""
+
+
+class _EndingWatch:
+    r"""A Watch call's context whose stream ends after its first write once the server is stopping."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, health: "HealthService") -> None:
+        self._context = context
+        self._health = health
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+    async def write(self, response: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(response)
+        if self._health.stopping:
+            raise _WatchEnded
+
+
+class HealthService(health.aio.HealthServicer):
+    r"""``grpc.health.v1.Health`` whose Watch streams end once they have sent the statuses of a
+    shutdown (NOT_SERVING): they never end by themselves, and a graceful stop waits for every call,
+    so they would hold the server for its whole grace period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = False
+
+    async def enter_graceful_shutdown(self) -> None:
+        self.stopping = True
+        await super().enter_graceful_shutdown()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        try:
+            await super().Watch(request, _EndingWatch(context, self))
+        except _WatchEnded:
+            return
+
+
 class LossServer:
-    r"""A bound, not yet started ``grpc.aio`` server with LossService, health and reflection."""
+    r"""A bound, not yet started ``grpc.aio`` server with LossService, health and (if configured) reflection."""
 
     def __init__(self, address: str, config: ServerConfig) -> None:
         from .service import IntraOpThreads, LossServiceServicer, add_to_server
 
         self.config = config
         self.device = select_device(config.device, torch.cuda.is_available(), torch.cuda.device_count())
+        security = load_server_security(config, address)
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="loss-worker")
-        self.health = health.aio.HealthServicer()
+        self.health = HealthService()
         self.budget = RequestBudget(config.max_inflight_bytes, on_idle=self._trim_when_still_idle)
         self.metrics = (ServerMetrics(self.budget, lambda: self.servicer.in_flight)
                         if config.metrics_port is not None else None)
         self.servicer = LossServiceServicer(self.executor, config.inline_elements, IntraOpThreads(config.torch_threads),
                                             self.budget, self.metrics)
-        self.server = grpc.aio.server(options=config.grpc_options())
+        self.server = grpc.aio.server(options=config.grpc_options(), interceptors=security.interceptors)
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
-        self.port = self.server.add_insecure_port(address)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            )
+        self.port = security.add_port(self.server, address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         self.address = address
@@ -152,14 +195,7 @@ class LossServer:
             while loop.time() < settle_until and time.monotonic() - self.servicer.last_call_started < ARRIVAL_QUIET_SECONDS:
                 await asyncio.sleep(ARRIVAL_QUIET_SECONDS / 5)
             grace = max(0.0, grace - (loop.time() - started))
-        shutdown = asyncio.ensure_future(self.server.stop(grace))
-        while self.servicer.in_flight and not shutdown.done():
-            await asyncio.sleep(0.05)
-        if not shutdown.done():
-            # Only calls of other services are left (health Watch streams, which never end by
-            # themselves): end them now rather than at the end of the grace period.
-            await self.server.stop(0)
-        await shutdown
+        await self.server.stop(grace)
         self.servicer.calls.flush()
         if self.variants is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.variants.stop)

@@ -90,6 +90,17 @@ class ServerConfig:
     # Prometheus endpoint (server/metrics.py): off when None; 0 picks a free port (logged at start).
     metrics_port: Optional[int] = None
     metrics_host: str = "127.0.0.1"
+    # Transport security and authentication (security.py; docs/service.md, "Security").
+    # PEM files: the server's certificate chain and key (TLS), and the CA of client certificates (mutual TLS).
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_client_ca: Optional[str] = None
+    # Accepted bearer tokens: a file's, and these (LOSS_SERVICE_TOKENS); none = no authentication.
+    token_file: Optional[str] = None
+    tokens: Tuple[str, ...] = field(default=(), repr=False)
+    reflection: bool = False
+    # Allow a non-loopback address without TLS and tokens (security.check_exposure).
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:
@@ -104,6 +115,9 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.grace_seconds < 0:
             raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        from .security import check_settings  # security.py imports this module
+
+        check_settings(self)
 
     @property
     def address(self) -> str:
@@ -163,4 +177,9 @@ ENVIRONMENT = {
     "log_level": "LOSS_SERVICE_LOG_LEVEL",
     "metrics_port": "LOSS_SERVICE_METRICS_PORT",
     "metrics_host": "LOSS_SERVICE_METRICS_HOST",
+    "tls_cert": "LOSS_SERVICE_TLS_CERT",
+    "tls_key": "LOSS_SERVICE_TLS_KEY",
+    "tls_client_ca": "LOSS_SERVICE_TLS_CLIENT_CA",
+    "token_file": "LOSS_SERVICE_TOKEN_FILE",
+    "tokens": "LOSS_SERVICE_TOKENS",
 }
