@@ -12,6 +12,7 @@ r"""Command line: ``python -m loss_service serve|score|losses`` (also the ``loss
     --log-level LOSS_SERVICE_LOG_LEVEL (INFO)
     --metrics-port LOSS_SERVICE_METRICS_PORT (off; 0 = any free port)
     --metrics-host LOSS_SERVICE_METRICS_HOST (127.0.0.1)
+    --health-port LOSS_SERVICE_HEALTH_PORT (off: health on the main port only)
     --tls-cert LOSS_SERVICE_TLS_CERT            --tls-key LOSS_SERVICE_TLS_KEY
     --tls-client-ca LOSS_SERVICE_TLS_CLIENT_CA  --token-file LOSS_SERVICE_TOKEN_FILE
     LOSS_SERVICE_TOKENS (more accepted tokens; no flag: a command line is visible to every user)
@@ -82,6 +83,10 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                              "printed in the 'listening' log line (default: off)")
     parser.add_argument("--metrics-host", default=_env("metrics_host", defaults.metrics_host),
                         help="address of the metrics endpoint (%(default)s)")
+    parser.add_argument("--health-port", type=int, default=_env("health_port", defaults.health_port, int),
+                        help="also serve grpc.health.v1 alone, in plaintext and without tokens, on this port of "
+                             "--host: for probes that speak neither TLS nor tokens, e.g. Kubernetes' gRPC probes "
+                             "(default: off)")
     security = parser.add_argument_group("transport security and authentication (docs/service.md, Security)")
     security.add_argument("--tls-cert", default=_env("tls_cert", defaults.tls_cert),
                           help="PEM certificate chain of the server: serve over TLS (with --tls-key)")
@@ -118,7 +123,9 @@ def _add_score(commands: argparse._SubParsersAction) -> None:
 
 def _add_connection(parser: argparse.ArgumentParser) -> None:
     r"""The flags of ``score`` and ``losses`` that say where the server is and how to reach it."""
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port (%(default)s)")
+    parser.add_argument("--target", default="127.0.0.1:50051",
+                        help="server host:port, a gRPC target such as dns:///name:port, or replicas' ip:port "
+                             "addresses separated by commas, balanced round-robin (%(default)s)")
     parser.add_argument("--timeout", type=float, help="deadline in seconds")
     security = parser.add_argument_group("TLS and authentication (docs/service.md, Security)")
     security.add_argument("--ca", help="PEM certificate of the CA that signed the server's: connect over TLS "
@@ -143,7 +150,8 @@ def _connect(args: argparse.Namespace) -> LossClient:
         if len(tokens) != 1:
             raise ConfigError(f"token file {args.token_file} holds {len(tokens)} tokens; the client sends one")
         (token,) = tokens
-    return LossClient(args.target, timeout=args.timeout, ca=args.ca, client_cert=args.client_cert,
+    target = args.target.split(",") if "," in args.target else args.target
+    return LossClient(target, timeout=args.timeout, ca=args.ca, client_cert=args.client_cert,
                       client_key=args.client_key, token=token)
 
 
@@ -186,7 +194,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_inflight_bytes=args.max_inflight_bytes, workers=args.workers,
             grace_seconds=args.grace_seconds, export_missing=not args.no_export, export_jobs=args.jobs,
             torch_threads=args.torch_threads,
-            metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host, health_port=args.health_port,
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
             token_file=args.token_file, tokens=_environment_tokens(), reflection=args.reflection,
             insecure=args.insecure,

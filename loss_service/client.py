@@ -12,13 +12,21 @@ Over TLS with a bearer token (docs/service.md, Security)::
 
     with LossClient("scoring.example.org:50051", ca="ca.pem", token=token) as client: ...
 
+Several replicas, every call balanced over them (round robin) and retried on another one when a
+replica is unavailable (docs/service.md, Replicas)::
+
+    LossClient(["10.0.0.5:50051", "10.0.0.6:50051"])     # addresses
+    LossClient("dns:///loss-service-headless.ml.svc.cluster.local:50051")   # every address of a name
+
 Inputs may be numpy arrays or torch tensors of any supported dtype (torch's bfloat16 included).
 Every failure is a :class:`LossServiceError` with the gRPC status code and the server's
 ``google.rpc.BadRequest`` field violations.
 """
 from __future__ import annotations
 
+import ipaddress
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +209,54 @@ CLIENT_ENVIRONMENT = {
 Pem = Union[str, os.PathLike, bytes]
 
 
+# Calls are pure functions of their request, so a call a replica could not take (it is stopping or
+# gone) is safe to send to another: gRPC retries UNAVAILABLE calls itself, with backoff, as long as
+# no response has started and the request fits its retry buffer.
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+# Requests up to this size are kept for a retry (larger ones are sent once).
+RETRY_BUFFER_BYTES = 64 * 1024 * 1024
+# A replica that went away is tried again after at most this long (gRPC's default is 120 s).
+MAX_RECONNECT_BACKOFF_MS = 5000
+
+
+def service_config() -> str:
+    r"""The channel's gRPC service config: round-robin over every address, the retry policy for every method."""
+    return json.dumps({
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": [{"service": pb.DESCRIPTOR.services_by_name["LossService"].full_name}],
+                          "retryPolicy": RETRY_POLICY}],
+    })
+
+
+def channel_target(target: Union[str, Sequence[str]]) -> str:
+    r"""The gRPC target of ``target``: ``"host:port"`` or a gRPC URI (``dns:///name:port``) as they
+    are; several ``"ip:port"`` addresses as one ``ipv4:``/``ipv6:`` target (gRPC's own address list)."""
+    if isinstance(target, str):
+        return target
+    addresses = list(target)
+    if not addresses:
+        raise ValueError("target: give at least one address")
+    families = set()
+    for address in addresses:
+        host, colon, port = address.rpartition(":")
+        if not colon or not port.isdigit():
+            raise ValueError(f"target: {address!r} has no port")
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+        except ValueError:
+            raise ValueError(f"target: several addresses must be IP:port (got {address!r}); for replicas behind a "
+                             f"name use one target 'dns:///name:port', which resolves to every address") from None
+    if len(families) > 1:
+        raise ValueError("target: give IPv4 or IPv6 addresses, not both")
+    return f"ipv{families.pop()}:" + ",".join(addresses)
+
+
 def _setting(value: Any, name: str) -> Any:
     return value if value is not None else (os.environ.get(CLIENT_ENVIRONMENT[name]) or None)
 
@@ -227,7 +283,11 @@ class LossClient:
     r"""A channel to a LossService; use as a context manager (``with LossClient(target) as c:``).
 
     Args:
-        target: ``host:port``.
+        target: ``host:port``, a gRPC target URI such as ``dns:///name:port`` (every address the
+            name resolves to), or a list of ``ip:port`` addresses. Calls are balanced round-robin
+            over the addresses, and a call answered ``UNAVAILABLE`` (a replica stopping or gone)
+            is retried on another with backoff, up to :data:`RETRY_POLICY`'s attempts, if its
+            request is at most :data:`RETRY_BUFFER_BYTES`.
         timeout: per-call deadline in seconds (``None``: no deadline).
         max_message_bytes: the largest request/response the channel accepts; the default matches
             the server's default ``--max-message-bytes`` (gRPC's own default is 4 MiB).
@@ -246,7 +306,7 @@ class LossClient:
 
     def __init__(
         self,
-        target: str,
+        target: Union[str, Sequence[str]],
         *,
         timeout: Optional[float] = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -259,7 +319,12 @@ class LossClient:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.service_config", service_config()),
+            ("grpc.enable_retries", 1),
+            ("grpc.per_rpc_retry_buffer_size", min(max_message_bytes, RETRY_BUFFER_BYTES)),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ]
+        target = channel_target(target)
         if credentials is None:
             credentials = tls_credentials(_setting(ca, "ca"), _setting(client_cert, "client_cert"),
                                           _setting(client_key, "client_key"))

@@ -26,6 +26,8 @@ DOCKER = ROOT / "deploy" / "docker"
 K8S = ROOT / "deploy" / "k8s"
 READINESS_SERVICE = "loss_service.v1.LossService"
 PORT = 50051
+HEALTH_PORT = 50052
+METRICS_PORT = 9464
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,10 +227,16 @@ def test_deployment_probes_ports_and_grace(name):
     assert deployment["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     assert {"configMapRef": {"name": "loss-service"}} in container["envFrom"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"grpc": PORT}
+    assert ports == {"grpc": PORT, "health": HEALTH_PORT, "metrics": METRICS_PORT}
+    assert int(CONFIG["LOSS_SERVICE_HEALTH_PORT"]) == HEALTH_PORT
+    assert int(CONFIG["LOSS_SERVICE_METRICS_PORT"]) == METRICS_PORT and CONFIG["LOSS_SERVICE_METRICS_HOST"] == "0.0.0.0"
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == METRICS_PORT
+    # The kubelet's gRPC probes speak neither TLS nor tokens: they use the plaintext health port.
     for probe_name in ("startupProbe", "livenessProbe", "readinessProbe"):
         probe = container[probe_name]
-        assert probe["grpc"]["port"] == PORT, probe_name
+        assert probe["grpc"]["port"] == HEALTH_PORT, probe_name
+        assert probe["timeoutSeconds"] >= 5, f"{probe_name}: a saturated node answers slower than the 1 s default"
     assert container["readinessProbe"]["grpc"]["service"] == READINESS_SERVICE
     assert container["livenessProbe"]["grpc"].get("service", "") == "", "liveness is the server's '' health status"
     # The pod must outlive the server's graceful stop, whichever grace setting applies.
@@ -237,6 +245,14 @@ def test_deployment_probes_ports_and_grace(name):
     assert "lifecycle" not in container, "no preStop hook: grpc.aio stops gracefully on SIGTERM"
     args = container["args"]
     assert args[args.index("--host") + 1] == "0.0.0.0"
+    # Reachable from the cluster: TLS and tokens from mounted Secrets, never --insecure.
+    assert "--insecure" not in args
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    secrets = {volume["name"]: volume["secret"]["secretName"] for volume in pod["volumes"] if "secret" in volume}
+    for variable in ("LOSS_SERVICE_TLS_CERT", "LOSS_SERVICE_TLS_KEY", "LOSS_SERVICE_TOKEN_FILE"):
+        volume = next(name for name, path in mounts.items() if CONFIG[variable].startswith(path + "/"))
+        assert volume in secrets, f"{variable} is not read from a Secret"
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     resources = container["resources"]
     assert "cpu" in resources["requests"] and "memory" in resources["limits"]
@@ -256,11 +272,15 @@ def test_deployment_args_are_serve_flags(name):
 
 
 def test_service_pdb_and_hpa_select_the_deployments():
-    service = MANIFESTS[("Service", "loss-service")]
-    (port,) = service["spec"]["ports"]
-    assert port["port"] == PORT and port["targetPort"] == "grpc"
     pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in DEPLOYMENTS.values()]
-    assert all(service["spec"]["selector"].items() <= labels.items() for labels in pod_labels)
+    for name in ("loss-service", "loss-service-headless"):
+        service = MANIFESTS[("Service", name)]
+        (port,) = service["spec"]["ports"]
+        assert port["port"] == PORT and port["targetPort"] == "grpc"
+        assert all(service["spec"]["selector"].items() <= labels.items() for labels in pod_labels)
+    # Client-side balancing (LossClient with dns:///loss-service-headless...): DNS answers every ready pod.
+    headless = MANIFESTS[("Service", "loss-service-headless")]["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is False
     budgets = [doc for (kind, _), doc in MANIFESTS.items() if kind == "PodDisruptionBudget"]
     for deployment in DEPLOYMENTS.values():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -323,7 +343,7 @@ def test_dockerfile_runs_the_server_as_a_non_root_user(variant):
     assert command[command.index("--host") + 1] == "0.0.0.0"
     if variant == "gpu":
         assert command[command.index("--device") + 1] == "auto"
-    assert ("EXPOSE", str(PORT)) in instructions
+    assert ("EXPOSE", str(PORT)) in instructions and ("EXPOSE", str(HEALTH_PORT)) in instructions
     user = [arguments for name, arguments in instructions if name == "USER"]
     assert user and user[-1] not in ("root", "0")
     assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN"), "RUN steps after USER"
@@ -341,6 +361,8 @@ def test_dockerfile_runs_the_server_as_a_non_root_user(variant):
         assert (ROOT / source).exists(), f"COPY source {source} does not exist in the repository"
     env = _env(instructions)
     assert int(env["LOSS_SERVICE_PORT"]) == PORT
+    # healthcheck.py asks the plaintext health port, which answers whatever TLS and tokens the port has.
+    assert int(env["LOSS_SERVICE_HEALTH_PORT"]) == HEALTH_PORT
     # `docker stop` kills 10 s after SIGTERM.
     assert float(env["LOSS_SERVICE_GRACE_SECONDS"]) < 10
 

@@ -127,7 +127,8 @@ def tls_token_server(server_artifacts, certs, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("tokens") / "tokens"
     token_file.write_text(f"# the CI job's token\n{TOKEN}\n\n")
     config = _config(server_artifacts, tls_cert=str(certs.server.cert_path), tls_key=str(certs.server.key_path),
-                     token_file=str(token_file), tokens=(OTHER_TOKEN,), max_message_bytes=MAX_MESSAGE_BYTES)
+                     token_file=str(token_file), tokens=(OTHER_TOKEN,), max_message_bytes=MAX_MESSAGE_BYTES,
+                     health_port=0)
     with BackgroundServer(config, address="127.0.0.1:0") as running:
         yield running
 
@@ -232,6 +233,19 @@ def test_health_needs_no_token(tls_token_server, certs):
         for service in ("", SERVICE_NAME):
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT)
             assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_health_port_answers_probes_in_plaintext_and_serves_nothing_else(tls_token_server):
+    port = tls_token_server.server.health_port
+    assert port and port != tls_token_server.port
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # no TLS, no token: a kubelet's gRPC probe
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as scoring:
+            channel.unary_unary(f"/{SERVICE_NAME}/ListLosses")(b"", timeout=CALL_TIMEOUT)
+        assert scoring.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_reflection_is_off_by_default_and_needs_the_token(tls_token_server, certs):

@@ -3,7 +3,8 @@ r"""Container health check: exit 0 when the local loss-service reports SERVING, 
 Docker's HEALTHCHECK runs it inside the container (the slim images have no grpc_health_probe);
 Kubernetes uses its native ``grpc:`` probes instead. It asks the standard ``grpc.health.v1``
 service for ``loss_service.v1.LossService`` (readiness: artifacts loaded) on
-``127.0.0.1:$LOSS_SERVICE_PORT``.
+``127.0.0.1:$LOSS_SERVICE_HEALTH_PORT`` -- the server's plaintext health port, which answers without
+TLS or a token -- or, without one, on ``127.0.0.1:$LOSS_SERVICE_PORT`` (a plaintext server).
 
     python healthcheck.py [--port P] [--service NAME] [--timeout SECONDS]
 """
@@ -19,7 +20,8 @@ READINESS_SERVICE = "loss_service.v1.LossService"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=int(os.environ.get("LOSS_SERVICE_PORT", "50051")))
+    port = os.environ.get("LOSS_SERVICE_HEALTH_PORT") or os.environ.get("LOSS_SERVICE_PORT") or "50051"
+    parser.add_argument("--port", type=int, default=int(port))
     parser.add_argument("--service", default=READINESS_SERVICE, help="health service name ('' = liveness)")
     parser.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)

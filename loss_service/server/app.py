@@ -32,12 +32,12 @@ from loss_service.v1 import loss_service_pb2 as pb
 from .artifacts import ArtifactError, prepare_artifacts
 from .background import VariantExporter
 from .backends import Backend, EagerBackend, OnnxBackend, TorchScriptBackend, config_key
-from .config import ServerConfig, select_device
+from .config import ServerConfig, host_port, select_device
 from .logs import LOGGER_NAME, event
 from .memory import RequestBudget, trim_malloc, tune_malloc
 from .metrics import ServerMetrics
 from .scoring import Scorer
-from .security import load_server_security
+from .security import address_host, load_server_security
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 log = logging.getLogger(f"{LOGGER_NAME}.server")
@@ -116,6 +116,15 @@ class LossServer:
         self.port = security.add_port(self.server, address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        self.health_server: Optional[grpc.aio.Server] = None
+        self.health_port: Optional[int] = None
+        if config.health_port is not None:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            health_address = host_port(address_host(address), config.health_port)
+            self.health_port = self.health_server.add_insecure_port(health_address)
+            if self.health_port == 0:
+                raise OSError(f"could not bind {health_address}")
         self.address = address
         self.scorer: Optional[Scorer] = None
         self.variants: Optional[VariantExporter] = None
@@ -127,6 +136,8 @@ class LossServer:
         torch.set_num_threads(1)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         if self.metrics is not None:
             self.metrics.expose(self.config.metrics_host, self.config.metrics_port)
 
@@ -196,6 +207,9 @@ class LossServer:
                 await asyncio.sleep(ARRIVAL_QUIET_SECONDS / 5)
             grace = max(0.0, grace - (loop.time() - started))
         await self.server.stop(grace)
+        if self.health_server is not None:
+            # Probes saw NOT_SERVING on it throughout the stop; its Watch streams have ended.
+            await self.health_server.stop(0)
         self.servicer.calls.flush()
         if self.variants is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.variants.stop)
@@ -266,9 +280,11 @@ async def serve(config: ServerConfig) -> int:
     tuned = tune_malloc()
     server, port = create_server(config.address, config)
     await server.start()
-    metrics = {} if server.metrics is None else {"metrics_host": config.metrics_host, "metrics_port": server.metrics.port}
+    ports = {} if server.metrics is None else {"metrics_host": config.metrics_host, "metrics_port": server.metrics.port}
+    if server.health_port is not None:
+        ports["health_port"] = server.health_port
     event(log, "listening", host=config.host, port=port, device=server.device, malloc_tuned=tuned,
-          default_backend=config.default_backend(), torch_threads=config.torch_threads, **metrics)
+          default_backend=config.default_backend(), torch_threads=config.torch_threads, **ports)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -90,6 +90,9 @@ class ServerConfig:
     # Prometheus endpoint (server/metrics.py): off when None; 0 picks a free port (logged at start).
     metrics_port: Optional[int] = None
     metrics_host: str = "127.0.0.1"
+    # A plaintext port serving only grpc.health.v1 on the server's host (probes that speak neither
+    # TLS nor tokens, e.g. Kubernetes' gRPC probes): off when None; 0 picks a free port.
+    health_port: Optional[int] = None
     # Transport security and authentication (security.py; docs/service.md, "Security").
     # PEM files: the server's certificate chain and key (TLS), and the CA of client certificates (mutual TLS).
     tls_cert: Optional[str] = None
@@ -107,7 +110,7 @@ class ServerConfig:
             raise ConfigError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
         if self.device != "auto" and self.device != "cpu" and not _CUDA_DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "health_port"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         for name in ("max_message_bytes", "max_elements", "max_inflight_bytes", "workers", "export_jobs", "torch_threads"):
@@ -121,8 +124,7 @@ class ServerConfig:
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def default_backend(self) -> str:
         return AUTO_BACKEND if self.backend == "auto" else self.backend
@@ -132,6 +134,11 @@ class ServerConfig:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
         ]
+
+
+def host_port(host: str, port: int) -> str:
+    r"""``host:port``, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def select_device(requested: str, cuda_available: bool, cuda_device_count: int) -> str:
@@ -177,6 +184,7 @@ ENVIRONMENT = {
     "log_level": "LOSS_SERVICE_LOG_LEVEL",
     "metrics_port": "LOSS_SERVICE_METRICS_PORT",
     "metrics_host": "LOSS_SERVICE_METRICS_HOST",
+    "health_port": "LOSS_SERVICE_HEALTH_PORT",
     "tls_cert": "LOSS_SERVICE_TLS_CERT",
     "tls_key": "LOSS_SERVICE_TLS_KEY",
     "tls_client_ca": "LOSS_SERVICE_TLS_CLIENT_CA",
