@@ -189,6 +189,28 @@ def test_full_benchmark_on_tiny_sizes_with_both_server_subprocesses(capsys, serv
     assert "Large requests" in output and "Small requests" in output
 
 
+@pytest.mark.slow  # starts two real servers
+def test_ab_comparison_of_two_server_commands(capsys, server_artifacts):
+    from bench import bench_ab
+
+    command = f"{bench_score.DEFAULT_SERVER_COMMAND} --artifacts {server_artifacts.folder} --no-export"
+    rows = bench_ab.main(["--a", command, "--b", command, "--elements", "40", "--in-flight", "1",
+                          "--seconds", "0.05", "--rounds", "1"])
+    assert [row[:3] for row in rows] == [[w.label, "4e+01", "1"] for w in bench_score.WORKLOADS]
+    assert all(float(row[5]) > 0 and float(row[11]) > 0 for row in rows)  # B/A requests/s and CPU
+    assert "B/A req/s: median" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # starts a real server
+def test_memory_per_request_byte_of_one_workload(capsys, server_artifacts):
+    from bench import bench_memory
+
+    factors = bench_memory.main(["--elements", "4e4", "--artifacts", str(server_artifacts.folder),
+                                 "--workloads", "focal"])
+    assert list(factors) == ["focal"] and factors["focal"] >= 0
+    assert "| focal |" in capsys.readouterr().out
+
+
 def test_the_bench_waits_for_announced_background_exports():
     servers = [bench_score.ServerProcess("real", "{python} -c pass", b"", ready_timeout=30) for _ in range(2)]
     for server in servers:

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loss_service import losses
 from loss_service.client import LossClient, LossServiceError, build_request
 from loss_service.server import SERVICE_NAME, BackgroundServer, ServerConfig
+from loss_service.server.app import IDLE_TRIM_SECONDS
 from loss_service.server.scoring import Scorer
 from tests.test_server_process import REPO, ServerProcess, _flags
 
@@ -49,7 +50,7 @@ def rss(pid):
 
 
 def settled_rss(pid, limit, seconds=20):
-    r"""RSS once it is at most ``limit`` (the server gives memory back a second after going idle),
+    r"""RSS once it is at most ``limit`` (the server gives memory back once idle for IDLE_TRIM_SECONDS),
     or after ``seconds``."""
     deadline = time.monotonic() + seconds
     while True:
@@ -65,12 +66,12 @@ def raw_channel(target):
 
 
 def baseline_rss(served, channel):
-    r"""RSS after a warm-up that takes the worker-pool path (a 2 MB request) and an idle second."""
+    r"""RSS after a warm-up that takes the worker-pool path (a 2 MB request) and a rest."""
     rng = np.random.default_rng(0)
     warm = build_request("cross_entropy", rng.normal(size=(20_000, 3, 5)).astype(np.float32),
                          rng.integers(0, 3, (20_000, 5)))
     channel.unary_unary(SCORE_BATCH)(warm.SerializeToString(), timeout=60)
-    time.sleep(2.0)
+    time.sleep(IDLE_TRIM_SECONDS + 1.0)
     return min(rss(served.process.pid) for _ in range(3))
 
 

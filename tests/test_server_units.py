@@ -185,17 +185,19 @@ def test_a_runner_is_kept_only_after_it_served_a_valid_request():
     backend = EagerBackend("cpu")
     spec, params = losses.get("cross_entropy"), {"class_weight": torch.ones(5)}
     key = config_key(spec.name, params)
-    runner = backend.runner(spec, params, key)
-    assert not backend.warm(key), "built but not kept"
+    runner = backend.build(spec, params)
+    assert backend.kept(key) is None, "built but not kept"
     backend.keep(key, runner, params)
-    assert backend.warm(key) and backend.runner(spec, params, key) is runner
-    assert backend.cached() == (1, RUNNER_BYTES + 5 * 4)
+    assert backend.kept(key) is runner
+    assert backend.cache_usage() == (1, RUNNER_BYTES + 5 * 4)
 
 
 def test_request_budget_refuses_what_would_exceed_it_and_reports_idle():
     idle = []
     budget = RequestBudget(100, on_idle=lambda: idle.append(budget.in_use))
+    assert budget.idle_since is not None
     budget.acquire(60)
+    assert budget.idle_since is None
     with pytest.raises(ServiceError) as error:
         budget.acquire(50)
     assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "60 of 100 bytes in use" in error.value.message
@@ -205,7 +207,7 @@ def test_request_budget_refuses_what_would_exceed_it_and_reports_idle():
     with budget.holding(40):
         assert budget.in_use == 100
     budget.release(60)
-    assert budget.in_use == 0
+    assert budget.in_use == 0 and budget.idle_since <= time.monotonic()
     assert idle == []  # far less than IDLE_TRIM_MIN_BYTES went through: nothing to give back
     large = RequestBudget(1 << 30, on_idle=lambda: idle.append(large.in_use))
     with large.holding(32 << 20):
@@ -276,3 +278,27 @@ def test_call_lines_are_ordinary_records_without_the_servers_handler(monkeypatch
         logs.CallLog(logger).write(**_call_fields("plain"))
     (record,) = [r for r in caplog.records if r.name == logger.name]
     assert record.getMessage() == "call" and record.fields["request_id"] == "plain"
+
+
+def test_idle_trim_waits_for_a_server_at_rest(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loss_service.server import memory
+
+    trims = []
+    monkeypatch.setattr(memory, "trim_malloc", lambda: trims.append(time.monotonic()))
+    seconds = 0.2
+
+    async def scenario():
+        budget = RequestBudget(1 << 30)
+        with ThreadPoolExecutor(1) as executor:
+            memory.IdleTrim(budget, executor, seconds)
+            for _ in range(6):  # back-to-back large requests: idle between them, never for `seconds`
+                with budget.holding(32 << 20):
+                    await asyncio.sleep(0.05)
+            busy_until = time.monotonic()
+            await asyncio.sleep(seconds * 3)
+            return busy_until
+
+    busy_until = asyncio.run(scenario())
+    assert len(trims) == 1 and trims[0] - busy_until >= seconds * 0.9

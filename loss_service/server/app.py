@@ -34,7 +34,7 @@ from .background import VariantExporter
 from .backends import Backend, EagerBackend, OnnxBackend, TorchScriptBackend, config_key
 from .config import ServerConfig, host_port, select_device
 from .logs import LOGGER_NAME, event
-from .memory import RequestBudget, trim_malloc, tune_malloc
+from .memory import IdleTrim, RequestBudget, trim_malloc, tune_malloc
 from .metrics import ServerMetrics
 from .scoring import Scorer
 from .security import address_host, load_server_security
@@ -42,7 +42,7 @@ from .security import address_host, load_server_security
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 log = logging.getLogger(f"{LOGGER_NAME}.server")
 # How long the server must have had no request in flight before it returns freed memory.
-IDLE_TRIM_SECONDS = 1.0
+IDLE_TRIM_SECONDS = 2.0
 # On shutdown, calls that reached the server before it stopped are still taken in while they keep
 # arriving (until none has for ARRIVAL_QUIET_SECONDS, at most ARRIVAL_MAX_SECONDS): gRPC cancels
 # calls it has received but not yet handed to the servicer once its shutdown begins.
@@ -101,7 +101,8 @@ class LossServer:
         security = load_server_security(config, address)
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="loss-worker")
         self.health = HealthService()
-        self.budget = RequestBudget(config.max_inflight_bytes, on_idle=self._trim_when_still_idle)
+        self.budget = RequestBudget(config.max_inflight_bytes)
+        self.idle_trim = IdleTrim(self.budget, self.executor, IDLE_TRIM_SECONDS)
         self.metrics = (ServerMetrics(self.budget, lambda: self.servicer.in_flight)
                         if config.metrics_port is not None else None)
         self.servicer = LossServiceServicer(self.executor, config.inline_elements, IntraOpThreads(config.torch_threads),
@@ -128,7 +129,6 @@ class LossServer:
         self.address = address
         self.scorer: Optional[Scorer] = None
         self.variants: Optional[VariantExporter] = None
-        self.stopping = False
 
     async def start(self) -> None:
         # The event loop computes only small requests (below torch's parallel grain size): one
@@ -178,16 +178,6 @@ class LossServer:
             onnx.pending = variants
         return Scorer(backends, self.config.default_backend(), self.config.max_elements), variants
 
-    def _trim_when_still_idle(self) -> None:
-        r"""Return freed memory to the kernel if no request arrives for :data:`IDLE_TRIM_SECONDS`."""
-        loop = asyncio.get_running_loop()
-
-        def trim() -> None:
-            if self.budget.in_use == 0 and not self.stopping:
-                loop.run_in_executor(self.executor, trim_malloc)
-
-        loop.call_later(IDLE_TRIM_SECONDS, trim)
-
     async def stop(self, grace: Optional[float]) -> None:
         r"""Readiness NOT_SERVING, stop accepting calls, let in-flight ones finish within ``grace`` s.
 
@@ -195,7 +185,7 @@ class LossServer:
         load balancer sees NOT_SERVING at once, and no call that reached the server is cancelled
         by its shutdown, only those that arrive once it no longer listens (UNAVAILABLE).
         """
-        self.stopping = True
+        self.idle_trim.closed = True
         loop = asyncio.get_running_loop()
         started = loop.time()
         await self.health.enter_graceful_shutdown()
@@ -235,7 +225,7 @@ def smoke_check(backends: Dict[str, Backend]) -> None:
         predictions, targets = spec.make_inputs(2, 3, (4,), torch.Generator().manual_seed(0), torch.float32, {})
         predictions, targets = predictions.to(reference.torch_device), targets.to(reference.torch_device)
         with torch.inference_mode():
-            runner = reference.runner(spec, {})
+            runner = reference.build(spec, {})
             _, expected, _ = runner.statistics(predictions, targets, None, False)
         reference.keep(config_key(spec.name, {}), runner, {})
         for backend in backends.values():
@@ -245,7 +235,7 @@ def smoke_check(backends: Dict[str, Backend]) -> None:
                 _unavailable(backend, spec.name, "no artifact")
                 continue
             try:
-                runner = backend.runner(spec, {})
+                runner = backend.build(spec, {})
                 with torch.inference_mode():
                     _, totals, _ = runner.statistics(predictions, targets, None, False)
                     runner.reductions(totals)

@@ -109,7 +109,8 @@ def params_bytes(params: Dict[str, Any]) -> int:
 
 
 class Backend:
-    r"""Common interface: ``name``, ``device``, ``supports(loss)`` and ``runner(spec, params)``."""
+    r"""Common interface: ``name``, ``device``, ``supports(loss)``, and runners: :meth:`build`,
+    :meth:`keep` and :meth:`kept`."""
 
     name: str = ""
 
@@ -129,25 +130,21 @@ class Backend:
     def disable(self, loss: str, reason: str) -> None:
         self.disabled[loss] = reason
 
-    def runner(self, spec: LossSpec, params: Dict[str, Any], key: Optional[Hashable] = None) -> Runner:
-        r"""The cached runner of ``(spec, params)``, else a new one, which :meth:`keep` may cache."""
-        cached = self._cache.get(config_key(spec.name, params) if key is None else key)
-        return cached if cached is not None else self._build(spec, params)
+    def kept(self, key: Hashable) -> Optional[Runner]:
+        r"""The cached runner of the configuration ``key`` (:func:`config_key`), if any."""
+        return self._cache.get(key)
+
+    def build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
+        r"""A new runner of ``(spec, params)``: :meth:`keep` it once it has served a valid request."""
+        raise NotImplementedError
 
     def keep(self, key: Hashable, runner: Runner, params: Dict[str, Any]) -> None:
         r"""Cache ``runner`` under ``key``: call it once the runner has served a valid request."""
         self._cache.put(key, runner, RUNNER_BYTES + params_bytes(params))
 
-    def warm(self, key: Hashable) -> bool:
-        r"""Whether the runner of ``key`` is cached (a request then builds nothing)."""
-        return key in self._cache
-
-    def cached(self) -> Tuple[int, int]:
+    def cache_usage(self) -> Tuple[int, int]:
         r"""How many runners are cached, and the bytes they are counted for (the metrics report both)."""
         return len(self._cache), self._cache.bytes
-
-    def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
-        raise NotImplementedError
 
     def device_of(self, spec: LossSpec, params: Dict[str, Any]) -> str:
         r"""The device that runs ``spec`` (the ONNX backend may fall back per session)."""
@@ -162,7 +159,7 @@ class EagerBackend(Backend):
     def _has(self, loss: str) -> bool:
         return loss in losses.names()
 
-    def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
+    def build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
         return losses.build(spec.name, **params).to(self.torch_device).eval()
 
 
@@ -214,7 +211,7 @@ class TorchScriptBackend(Backend):
                 self._loaded[spec.name] = module
             return module
 
-    def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
+    def build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
         scripted = copy.deepcopy(self._module(spec))
         configure_scripted(scripted, losses.build(spec.name, **params), self.torch_device)
         return scripted.eval()
@@ -348,5 +345,5 @@ class OnnxBackend(Backend):
     def device_of(self, spec: LossSpec, params: Dict[str, Any]) -> str:
         return self._devices.get(layout.onnx_file_name(spec, {}), "cpu")
 
-    def _build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
+    def build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
         return OnnxRunner(self, spec, params)

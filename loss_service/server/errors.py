@@ -32,6 +32,8 @@ MAX_VIOLATIONS = 4
 def echo(text: str) -> str:
     r"""``text`` as a status may quote it: printable ASCII (other characters escaped), at most
     :data:`ECHO_CHARACTERS` of it, with the full length said when it is cut."""
+    if len(text) <= ECHO_CHARACTERS and text.isascii() and text.isprintable():
+        return text
     shown = text[:ECHO_CHARACTERS].encode("unicode_escape").decode("ascii")
     if len(text) <= ECHO_CHARACTERS:
         return shown

@@ -9,11 +9,13 @@ comparison stays fair.
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+import time
+from concurrent.futures import Executor
+from typing import Callable, Optional
 
 from .errors import over_budget
 
@@ -93,14 +95,16 @@ class RequestBudget:
     :meth:`acquire` refuses at once (``RESOURCE_EXHAUSTED``) a request that would take the total
     over the limit, before anything is decoded: the server never holds more than the limit for
     requests it computes, and nothing for those it refuses. ``on_idle`` runs when the total
-    returns to zero after at least :data:`IDLE_TRIM_MIN_BYTES` went through since it last ran.
+    returns to zero after at least :data:`IDLE_TRIM_MIN_BYTES` went through since it last ran;
+    ``idle_since`` is the ``time.monotonic()`` of that return (``None`` while requests are in flight).
     """
 
     def __init__(self, limit: int, on_idle: Optional[Callable[[], None]] = None) -> None:
         self.limit = limit
         self.in_use = 0
+        self.idle_since: Optional[float] = time.monotonic()
         self._since_idle = 0
-        self._on_idle = on_idle
+        self.on_idle = on_idle
 
     def acquire(self, size: int) -> None:
         if self.in_use + size > self.limit:
@@ -111,19 +115,72 @@ class RequestBudget:
                 f"{self.limit} bytes in use); retry later"
             )
         self.in_use += size
+        self.idle_since = None
         self._since_idle += size
 
     def release(self, size: int) -> None:
         self.in_use -= size
-        if self.in_use == 0 and self._since_idle >= IDLE_TRIM_MIN_BYTES:
+        if self.in_use:
+            return
+        self.idle_since = time.monotonic()
+        if self._since_idle >= IDLE_TRIM_MIN_BYTES:
             self._since_idle = 0
-            if self._on_idle is not None:
-                self._on_idle()
+            if self.on_idle is not None:
+                self.on_idle()
 
-    @contextmanager
-    def holding(self, size: int) -> Iterator[None]:
-        self.acquire(size)
-        try:
-            yield
-        finally:
-            self.release(size)
+    def holding(self, size: int) -> "_Held":
+        r"""``with budget.holding(size):``: :meth:`acquire` on entry, :meth:`release` on exit."""
+        return _Held(self, size)
+
+
+class IdleTrim:
+    r"""Gives freed memory back (:func:`trim_malloc`, in ``executor``) once ``budget`` has had no
+    request in flight for ``seconds``.
+
+    Under load, memory a request freed is what the next one reuses (:func:`tune_malloc`): trimming
+    between back-to-back large requests would make each page-fault its buffers afresh. So a trim
+    waits for a server at rest: the budget's ``on_idle`` schedules one check at a time, which trims
+    after ``seconds`` of idleness, waits out the rest of them, or gives up when requests are in
+    flight again (their end schedules the next check).
+    """
+
+    def __init__(self, budget: RequestBudget, executor: Executor, seconds: float) -> None:
+        self._budget = budget
+        self._executor = executor
+        self._seconds = seconds
+        self._scheduled = False
+        self.closed = False
+        budget.on_idle = self.schedule
+
+    def schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(self._seconds, self._check)
+
+    def _check(self) -> None:
+        idle_since = self._budget.idle_since
+        if self.closed or idle_since is None:
+            self._scheduled = False
+            return
+        remaining = idle_since + self._seconds - time.monotonic()
+        if remaining > 0:
+            asyncio.get_running_loop().call_later(remaining, self._check)
+            return
+        self._scheduled = False
+        asyncio.get_running_loop().run_in_executor(self._executor, trim_malloc)
+
+
+class _Held:
+    r"""The context manager of :meth:`RequestBudget.holding` (a class: once per request, it must be cheap)."""
+
+    __slots__ = ("budget", "size")
+
+    def __init__(self, budget: RequestBudget, size: int) -> None:
+        self.budget = budget
+        self.size = size
+
+    def __enter__(self) -> None:
+        self.budget.acquire(self.size)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.budget.release(self.size)

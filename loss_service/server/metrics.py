@@ -163,7 +163,7 @@ class ScorerCollector(Collector):
                                  labels=("backend",))
         scorer = self._scorer
         for name, backend in (scorer.backends.items() if scorer is not None else ()):
-            count, size = backend.cached()
+            count, size = backend.cache_usage()
             entries.add_metric((name,), count)
             held.add_metric((name,), size)
         pending = GaugeMetricFamily(f"{PREFIX}onnx_variants_pending",

@@ -23,7 +23,7 @@ from loss_service import losses
 from loss_service.losses import LossSpec
 from loss_service.v1 import loss_service_pb2 as pb
 
-from .backends import Backend, BackendUnavailable, config_key
+from .backends import Backend, BackendUnavailable, Runner, config_key
 from .codec import decode, dtype_name, encode
 from .errors import ServiceError, echo, from_library_message, invalid, library_value_error, unavailable_backend
 from .wire import ParsedRequest
@@ -94,6 +94,9 @@ class Plan:
     fields: Dict[str, str] = field(default_factory=dict)
     # The runner cache's key of (loss, params): computed once per request.
     key: Hashable = None
+    # The backend's runner of (loss, params) when it has one built (looked up once per request;
+    # set once a runner built for the plan has served it).
+    runner: Optional[Runner] = None
 
     def error_fields(self) -> List[Tuple[str, str]]:
         r"""``(name the loss library uses in messages, request field)`` pairs for mapping library errors.
@@ -136,11 +139,13 @@ class Scorer:
             raise invalid("reduction", f"unknown value {request.reduction}; expected one of {', '.join(pb.Reduction.keys())}")
         backend = self._backend(request.backend, spec)
         params, fields = self._params(parsed, spec)
-        return Plan(spec, params, reduction, backend, fields, config_key(spec.name, params))
+        key = config_key(spec.name, params)
+        return Plan(spec, params, reduction, backend, fields, key, backend.kept(key))
 
-    def warm(self, plan: Plan) -> bool:
+    @staticmethod
+    def warm(plan: Plan) -> bool:
         r"""Whether ``plan``'s runner is built already (a request then costs only its computation)."""
-        return plan.backend.warm(plan.key)
+        return plan.runner is not None
 
     def _backend(self, value: int, spec: LossSpec) -> Backend:
         if value == pb.BACKEND_UNSPECIFIED:
@@ -236,8 +241,7 @@ class Scorer:
         if device.type != "cpu":
             predictions, targets = predictions.to(device), targets.to(device)
             weights = weights.to(device) if weights is not None else None
-        runner = backend.runner(plan.spec, plan.params, plan.key)
-        fresh = not backend.warm(plan.key)
+        runner = plan.runner or backend.build(plan.spec, plan.params)
         try:
             with torch.inference_mode():
                 values, totals, sample_totals = runner.statistics(predictions, targets, weights, per_sample)
@@ -250,9 +254,10 @@ class Scorer:
             if message is None:
                 raise
             raise from_library_message(message, plan.error_fields(), "predictions") from None
-        if fresh:
+        if plan.runner is None:
             # Only now: a runner built for a request that turned out invalid is never kept.
             backend.keep(plan.key, runner, plan.params)
+            plan.runner = runner
         # Results of inference mode carry no autograd history: no detach() needed.
         return BatchResult(
             values=values,
@@ -504,9 +509,8 @@ class StreamAccumulator:
         if self.plan is None:
             raise invalid("batches", "a stream needs at least one batch (which names the loss)")
         plan = self.plan
-        runner = plan.backend.runner(plan.spec, plan.params, plan.key)
         with torch.inference_mode():
-            reductions = runner.reductions(self.totals.to(plan.backend.torch_device)).cpu().tolist()
+            reductions = plan.runner.reductions(self.totals.to(plan.backend.torch_device)).cpu().tolist()
         weight_sum, denominator, num_elements = summarize(plan, self.totals, self.num_values)
         return pb.ScoreStreamResponse(
             loss=reductions[REDUCTION_COLUMN[plan.reduction]],

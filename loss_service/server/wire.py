@@ -29,8 +29,8 @@ its size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -91,21 +91,24 @@ def _wire_request_class() -> Any:
 WireRequest = _wire_request_class()
 
 
-@dataclass
 class ParsedRequest:
     r"""A request as the server reads it.
 
     ``message`` is a :data:`WireRequest` (the singular fields of ``ScoreBatchRequest`` under the same
-    names); the maps are ``params``, ``tensor_params`` and ``labels``. For a tensor named in
-    ``payloads`` its ``data`` is empty in ``message`` and the bytes are ``payloads[name]``, a view
-    of the serialized request: :meth:`data` gives the right one either way.
+    names); the maps are ``params``, ``tensor_params`` and ``labels`` (read-only). For a tensor
+    named in ``payloads`` its ``data`` is empty in ``message`` and the bytes are ``payloads[name]``,
+    a view of the serialized request: :meth:`data` gives the right one either way.
     """
 
-    message: Any
-    params: Dict[str, pb.Param] = field(default_factory=dict)
-    tensor_params: Dict[str, pb.Tensor] = field(default_factory=dict)
-    labels: Dict[str, str] = field(default_factory=dict)
-    payloads: Dict[str, memoryview] = field(default_factory=dict)
+    __slots__ = ("message", "params", "tensor_params", "labels", "payloads")
+
+    def __init__(self, message: Any, params: Mapping[str, pb.Param], tensor_params: Mapping[str, pb.Tensor],
+                 labels: Mapping[str, str], payloads: Dict[str, memoryview]) -> None:
+        self.message = message
+        self.params = params
+        self.tensor_params = tensor_params
+        self.labels = labels
+        self.payloads = payloads
 
     def data(self, name: str) -> bytes:
         payload = self.payloads.get(name)
@@ -142,13 +145,21 @@ def parse_request(serialized: bytes) -> ParsedRequest:
         message = WireRequest.FromString(body)
     except DecodeError:
         raise malformed(f"not a valid {REQUEST_TYPE} in protobuf's wire format") from None
-    maps = {}
-    for name in MAP_FIELDS:
-        entries = getattr(message, name)
-        if len(entries) > MAX_MAP_ENTRIES:
-            raise invalid(name, f"has {len(entries)} entries; expected at most {MAX_MAP_ENTRIES}")
-        maps[name] = {entry.key: entry.value for entry in entries}
-    return ParsedRequest(message, payloads=payloads, **maps)
+    return ParsedRequest(message, _map(message.params, "params"), _map(message.tensor_params, "tensor_params"),
+                         _map(message.labels, "labels"), payloads)
+
+
+# The map of a request that has no entries (shared: read-only).
+_NO_ENTRIES: Mapping[str, Any] = MappingProxyType({})
+
+
+def _map(entries: Any, name: str) -> Mapping[str, Any]:
+    r"""The ``entries`` of map ``name`` as protobuf's map would hold them (a repeated key: the last wins)."""
+    if not entries:
+        return _NO_ENTRIES
+    if len(entries) > MAX_MAP_ENTRIES:
+        raise invalid(name, f"has {len(entries)} entries; expected at most {MAX_MAP_ENTRIES}")
+    return {entry.key: entry.value for entry in entries}
 
 
 def _encode_varint(value: int) -> bytes:
