@@ -465,6 +465,13 @@ def test_bad_input_is_rejected_the_same_way_on_every_backend(client, backend):
         client.score_request(bad_shape)
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.field_violations[0][0] == "targets"
+    # A 0-d dice on TorchScript once answered INTERNAL with the module's traceback.
+    scalar = _scalar_predictions()
+    scalar.backend = request.backend
+    with pytest.raises(LossServiceError) as error:
+        client.score_request(scalar)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.field_violations[0][0] == "predictions.shape"
 
 
 def _raw_call(server, method, body, stream=False):

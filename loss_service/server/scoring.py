@@ -142,11 +142,6 @@ class Scorer:
         key = config_key(spec.name, params)
         return Plan(spec, params, reduction, backend, fields, key, backend.kept(key))
 
-    @staticmethod
-    def warm(plan: Plan) -> bool:
-        r"""Whether ``plan``'s runner is built already (a request then costs only its computation)."""
-        return plan.runner is not None
-
     def _backend(self, value: int, spec: LossSpec) -> Backend:
         if value == pb.BACKEND_UNSPECIFIED:
             name = self.default_backend

@@ -38,7 +38,9 @@ from .errors import ServiceError, echo
 from .logs import LOGGER_NAME, CallLog, monotonic_ms
 from .memory import RequestBudget
 from .metrics import ServerMetrics
-from .scoring import BACKEND_ENUMS, MAX_REQUEST_ID_CHARACTERS, Scorer, StreamAccumulator, check_metadata, request_field
+from .scoring import (
+    BACKEND_ENUMS, MAX_REQUEST_ID_CHARACTERS, Plan, Scorer, StreamAccumulator, check_metadata, request_field,
+)
 from .wire import ParsedRequest, parse_request
 
 log = logging.getLogger(f"{LOGGER_NAME}.calls")
@@ -256,8 +258,10 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
                 # Its outcome is read on the retry: a failed export is then a FAILED_PRECONDITION.
                 await asyncio.wait([asyncio.wrap_future(pending.future)])
 
-    def _inline(self, scorer: Scorer, plan, elements: int) -> bool:
-        return plan is not None and elements <= self._inline_elements and scorer.warm(plan)
+    def _inline(self, plan: Optional[Plan], elements: int) -> bool:
+        r"""Whether a request of ``elements`` with ``plan`` is computed on the event loop: a small one
+        whose runner is built (building one may take long)."""
+        return plan is not None and plan.runner is not None and elements <= self._inline_elements
 
     async def ScoreBatch(self, body: bytes, context: grpc.aio.ServicerContext) -> Optional[pb.ScoreBatchResponse]:
         call = CallRecord("ScoreBatch", request_bytes=len(body))
@@ -268,7 +272,7 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
                     parsed = parse_request(body)
                     call.elements = call.identify(parsed)
                     plan = scorer.plan(parsed)
-                    if self._inline(scorer, plan, call.elements):
+                    if self._inline(plan, call.elements):
                         response = await self._run(True, scorer.score_batch, parsed, plan)
                     else:
                         response = await self._run(False, self._threads.run, call.elements, scorer.score_batch, parsed, plan)
@@ -295,13 +299,12 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
     ) -> Optional[pb.ScoreStreamResponse]:
         call = CallRecord("ScoreStream", batches=0)
         try:
-            scorer = self._ready()
-            accumulator = StreamAccumulator(scorer)
+            accumulator = StreamAccumulator(self._ready())
             async for body in request_iterator:
                 call.request_bytes += len(body)
                 try:
                     with self.budget.holding(len(body)):
-                        call.elements += await self._add_batch(scorer, accumulator, body, call)
+                        call.elements += await self._add_batch(accumulator, body, call)
                 except ServiceError as error:
                     raise error.in_batch(accumulator.num_batches) from None
                 call.batches = accumulator.num_batches
@@ -317,13 +320,13 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
         self._log(call, "OK", backend=response.backend, device=response.device)
         return response
 
-    async def _add_batch(self, scorer: Scorer, accumulator: StreamAccumulator, body: bytes, call: CallRecord) -> int:
+    async def _add_batch(self, accumulator: StreamAccumulator, body: bytes, call: CallRecord) -> int:
         r"""Add one batch to ``accumulator``; its element count."""
         if len(body) >= INLINE_MAX_BYTES:
             return await self._run(False, self._parse_and_add, accumulator, body, call)
         parsed = parse_request(body)
         elements = call.identify(parsed)
-        if self._inline(scorer, accumulator.plan, elements):
+        if self._inline(accumulator.plan, elements):
             await self._run(True, accumulator.add, parsed)
         else:
             await self._run(False, self._threads.run, elements, accumulator.add, parsed)
