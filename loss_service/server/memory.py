@@ -1,11 +1,12 @@
-r"""glibc ``malloc`` tuning for large requests.
+r"""The server's memory: glibc ``malloc`` tuning, giving memory back at rest, the in-flight budget.
 
 Each large request allocates fresh buffers of tens of MB (the request bytes, the loss values).
 glibc serves blocks above ``M_MMAP_THRESHOLD`` (128 KiB, adapting up to 32 MiB) with ``mmap`` and
 returns them to the kernel on ``free``; the next request page-faults every page again, which on
 this VM costs more than the loss itself. Raising the mmap threshold and the trim threshold keeps
-freed memory in the heap for reuse. ``bench/`` applies the same setting to its bare server so the
-comparison stays fair.
+freed memory in the heap for reuse (:func:`tune_malloc`; ``bench/`` applies the same setting to
+its bare server so the comparison stays fair), and :class:`IdleTrim` gives it back once the
+server is at rest. :class:`RequestBudget` bounds the request bytes being processed at once.
 """
 from __future__ import annotations
 
