@@ -286,3 +286,28 @@ def test_end_with_parent(tmp_path, parent_ends, platform):
         for left in survivors(child):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(left, signal.SIGKILL)
+
+
+def test_a_background_worker_that_dies_fails_its_export_alone(server_artifacts, tmp_path):
+    r"""A variant whose export worker is killed (e.g. for memory) fails; the next one gets a new worker."""
+    from loss_service.server.backends import BackendUnavailable
+    from loss_service.server.background import VariantExporter
+
+    files = ["focal--alpha=scalar.onnx", "cross_entropy--targets=probabilities.onnx"]
+    folder = copy_artifacts(server_artifacts.folder, tmp_path / "artifacts", leave_out=files)
+    opset = json.loads((folder / "manifest.json").read_text())["opset"]
+    delivered = []
+    exporter = VariantExporter(folder, files, lambda name, data: delivered.append(name), opset)
+    futures = [exporter.request(name) for name in reversed(files)]  # files[0] goes first
+    exporter.start()
+    try:
+        _wait_for(lambda: _workers(os.getpid()), "background export worker")
+        time.sleep(STARTING_SECONDS)
+        for pid in _workers(os.getpid()):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(BackendUnavailable, match="exporting focal--alpha=scalar.onnx failed"):
+            futures[1].result(timeout=START_TIMEOUT_SECONDS)
+        futures[0].result(timeout=START_TIMEOUT_SECONDS * 3)
+        assert delivered == [files[1]] and (folder / files[1]).exists()
+    finally:
+        exporter.stop()

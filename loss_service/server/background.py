@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, TimeoutError
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -119,9 +120,7 @@ class VariantExporter:
 
         fingerprint = export_manifest.fingerprint()
         started = time.perf_counter()
-        pool = export.process_pool(1)
-        with self._lock:
-            self._pool = pool
+        pool = self._new_pool()
         event(log, "background_export_started", files=len(self._queue))
         try:
             while (file_name := self._next()) is not None:
@@ -137,6 +136,10 @@ class VariantExporter:
                             return
                     except Exception as failure:  # noqa: BLE001 - a dead worker fails this export
                         entry, error = None, export.error_message(failure)
+                        if isinstance(failure, BrokenProcessPool):
+                            # The worker died (e.g. killed for memory): the next exports get a new one.
+                            pool.shutdown(wait=False)
+                            pool = self._new_pool()
                         break
                 if entry is not None and not entry["verification"]["passed"]:
                     failed_checks = [c for c in entry["verification"]["checks"] if not c["passed"]]
@@ -152,6 +155,15 @@ class VariantExporter:
             pool.shutdown(wait=True, cancel_futures=True)
             event(log, "background_export_finished", exported=len(self.exported), failed=sorted(self.failed),
                   seconds=round(time.perf_counter() - started, 1))
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        r"""A worker pool for this thread's exports, which :meth:`stop` can terminate."""
+        import export
+
+        pool = export.process_pool(1)
+        with self._lock:
+            self._pool = pool
+        return pool
 
     def _finish(self, file_name: str, entry, error: str, fingerprint: str, seconds: float) -> None:
         from export import manifest as export_manifest
