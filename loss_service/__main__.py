@@ -142,7 +142,7 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
 
 def _connect(args: argparse.Namespace) -> LossClient:
     r"""The :class:`LossClient` of the connection flags (:func:`_add_connection`)."""
-    from loss_service.server.security import read_token_file
+    from loss_service.protocol import read_token_file
 
     token = args.token
     if args.token_file:
@@ -176,7 +176,7 @@ def parse_param(text: str) -> tuple:
 
 def _environment_tokens() -> tuple:
     r"""The tokens of ``LOSS_SERVICE_TOKENS`` (not through :func:`_env`: its errors quote the value)."""
-    from loss_service.server.security import parse_tokens
+    from loss_service.protocol import parse_tokens
 
     text = os.environ.get(ENVIRONMENT["tokens"], "")
     return parse_tokens(text, ENVIRONMENT["tokens"]) if text.strip() else ()

@@ -37,9 +37,7 @@ import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from loss_service.server.codec import to_message, to_numpy
-from loss_service.server.config import DEFAULT_MAX_MESSAGE_BYTES
-from loss_service.server.security import bearer_metadata
+from loss_service.protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, bearer_metadata, to_message, to_numpy
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -229,7 +227,7 @@ def service_config() -> str:
     r"""The channel's gRPC service config: round-robin over every address, the retry policy for every method."""
     return json.dumps({
         "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [{"name": [{"service": pb.DESCRIPTOR.services_by_name["LossService"].full_name}],
+        "methodConfig": [{"name": [{"service": SERVICE_NAME}],
                           "retryPolicy": RETRY_POLICY}],
     })
 

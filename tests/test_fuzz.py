@@ -24,7 +24,8 @@ from loss_service import losses
 from loss_service.client import build_request
 from loss_service.server import BackgroundServer, ServerConfig
 from loss_service.server import service, wire
-from loss_service.server.codec import WIRE_DTYPES
+from loss_service.protocol import WIRE_DTYPES
+from loss_service.server.codec import TORCH_DTYPES
 from loss_service.v1 import loss_service_pb2 as pb
 
 SCORE_BATCH = "/loss_service.v1.LossService/ScoreBatch"
@@ -190,7 +191,7 @@ def tensors(draw, shape=None, dtypes=FLOAT_DTYPES, values=FINITE):
         return message
     pool = values + SPECIAL if rarely(draw) else values
     array = np.array(draw(st.lists(st.sampled_from(pool), min_size=count, max_size=count)), dtype=np.float64)
-    torch_dtype = WIRE_DTYPES[dtype][1]
+    torch_dtype = TORCH_DTYPES[dtype]
     if not (torch_dtype.is_floating_point or torch_dtype == torch.bool):
         array = np.nan_to_num(array, posinf=7, neginf=-7).clip(-2 ** 40, 2 ** 40).astype(np.int64)
     tensor = torch.from_numpy(array).to(torch_dtype)

@@ -31,7 +31,8 @@ from loss_service import losses
 from loss_service.__main__ import main
 from loss_service.client import CLIENT_ENVIRONMENT, LossClient, LossServiceError
 from loss_service.server import SERVICE_NAME, BackgroundServer, ConfigError, ServerConfig, create_server
-from loss_service.server.security import BearerTokenInterceptor, is_loopback, load_server_security, parse_tokens
+from loss_service.protocol import parse_tokens
+from loss_service.server.security import BearerTokenInterceptor, is_loopback, load_server_security
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "k7Hq-2xVb_9nW.pL~4s+Z/Qe=="

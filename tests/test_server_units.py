@@ -13,7 +13,8 @@ import torch
 from loss_service.server import ConfigError, logs, ServerConfig, select_device, tune_malloc
 from loss_service.server.backends import RUNNER_BYTES, RunnerCache, config_key
 from loss_service.server.memory import RequestBudget
-from loss_service.server.codec import WIRE_DTYPES, decode, encode, to_message, to_numpy
+from loss_service.protocol import to_message, to_numpy
+from loss_service.server.codec import TORCH_DTYPES, decode
 from loss_service.server.config import provider_device
 from loss_service.server.errors import (REFUSED_FOR_MEMORY, REFUSED_FOR_SIZE, ServiceError, from_library_message,
                                         library_value_error, too_large)
@@ -83,22 +84,27 @@ def test_server_config_defaults_and_options():
     assert (config.metrics_port, config.metrics_host) == (None, "127.0.0.1")  # metrics off, loopback when on
 
 
-@pytest.mark.parametrize("dtype", [d for _, d in WIRE_DTYPES.values()])
+@pytest.mark.parametrize("dtype", list(TORCH_DTYPES.values()))
 def test_codec_round_trips_every_wire_dtype(dtype):
     source = (torch.arange(24) % 7).reshape(2, 3, 4).to(dtype)
-    message = encode(source)
+    message = to_message(source)
     decoded = decode(message, "predictions", max_elements=100)
     assert decoded.dtype == dtype and decoded.shape == source.shape
     assert torch.equal(decoded, source)
+    # What a client reads back: the same values in numpy (bfloat16 as float32).
+    np.testing.assert_array_equal(to_numpy(message), source.float().numpy() if dtype == torch.bfloat16 else source.numpy())
 
 
 def test_codec_scalars_empty_tensors_and_numpy():
     assert decode(to_message(np.float32(2.5)), "x", 10).item() == 2.5
+    assert list(to_message(np.float32(2.5)).shape) == [] and to_numpy(to_message(np.float32(2.5))).shape == ()
     empty = decode(to_message(np.zeros((0, 3), np.float64)), "x", 10)
     assert empty.shape == (0, 3)
     big_endian = np.arange(4, dtype=">f4")
     np.testing.assert_array_equal(to_numpy(to_message(big_endian)), big_endian.astype("<f4"))
-    assert to_numpy(encode(torch.ones(2, dtype=torch.bfloat16))).dtype == np.float32
+    assert to_numpy(to_message(torch.ones(2, dtype=torch.bfloat16))).dtype == np.float32
+    with pytest.raises(TypeError, match="targets: cannot send an array of dtype object"):
+        to_message(np.array([None, 1]), "targets")
 
 
 @pytest.mark.parametrize("tensor,field,code", [

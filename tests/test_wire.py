@@ -9,7 +9,8 @@ import torch
 from google.protobuf.message import DecodeError
 
 from loss_service.server import wire
-from loss_service.server.codec import decode, encode
+from loss_service.protocol import to_message
+from loss_service.server.codec import decode
 from loss_service.server.errors import ServiceError
 from loss_service.server.wire import ParsedRequest, parse_request
 from loss_service.v1 import loss_service_pb2 as pb
@@ -24,12 +25,12 @@ def _request(elements: int = LARGE, weights: bool = True) -> pb.ScoreBatchReques
     request.params["gamma"].double_value = 1.5
     request.params["ignore_index"].int_value = -1
     request.labels["job"] = "eval"
-    encode(torch.randn(elements // 4, 4, generator=generator), request.predictions)
-    encode(torch.randint(0, 4, (elements // 4,), generator=generator), request.targets)
+    request.predictions.CopyFrom(to_message(torch.randn(elements // 4, 4, generator=generator)))
+    request.targets.CopyFrom(to_message(torch.randint(0, 4, (elements // 4,), generator=generator)))
     if weights:
-        encode(torch.rand(elements // 4, generator=generator, dtype=torch.float64), request.weights)
-    encode(torch.tensor([0.5, 1.0, 2.0, 1.0]), request.class_weights)
-    encode(torch.tensor([1.0, 2.0, 3.0, 4.0]), request.tensor_params["alpha"])
+        request.weights.CopyFrom(to_message(torch.rand(elements // 4, generator=generator, dtype=torch.float64)))
+    request.class_weights.CopyFrom(to_message(torch.tensor([0.5, 1.0, 2.0, 1.0])))
+    request.tensor_params["alpha"].CopyFrom(to_message(torch.tensor([1.0, 2.0, 3.0, 4.0])))
     return request
 
 

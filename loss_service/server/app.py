@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loss_service import losses
-from loss_service.v1 import loss_service_pb2 as pb
+from loss_service.protocol import SERVICE_NAME
 
 from .artifacts import ArtifactError, prepare_artifacts
 from .background import VariantExporter
@@ -39,7 +39,6 @@ from .metrics import ServerMetrics
 from .scoring import Scorer
 from .security import address_host, load_server_security
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 log = logging.getLogger(f"{LOGGER_NAME}.server")
 # How long the server must have had no request in flight before it returns freed memory.
 IDLE_TRIM_SECONDS = 2.0

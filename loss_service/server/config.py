@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
+from loss_service.protocol import DEFAULT_MAX_MESSAGE_BYTES, ConfigError
+
 BACKENDS = ("eager", "torchscript", "onnx")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 # Eager is the default: on CPU it is the fastest of the three (no graph-input conversion as for
 # ONNX, no TorchScript interpreter overhead) and it is the reference the others are tested against.
 AUTO_BACKEND = "eager"
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_ELEMENTS = 50_000_000
 # Requests with at most this many elements are computed on the event loop: handing a 1e3-element
 # batch to the thread pool costs more than computing it.
@@ -58,10 +59,6 @@ def default_export_jobs() -> int:
     return min(2, os.cpu_count() or 1)
 
 _CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
-
-
-class ConfigError(ValueError):
-    r"""A server setting that cannot be honoured (e.g. ``--device cuda`` on a machine without a GPU)."""
 
 
 @dataclass(frozen=True)

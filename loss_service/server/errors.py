@@ -14,7 +14,6 @@ import re
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import grpc
-import torch
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -120,6 +119,8 @@ _SCRIPTED_VALUE_ERROR = re.compile(r"builtins\.ValueError: (.*)", re.DOTALL)
 
 def library_value_error(exc: BaseException) -> Optional[str]:
     r"""The message of a loss-library ``ValueError``, also when raised inside a TorchScript module."""
+    import torch  # the backends' module: loaded already when a loss has raised
+
     if isinstance(exc, ValueError):
         return str(exc)
     if isinstance(exc, torch.jit.Error):

@@ -21,10 +21,11 @@ from torch import Tensor
 
 from loss_service import losses
 from loss_service.losses import LossSpec
+from loss_service.protocol import to_message
 from loss_service.v1 import loss_service_pb2 as pb
 
 from .backends import Backend, BackendUnavailable, Runner, config_key
-from .codec import decode, dtype_name, encode
+from .codec import decode, dtype_name
 from .errors import ServiceError, echo, from_library_message, invalid, library_value_error, unavailable_backend
 from .wire import ParsedRequest
 
@@ -282,10 +283,10 @@ class Scorer:
             # The values in the predictions' dtype, as the loss module's reduction="none" returns;
             # `loss` is their float64 sum (for combined losses the "sum" reduction is another number).
             values = result.values.to(predictions.dtype)
-            encode(values, response.values)
+            response.values.CopyFrom(to_message(values))
             response.loss = float(result.values.sum(dtype=torch.float64))
         if result.sample_reductions is not None:
-            encode(result.sample_reductions[:, column].contiguous(), response.per_sample)
+            response.per_sample.CopyFrom(to_message(result.sample_reductions[:, column]))
         return response
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Tuple
 import grpc
 from grpc_health.v1 import health
 
-from .config import ConfigError
+from loss_service.protocol import AUTHORIZATION, BEARER, ConfigError, check_tokens, read_token_file
+
 from .errors import ServiceError
 from .logs import LOGGER_NAME, event
 
@@ -32,21 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(f"{LOGGER_NAME}.security")
 
-# A bearer token is RFC 6750's token68 (what `openssl rand -hex 32` and `secrets.token_urlsafe`
-# print): no spaces, commas or '#', so a token list can use them as separators and comments.
-TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-_TOKEN_SEPARATORS = re.compile(r"[\s,]+")
-AUTHORIZATION = "authorization"
-BEARER = "Bearer"
 # Kubernetes probes and load balancers check health without credentials.
 _EXEMPT_PREFIX = f"/{health.SERVICE_NAME}/"
 MISSING_TOKEN = "this server requires 'authorization: Bearer <token>' metadata"
 WRONG_TOKEN = "the bearer token is not one this server accepts"
-
-
-def bearer_metadata(token: str) -> Tuple[Tuple[str, str]]:
-    r"""The call metadata that presents ``token`` (what :class:`BearerTokenInterceptor` reads)."""
-    return ((AUTHORIZATION, f"{BEARER} {token}"),)
 
 
 def is_loopback(host: str) -> bool:
@@ -92,37 +81,6 @@ def check_exposure(host: str, config: "ServerConfig") -> None:
 def address_host(address: str) -> str:
     r"""The host of ``host:port`` (``[::1]:50051`` -> ``::1``)."""
     return address.rpartition(":")[0].strip("[]")
-
-
-def parse_tokens(text: str, source: str) -> Tuple[str, ...]:
-    r"""The tokens of ``text``: separated by newlines, spaces or commas; ``#`` starts a comment.
-
-    ``source`` names where ``text`` came from in error messages, which never quote a token.
-    """
-    tokens = [token for line in text.splitlines()
-              for token in _TOKEN_SEPARATORS.split(line.partition("#")[0]) if token]
-    if not tokens:
-        raise ConfigError(f"{source} holds no token (separate tokens by lines, spaces or commas; '#' starts a comment)")
-    check_tokens(tokens, source)
-    return tuple(tokens)
-
-
-def check_tokens(tokens: Sequence[str], source: str) -> None:
-    r"""A :class:`ConfigError` naming the first of ``tokens`` (by position) that is not a bearer token."""
-    for index, token in enumerate(tokens, start=1):
-        if not isinstance(token, str) or not TOKEN.fullmatch(token):
-            raise ConfigError(f"{source}: token {index} has a character a bearer token cannot have "
-                              "(letters, digits and -._~+/ then '=' padding only)")
-
-
-def read_token_file(path: str) -> Tuple[str, ...]:
-    r"""The tokens of the file ``path`` (:func:`parse_tokens`); :class:`ConfigError` if it has none."""
-    source = f"token file {path}"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {source}: {exc}") from None
-    return parse_tokens(text, source)
 
 
 def _no_password() -> bytes:

@@ -30,6 +30,7 @@ import grpc
 import torch
 
 from loss_service import losses
+from loss_service.protocol import SERVICE_NAME
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -51,7 +52,6 @@ T = TypeVar("T")
 INLINE_MAX_BYTES = 64 * 1024
 
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 
 
 def request_elements(request) -> int:
