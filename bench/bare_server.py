@@ -37,24 +37,10 @@ from loss_service import losses
 from loss_service.server.config import ServerConfig, default_torch_threads
 from loss_service.server.memory import tune_malloc
 from loss_service.server.scoring import REDUCTION_COLUMN, REDUCTIONS, param_value
+from loss_service.protocol import SUPPORTED_DTYPE_NAMES, WIRE_DTYPES, view
 from loss_service.server.service import IntraOpThreads
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc
-
-# Element types numpy can view without conversion; bfloat16 has no numpy dtype and is not needed
-# by the benchmark's requests.
-NUMPY_DTYPES: Dict[int, np.dtype] = {
-    pb.DTYPE_FLOAT32: np.dtype("<f4"),
-    pb.DTYPE_FLOAT64: np.dtype("<f8"),
-    pb.DTYPE_FLOAT16: np.dtype("<f2"),
-    pb.DTYPE_INT64: np.dtype("<i8"),
-    pb.DTYPE_INT32: np.dtype("<i4"),
-    pb.DTYPE_INT16: np.dtype("<i2"),
-    pb.DTYPE_INT8: np.dtype("i1"),
-    pb.DTYPE_UINT8: np.dtype("u1"),
-    pb.DTYPE_BOOL: np.dtype("?"),
-}
-
 
 def decode(tensor: pb.Tensor, field: str) -> np.ndarray:
     r"""A read-only numpy view of ``tensor``'s bytes with its declared shape.
@@ -62,16 +48,16 @@ def decode(tensor: pb.Tensor, field: str) -> np.ndarray:
     Raises ``ValueError`` naming ``field`` if the dtype has no numpy equivalent or the byte length
     does not match the shape.
     """
-    dtype = NUMPY_DTYPES.get(tensor.dtype)
+    dtype = WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
-        raise ValueError(f"{field}.dtype must be one of {sorted(pb.DType.Name(d) for d in NUMPY_DTYPES)}, "
+        raise ValueError(f"{field}.dtype must be one of {SUPPORTED_DTYPE_NAMES}, "
                          f"got {pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype}")
     shape = tuple(tensor.shape)
     expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
     if any(d < 0 for d in shape) or len(tensor.data) != expected:
         raise ValueError(f"{field}.data must hold prod(shape={list(shape)}) elements of {dtype.itemsize} bytes "
                          f"({expected} bytes), got {len(tensor.data)} bytes")
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return view(tensor)
 
 
 def decode_and_sum(request: pb.ScoreBatchRequest) -> pb.ScoreBatchResponse:

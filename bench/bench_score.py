@@ -60,6 +60,7 @@ if __package__ in (None, ""):
 
 from bench.bare_server import message_options  # noqa: E402
 from loss_service import losses  # noqa: E402
+from loss_service.protocol import to_message  # noqa: E402
 from loss_service.server import tune_malloc  # noqa: E402
 from loss_service.v1 import loss_service_pb2 as pb  # noqa: E402
 
@@ -79,13 +80,6 @@ SMALL_P50_TARGET = 1.5  # server/bare p50 latency
 # The real server and eager PyTorch compute the same float32 loss; a larger relative difference
 # means the benchmark is not measuring the computation it claims to.
 AGREEMENT_RTOL = 1e-4
-
-NUMPY_TO_PROTO = {
-    np.dtype("float32"): pb.DTYPE_FLOAT32,
-    np.dtype("float64"): pb.DTYPE_FLOAT64,
-    np.dtype("int64"): pb.DTYPE_INT64,
-}
-
 
 # ----------------------------------------------------------------------------- workloads
 
@@ -128,7 +122,7 @@ class Workload:
         for name, value in self.params.items():
             request.params[name].double_value = value
         for name, array in arrays.items():
-            getattr(request, name).CopyFrom(encode(array))
+            getattr(request, name).CopyFrom(to_message(array, name))
         return request
 
     def eager(self, arrays: Dict[str, np.ndarray]) -> Callable[[], float]:
@@ -148,14 +142,6 @@ WORKLOADS: Tuple[Workload, ...] = (
     Workload("bce_with_logits+w", "bce_with_logits", {}, classes=4, index_targets=False, elementwise_weights=True),
     Workload("focal", "focal", {"gamma": 2.0}, classes=4, index_targets=True, elementwise_weights=False),
 )
-
-
-def encode(array: np.ndarray) -> pb.Tensor:
-    r"""A little-endian ``Tensor`` message holding ``array``."""
-    dtype = NUMPY_TO_PROTO.get(array.dtype)
-    if dtype is None:
-        raise ValueError(f"array dtype must be one of {sorted(str(d) for d in NUMPY_TO_PROTO)}, got {array.dtype}")
-    return pb.Tensor(dtype=dtype, shape=list(array.shape), data=np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes())
 
 
 # ----------------------------------------------------------------------------- servers
