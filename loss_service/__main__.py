@@ -126,7 +126,8 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="127.0.0.1:50051",
                         help="server host:port, a gRPC target such as dns:///name:port, or replicas' ip:port "
                              "addresses separated by commas, balanced round-robin (%(default)s)")
-    parser.add_argument("--timeout", type=float, help="deadline in seconds")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="deadline in seconds; a call waits this long for a server that is starting (%(default)s)")
     security = parser.add_argument_group("TLS and authentication (docs/service.md, Security)")
     security.add_argument("--ca", help="PEM certificate of the CA that signed the server's: connect over TLS "
                                        f"({CLIENT_ENVIRONMENT['ca']})")

@@ -30,7 +30,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any, AsyncIterable, AsyncIterator, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
+)
 
 import grpc
 import numpy as np
@@ -221,14 +223,17 @@ RETRY_POLICY = {
 RETRY_BUFFER_BYTES = 64 * 1024 * 1024
 # A replica that went away is tried again after at most this long (gRPC's default is 120 s).
 MAX_RECONNECT_BACKOFF_MS = 5000
+# Deadline of a call that is not a stream, unless the client is given another.
+DEFAULT_TIMEOUT_SECONDS = 120.0
 
 
 def service_config() -> str:
-    r"""The channel's gRPC service config: round-robin over every address, the retry policy for every method."""
+    r"""The channel's gRPC service config: round-robin over every address whose readiness (the
+    LossService's ``grpc.health.v1`` status) is SERVING, and the retry policy for every method."""
     return json.dumps({
         "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [{"name": [{"service": SERVICE_NAME}],
-                          "retryPolicy": RETRY_POLICY}],
+        "healthCheckConfig": {"serviceName": SERVICE_NAME},
+        "methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}],
     })
 
 
@@ -277,16 +282,167 @@ def tls_credentials(ca: Optional[Pem] = None, client_cert: Optional[Pem] = None,
                                         certificate_chain=_pem(client_cert))
 
 
-class LossClient:
-    r"""A channel to a LossService; use as a context manager (``with LossClient(target) as c:``).
+def _settings(
+    target: Union[str, Sequence[str]],
+    max_message_bytes: int,
+    ca: Optional[Pem],
+    client_cert: Optional[Pem],
+    client_key: Optional[Pem],
+    token: Optional[str],
+    credentials: Optional[grpc.ChannelCredentials],
+) -> Tuple[str, Optional[grpc.ChannelCredentials], List[Tuple[str, Any]], Optional[Tuple[Tuple[str, str], ...]]]:
+    r"""``(gRPC target, channel credentials or None, channel options, call metadata)`` of a client's arguments."""
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.service_config", service_config()),
+        ("grpc.enable_retries", 1),
+        ("grpc.per_rpc_retry_buffer_size", min(max_message_bytes, RETRY_BUFFER_BYTES)),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ]
+    if credentials is None:
+        credentials = tls_credentials(_setting(ca, "ca"), _setting(client_cert, "client_cert"),
+                                      _setting(client_key, "client_key"))
+    elif ca is not None or client_cert is not None or client_key is not None:
+        raise ValueError("pass either credentials or ca/client_cert/client_key, not both")
+    token = _setting(token, "token")
+    # Metadata of every call rather than gRPC call credentials: those are refused on plaintext
+    # channels, and run a Python plugin per call.
+    return channel_target(target), credentials, options, bearer_metadata(token) if token else None
 
+
+def score_result(response: pb.ScoreBatchResponse) -> ScoreResult:
+    return ScoreResult(
+        loss=response.loss,
+        values=to_numpy(response.values) if response.HasField("values") else None,
+        per_sample=to_numpy(response.per_sample) if response.HasField("per_sample") else None,
+        weight_sum=response.weight_sum,
+        denominator=response.denominator,
+        num_elements=response.num_elements,
+        backend=response.backend,
+        device=response.device,
+        request_id=response.request_id,
+    )
+
+
+def stream_result(response: pb.ScoreStreamResponse) -> StreamResult:
+    return StreamResult(
+        loss=response.loss,
+        weight_sum=response.weight_sum,
+        denominator=response.denominator,
+        num_elements=response.num_elements,
+        num_batches=response.num_batches,
+        backend=response.backend,
+        device=response.device,
+    )
+
+
+def loss_infos(response: pb.ListLossesResponse) -> List[LossInfo]:
+    return [
+        LossInfo(
+            name=info.name,
+            family=info.family,
+            summary=info.summary,
+            predictions=info.predictions,
+            targets=info.targets,
+            prediction_shape=info.prediction_shape,
+            target_shape=info.target_shape,
+            reference=info.reference,
+            backends=[pb.Backend.Name(b).removeprefix("BACKEND_").lower() for b in info.backends],
+            params=[
+                ParamInfo(
+                    name=p.name,
+                    kind=p.kind,
+                    default=getattr(p.default_value, p.default_value.WhichOneof("value")) if p.HasField("default_value") else None,
+                    range=p.range,
+                    doc=p.doc,
+                    choices=list(p.choices),
+                    request_field=p.request_field,
+                )
+                for p in info.params
+            ],
+        )
+        for info in response.losses
+    ]
+
+
+Batch = Union[Mapping[str, Any], Sequence[Any]]
+
+
+class StreamRequests:
+    r"""The requests of a ``ScoreStream`` call: one per batch, the loss and ``options`` with the first.
+
+    Each batch is a tuple ``(predictions, targets[, weights])`` or a dict with those keys, which may
+    also carry settings of its own. The first request is built at once, so that a client-side
+    mistake raises before the call starts (inside the call gRPC would report it as UNKNOWN).
+    """
+
+    def __init__(self, batches: Union[Iterable[Batch], AsyncIterable[Batch]], loss: Optional[str], options: Dict[str, Any]):
+        self._loss = loss
+        self._options = options
+        self._batches = batches
+        self.first: Optional[pb.ScoreBatchRequest] = None
+        if not isinstance(batches, AsyncIterable):
+            self._iterator = iter(batches)
+            self.first = next((self.request(0, batch) for batch in itertools.islice(self._iterator, 1)), None)
+
+    def request(self, index: int, batch: Batch) -> pb.ScoreBatchRequest:
+        if isinstance(batch, Mapping):
+            fields = dict(batch)
+            missing = [name for name in ("predictions", "targets") if name not in fields]
+            if missing:
+                raise ValueError(f"batch {index}: a dict batch needs {' and '.join(missing)}")
+            arguments = (fields.pop("predictions"), fields.pop("targets"), fields.pop("weights", None))
+            loss = fields.pop("loss", self._loss if index == 0 else None)
+        else:
+            if not 2 <= len(batch) <= 3:
+                raise ValueError(f"batch {index}: expected (predictions, targets[, weights]), got {len(batch)} items")
+            arguments = tuple(batch) + (None,) * (3 - len(batch))
+            fields, loss = {}, (self._loss if index == 0 else None)
+        if index == 0:
+            fields = dict(self._options, **fields)
+            if not loss:
+                raise ValueError("score_stream needs the loss name (the `loss` argument or the first batch's 'loss')")
+        else:
+            # Unset settings mean "as in batch 0"; the client's default reduction is not sent again.
+            fields.setdefault("reduction", None)
+        return build_request(loss or "", *arguments, **fields)
+
+    def __iter__(self) -> Iterator[pb.ScoreBatchRequest]:
+        if self.first is not None:
+            yield self.first
+        for index, batch in enumerate(self._iterator, start=1):
+            yield self.request(index, batch)
+
+    async def __aiter__(self) -> AsyncIterator[pb.ScoreBatchRequest]:
+        if not isinstance(self._batches, AsyncIterable):
+            for request in self:
+                yield request
+            return
+        index = 0
+        async for batch in self._batches:
+            yield self.request(index, batch)
+            index += 1
+
+
+class _Client:
+    r"""What :class:`LossClient` and :class:`AsyncLossClient` share: their settings and the requests they send."""
+
+    _CLIENT_ARGUMENTS = r"""
     Args:
         target: ``host:port``, a gRPC target URI such as ``dns:///name:port`` (every address the
             name resolves to), or a list of ``ip:port`` addresses. Calls are balanced round-robin
-            over the addresses, and a call answered ``UNAVAILABLE`` (a replica stopping or gone)
-            is retried on another with backoff, up to :data:`RETRY_POLICY`'s attempts, if its
-            request is at most :data:`RETRY_BUFFER_BYTES`.
-        timeout: per-call deadline in seconds (``None``: no deadline).
+            over the addresses that report readiness (``grpc.health.v1``), and a call answered
+            ``UNAVAILABLE`` (a replica stopping or gone) is retried on another with backoff, up
+            to :data:`RETRY_POLICY`'s attempts, if its request is at most :data:`RETRY_BUFFER_BYTES`.
+        timeout: the deadline of ``score``, ``score_request`` and ``list_losses`` calls, in seconds
+            (default :data:`DEFAULT_TIMEOUT_SECONDS`; ``None``: no deadline).
+        stream_timeout: the deadline of ``score_stream`` calls (default ``None``: a stream lasts
+            as long as its dataset).
+        wait_for_ready: calls wait, within their deadline, for a server to be reachable and
+            ready (a server still starting, a replica restarting) instead of failing at once with
+            ``UNAVAILABLE``; ``False`` fails fast (a wrong address or TLS setting is then reported
+            at once rather than when the deadline passes).
         max_message_bytes: the largest request/response the channel accepts; the default matches
             the server's default ``--max-message-bytes`` (gRPC's own default is 4 MiB).
         ca: the PEM CA certificate (path or bytes) the server's certificate is checked against:
@@ -299,14 +455,18 @@ class LossClient:
             for TLS with the system's roots), instead of ``ca``/``client_cert``/``client_key``.
 
     Those of ``ca``, ``client_cert``, ``client_key`` (without ``credentials``) and ``token`` that are
-    not given are read from :data:`CLIENT_ENVIRONMENT` (``LOSS_SERVICE_CA``, ...).
+    not given are read from :data:`CLIENT_ENVIRONMENT` (``LOSS_SERVICE_CA``, ...). Inputs are numpy
+    arrays (or anything ``np.asarray`` takes; torch tensors too, when torch is installed); results
+    hold numpy arrays. Every failure is a :class:`LossServiceError`.
     """
 
     def __init__(
         self,
         target: Union[str, Sequence[str]],
         *,
-        timeout: Optional[float] = None,
+        timeout: Optional[float] = DEFAULT_TIMEOUT_SECONDS,
+        stream_timeout: Optional[float] = None,
+        wait_for_ready: bool = True,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         ca: Optional[Pem] = None,
         client_cert: Optional[Pem] = None,
@@ -314,31 +474,26 @@ class LossClient:
         token: Optional[str] = None,
         credentials: Optional[grpc.ChannelCredentials] = None,
     ) -> None:
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.service_config", service_config()),
-            ("grpc.enable_retries", 1),
-            ("grpc.per_rpc_retry_buffer_size", min(max_message_bytes, RETRY_BUFFER_BYTES)),
-            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-        ]
-        target = channel_target(target)
-        if credentials is None:
-            credentials = tls_credentials(_setting(ca, "ca"), _setting(client_cert, "client_cert"),
-                                          _setting(client_key, "client_key"))
-        elif ca is not None or client_cert is not None or client_key is not None:
-            raise ValueError("pass either credentials or ca/client_cert/client_key, not both")
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        token = _setting(token, "token")
-        # Metadata of every call rather than gRPC call credentials: those are refused on plaintext
-        # channels, and run a Python plugin per call.
-        self._metadata = bearer_metadata(token) if token else None
-        self._stub = pb_grpc.LossServiceStub(self._channel)
+        self.target, credentials, options, self._metadata = _settings(
+            target, max_message_bytes, ca, client_cert, client_key, token, credentials)
         self.timeout = timeout
-        self.target = target
+        self.stream_timeout = stream_timeout
+        self.wait_for_ready = wait_for_ready
+        self._channel = self._open(self.target, credentials, options)
+        self._stub = pb_grpc.LossServiceStub(self._channel)
+
+    def _open(self, target: str, credentials: Optional[grpc.ChannelCredentials], options: List[Tuple[str, Any]]):
+        raise NotImplementedError
+
+
+class LossClient(_Client):
+    __doc__ = r"""A channel to a LossService; use as a context manager (``with LossClient(target) as c:``).
+    """ + _Client._CLIENT_ARGUMENTS
+
+    def _open(self, target, credentials, options):
+        if credentials is None:
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
 
     def __enter__(self) -> "LossClient":
         return self
@@ -349,9 +504,9 @@ class LossClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method, request):
+    def _call(self, method, request, timeout: Optional[float]):
         try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
+            return method(request, timeout=timeout, metadata=self._metadata, wait_for_ready=self.wait_for_ready)
         except grpc.RpcError as error:
             raise LossServiceError.from_rpc_error(error) from None
 
@@ -359,102 +514,63 @@ class LossClient:
         r"""Score one batch; ``options`` are those of :func:`build_request` (``reduction``, ``backend``,
         ``class_weights``, ``pos_weight``, ``return_per_sample``, ``request_id``, ``labels``, and the
         loss's hyperparameters by name, e.g. ``gamma=2.0``)."""
-        request = build_request(loss, predictions, targets, weights, **options)
-        return self.score_request(request)
+        return self.score_request(build_request(loss, predictions, targets, weights, **options))
 
     def score_request(self, request: pb.ScoreBatchRequest) -> ScoreResult:
-        response = self._call(self._stub.ScoreBatch, request)
-        return ScoreResult(
-            loss=response.loss,
-            values=to_numpy(response.values).copy() if response.HasField("values") else None,
-            per_sample=to_numpy(response.per_sample).copy() if response.HasField("per_sample") else None,
-            weight_sum=response.weight_sum,
-            denominator=response.denominator,
-            num_elements=response.num_elements,
-            backend=response.backend,
-            device=response.device,
-            request_id=response.request_id,
-        )
+        return score_result(self._call(self._stub.ScoreBatch, request, self.timeout))
 
-    def score_stream(
-        self,
-        batches: Iterable[Union[Mapping[str, Any], Sequence[Any]]],
-        loss: Optional[str] = None,
-        **options: Any,
-    ) -> StreamResult:
+    def score_stream(self, batches: Iterable[Batch], loss: Optional[str] = None, **options: Any) -> StreamResult:
         r"""Score a dataset sent as batches; the answer equals :meth:`score` on their concatenation.
 
         Each batch is a tuple ``(predictions, targets[, weights])`` or a dict with those keys.
         ``loss`` and ``options`` (reduction, backend, parameters) are sent with the first batch;
         a dict batch may also carry them itself.
         """
-
-        def request(index: int, batch) -> pb.ScoreBatchRequest:
-            if isinstance(batch, Mapping):
-                fields = dict(batch)
-                arguments = (fields.pop("predictions"), fields.pop("targets"), fields.pop("weights", None))
-                batch_loss = fields.pop("loss", loss if index == 0 else None)
-            else:
-                arguments = tuple(batch) + (None,) * (3 - len(batch))
-                fields, batch_loss = {}, (loss if index == 0 else None)
-            if index == 0:
-                fields = dict(options, **fields)
-                if not batch_loss:
-                    raise ValueError("score_stream needs the loss name (the `loss` argument or the first batch's 'loss')")
-            else:
-                # Unset settings mean "as in batch 0"; the client's default reduction is not sent again.
-                fields.setdefault("reduction", None)
-            return build_request(batch_loss or "", *arguments, **fields)
-
-        iterator = iter(batches)
-        # The first batch is built here, so that a client-side mistake raises before the call starts
-        # (inside the request iterator gRPC would report it as UNKNOWN).
-        first = [request(0, batch) for batch in itertools.islice(iterator, 1)]
-
-        def requests():
-            yield from first
-            for index, batch in enumerate(iterator, start=1):
-                yield request(index, batch)
-
-        response = self._call(self._stub.ScoreStream, requests())
-        return StreamResult(
-            loss=response.loss,
-            weight_sum=response.weight_sum,
-            denominator=response.denominator,
-            num_elements=response.num_elements,
-            num_batches=response.num_batches,
-            backend=response.backend,
-            device=response.device,
-        )
+        requests = StreamRequests(batches, loss, options)
+        return stream_result(self._call(self._stub.ScoreStream, iter(requests), self.stream_timeout))
 
     def list_losses(self) -> List[LossInfo]:
-        response = self._call(self._stub.ListLosses, pb.ListLossesRequest())
-        result = []
-        for info in response.losses:
-            params = [
-                ParamInfo(
-                    name=p.name,
-                    kind=p.kind,
-                    default=getattr(p.default_value, p.default_value.WhichOneof("value")) if p.HasField("default_value") else None,
-                    range=p.range,
-                    doc=p.doc,
-                    choices=list(p.choices),
-                    request_field=p.request_field,
-                )
-                for p in info.params
-            ]
-            result.append(
-                LossInfo(
-                    name=info.name,
-                    family=info.family,
-                    summary=info.summary,
-                    predictions=info.predictions,
-                    targets=info.targets,
-                    prediction_shape=info.prediction_shape,
-                    target_shape=info.target_shape,
-                    reference=info.reference,
-                    backends=[pb.Backend.Name(b).removeprefix("BACKEND_").lower() for b in info.backends],
-                    params=params,
-                )
-            )
-        return result
+        return loss_infos(self._call(self._stub.ListLosses, pb.ListLossesRequest(), self.timeout))
+
+
+class AsyncLossClient(_Client):
+    __doc__ = r"""A :class:`LossClient` for asyncio (grpc.aio): the same methods, awaited; use as
+    ``async with AsyncLossClient(target) as client:``.
+    """ + _Client._CLIENT_ARGUMENTS
+
+    def _open(self, target, credentials, options):
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
+
+    async def __aenter__(self) -> "AsyncLossClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request, timeout: Optional[float]):
+        try:
+            return await method(request, timeout=timeout, metadata=self._metadata, wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as error:
+            raise LossServiceError.from_rpc_error(error) from None
+
+    async def score(self, loss: str, predictions: Any, targets: Any, weights: Any = None, **options: Any) -> ScoreResult:
+        r"""Score one batch (:meth:`LossClient.score`)."""
+        return await self.score_request(build_request(loss, predictions, targets, weights, **options))
+
+    async def score_request(self, request: pb.ScoreBatchRequest) -> ScoreResult:
+        return score_result(await self._call(self._stub.ScoreBatch, request, self.timeout))
+
+    async def score_stream(self, batches: Union[Iterable[Batch], AsyncIterable[Batch]], loss: Optional[str] = None,
+                           **options: Any) -> StreamResult:
+        r"""Score a dataset sent as batches (:meth:`LossClient.score_stream`); ``batches`` may be an
+        async iterable too."""
+        requests = StreamRequests(batches, loss, options)
+        return stream_result(await self._call(self._stub.ScoreStream, requests.__aiter__(), self.stream_timeout))
+
+    async def list_losses(self) -> List[LossInfo]:
+        return loss_infos(await self._call(self._stub.ListLosses, pb.ListLossesRequest(), self.timeout))

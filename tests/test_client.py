@@ -1,20 +1,32 @@
-r"""The Python client: numpy and torch inputs, results, errors, streams, listing."""
+r"""The Python clients (sync and asyncio): numpy and torch inputs, results, errors, streams,
+listing, deadlines and waiting for a server that is not ready yet."""
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+
 import grpc
 import numpy as np
 import pytest
 import torch
 
 from loss_service import losses
-from loss_service.client import LossClient, LossServiceError, build_request
+from loss_service.client import DEFAULT_TIMEOUT_SECONDS, AsyncLossClient, LossClient, LossServiceError, build_request
 from loss_service.server import BackgroundServer, ServerConfig
 
 
 @pytest.fixture(scope="module")
-def client(server_artifacts):
+def server(server_artifacts):
     config = ServerConfig(port=0, artifacts=str(server_artifacts.folder), export_missing=server_artifacts.export_missing)
-    with BackgroundServer(config, address="127.0.0.1:0") as server:
-        with LossClient(server.target, timeout=60) as connected:
-            yield connected
+    with BackgroundServer(config, address="127.0.0.1:0") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with LossClient(server.target, timeout=60) as connected:
+        yield connected
 
 
 def logits_and_targets(dtype=torch.float32):
@@ -111,3 +123,88 @@ def test_a_timeout_becomes_deadline_exceeded():
         with pytest.raises(LossServiceError) as error:
             unreachable.list_losses()
     assert error.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_the_async_client_answers_as_the_sync_one(server, client):
+    predictions, targets = logits_and_targets()
+    expected = client.score("bce_with_logits", predictions, targets, reduction="none", return_per_sample=True)
+    streamed = client.score_stream([(predictions[:1], targets[:1]), (predictions[1:], targets[1:])],
+                                   loss="bce_with_logits", reduction="sum")
+
+    async def batches():
+        for bounds in ((0, 1), (1, 4)):
+            yield predictions[slice(*bounds)].numpy(), targets[slice(*bounds)].numpy()
+
+    async def run():
+        async with AsyncLossClient(server.target, timeout=60) as connected:
+            result = await connected.score("bce_with_logits", predictions, targets, reduction="none",
+                                           return_per_sample=True)
+            from_async_batches = await connected.score_stream(batches(), loss="bce_with_logits", reduction="sum")
+            from_list = await connected.score_stream([(predictions, targets)], loss="bce_with_logits", reduction="sum")
+            names = [info.name for info in await connected.list_losses()]
+            with pytest.raises(LossServiceError) as error:
+                await connected.score("focal", predictions, targets, gamma=-2.0)
+            return result, from_async_batches, from_list, names, error.value
+
+    result, from_async_batches, from_list, names, error = asyncio.run(run())
+    assert result.loss == expected.loss and np.array_equal(result.values, expected.values)
+    np.testing.assert_array_equal(result.per_sample, expected.per_sample)
+    assert from_async_batches.loss == pytest.approx(streamed.loss, rel=1e-12) and from_async_batches.num_batches == 2
+    assert from_list.loss == pytest.approx(streamed.loss, rel=1e-6)
+    assert names == losses.names()
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.field_violations[0][0] == "params.gamma"
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_deadlines_and_failing_fast_when_nothing_listens():
+    address = f"127.0.0.1:{_free_port()}"
+    with LossClient(address) as waiting:
+        assert waiting.timeout == DEFAULT_TIMEOUT_SECONDS and waiting.wait_for_ready
+    predictions, targets = logits_and_targets()
+    for wait_for_ready, code in ((False, grpc.StatusCode.UNAVAILABLE), (True, grpc.StatusCode.DEADLINE_EXCEEDED)):
+        with LossClient(address, timeout=1.0, wait_for_ready=wait_for_ready) as client:
+            start = time.monotonic()
+            with pytest.raises(LossServiceError) as error:
+                client.score("mse", predictions, targets)
+            assert error.value.code == code and time.monotonic() - start < 10
+
+
+def test_a_call_waits_for_a_server_that_is_still_starting(server_artifacts):
+    port = _free_port()
+    flags = [] if server_artifacts.export_missing else ["--no-export"]
+    process = subprocess.Popen([sys.executable, "-m", "loss_service", "serve", "--port", str(port), "--artifacts",
+                                str(server_artifacts.folder), *flags], stderr=subprocess.PIPE, text=True)
+    try:
+        predictions, targets = logits_and_targets()
+        # Sent before the server listens and answered once it is ready (it is UNAVAILABLE while it
+        # loads): the client waits for a SERVING readiness status (gRPC health checking).
+        with LossClient(f"127.0.0.1:{port}", timeout=300) as client:
+            result = client.score("bce_with_logits", predictions, targets)
+        expected = losses.build("bce_with_logits")(predictions, targets)
+        assert result.loss == pytest.approx(float(expected), rel=1e-6)
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)
+
+
+def test_the_client_and_the_command_line_load_no_torch():
+    code = (
+        "import sys, numpy as np\n"
+        "from loss_service.client import AsyncLossClient, LossClient, build_request\n"
+        "from loss_service.protocol import to_message, to_numpy\n"
+        "from loss_service.__main__ import main\n"
+        "request = build_request('focal', np.zeros((2, 3), np.float32), np.zeros(2, np.int64), gamma=2.0)\n"
+        "assert to_numpy(request.predictions).shape == (2, 3)\n"
+        "try:\n"
+        "    main(['score', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

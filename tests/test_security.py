@@ -192,7 +192,8 @@ def test_tls_with_the_right_token_scores(tls_token_server, certs):
 
 def test_plaintext_and_untrusted_clients_cannot_connect_to_tls(tls_token_server, certs):
     for options in ({}, {"ca": certs.other_ca.cert_path}):
-        with LossClient(tls_token_server.target, token=TOKEN, timeout=CALL_TIMEOUT, **options) as client:
+        with LossClient(tls_token_server.target, token=TOKEN, timeout=CALL_TIMEOUT, wait_for_ready=False,
+                        **options) as client:
             assert refused(client).code == grpc.StatusCode.UNAVAILABLE, options
 
 
@@ -292,7 +293,8 @@ def test_mutual_tls_accepts_a_client_certificate_from_the_ca(mutual_tls_server, 
 def test_mutual_tls_refuses_other_clients(mutual_tls_server, certs, who):
     identity = {"no certificate": {}, "another CA's certificate": {
         "client_cert": certs.stranger.cert_path, "client_key": certs.stranger.key_path}}[who]
-    with LossClient(mutual_tls_server.target, ca=certs.ca.cert_path, timeout=CALL_TIMEOUT, **identity) as client:
+    with LossClient(mutual_tls_server.target, ca=certs.ca.cert_path, timeout=CALL_TIMEOUT, wait_for_ready=False,
+                    **identity) as client:
         assert refused(client).code == grpc.StatusCode.UNAVAILABLE
 
 
