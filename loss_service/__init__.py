@@ -1,2 +1,2 @@
 r"""loss-service: one trusted implementation of weighted, imbalance-aware losses."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -333,6 +333,10 @@ def _env(instructions):
     return env
 
 
+def _copy_sources(instructions):
+    return [source for name, arguments in instructions if name == "COPY" for source in arguments.split()[:-1]]
+
+
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))
 def test_dockerfile_runs_the_server_as_a_non_root_user(variant):
     instructions = _instructions(DOCKERFILES[variant])
@@ -355,7 +359,7 @@ def test_dockerfile_runs_the_server_as_a_non_root_user(variant):
         assert "download.pytorch.org/whl/cpu" in runs
     healthcheck = [arguments for name, arguments in instructions if name == "HEALTHCHECK"]
     assert healthcheck and "/app/healthcheck.py" in healthcheck[0]
-    copied = [source for name, arguments in instructions if name == "COPY" for source in arguments.split()[:-1]]
+    copied = _copy_sources(instructions)
     assert copied
     for source in copied:
         assert (ROOT / source).exists(), f"COPY source {source} does not exist in the repository"
@@ -365,6 +369,55 @@ def test_dockerfile_runs_the_server_as_a_non_root_user(variant):
     assert int(env["LOSS_SERVICE_HEALTH_PORT"]) == HEALTH_PORT
     # `docker stop` kills 10 s after SIGTERM.
     assert float(env["LOSS_SERVICE_GRACE_SECONDS"]) < 10
+
+
+def _dockerignore_patterns():
+    lines = (line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern:
+    r"""Docker's reading of the pattern forms .dockerignore uses: ``*`` within a name, ``**/`` any folders."""
+    assert not set(pattern) & set("!?[]\\"), f".dockerignore: {pattern!r} uses syntax this matcher does not read"
+    text, regex = pattern.strip("/"), ""
+    while text:
+        if text.startswith("**/"):
+            regex, text = regex + "(?:.*/)?", text[3:]
+        elif text.startswith("*"):
+            regex, text = regex + "[^/]*", text[1:]
+        else:
+            regex, text = regex + re.escape(text[0]), text[1:]
+    return re.compile(regex)
+
+
+def dockerignored(path: str, patterns) -> bool:
+    r"""Whether the build context leaves ``path`` (from the root) out: a pattern matches it or a folder above it."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:end]) for end in range(1, len(parts) + 1)]
+    return any(_dockerignore_regex(pattern).fullmatch(prefix) for pattern in patterns for prefix in prefixes)
+
+
+def test_dockerignore_matcher():
+    patterns = ["build", "deploy/cpp/build", "**/__pycache__", "**/*.pyc", "**/*.egg-info"]
+    for left_out in ("build", "build/lib/x.py", "deploy/cpp/build/CMakeCache.txt", "__pycache__/a.pyc",
+                     "loss_service/server/__pycache__/app.cpython-311.pyc", "export/x.pyc", "loss_service.egg-info/PKG-INFO"):
+        assert dockerignored(left_out, patterns), left_out
+    for kept in ("loss_service/build.py", "deploy/build", "deploy/cpp/loss_trainer.cpp", "x.pyc.txt", "rebuild"):
+        assert not dockerignored(kept, patterns), kept
+
+
+def test_dockerignore_leaves_out_the_heavy_folders_and_nothing_the_images_copy():
+    patterns = _dockerignore_patterns()
+    for heavy in (".git/HEAD", ".venv/bin/python", "artifacts/manifest.json", "deploy/cpp/build/loss_trainer",
+                  "loss_service/__pycache__/client.cpython-311.pyc"):
+        assert dockerignored(heavy, patterns), f".dockerignore sends {heavy} to the Docker daemon"
+    sources = sorted({source for path in DOCKERFILES.values() for source in _copy_sources(_instructions(path))})
+    for source in sources:
+        tracked = subprocess.run(["git", "ls-files", "--", source], capture_output=True, text=True, cwd=ROOT,
+                                 check=True).stdout.split()
+        assert tracked, f"COPY source {source} is not in the repository"
+        left_out = [path for path in tracked if dockerignored(path, patterns)]
+        assert not left_out, f".dockerignore leaves out what the images COPY: {left_out}"
 
 
 @functools.lru_cache(maxsize=1)

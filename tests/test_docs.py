@@ -1,6 +1,8 @@
-r"""The docs read the registry: generated reference up to date, every loss documented."""
+r"""The docs read the registry: generated reference up to date, every loss documented, the changelog's version."""
+import re
 from pathlib import Path
 
+import loss_service
 from loss_service import losses
 from loss_service.docs import render_reference
 
@@ -32,3 +34,8 @@ def test_readme_lists_every_loss():
     readme = (ROOT / "README.md").read_text()
     for name in losses.names():
         assert f"| `{name}` |" in readme, f"{name} missing from the README's loss table"
+
+
+def test_changelog_has_unreleased_then_the_current_version():
+    headings = re.findall(r"^## \[([^\]]+)\]", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert headings[:2] == ["Unreleased", loss_service.__version__], "CHANGELOG.md: add the version's entry"

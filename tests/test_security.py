@@ -25,14 +25,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loss_service import losses
 from loss_service.__main__ import main
 from loss_service.client import CLIENT_ENVIRONMENT, LossClient, LossServiceError
 from loss_service.server import SERVICE_NAME, BackgroundServer, ConfigError, ServerConfig, create_server
 from loss_service.protocol import parse_tokens
+from loss_service.server.reflection import V1_SERVICE_NAME
 from loss_service.server.security import BearerTokenInterceptor, is_loopback, load_server_security
+from tests.test_reflection import SERVICES, VERSIONS, list_services
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "k7Hq-2xVb_9nW.pL~4s+Z/Qe=="
@@ -163,13 +164,6 @@ def refused(client) -> LossServiceError:
     return error.value
 
 
-def list_services(channel, metadata=None):
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                          timeout=CALL_TIMEOUT, metadata=metadata)
-    return {service.name for response in responses for service in response.list_services_response.service}
-
-
 def secure_channel(target, certs, client=None):
     credentials = grpc.ssl_channel_credentials(
         certs.ca.cert_path.read_bytes(),
@@ -207,7 +201,7 @@ def test_a_missing_token_is_unauthenticated(tls_token_server, certs):
     # Another scheme is no bearer token either.
     with secure_channel(tls_token_server.target, certs) as channel:
         with pytest.raises(grpc.RpcError) as raw_error:
-            list_services(channel, metadata=(("authorization", f"Basic {TOKEN}"),))
+            list_services(channel, V1_SERVICE_NAME, metadata=(("authorization", f"Basic {TOKEN}"),))
         assert raw_error.value.code() == UNAUTHENTICATED
 
 
@@ -250,13 +244,14 @@ def test_the_health_port_answers_probes_in_plaintext_and_serves_nothing_else(tls
         assert scoring.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_reflection_is_off_by_default_and_needs_the_token(tls_token_server, certs):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_reflection_is_off_by_default_and_needs_the_token(tls_token_server, certs, version):
     with secure_channel(tls_token_server.target, certs) as channel:
         with pytest.raises(grpc.RpcError) as without_token:
-            list_services(channel)
+            list_services(channel, version)
         assert without_token.value.code() == UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as off:
-            list_services(channel, metadata=(("authorization", f"Bearer {TOKEN}"),))
+            list_services(channel, version, metadata=(("authorization", f"Bearer {TOKEN}"),))
         assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -298,10 +293,10 @@ def test_mutual_tls_refuses_other_clients(mutual_tls_server, certs, who):
         assert refused(client).code == grpc.StatusCode.UNAVAILABLE
 
 
-def test_reflection_on_lists_the_services(mutual_tls_server, certs):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_reflection_on_lists_the_services(mutual_tls_server, certs, version):
     with secure_channel(mutual_tls_server.target, certs, client=certs.client) as channel:
-        names = list_services(channel)
-    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+        assert list_services(channel, version) == SERVICES
 
 
 # -- settings and their errors (nothing listens) ------------------------------------------------------

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loss_service import losses
 from loss_service.client import LossClient, LossServiceError, build_request
@@ -39,8 +38,7 @@ def zero_copy_everywhere():
 @pytest.fixture(scope="module")
 def server(server_artifacts):
     config = ServerConfig(port=0, artifacts=str(server_artifacts.folder), max_message_bytes=MAX_MESSAGE_BYTES,
-                          max_elements=MAX_ELEMENTS, workers=2, export_missing=server_artifacts.export_missing,
-                          reflection=True)
+                          max_elements=MAX_ELEMENTS, workers=2, export_missing=server_artifacts.export_missing)
     with BackgroundServer(config, address="127.0.0.1:0") as running:
         yield running
 
@@ -561,7 +559,7 @@ def test_a_message_over_the_size_limit_is_resource_exhausted(client):
     assert client.score("mse", p, t).loss == pytest.approx(float(eager_value("mse", {}, p, t, None, "mean")), rel=1e-6)
 
 
-# -- health and reflection --------------------------------------------------------------------------
+# -- health -----------------------------------------------------------------------------------------
 
 def test_health_liveness_and_readiness(server):
     with grpc.insecure_channel(server.target) as channel:
@@ -572,11 +570,3 @@ def test_health_liveness_and_readiness(server):
         with pytest.raises(grpc.RpcError) as error:
             stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
-
-
-def test_reflection_lists_the_services(server):
-    with grpc.insecure_channel(server.target) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
-        names = {service.name for response in responses for service in response.list_services_response.service}
-    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names

@@ -24,7 +24,6 @@ from typing import Dict, Optional, Tuple
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from loss_service import losses
 from loss_service.protocol import SERVICE_NAME
@@ -36,6 +35,7 @@ from .config import ServerConfig, host_port, select_device
 from .logs import LOGGER_NAME, event
 from .memory import IdleTrim, RequestBudget, trim_malloc, tune_malloc
 from .metrics import ServerMetrics
+from .reflection import enable_reflection
 from .scoring import Scorer
 from .security import address_host, load_server_security
 
@@ -110,9 +110,7 @@ class LossServer:
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-            )
+            enable_reflection((SERVICE_NAME, health.SERVICE_NAME), self.server)
         self.port = security.add_port(self.server, address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
