@@ -183,9 +183,20 @@ def _environment_tokens() -> tuple:
     return parse_tokens(text, ENVIRONMENT["tokens"]) if text.strip() else ()
 
 
+def _log_error(event: str, error: str) -> None:
+    r"""A start-up error as one line of the server's JSON log format."""
+    print(json.dumps({"level": "ERROR", "event": event, "error": error}), file=sys.stderr)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from loss_service.server import logs
-    from loss_service.server.app import serve
+    try:
+        from loss_service.server import logs
+        from loss_service.server.app import serve
+    except ModuleNotFoundError as missing:
+        # A client-only install ([client]) has the command but not the server.
+        _log_error("missing packages", f"serving needs the server's packages (no module {missing.name!r}): "
+                                       "pip install 'loss-service[server]' (or [gpu]), see README, Install")
+        return 2
 
     logs.configure(args.log_level)
     try:
@@ -202,7 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return asyncio.run(serve(config))
     except ConfigError as exc:
-        print(json.dumps({"level": "ERROR", "event": "bad configuration", "error": str(exc)}), file=sys.stderr)
+        _log_error("bad configuration", str(exc))
         return 2
 
 

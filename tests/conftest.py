@@ -35,7 +35,7 @@ class ServerArtifacts:
 
 @pytest.fixture(scope="session")
 def exported_artifacts(tmp_path_factory) -> ExportedArtifacts:
-    import export
+    from loss_service import export
 
     folder = tmp_path_factory.mktemp("artifacts")
     result = export.export_losses(folder, verify=SESSION_VERIFY_LEVEL, jobs=SESSION_EXPORT_JOBS)

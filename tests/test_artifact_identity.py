@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import manifest
+from loss_service.export import manifest
 from loss_service import losses
 from loss_service.server.app import smoke_check
 from loss_service.server.artifacts import ArtifactError, check_scripted, prepare_artifacts

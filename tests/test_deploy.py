@@ -352,7 +352,7 @@ def test_dockerfile_runs_the_server_as_a_non_root_user(variant):
     assert user and user[-1] not in ("root", "0")
     assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN"), "RUN steps after USER"
     runs = " ".join(arguments for name, arguments in instructions if name == "RUN")
-    assert "python -m export --out" in runs, "artifacts are baked in at build time"
+    assert "python -m loss_service.export --out" in runs, "artifacts are baked in at build time"
     pinned = re.search(r"^torch==(\S+)", (ROOT / "constraints.txt").read_text(), re.M).group(1)
     assert f"torch=={pinned}" in runs, "the image's torch is the tested version"
     if variant == "cpu":
@@ -400,7 +400,7 @@ def dockerignored(path: str, patterns) -> bool:
 def test_dockerignore_matcher():
     patterns = ["build", "deploy/cpp/build", "**/__pycache__", "**/*.pyc", "**/*.egg-info"]
     for left_out in ("build", "build/lib/x.py", "deploy/cpp/build/CMakeCache.txt", "__pycache__/a.pyc",
-                     "loss_service/server/__pycache__/app.cpython-311.pyc", "export/x.pyc", "loss_service.egg-info/PKG-INFO"):
+                     "loss_service/server/__pycache__/app.cpython-311.pyc", "loss_service/export/x.pyc", "loss_service.egg-info/PKG-INFO"):
         assert dockerignored(left_out, patterns), left_out
     for kept in ("loss_service/build.py", "deploy/build", "deploy/cpp/loss_trainer.cpp", "x.pyc.txt", "rebuild"):
         assert not dockerignored(kept, patterns), kept
@@ -422,7 +422,7 @@ def test_dockerignore_leaves_out_the_heavy_folders_and_nothing_the_images_copy()
 
 @functools.lru_cache(maxsize=1)
 def _export_flags():
-    result = subprocess.run([sys.executable, "-m", "export", "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "loss_service.export", "--help"], capture_output=True, text=True,
                             timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", result.stdout))
@@ -431,10 +431,10 @@ def _export_flags():
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))
 def test_dockerfile_export_step_uses_real_flags(variant):
     instructions = _instructions(DOCKERFILES[variant])
-    (command,) = [arguments for name, arguments in instructions if name == "RUN" and "python -m export" in arguments]
-    arguments = shlex.split(command.split("python -m export", 1)[1].split("&&", 1)[0])
+    (command,) = [arguments for name, arguments in instructions if name == "RUN" and "python -m loss_service.export" in arguments]
+    arguments = shlex.split(command.split("python -m loss_service.export", 1)[1].split("&&", 1)[0])
     used = {arg for arg in arguments if arg.startswith("--")}
-    assert used <= _export_flags(), f"unknown python -m export flags: {sorted(used - _export_flags())}"
+    assert used <= _export_flags(), f"unknown python -m loss_service.export flags: {sorted(used - _export_flags())}"
     out = arguments[arguments.index("--out") + 1]
     assert out == _env(instructions)["LOSS_SERVICE_ARTIFACTS"], "the server reads the artifacts the build wrote"
 

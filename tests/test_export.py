@@ -1,4 +1,4 @@
-r"""``python -m export``: artifacts of every registered loss, verified against eager, and the CLI.
+r"""``python -m loss_service.export``: artifacts of every registered loss, verified against eager, and the CLI.
 
 The session's one export (``tests/conftest.py``: every loss, both formats, every ONNX variant,
 ``standard`` verification, 2 worker processes) is what these tests check, and what the server
@@ -14,9 +14,9 @@ import onnxruntime
 import pytest
 import torch
 
-import export
-from export import __main__ as cli
-from export import artifacts, manifest, verify
+from loss_service import export
+from loss_service.export import __main__ as cli
+from loss_service.export import artifacts, manifest, verify
 from loss_service import layout, losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,7 +243,7 @@ def test_reexport_gives_the_same_manifest_entries(exported, tmp_path):
 
 def _run_cli(*args, cwd=ROOT):
     return subprocess.run(
-        [sys.executable, "-m", "export", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "loss_service.export", *args], cwd=cwd, capture_output=True, text=True, timeout=600
     )
 
 
@@ -253,6 +253,13 @@ def test_cli_help_documents_every_option():
     for option in ("--out", "--loss", "--format", "--opset", "--verify", "--no-verify", "--device",
                    "--default-variants-only", "--jobs", "--no-progress"):
         assert option in completed.stdout
+
+
+def test_python_m_export_in_a_checkout_is_the_packages_exporter():
+    checkout = subprocess.run([sys.executable, "-m", "export", "--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+    assert checkout.returncode == 0, checkout.stderr
+    assert checkout.stdout == _run_cli("--help").stdout
 
 
 def test_cli_unknown_loss_exits_non_zero_listing_valid_names(tmp_path):

@@ -231,7 +231,7 @@ EXPORTED = [
 def sessions(tmp_path_factory):
     import onnxruntime
 
-    from export.artifacts import export_onnx
+    from loss_service.export.artifacts import export_onnx
 
     out = tmp_path_factory.mktemp("region_onnx")
     found = {}

@@ -32,7 +32,8 @@ from loss_service.client import CLIENT_ENVIRONMENT, LossClient, LossServiceError
 from loss_service.server import SERVICE_NAME, BackgroundServer, ConfigError, ServerConfig, create_server
 from loss_service.protocol import parse_tokens
 from loss_service.server.reflection import V1_SERVICE_NAME
-from loss_service.server.security import BearerTokenInterceptor, is_loopback, load_server_security
+from loss_service.server.config import is_loopback
+from loss_service.server.security import BearerTokenInterceptor, load_server_security
 from tests.test_reflection import SERVICES, VERSIONS, list_services
 
 REPO = Path(__file__).resolve().parents[1]

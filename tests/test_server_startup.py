@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import manifest
+from loss_service.export import manifest
 from loss_service import losses
 from loss_service.client import LossClient
 from loss_service.server import BackgroundServer, ServerConfig

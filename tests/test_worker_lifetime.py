@@ -1,6 +1,6 @@
 r"""Export worker processes end with their parent, and ``serve`` exits promptly while exporting.
 
-The exporter (``python -m export --jobs 2``) and the server (its start-up export and its background
+The exporter (``python -m loss_service.export --jobs 2``) and the server (its start-up export and its background
 ONNX-variant export) run exports in spawn worker processes (:func:`export.process_pool`). The tests
 start one of them as a subprocess, wait until its workers exist, then SIGKILL the parent (no
 clean-up code of the parent runs) and check that every descendant -- workers and multiprocessing's
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 REPO = Path(__file__).resolve().parents[1]
 # After the parent's end every descendant must have ended within this many seconds.
 ORPHAN_LIMIT_SECONDS = 5.0
-# From SIGTERM to the exit of an idle `serve` that is exporting (or SIGINT to `python -m export`).
+# From SIGTERM to the exit of an idle `serve` that is exporting (or SIGINT to `python -m loss_service.export`).
 STOP_LIMIT_SECONDS = 3.0
 # Until the worker processes exist, or a log event appears.
 START_TIMEOUT_SECONDS = 60.0
@@ -180,7 +180,7 @@ def _serve(server_artifacts, folder: Path, leave_out: List[str]) -> Started:
 
 def _export(out: Path) -> Started:
     # Two region losses, every ONNX variant: 16 graphs, a few seconds each; the signal comes during the first ones.
-    return Started("-m", "export", "--out", str(out), "--loss", "dice", "--loss", "iou", "--format", "onnx",
+    return Started("-m", "loss_service.export", "--out", str(out), "--loss", "dice", "--loss", "iou", "--format", "onnx",
                    "--verify", "quick", "--jobs", "2", "--no-progress")
 
 
@@ -256,7 +256,7 @@ while parent_ends == "after" and not pathlib.Path(folder, "called").exists() and
 """
 CHILD_SCRIPT = r"""
 import os, pathlib, sys, time
-import export
+from loss_service import export
 parent, parent_ends, platform, folder = int(sys.argv[1]), *sys.argv[2:]
 deadline = time.monotonic() + 60
 while parent_ends == "before" and os.getppid() == parent and time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 // loss_trainer: the C++ side of loss-service, as a C++ trainer would use it.
 //
-// Loads an exported TorchScript loss (<loss>.pt, written by `python -m export` or by
+// Loads an exported TorchScript loss (<loss>.pt, written by `python -m loss_service.export` or by
 // torch.jit.save(torch.jit.script(losses.build(name, ...)))), loads inputs written by
 // deploy/cpp/write_inputs.py, sets hyperparameters from C++ (module.setattr), runs forward and
 // backward, and prints one JSON line per run:
@@ -35,7 +35,7 @@ const char* const kUsage =
     "usage: loss_trainer <loss.pt> <inputs.pt> [--set name=value ...] [--reduction R]\n"
     "       loss_trainer --jobs <file>\n"
     "\n"
-    "  <loss.pt>     a TorchScript loss saved by `python -m export` (artifacts/<loss>.pt)\n"
+    "  <loss.pt>     a TorchScript loss saved by `python -m loss_service.export` (artifacts/<loss>.pt)\n"
     "  <inputs.pt>   inputs written by deploy/cpp/write_inputs.py: tensors 'predictions',\n"
     "                'targets', optional 'weights', and any named tensors for --set\n"
     "  --set name=value   set a hyperparameter of the loss; the value is parsed by the\n"

@@ -93,7 +93,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--weights", choices=("none", "per_sample"), default="none",
                         help="per_sample: one random weight in [0.1, 1.1) per sample")
     parser.add_argument("--script-loss", metavar="PATH",
-                        help="also write torch.jit.script(losses.build(loss)) to PATH (what python -m export writes)")
+                        help="also write torch.jit.script(losses.build(loss)) to PATH (what python -m loss_service.export writes)")
     args = parser.parse_args(argv)
     try:
         spec = losses.get(args.loss)

@@ -1,8 +1,8 @@
 r"""The exported artifacts the torchscript and onnx backends load, checked against ``manifest.json``.
 
-The folder is what ``python -m export`` writes: ``<loss>.pt``, ``<loss>[--variant].onnx`` and a
+The folder is what ``python -m loss_service.export`` writes: ``<loss>.pt``, ``<loss>[--variant].onnx`` and a
 ``manifest.json`` listing each file with its sha256 and the fingerprint of the sources it was made
-from (:func:`export.manifest.fingerprint`). An entry is *current* when the manifest was written by
+from (:func:`loss_service.export.manifest.fingerprint`). An entry is *current* when the manifest was written by
 this loss_service/torch/onnx/onnxruntime/numpy, its fingerprint is today's and its file exists;
 anything else counts as missing. At start the server
 
@@ -38,12 +38,12 @@ from loss_service.losses import LossSpec
 from .logs import LOGGER_NAME, event
 
 if TYPE_CHECKING:
-    from export import Job
+    from loss_service.export import Job
 
 log = logging.getLogger(f"{LOGGER_NAME}.artifacts")
 # Exports before readiness skip the exporter's verification to keep a cold start short: the
 # start-up smoke check (app.smoke_check) runs each of these artifacts once against eager PyTorch.
-# The background exporter verifies the variants ("quick"), and `python -m export` runs (image
+# The background exporter verifies the variants ("quick"), and `python -m loss_service.export` runs (image
 # builds, CI) do the full verification.
 START_VERIFY_LEVEL = "none"
 
@@ -73,7 +73,7 @@ class LoadedArtifacts:
 
 def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
     r"""``folder``'s manifest (``None`` without one), once its signature is checked (if a key is set)."""
-    from export import manifest as export_manifest
+    from loss_service.export import manifest as export_manifest
 
     path = folder / export_manifest.MANIFEST_NAME
     if not path.exists():
@@ -91,7 +91,7 @@ def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
 
 def current_entries(folder: Path, manifest: Optional[Dict[str, Any]], fingerprint: str) -> Dict[str, Dict[str, Any]]:
     r"""The manifest entries, by file, that can be used as they are (see the module docstring)."""
-    from export import manifest as export_manifest
+    from loss_service.export import manifest as export_manifest
 
     if manifest is None or manifest.get("versions") != export_manifest.versions():
         return {}
@@ -104,14 +104,14 @@ def current_entries(folder: Path, manifest: Optional[Dict[str, Any]], fingerprin
 
 def required_files() -> List[str]:
     r"""What readiness needs: every TorchScript module and every loss's default ONNX graph."""
-    import export
+    from loss_service import export
 
     return [job.file for job in export.plan(all_variants=False)]
 
 
 def deferred_files() -> List[str]:
     r"""The other ONNX variants, in plan order: exported after readiness."""
-    import export
+    from loss_service import export
 
     required = set(required_files())
     return [job.file for job in export.plan() if job.file not in required]
@@ -119,8 +119,8 @@ def deferred_files() -> List[str]:
 
 def prepare_artifacts(folder: str | Path, export_missing: bool = True, jobs: int = 1) -> LoadedArtifacts:
     r"""Export what readiness needs into ``folder`` (if allowed), then read and verify the current files."""
-    import export
-    from export import manifest as export_manifest
+    from loss_service import export
+    from loss_service.export import manifest as export_manifest
 
     folder = Path(folder)
     fingerprint = export_manifest.fingerprint()
@@ -134,7 +134,7 @@ def prepare_artifacts(folder: str | Path, export_missing: bool = True, jobs: int
         # Not fatal: the losses without artifacts are simply not offered on that backend.
         loaded.failed = [f"{name}: missing or stale" for name in missing]
         log.error("missing artifacts", extra={"fields": {"folder": str(folder), "files": missing,
-                                                          "fix": f"python -m export --out {folder}"}})
+                                                          "fix": f"python -m loss_service.export --out {folder}"}})
     elif missing:
         event(log, "exporting", folder=str(folder), files=missing, jobs=jobs)
         start = time.perf_counter()
@@ -193,8 +193,8 @@ def check_graph(path: Path, entry: Dict[str, Any], job: "Job", data: bytes) -> N
     """
     import onnx
 
-    from export import manifest as export_manifest
-    from export.artifacts import example_feeds, onnx_identity
+    from loss_service.export import manifest as export_manifest
+    from loss_service.export.artifacts import example_feeds, onnx_identity
 
     model = onnx.load_model_from_string(data)
     metadata = {prop.key: prop.value for prop in model.metadata_props}
@@ -231,7 +231,7 @@ def check_scripted(spec: LossSpec, scripted: torch.jit.ScriptModule, configured:
     form :func:`.backends.configure_scripted` sets it: a buffer where ``configured`` (the eager module
     of ``spec``) has a buffer, else an attribute of the same Python type.
     """
-    from export.artifacts import torchscript_file_name
+    from loss_service.export.artifacts import torchscript_file_name
 
     # TorchScript's own naming (``__torch__.<module>.<class>``) on both sides; torch has no public API for it.
     found = scripted._c._type().qualified_name()
@@ -271,4 +271,4 @@ def _typed_shapes(values: Sequence[Dict[str, Any]]) -> List[Tuple[str, str, Tupl
 
 
 def _fix(folder: "Path | str") -> str:
-    return f"; re-export with `python -m export --out {folder}`"
+    return f"; re-export with `python -m loss_service.export --out {folder}`"

@@ -45,7 +45,7 @@ class VariantExporter:
     """
 
     def __init__(self, folder: Path, files: List[str], deliver: Callable[[str, bytes], None], opset: int) -> None:
-        import export
+        from loss_service import export
 
         self.folder = Path(folder)
         self.opset = opset
@@ -88,7 +88,7 @@ class VariantExporter:
     def stop(self) -> None:
         r"""Drop the queue, end the worker process at once (its export in progress is lost), and fail
         every waiting request."""
-        import export
+        from loss_service import export
 
         with self._lock:
             self._stopping = True
@@ -115,8 +115,8 @@ class VariantExporter:
             return self._queue.pop(0)
 
     def _run(self) -> None:
-        import export
-        from export import manifest as export_manifest
+        from loss_service import export
+        from loss_service.export import manifest as export_manifest
 
         fingerprint = export_manifest.fingerprint()
         started = time.perf_counter()
@@ -158,7 +158,7 @@ class VariantExporter:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         r"""A worker pool for this thread's exports, which :meth:`stop` can terminate."""
-        import export
+        from loss_service import export
 
         pool = export.process_pool(1)
         with self._lock:
@@ -166,7 +166,7 @@ class VariantExporter:
         return pool
 
     def _finish(self, file_name: str, entry, error: str, fingerprint: str, seconds: float) -> None:
-        from export import manifest as export_manifest
+        from loss_service.export import manifest as export_manifest
 
         with self._lock:
             if self._stopping:

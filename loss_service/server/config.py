@@ -1,13 +1,14 @@
 r"""Server settings, and the pure device/backend selection rules (tested without a GPU)."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from loss_service.protocol import DEFAULT_MAX_MESSAGE_BYTES, ConfigError
+from loss_service.protocol import DEFAULT_MAX_MESSAGE_BYTES, ConfigError, check_tokens
 
 BACKENDS = ("eager", "torchscript", "onnx")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -77,7 +78,7 @@ class ServerConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     grace_seconds: float = 10.0
     inline_elements: int = DEFAULT_INLINE_ELEMENTS
-    # Build missing or stale artifacts on start (python -m export); off, their losses (or variants)
+    # Build missing or stale artifacts on start (python -m loss_service.export); off, their losses (or variants)
     # are not offered on that backend.
     export_missing: bool = True
     # Worker processes exporting the missing artifacts before readiness.
@@ -99,7 +100,7 @@ class ServerConfig:
     token_file: Optional[str] = None
     tokens: Tuple[str, ...] = field(default=(), repr=False)
     reflection: bool = False
-    # Allow a non-loopback address without TLS and tokens (security.check_exposure).
+    # Allow a non-loopback address without TLS and tokens (check_exposure).
     insecure: bool = False
 
     def __post_init__(self) -> None:
@@ -115,8 +116,6 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.grace_seconds < 0:
             raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
-        from .security import check_settings  # security.py imports this module
-
         check_settings(self)
 
     @property
@@ -188,3 +187,48 @@ ENVIRONMENT = {
     "token_file": "LOSS_SERVICE_TOKEN_FILE",
     "tokens": "LOSS_SERVICE_TOKENS",
 }
+
+
+def is_loopback(host: str) -> bool:
+    r"""Whether ``host`` (an IP address, or a name) is only reachable from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_settings(config: ServerConfig) -> None:
+    r"""The security settings that go together, and :func:`check_exposure` of ``config.host``."""
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together: the server needs its certificate and its private key")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ConfigError("--tls-client-ca verifies client certificates during the TLS handshake: "
+                          "it needs --tls-cert and --tls-key")
+    check_tokens(config.tokens, "tokens")
+    check_exposure(config.host, config)
+
+
+def check_exposure(host: str, config: ServerConfig) -> None:
+    r"""Refuse a non-loopback ``host`` without TLS and tokens, unless ``config.insecure``.
+
+    Anyone who can reach such an address could otherwise read the traffic and use the service.
+    """
+    if config.insecure or is_loopback(host):
+        return
+    missing = [name for name, present in (
+        ("TLS (--tls-cert, --tls-key)", config.tls_cert),
+        ("tokens (--token-file or LOSS_SERVICE_TOKENS)", config.token_file or config.tokens),
+    ) if not present]
+    if missing:
+        raise ConfigError(
+            f"refusing to listen on {host!r}, which is not a loopback address, without {' and '.join(missing)}: "
+            "add them (docs/service.md, Security), or pass --insecure if the network itself is trusted "
+            "(e.g. a service mesh that encrypts and authenticates)"
+        )
+
+
+def address_host(address: str) -> str:
+    r"""The host of ``host:port`` (``[::1]:50051`` -> ``::1``)."""
+    return address.rpartition(":")[0].strip("[]")

@@ -7,28 +7,26 @@ r"""Transport security and authentication: TLS credentials, bearer tokens, the e
 * Tokens: ``--token-file`` and ``LOSS_SERVICE_TOKENS`` (:func:`parse_tokens`). With at least one
   token, :class:`BearerTokenInterceptor` requires ``authorization: Bearer <token>`` on every call
   but the health checks; without tokens there is no interceptor at all (it costs every call).
-* Exposure (:func:`check_exposure`): a non-loopback address needs TLS and tokens, or ``--insecure``.
+* Exposure (:func:`loss_service.server.config.check_exposure`, checked again with the bound address):
+  a non-loopback address needs TLS and tokens, or ``--insecure``.
 """
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import grpc
 from grpc_health.v1 import health
 
-from loss_service.protocol import AUTHORIZATION, BEARER, ConfigError, check_tokens, read_token_file
+from loss_service.protocol import AUTHORIZATION, BEARER, ConfigError, read_token_file
 
+from .config import ServerConfig, address_host, check_exposure, is_loopback
 from .errors import ServiceError
 from .logs import LOGGER_NAME, event
-
-if TYPE_CHECKING:
-    from .config import ServerConfig
 
 log = logging.getLogger(f"{LOGGER_NAME}.security")
 
@@ -36,51 +34,6 @@ log = logging.getLogger(f"{LOGGER_NAME}.security")
 _EXEMPT_PREFIX = f"/{health.SERVICE_NAME}/"
 MISSING_TOKEN = "this server requires 'authorization: Bearer <token>' metadata"
 WRONG_TOKEN = "the bearer token is not one this server accepts"
-
-
-def is_loopback(host: str) -> bool:
-    r"""Whether ``host`` (an IP address, or a name) is only reachable from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_settings(config: "ServerConfig") -> None:
-    r"""The security settings that go together, and :func:`check_exposure` of ``config.host``."""
-    if bool(config.tls_cert) != bool(config.tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together: the server needs its certificate and its private key")
-    if config.tls_client_ca and not config.tls_cert:
-        raise ConfigError("--tls-client-ca verifies client certificates during the TLS handshake: "
-                          "it needs --tls-cert and --tls-key")
-    check_tokens(config.tokens, "tokens")
-    check_exposure(config.host, config)
-
-
-def check_exposure(host: str, config: "ServerConfig") -> None:
-    r"""Refuse a non-loopback ``host`` without TLS and tokens, unless ``config.insecure``.
-
-    Anyone who can reach such an address could otherwise read the traffic and use the service.
-    """
-    if config.insecure or is_loopback(host):
-        return
-    missing = [name for name, present in (
-        ("TLS (--tls-cert, --tls-key)", config.tls_cert),
-        ("tokens (--token-file or LOSS_SERVICE_TOKENS)", config.token_file or config.tokens),
-    ) if not present]
-    if missing:
-        raise ConfigError(
-            f"refusing to listen on {host!r}, which is not a loopback address, without {' and '.join(missing)}: "
-            "add them (docs/service.md, Security), or pass --insecure if the network itself is trusted "
-            "(e.g. a service mesh that encrypts and authenticates)"
-        )
-
-
-def address_host(address: str) -> str:
-    r"""The host of ``host:port`` (``[::1]:50051`` -> ``::1``)."""
-    return address.rpartition(":")[0].strip("[]")
 
 
 def _no_password() -> bytes:
@@ -94,7 +47,7 @@ def _read(path: str, flag: str) -> bytes:
         raise ConfigError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
-def server_credentials(config: "ServerConfig") -> Optional[grpc.ServerCredentials]:
+def server_credentials(config: ServerConfig) -> Optional[grpc.ServerCredentials]:
     r"""TLS credentials of ``config`` (``None``: plaintext), after checking that the files are usable PEM."""
     if not config.tls_cert:
         return None
@@ -179,7 +132,7 @@ class ServerSecurity:
         return server.add_secure_port(address, self.credentials)
 
 
-def load_server_security(config: "ServerConfig", address: str) -> ServerSecurity:
+def load_server_security(config: ServerConfig, address: str) -> ServerSecurity:
     r"""Check the exposure of ``address``, load the TLS files and the tokens; :class:`ConfigError` if unusable."""
     host = address_host(address)
     check_exposure(host, config)

@@ -50,7 +50,7 @@ def fingerprint_sources() -> List[Path]:
     r"""The files whose content decides what an artifact computes, sorted.
 
     ``loss_service/losses/*.py`` (kernels, parameters, defaults), ``loss_service/layout.py`` (the
-    canonical ONNX layout) and ``export/artifacts.py`` (how graphs and modules are built).
+    canonical ONNX layout) and ``loss_service/export/artifacts.py`` (how graphs and modules are built).
     """
     from loss_service import losses as losses_package
 
@@ -263,7 +263,7 @@ def write(
     and sign it into ``manifest.json.hmac`` (likewise) when :func:`manifest_key` is set.
 
     Readers never see a half-written manifest. Writers must not overlap (a read-merge-write is not
-    a transaction): ``python -m export`` writes once at the end of its run, and the server writes
+    a transaction): ``python -m loss_service.export`` writes once at the end of its run, and the server writes
     from one thread (the start-up export, then its background exporter).
     """
     source_fingerprint = source_fingerprint or fingerprint()
@@ -330,7 +330,7 @@ def check_signature(out: Path, data: bytes) -> None:
     if key is None:
         return
     path = Path(out) / SIGNATURE_NAME
-    fix = f"re-export with the key set: {MANIFEST_KEY_VARIABLE}=... python -m export --out {out}"
+    fix = f"re-export with the key set: {MANIFEST_KEY_VARIABLE}=... python -m loss_service.export --out {out}"
     try:
         recorded = path.read_bytes().strip()
     except FileNotFoundError:
