@@ -39,3 +39,15 @@ def test_readme_lists_every_loss():
 def test_changelog_has_unreleased_then_the_current_version():
     headings = re.findall(r"^## \[([^\]]+)\]", (ROOT / "CHANGELOG.md").read_text(), re.M)
     assert headings[:2] == ["Unreleased", loss_service.__version__], "CHANGELOG.md: add the version's entry"
+
+
+def test_artifact_counts_in_the_docs_are_the_plans():
+    from loss_service import export
+
+    everything, readiness = export.plan(), export.plan(all_variants=False)
+    background = len(everything) - len(readiness)
+    service = (ROOT / "docs" / "service.md").read_text()
+    assert f"`--alpha=scalar`; {background} files," in service, f"docs/service.md: {background} background variants"
+    assert f"export of the {len(readiness)} artifacts" in service
+    scripts = sum(job.format == "torchscript" for job in everything)
+    assert f"{scripts} + {len(everything) - scripts} today" in (ROOT / "docs" / "export.md").read_text()

@@ -301,6 +301,20 @@ def test_cli_failure_exit_status(tmp_path, monkeypatch, capsys):
     assert manifest.load(tmp_path)["artifacts"] == []
 
 
+def test_on_artifact_reports_each_finished_artifact_with_its_failure(tmp_path, monkeypatch):
+    def broken(spec, path):
+        raise RuntimeError("cannot script")
+
+    monkeypatch.setattr(export, "export_torchscript", broken)
+    reported = []
+    result = export.export_losses(tmp_path, names=["bce", "mse"], formats=["torchscript"], verify="none",
+                                  on_artifact=reported.append)
+    assert not result.ok
+    assert [(p.file, p.done, p.total) for p in reported] == [("bce.pt", 1, 2), ("mse.pt", 2, 2)]
+    assert all("cannot script" in p.error for p in reported)
+    assert [p.seconds for p in reported] == sorted(p.seconds for p in reported) and reported[-1].seconds <= result.seconds
+
+
 def test_cli_jobs_exports_in_worker_processes(exported, tmp_path):
     out, result = exported
     completed = _run_cli("--loss", "bce", "--loss", "mse", "--default-variants-only", "--jobs", "2", "--verify",

@@ -213,6 +213,13 @@ def test_cold_start_from_an_empty_folder_then_warm_start(tmp_path):
     print(f"\ncold start to readiness: {cold:.1f} s (export of {exported['files']} artifacts: {exported['seconds']} s)")
     assert loaded["export_failures"] == []
     assert exported["files"] == len(required_files())
+    # One progress line per artifact, in order: done counts up to the total, elapsed never goes back.
+    progress = [e for e in events if e.get("event") == "artifact_exported"]
+    assert [e["done"] for e in progress] == list(range(1, len(required_files()) + 1))
+    assert {e["total"] for e in progress} == {len(required_files())}
+    assert sorted(e["file"] for e in progress) == sorted(required_files())
+    elapsed = [e["elapsed_seconds"] for e in progress]
+    assert elapsed == sorted(elapsed) and elapsed[-1] <= exported["seconds"]
     assert cold < COLD_START_LIMIT_SECONDS
     warm, events = _time_to_readiness(folder)
     print(f"warm start to readiness: {warm:.1f} s")

@@ -27,7 +27,7 @@ import weakref
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 from loss_service import layout, losses
 from loss_service.losses import LossSpec
@@ -61,6 +61,18 @@ class Row:
     max_abs_error: Optional[float] = None
     max_rel_error: Optional[float] = None
     seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Progress:
+    r"""One artifact finished (exported or failed) during :func:`export_losses`: the ``done``-th of
+    ``total``, ``seconds`` after the run began; ``error`` is empty when it succeeded."""
+
+    file: str
+    done: int
+    total: int
+    seconds: float
     error: str = ""
 
 
@@ -329,10 +341,13 @@ def export_losses(
     all_variants: bool = True,
     jobs: int = 1,
     files: Optional[Collection[str]] = None,
+    on_artifact: Optional[Callable[[Progress], None]] = None,
 ) -> ExportResult:
     r"""Export (and verify) the artifacts into ``out`` and write ``out/manifest.json``.
 
     ``files`` keeps only those artifact files of the plan (the server exports just what is missing).
+    ``progress`` shows a tqdm bar on stderr; ``on_artifact(Progress)`` is called in the calling
+    process each time an artifact is finished, for a caller that reports progress its own way.
     ``jobs`` worker processes export concurrently; with ``jobs=1`` (or a single artifact) everything
     runs in the calling process. The manifest is written once, by the calling process, at the end.
 
@@ -361,6 +376,14 @@ def export_losses(
 
         bar = tqdm(total=len(planned), file=sys.stderr, unit="artifact", dynamic_ncols=True)
     results: Dict[str, Tuple[Optional[Dict[str, Any]], str, float]] = {}
+
+    def finished(job: Job, outcome: Tuple[Optional[Dict[str, Any]], str, float]) -> None:
+        results[job.file] = outcome
+        if bar is not None:
+            bar.update(1)
+        if on_artifact is not None:
+            on_artifact(Progress(job.file, len(results), len(planned), time.perf_counter() - start, outcome[1]))
+
     workers = min(jobs, len(planned))
     if workers <= 1:
         for job in planned:
@@ -373,9 +396,7 @@ def export_losses(
                 entry, error = run_job(job, out, opset, verify, device, source_fingerprint), ""
             except Exception as failure:  # noqa: BLE001 - reported per artifact, and the run fails
                 entry, error = None, error_message(failure)
-            results[job.file] = (entry, error, time.perf_counter() - job_start)
-            if bar is not None:
-                bar.update(1)
+            finished(job, (entry, error, time.perf_counter() - job_start))
     else:
         # Longest first: region-loss graphs (7-15 s here), other graphs (~5 s), then TorchScript
         # modules (~0.1 s), so the short jobs fill the gaps at the end instead of a core idling.
@@ -386,12 +407,12 @@ def export_losses(
                 for future in as_completed(submitted):
                     job = submitted[future]
                     try:
-                        results[job.file] = future.result()
+                        outcome = future.result()
                     except Exception as failure:  # noqa: BLE001 - e.g. a worker killed by the OOM killer
-                        results[job.file] = (None, error_message(failure), 0.0)
+                        outcome = (None, error_message(failure), 0.0)
                     if bar is not None:
                         bar.set_description(job.file)
-                        bar.update(1)
+                    finished(job, outcome)
             except BaseException:
                 # E.g. Ctrl-C: leaving the `with` would wait for every export still queued.
                 terminate(pool)
@@ -454,4 +475,4 @@ def _size(size: int) -> str:
 
 
 __all__ = ["export_losses", "plan", "summary_table", "default_jobs", "process_pool", "terminate", "end_with_parent",
-           "submit", "ExportResult", "ExportInterrupted", "Row", "Job", "FORMATS", "DEFAULT_OPSET", "LEVELS"]
+           "submit", "ExportResult", "Progress", "ExportInterrupted", "Row", "Job", "FORMATS", "DEFAULT_OPSET", "LEVELS"]

@@ -38,7 +38,7 @@ from loss_service.losses import LossSpec
 from .logs import LOGGER_NAME, event
 
 if TYPE_CHECKING:
-    from loss_service.export import Job
+    from loss_service.export import Job, Progress
 
 log = logging.getLogger(f"{LOGGER_NAME}.artifacts")
 # Exports before readiness skip the exporter's verification to keep a cold start short: the
@@ -136,9 +136,10 @@ def prepare_artifacts(folder: str | Path, export_missing: bool = True, jobs: int
         log.error("missing artifacts", extra={"fields": {"folder": str(folder), "files": missing,
                                                           "fix": f"python -m loss_service.export --out {folder}"}})
     elif missing:
-        event(log, "exporting", folder=str(folder), files=missing, jobs=jobs)
+        event(log, "exporting", folder=str(folder), files=missing, total=len(missing), jobs=jobs)
         start = time.perf_counter()
-        result = export.export_losses(folder, opset=opset, verify=START_VERIFY_LEVEL, jobs=jobs, files=missing)
+        result = export.export_losses(folder, opset=opset, verify=START_VERIFY_LEVEL, jobs=jobs, files=missing,
+                                      on_artifact=log_progress)
         loaded.failed = [f"{row.file}: {row.error}" for row in result.rows if not row.ok]
         if loaded.failed:
             log.error("export failed", extra={"fields": {"folder": str(folder), "failures": loaded.failed}})
@@ -252,6 +253,16 @@ def check_scripted(spec: LossSpec, scripted: torch.jit.ScriptModule, configured:
     if differences:
         raise ArtifactError(f"{torchscript_file_name(spec)} is not the TorchScript module of {spec.name}: "
                             f"{'; '.join(differences)}{_fix('<the artifacts folder>')}")
+
+
+def log_progress(progress: "Progress") -> None:
+    r"""One log line per artifact of the start-up export: a cold start shows how far it is."""
+    fields = {"file": progress.file, "done": progress.done, "total": progress.total,
+              "elapsed_seconds": round(progress.seconds, 1)}
+    if progress.error:
+        log.error("artifact_export_failed", extra={"fields": {**fields, "error": progress.error}})
+    else:
+        event(log, "artifact_exported", **fields)
 
 
 def _differences(what: str, found: Sequence[Any], expected: Sequence[Any]) -> List[str]:
