@@ -103,22 +103,25 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                           help="allow a non-loopback --host without TLS and tokens (a network that is trusted itself)")
 
 
-def _add_score(commands: argparse._SubParsersAction) -> None:
+def _add_score(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser("score", help="score one batch of .npy files against a server; prints JSON")
     _add_connection(parser)
     parser.add_argument("--loss", required=True)
-    parser.add_argument("--predictions", required=True, help=".npy file")
-    parser.add_argument("--targets", required=True, help=".npy file")
-    parser.add_argument("--weights", help=".npy file: (N,) per sample or broadcastable to the loss's elements")
-    parser.add_argument("--class-weights", help=".npy file: per-class weights (length C)")
-    parser.add_argument("--pos-weight", help=".npy file: per-class positive weights (length C)")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--predictions", required=True, type=npy_file, metavar="FILE.npy")
+    parser.add_argument("--targets", required=True, type=npy_file, metavar="FILE.npy")
+    parser.add_argument("--weights", type=npy_file, metavar="FILE.npy",
+                        help="(N,) per sample or broadcastable to the loss's elements")
+    parser.add_argument("--class-weights", type=npy_file, metavar="FILE.npy", help="per-class weights (length C)")
+    parser.add_argument("--pos-weight", type=npy_file, metavar="FILE.npy",
+                        help="per-class positive weights (length C)")
+    parser.add_argument("--param", action="append", default=[], type=parse_param, metavar="NAME=VALUE",
                         help="hyperparameter, repeatable: gamma=2, ignore_index=-100, mode=multiclass; "
                              "NAME=@file.npy sends a vector")
     parser.add_argument("--reduction", default="mean", choices=["mean", "sum", "none", "weighted_mean"])
     parser.add_argument("--backend", choices=["eager", "torchscript", "onnx"])
     parser.add_argument("--per-sample", action="store_true", help="also return one value per sample")
     parser.add_argument("--request-id")
+    return parser
 
 
 def _add_connection(parser: argparse.ArgumentParser) -> None:
@@ -156,15 +159,30 @@ def _connect(args: argparse.Namespace) -> LossClient:
                       client_key=args.client_key, token=token)
 
 
-def parse_param(text: str) -> tuple:
-    r"""``NAME=VALUE`` -> ``(name, value)``: int, float, true/false, ``@file.npy`` or a string."""
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def npy_file(path: str) -> Any:
+    r"""The array in the ``.npy`` file ``path``; an argparse error saying why it cannot be read."""
     import numpy as np
 
+    try:
+        with open(path, "rb") as file:
+            if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
+                raise ValueError("not a .npy file (numpy.save writes them)")
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:  # missing, unreadable, not .npy, object arrays, truncated
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {reason}") from None
+
+
+def parse_param(text: str) -> tuple:
+    r"""``NAME=VALUE`` -> ``(name, value)``: int, float, true/false, ``@file.npy`` or a string."""
     name, sep, value = text.partition("=")
     if not sep or not name:
-        raise ValueError(f"--param expects NAME=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. gamma=2), got {text!r}")
     if value.startswith("@"):
-        return name, np.load(value[1:])
+        return name, npy_file(value[1:])
     if value.lower() in ("true", "false"):
         return name, value.lower() == "true"
     for convert in (int, float):
@@ -223,13 +241,12 @@ def _score(args: argparse.Namespace) -> int:
     from loss_service.client import LossServiceError
 
     params = dict(args.param)
-    load = lambda path: None if path is None else np.load(path)
     try:
         with args.client as client:
             result = client.score(
-                args.loss, load(args.predictions), load(args.targets), load(args.weights),
-                reduction=args.reduction, backend=args.backend, class_weights=load(args.class_weights),
-                pos_weight=load(args.pos_weight), return_per_sample=args.per_sample, request_id=args.request_id,
+                args.loss, args.predictions, args.targets, args.weights,
+                reduction=args.reduction, backend=args.backend, class_weights=args.class_weights,
+                pos_weight=args.pos_weight, return_per_sample=args.per_sample, request_id=args.request_id,
                 **params,
             )
     except LossServiceError as error:
@@ -262,19 +279,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="loss-service", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_serve(commands)
-    _add_score(commands)
-    _add_connection(commands.add_parser("losses", help="list the server's losses (ListLosses) as JSON"))
+    client_commands = {"score": _add_score(commands),
+                       "losses": commands.add_parser("losses", help="list the server's losses (ListLosses) as JSON")}
+    _add_connection(client_commands["losses"])
     args = parser.parse_args(argv)
-    if args.command == "score":
-        try:
-            args.param = [parse_param(text) for text in args.param]
-        except (ValueError, OSError) as exc:
-            parser.error(str(exc))
-    if args.command in ("score", "losses"):
+    if args.command in client_commands:
         try:
             args.client = _connect(args)
         except (ValueError, OSError) as exc:  # ConfigError is a ValueError
-            parser.error(str(exc))
+            client_commands[args.command].error(str(exc))
     return {"serve": _serve, "score": _score, "losses": _losses}[args.command](args)
 
 

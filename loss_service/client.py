@@ -406,7 +406,10 @@ class StreamRequests:
         else:
             # Unset settings mean "as in batch 0"; the client's default reduction is not sent again.
             fields.setdefault("reduction", None)
-        return build_request(loss or "", *arguments, **fields)
+        try:
+            return build_request(loss or "", *arguments, **fields)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"batch {index}: {error}") from None
 
     def __iter__(self) -> Iterator[pb.ScoreBatchRequest]:
         if self.first is not None:

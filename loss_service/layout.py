@@ -55,6 +55,12 @@ import numpy as np
 import torch
 
 from .losses import LossSpec, ParamSpec, get
+from .losses._reduction import (
+    label_map_hint,
+    multiclass_mode_hint,
+    one_target_per_prediction_hint,
+    shape_mismatch_message,
+)
 
 REDUCTION_CODES: Dict[str, int] = {"none": 0, "mean": 1, "sum": 2, "weighted_mean": 3}
 ONNX_OUTPUTS: List[str] = ["loss", "values", "totals", "sample_totals"]
@@ -198,10 +204,13 @@ class NoExportedGraph(ValueError):
     r"""Valid settings that no exported ONNX graph computes (other losses' errors are plain ``ValueError``\ s)."""
 
 
-def variant_of(spec: LossSpec, params: Dict[str, Any], index_targets: bool) -> Dict[str, Any]:
+def variant_of(
+    spec: LossSpec, params: Dict[str, Any], index_targets: bool, shapes: Optional[Tuple[Sequence[int], Sequence[int]]] = None
+) -> Dict[str, Any]:
     r"""The exported variant that computes ``spec`` with ``params`` on this target form.
 
-    Raises ``ValueError`` when the setting does not take this target form, and
+    Raises ``ValueError`` when the setting does not take this target form (given the request's
+    ``(predictions, targets)`` ``shapes``, with the eager kernel's message), and
     :class:`NoExportedGraph` naming the setting when no exported graph has it.
     """
     defaults = spec.defaults()
@@ -220,6 +229,8 @@ def variant_of(spec: LossSpec, params: Dict[str, Any], index_targets: bool) -> D
             spec.name, variant_key(base)
         ):
             return dict(base, **{TARGETS_VARIANT: PROBABILITY_TARGETS}, **scalar_forms)
+        if shapes is not None and not natural_index:
+            raise ValueError(shape_mismatch(spec, dict(defaults, **params), False, *shapes))
         raise ValueError(
             f"{spec.name} with {variant_key(base) or 'the default settings'} takes "
             f"{'class-index' if natural_index else 'dense'} targets, got {'class-index' if index_targets else 'dense'} targets"
@@ -320,6 +331,22 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def shape_mismatch(
+    spec: LossSpec, params: Dict[str, Any], takes_class_indices: bool, predictions_shape, targets_shape
+) -> str:
+    r"""The eager kernels' message for targets of the wrong shape (:func:`shape_mismatch_message`),
+    with the hint the loss's kernel gives: ``params`` are the request's, defaults filled in;
+    ``takes_class_indices`` says whether this setting also takes class indices."""
+    modes = (spec.param("mode").choices or ()) if "mode" in spec.param_names() else ()
+    if takes_class_indices:
+        hint = label_map_hint()
+    elif "multiclass" in modes:
+        hint = multiclass_mode_hint()  # a region loss in binary or multilabel mode
+    else:
+        hint = one_target_per_prediction_hint()
+    return shape_mismatch_message(list(predictions_shape), list(targets_shape), params.get("class_dim", 1), hint)
+
+
 def _class_dim(spec: LossSpec, params: Dict[str, Any], ndim: int) -> int:
     value = params.get("class_dim", spec.defaults().get("class_dim", 1))
     if ndim < 2:
@@ -393,11 +420,11 @@ def to_canonical(
     p = _to_numpy(predictions)
     t = _to_numpy(targets)
     index_targets = targets_are_indices(p.shape, t.shape)
-    variant = variant_of(spec, params, index_targets)
+    variant = variant_of(spec, params, index_targets, (p.shape, t.shape))
     ndim = p.ndim
     if ndim == 0:
         raise ValueError("predictions must have a batch dimension: expected (N, C, *) or (N,), got a scalar")
-    request_shape = tuple(p.shape)
+    request_shape, request_targets_shape = tuple(p.shape), tuple(t.shape)
     if ndim == 1 or (_one_channel(full) and p.shape[1] != 1 and t.shape == p.shape):
         # No class dimension: one channel, every non-batch dimension spatial (as the kernels read it).
         p = p.reshape((p.shape[0], 1) + p.shape[1:])
@@ -420,9 +447,8 @@ def to_canonical(
         canonical_t = np.ascontiguousarray(t.reshape(batch, size), dtype=np.int64)
     else:
         if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(
-                f"targets must have the shape of predictions: predictions {list(p.shape)} vs targets {list(t.shape)}"
-            )
+            takes_class_indices = variant.get(TARGETS_VARIANT) == PROBABILITY_TARGETS
+            raise ValueError(shape_mismatch(spec, full, takes_class_indices, request_shape, request_targets_shape))
         canonical_t = _float32(np.moveaxis(t, dim, 1).reshape(batch, num_classes, size), "targets")
 
     original_shapes = {
@@ -503,7 +529,8 @@ def _broadcast_weights(w: np.ndarray, shape: Tuple[int, ...], batch: int) -> np.
 
 def request_variant(spec: LossSpec, params: Dict[str, Any], predictions_shape, targets_shape) -> Dict[str, Any]:
     r"""The variant (and so :func:`onnx_file_name`) that :func:`to_canonical`'s feeds are for."""
-    return variant_of(spec, spec.validate(params), targets_are_indices(predictions_shape, targets_shape))
+    shapes = (predictions_shape, targets_shape)
+    return variant_of(spec, spec.validate(params), targets_are_indices(*shapes), shapes)
 
 
 def select_providers(

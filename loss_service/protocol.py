@@ -100,16 +100,22 @@ def view(tensor: pb.Tensor, data: Optional[bytes] = None) -> np.ndarray:
 def to_message(array: Any, field: str = "tensor") -> pb.Tensor:
     r"""A numpy array (or anything ``np.asarray`` takes) or a torch tensor as a ``Tensor`` message.
 
-    ``TypeError`` naming ``field`` for what cannot be sent (an object array, ``None``).
+    ``TypeError`` naming ``field`` for what cannot be sent (``None``, ragged lists, strings, objects).
     """
+    if array is None:
+        raise TypeError(f"{field}: required, got None; expected a numpy array or a torch tensor")
     wire = None
     if type(array).__module__.startswith("torch"):
         array, wire = _torch_array(array)
-    array = np.asarray(array)
+    try:
+        array = np.asarray(array)
+    except ValueError as error:  # ragged nested lists
+        raise TypeError(f"{field}: not an array ({error})") from None
     if wire is None:
         wire = NUMPY_TO_WIRE.get(array.dtype.newbyteorder("="))
         if wire is None:
-            raise TypeError(f"{field}: cannot send an array of dtype {array.dtype}; supported: {SUPPORTED_DTYPE_NAMES}")
+            found = f"dtype {array.dtype}" + (" (None values, ragged lists or Python objects?)" if array.dtype == object else "")
+            raise TypeError(f"{field}: cannot send an array of {found}; supported: {SUPPORTED_DTYPE_NAMES}")
     # The shape is the array's own: np.ascontiguousarray would make a 0-d array 1-d.
     return pb.Tensor(dtype=wire, shape=array.shape, data=np.ascontiguousarray(array, dtype=WIRE_DTYPES[wire]).tobytes())
 

@@ -1,4 +1,5 @@
 r"""``python -m loss_service score|losses`` against an in-process server, and the argument parsing."""
+import argparse
 import json
 import subprocess
 import sys
@@ -41,8 +42,52 @@ def test_parse_param():
     assert parse_param("gamma=2.5") == ("gamma", 2.5)
     assert parse_param("include_background=false") == ("include_background", False)
     assert parse_param("mode=multiclass") == ("mode", "multiclass")
-    with pytest.raises(ValueError, match="NAME=VALUE"):
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=VALUE"):
         parse_param("gamma")
+
+
+@pytest.fixture
+def unreadable(tmp_path):
+    r"""Paths that are no .npy file, with the reason the CLI gives for each."""
+    (tmp_path / "text.npy").write_text("0.1 0.9\n")
+    np.save(tmp_path / "whole.npy", np.zeros((4, 3), np.float32))
+    (tmp_path / "truncated.npy").write_bytes((tmp_path / "whole.npy").read_bytes()[:20])
+    np.save(tmp_path / "objects.npy", np.array([None, 1], dtype=object))
+    return {
+        tmp_path / "missing.npy": "No such file or directory",
+        tmp_path / "text.npy": "not a .npy file (numpy.save writes them)",
+        tmp_path / "truncated.npy": "EOF",
+        tmp_path / "objects.npy": "allow_pickle=False",
+        tmp_path: "Is a directory",
+    }
+
+
+@pytest.mark.parametrize("flag", ["--predictions", "--targets", "--weights", "--param"])
+def test_unreadable_files_get_one_line_under_the_score_usage(unreadable, flag, capsys):
+    good = str(next(iter(unreadable)).with_name("whole.npy"))
+    for path, reason in unreadable.items():
+        arguments = {"--predictions": good, "--targets": good}
+        arguments[flag] = f"alpha=@{path}" if flag == "--param" else str(path)
+        with pytest.raises(SystemExit) as exit:
+            main(["score", "--loss", "focal", *(item for pair in arguments.items() for item in pair)])
+        assert exit.value.code == 2
+        error = capsys.readouterr().err
+        last = error.strip().splitlines()[-1]
+        assert error.startswith("usage: loss-service score"), error
+        assert last.startswith(f"loss-service score: error: argument {flag}: cannot read '{path}': ") and reason in last
+        assert "Traceback" not in error
+
+
+def test_a_param_without_a_value_shows_the_score_usage(files, capsys):
+    paths, *_ = files
+    with pytest.raises(SystemExit) as exit:
+        main(["score", "--loss", "focal", "--predictions", str(paths["p"]), "--targets", str(paths["t"]),
+              "--param", "gamma"])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: loss-service score")
+    assert error.strip().splitlines()[-1] == (
+        "loss-service score: error: argument --param: expected NAME=VALUE (e.g. gamma=2), got 'gamma'")
 
 
 def test_score_prints_json(server, files, capsys, tmp_path):

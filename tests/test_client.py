@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from loss_service import losses
-from loss_service.client import DEFAULT_TIMEOUT_SECONDS, AsyncLossClient, LossClient, LossServiceError, build_request
+from loss_service.client import (
+    DEFAULT_TIMEOUT_SECONDS,
+    AsyncLossClient,
+    LossClient,
+    LossServiceError,
+    StreamRequests,
+    build_request,
+)
 from loss_service.server import BackgroundServer, ServerConfig
 
 
@@ -84,6 +91,20 @@ def test_client_side_mistakes_raise_before_sending():
         build_request("mse", np.zeros(2, np.complex64), targets)
     with pytest.raises(TypeError, match="gamma"):
         build_request("focal", predictions, targets, gamma=object())
+
+
+@pytest.mark.parametrize("targets, message", [
+    (None, "targets: required, got None; expected a numpy array or a torch tensor"),
+    ([[0, 1], [2]], r"targets: not an array \(setting an array element with a sequence"),
+    (np.array([0, None], dtype=object), r"targets: cannot send an array of dtype object \(None values, ragged lists"),
+    ("labels.npy", "targets: cannot send an array of dtype <U10"),
+], ids=["missing", "ragged", "objects", "a file name"])
+def test_unsendable_inputs_say_which_and_why(targets, message):
+    predictions, _ = logits_and_targets()
+    with pytest.raises(TypeError, match=message):
+        build_request("focal", predictions, targets)
+    with pytest.raises(TypeError, match="batch 1: " + message):
+        list(StreamRequests([(predictions, predictions), (predictions, targets)], "mse", {}))
 
 
 def test_score_stream_accepts_tuples_and_dicts(client):

@@ -113,12 +113,18 @@ def assert_ended(processes: Dict[int, str], after: str) -> None:
     assert not left, f"still running {ORPHAN_LIMIT_SECONDS} s after {after}: {left}"
 
 
+def _default_sigint() -> None:
+    r"""SIGINT as a terminal's foreground process has it: a suite started in the background by a
+    shell (``bash scripts/test-busy.sh &``) passes it on ignored, and Python keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Started:
     r"""A ``python`` subprocess whose stderr lines (JSON log lines: their events) are collected on a thread."""
 
     def __init__(self, *arguments: str) -> None:
         self.process = subprocess.Popen([sys.executable, *arguments], cwd=REPO, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
+                                        stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
         self.lines: List[str] = []
         self.events: List[str] = []
         # Every descendant seen, for the clean-up: once the parent has ended they are no longer its descendants.

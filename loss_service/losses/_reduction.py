@@ -217,13 +217,47 @@ def effective_weight(
     return weight
 
 
-def check_same_shape(predictions: Tensor, targets: Tensor) -> None:
+# The hints of shape_mismatch_message, by what a loss makes of targets that look like class indices.
+# Functions rather than constants: scripted code cannot read a global str.
+def one_target_per_prediction_hint() -> str:
+    r"""Binary and regression losses: one target per prediction."""
+    return (
+        "these targets look like class indices, and this loss takes one target per prediction: "
+        'use cross_entropy, focal, or a region loss with mode="multiclass" for class indices'
+    )
+
+
+def multiclass_mode_hint() -> str:
+    r"""Region losses in binary or multilabel mode."""
+    return 'these targets look like class indices: set mode="multiclass" for (N, C, *) logits with class-index targets'
+
+
+def label_map_hint() -> str:
+    r"""Losses that take class indices without a class dimension (cross_entropy, focal)."""
+    return "class-index targets have no class dimension: squeeze out its size-1 dimension"
+
+
+def shape_mismatch_message(predictions_shape: List[int], targets_shape: List[int], class_dim: int, hint: str) -> str:
+    r"""Why ``targets_shape`` does not fit, with ``hint`` when the targets look like class indices:
+    the predictions' shape without their class dimension, or with it of size 1."""
+    message = "targets must have the shape of predictions: predictions {} vs targets {}".format(
+        predictions_shape, targets_shape
+    )
+    rank = len(predictions_shape)
+    dim = class_dim + rank if class_dim < 0 else class_dim
+    if rank < 2 or dim < 1 or dim >= rank or predictions_shape[dim] < 2:
+        return message
+    without_classes = predictions_shape[:dim] + predictions_shape[dim + 1:]
+    one_channel = predictions_shape[:dim] + [1] + predictions_shape[dim + 1:]
+    if targets_shape == without_classes or targets_shape == one_channel:
+        return message + "; " + hint
+    return message
+
+
+def check_same_shape(predictions: Tensor, targets: Tensor, class_dim: int, hint: str) -> None:
+    r"""``ValueError`` (:func:`shape_mismatch_message`) unless ``targets`` has the predictions' shape."""
     if predictions.shape != targets.shape:
-        raise ValueError(
-            "targets must have the shape of predictions: predictions {} vs targets {}".format(
-                list(predictions.shape), list(targets.shape)
-            )
-        )
+        raise ValueError(shape_mismatch_message(list(predictions.shape), list(targets.shape), class_dim, hint))
 
 
 def power(base: Tensor, exponent: Tensor) -> Tensor:

@@ -70,8 +70,10 @@ class ParamSpec:
             return value
         if kind == "vector":
             tensor = torch.as_tensor(value)
-            if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
-                raise ValueError(f"{where}parameter '{self.name}' must be a real tensor, got dtype {tensor.dtype}")
+            if tensor.is_complex() or tensor.dtype == torch.bool:
+                raise ValueError(
+                    f"{where}parameter '{self.name}' must be a floating-point or integer vector, got dtype {tensor.dtype}"
+                )
             if tensor.dim() == 0:
                 raise ValueError(f"{where}parameter '{self.name}' must be a per-class vector, got a scalar")
             if tensor.numel() == 0:
@@ -162,6 +164,9 @@ class LossSpec:
     * ``test_params`` -- the hyperparameter settings every generated test and export check covers.
     * ``variants`` -- settings of the non-graph-input parameters that get their own ONNX graph; the
       first (``{}``, the defaults) is ``<name>.onnx``.
+    * ``target_range`` -- the closed interval dense targets must lie in, values equal to the
+      ``ignore_index`` excepted (``None``: any finite value). The eager kernel checks it; the
+      server checks it for every backend, since the exported graphs check no values.
     """
 
     name: str
@@ -185,6 +190,7 @@ class LossSpec:
     paper: str = ""
     notes: str = ""
     sample_weights_kernel: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+    target_range: Optional[Tuple[float, float]] = None
 
     def __post_init__(self) -> None:
         if self.predictions not in PREDICTION_KINDS:

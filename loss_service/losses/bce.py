@@ -16,6 +16,7 @@ from ._reduction import (
     elementwise_reductions,
     elementwise_statistics,
     is_exporting,
+    one_target_per_prediction_hint,
     optional_vector,
     per_class,
     select_reduction,
@@ -43,7 +44,7 @@ def bce_statistics(
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_cross_entropy` (see :mod:`._reduction`)."""
-    check_same_shape(predictions, targets)
+    check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     dtype = compute_dtype(predictions.dtype)
     p = predictions.to(dtype)
     t = as_float(targets, dtype, "targets")
@@ -129,7 +130,7 @@ def bce_with_logits_statistics(
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_cross_entropy_with_logits`."""
-    check_same_shape(predictions, targets)
+    check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype)
     t = as_float(targets, dtype, "targets")

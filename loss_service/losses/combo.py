@@ -14,13 +14,16 @@ from ._registry import LossSpec, ParamSpec, get, register
 from ._reduction import (
     accumulate,
     check_reduction,
+    check_same_shape,
     elementwise_reductions,
+    one_target_per_prediction_hint,
     optional_vector,
     select_reduction,
     vector_buffer,
 )
 from .bce import bce_with_logits_statistics
 from .region import (
+    DENSE_TARGET_RANGE,
     _constant,
     _flag,
     _index,
@@ -135,6 +138,8 @@ def bce_dice_statistics_with_sample_weights(
     """
     if mode not in ["binary", "multilabel"]:
         raise ValueError("bce_dice: mode must be 'binary' or 'multilabel', got '{}'".format(mode))
+    # Checked before the Dice kernel does, whose hint would point at a multiclass mode bce_dice lacks.
+    check_same_shape(predictions, targets, 1, one_target_per_prediction_hint())
     # The Dice kernel validates the inputs and the weights; the BCE term reuses its view.
     _, dice_totals, dice_sample_totals = dice_statistics_with_sample_weights(
         predictions, targets, weights, sample_weights, smooth_nr, smooth_dr, include_background, squared_pred,
@@ -308,6 +313,7 @@ register(
     LossSpec(
         name="bce_dice",
         family="combo",
+        target_range=DENSE_TARGET_RANGE,
         summary="bce_weight · BCE-with-logits + dice_weight · soft Dice (binary, multilabel)",
         module=BCEDiceLoss,
         function=bce_dice_loss,

@@ -20,6 +20,7 @@ from ._reduction import (
     elementwise_reductions,
     elementwise_statistics,
     is_exporting,
+    label_map_hint,
     normalize_class_dim,
     optional_vector,
     per_class,
@@ -320,7 +321,7 @@ def cross_entropy_statistics(
 
     if targets.dim() == len(shape):
         # Probability targets: torch ignores ignore_index here and its mean divides by N·d1..dk.
-        check_same_shape(predictions, targets)
+        check_same_shape(predictions, targets, dim, label_map_hint())
         return probability_target_statistics(
             -log_softmax(x, dim), targets, weights, epsilon, weight_c, dim, dtype, per_sample
         )

@@ -20,6 +20,8 @@ from ._reduction import (
     elementwise_reductions,
     elementwise_statistics,
     is_exporting,
+    label_map_hint,
+    one_target_per_prediction_hint,
     normalize_class_dim,
     optional_vector,
     per_class,
@@ -84,7 +86,7 @@ def binary_focal_statistics(
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_focal_loss`; ``alpha`` and ``gamma`` are 0-d tensors."""
-    check_same_shape(predictions, targets)
+    check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     _check_gamma(gamma)
     if not is_exporting() and float(alpha.item()) > 1.0:
         raise ValueError("alpha must be <= 1 (a negative alpha disables the balancing), got {}".format(float(alpha)))
@@ -235,7 +237,7 @@ def focal_statistics(
 
     if targets.dim() == len(shape):
         # Probability targets: Σ_c q_c a_c (1 - p_c)^γ (-log p_c); gamma = 0 is cross_entropy's.
-        check_same_shape(predictions, targets)
+        check_same_shape(predictions, targets, dim, label_map_hint())
         return probability_target_statistics(
             _focal_terms(log_softmax(x, dim), gamma), targets, weights, epsilon, weight_c, dim, dtype, per_sample
         )

@@ -46,6 +46,7 @@ from ._reduction import (
     elementwise_reductions,
     elementwise_statistics,
     is_exporting,
+    multiclass_mode_hint,
     optional_vector,
     safe_divide,
     sample_or_element_weights,
@@ -78,6 +79,8 @@ SQUARED_PRED_PARAM = ParamSpec(
     "squared_pred", "bool", False, "use Σ w·p² and Σ w·t² in place of Σ w·p and Σ w·t (V-Net's denominator)"
 )
 LOG_LOSS_PARAM = ParamSpec("log_loss", "bool", False, "loss -log(index) (index clamped at 1e-7) instead of 1 - index")
+# Binary masks, multilabel masks and class probabilities (what _prepare checks).
+DENSE_TARGET_RANGE = (0.0, 1.0)
 IGNORE_INDEX_PARAM = ParamSpec(
     "ignore_index", "int", -100, "target value whose positions get weight 0 (class index, or mask value such as 255)"
 )
@@ -151,7 +154,7 @@ def _prepare(
         probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
         keep = _flatten_spatial((~ignored).to(dtype), True)
         return probabilities, _flatten_spatial(t, True), keep
-    check_same_shape(predictions, targets)
+    check_same_shape(predictions, targets, 1, multiclass_mode_hint())
     if mode == "multilabel" and x.dim() < 2:
         raise ValueError(
             "multilabel predictions must be (N, C, *) logits, got shape {}".format(list(predictions.shape))
@@ -1294,6 +1297,7 @@ register(
     LossSpec(
         name="dice",
         family="region",
+        target_range=DENSE_TARGET_RANGE,
         summary="soft Dice loss on logits (binary, multilabel, multiclass)",
         module=DiceLoss,
         function=dice_loss,
@@ -1324,6 +1328,7 @@ register(
     LossSpec(
         name="iou",
         family="region",
+        target_range=DENSE_TARGET_RANGE,
         summary="soft IoU (Jaccard) loss on logits",
         module=IoULoss,
         function=iou_loss,
@@ -1351,6 +1356,7 @@ register(
     LossSpec(
         name="tversky",
         family="region",
+        target_range=DENSE_TARGET_RANGE,
         summary="Tversky loss on logits (alpha on false positives, beta on false negatives)",
         module=TverskyLoss,
         function=tversky_loss,
@@ -1379,6 +1385,7 @@ register(
     LossSpec(
         name="focal_tversky",
         family="region",
+        target_range=DENSE_TARGET_RANGE,
         summary="focal Tversky loss on logits: (1 - TI)^gamma per class",
         module=FocalTverskyLoss,
         function=focal_tversky_loss,

@@ -20,6 +20,7 @@ from ._reduction import (
     elementwise_reductions,
     elementwise_statistics,
     is_exporting,
+    one_target_per_prediction_hint,
     optional_vector,
     select_reduction,
     vector_buffer,
@@ -47,7 +48,7 @@ BETA_PARAM = ParamSpec(
 
 def _residual(predictions: Tensor, targets: Tensor) -> Tuple[Tensor, torch.dtype]:
     r"""``predictions - targets`` in the compute dtype, and that dtype."""
-    check_same_shape(predictions, targets)
+    check_same_shape(predictions, targets, 1, one_target_per_prediction_hint())
     dtype = compute_dtype(predictions.dtype)
     return predictions.to(dtype) - as_float(targets, dtype, "targets"), dtype
 

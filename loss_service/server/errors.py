@@ -18,6 +18,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from loss_service.v1 import loss_service_pb2 as pb
+
 FieldViolation = Tuple[str, str]
 
 # Client text quoted in a status: enough to recognise a name, never the whole of a huge one.
@@ -130,14 +132,29 @@ def library_value_error(exc: BaseException) -> Optional[str]:
     return None
 
 
+# The library's dtype names (str(torch.float32) == "torch.float32") as the protocol says them.
+_PROTOCOL_DTYPE_NAMES = {
+    "torch." + name[len("DTYPE_"):].lower(): name for name in pb.DType.keys() if name != "DTYPE_UNSPECIFIED"
+}
+_TORCH_DTYPE = re.compile(r"\btorch\.\w+")
+
+
+
+def protocol_dtype_names(message: str) -> str:
+    r"""``message`` of the loss library with its dtype names as the protocol's (``torch.float32`` -> ``DTYPE_FLOAT32``)."""
+    return _TORCH_DTYPE.sub(lambda match: _PROTOCOL_DTYPE_NAMES.get(match.group(0), match.group(0)), message)
+
+
 def from_library_message(message: str, fields: Iterable[Tuple[str, str]], default_field: str) -> ServiceError:
     r"""Map a loss-library ``ValueError`` message to the request field it is about.
 
     The library names the parameter or input in its messages ("targets must have the shape of
     predictions", "class_weight must have one entry per class", ...). ``fields`` pairs each name the
     library uses with the request field that carries it (``class_weight`` -> ``class_weights``); the
-    name mentioned first in the message decides, as the subject of the sentence.
+    name mentioned first in the message decides, as the subject of the sentence. Dtype names become
+    the protocol's (:func:`protocol_dtype_names`).
     """
+    message = protocol_dtype_names(message)
     best: Optional[Tuple[int, str]] = None
     for library_name, request_field in fields:
         match = re.search(rf"(?<![\w.]){re.escape(library_name)}(?!\w)", message)
@@ -160,4 +177,5 @@ __all__ = [
     "unavailable_backend",
     "library_value_error",
     "from_library_message",
+    "protocol_dtype_names",
 ]

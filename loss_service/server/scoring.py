@@ -26,7 +26,15 @@ from loss_service.v1 import loss_service_pb2 as pb
 
 from .backends import Backend, BackendUnavailable, Runner, config_key
 from .codec import decode, dtype_name
-from .errors import ServiceError, echo, from_library_message, invalid, library_value_error, unavailable_backend
+from .errors import (
+    ServiceError,
+    echo,
+    from_library_message,
+    invalid,
+    library_value_error,
+    protocol_dtype_names,
+    unavailable_backend,
+)
 from .wire import ParsedRequest
 
 REDUCTIONS: Dict[int, str] = {
@@ -206,7 +214,7 @@ class Scorer:
             try:
                 params[name] = spec.param(name).validate(value, spec.name)
             except ValueError as exc:
-                raise invalid(fields[name], str(exc)) from None
+                raise invalid(fields[name], protocol_dtype_names(str(exc))) from None
         return params, fields
 
     # -- tensors ----------------------------------------------------------------------------
@@ -226,6 +234,7 @@ class Scorer:
         check_values(plan.spec, predictions, targets, weights)
         targets = channel_indices_as_indices(plan.spec, plan.params, predictions, targets)
         check_class_indices(plan.spec, plan.params, predictions, targets)
+        check_target_range(plan.spec, plan.params, predictions, targets)
         return predictions, targets, weights
 
     # -- compute ----------------------------------------------------------------------------
@@ -393,6 +402,36 @@ def check_class_indices(spec: LossSpec, params: Dict[str, Any], predictions: Ten
         "targets",
         f"class indices must be in [0, {num_classes}){ignored} ({num_classes} classes along dim {class_dim} of "
         f"predictions), got values in [{int(low)}, {int(high)}]",
+    )
+
+
+def check_target_range(spec: LossSpec, params: Dict[str, Any], predictions: Tensor, targets: Tensor) -> None:
+    r"""Dense targets within the loss's ``target_range``, values equal to its ``ignore_index`` excepted.
+
+    The eager kernel checks this too; checking it here makes every backend refuse the same requests
+    (the exported graphs check no values). Class indices (a multiclass region loss's targets with one
+    dimension fewer than the predictions) are :func:`check_class_indices`'s, and targets of another
+    size than the predictions the loss's (it names their shape, the first thing to fix).
+    """
+    if spec.target_range is None or targets.dtype == torch.bool or targets.numel() == 0:
+        return
+    if targets.numel() != predictions.numel():
+        return
+    if targets.dim() != predictions.dim() and setting(spec, params, "mode") == "multiclass":
+        return
+    allowed_low, allowed_high = spec.target_range
+    low, high = value_range(targets)
+    if low >= allowed_low and high <= allowed_high:
+        return
+    ignore_index = setting(spec, params, "ignore_index")
+    counted = targets if ignore_index is None else targets[targets != ignore_index]
+    low, high = value_range(counted)
+    if counted.numel() == 0 or (low >= allowed_low and high <= allowed_high):
+        return
+    ignored = "" if ignore_index is None else f" or equal its ignore_index {ignore_index}"
+    raise invalid(
+        "targets",
+        f"loss '{spec.name}' takes targets in [{allowed_low:g}, {allowed_high:g}]{ignored}, got values in [{low:g}, {high:g}]",
     )
 
 
