@@ -256,11 +256,9 @@ def weight_input_names(spec: LossSpec) -> List[str]:
     return ["weights", SAMPLE_WEIGHTS] if has_sample_weights_input(spec) else ["weights"]
 
 
-def onnx_input_names(spec: LossSpec, variant: Optional[Dict[str, Any]] = None) -> List[str]:
-    r"""Graph input names in order: predictions, targets, weights, [sample_weights], hyperparameters, reduction.
-
-    The same for every variant of a loss (``variant`` is accepted for symmetry with the files).
-    """
+def onnx_input_names(spec: LossSpec) -> List[str]:
+    r"""Graph input names in order: predictions, targets, weights, [sample_weights], hyperparameters,
+    reduction; the same for every variant of a loss."""
     return ["predictions", "targets"] + weight_input_names(spec) + [p.name for p in graph_params(spec)] + ["reduction"]
 
 

@@ -80,7 +80,7 @@ def test_manifest_contents_and_checksums(exported):
         if entry["format"] != "onnx":
             continue
         names = [i["name"] for i in entry["inputs"]]
-        assert names == layout.onnx_input_names(spec, entry["variant"])
+        assert names == layout.onnx_input_names(spec)
         assert [o["name"] for o in entry["outputs"]] == layout.ONNX_OUTPUTS
         inputs = {i["name"]: i for i in entry["inputs"]}
         assert inputs["predictions"]["dtype"] == "float32"

@@ -269,7 +269,7 @@ def _close(actual, expected, what):
 def test_onnx_graph_matches_eager_for_every_weight_kind(sessions, name, variant):
     spec = losses.get(name)
     session = sessions[layout.onnx_file_name(spec, variant)]
-    assert [i.name for i in session.get_inputs()] == layout.onnx_input_names(spec, variant)
+    assert [i.name for i in session.get_inputs()] == layout.onnx_input_names(spec)
     assert session.get_inputs()[3].shape == ["N"]
     for settings in _settings(name, variant):
         # Sizes unlike the traced example (2 x 4 x 6): N = 3, C = 3, S = 4 x 5.

@@ -9,6 +9,7 @@ import functools
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,63 @@ def test_module_equals_function(name, index, reduction):
     weights = weight_cases(spec, module, predictions, targets)["per_sample"]
     expected = spec.function(predictions, targets, weights, reduction=reduction, **params)
     torch.testing.assert_close(module(predictions, targets, weights), expected, rtol=0, atol=0)
+
+
+def _number_forms(value, kind):
+    r"""A scalar setting as a caller may write it: int, float (for a float setting) and numpy scalars."""
+    if kind == "int":
+        return [int(value), np.int64(value), np.int32(value)]
+    forms = [float(value), np.float64(value), np.float32(value)]
+    return forms + [int(value), np.int64(value)] if float(value).is_integer() else forms
+
+
+def _vector_forms(vector):
+    r"""A per-class setting as a caller may write it: list, tuple, numpy arrays, tensors of each dtype."""
+    values = vector.tolist()
+    forms = [values, tuple(values), np.asarray(values), np.asarray(values, np.float32), vector.float(), vector.double()]
+    if all(float(v).is_integer() for v in values):
+        forms += [[int(v) for v in values], vector.long()]
+    return forms
+
+
+def _setting_forms():
+    r"""(loss, test_params index, parameter, value form) for every numeric and vector parameter of
+    every loss: scalars from their default (or a test setting), vectors from a test setting."""
+    for spec in losses.specs():
+        for param in spec.params:
+            if param.kind not in ("float", "int", "vector", "float_or_vector"):
+                continue
+            index = next((i for i, setting in enumerate(spec.test_params) if param.name in setting), 0)
+            values = [spec.test_params[index].get(param.name, param.default)]
+            if param.kind == "float_or_vector":
+                values += [setting[param.name] for setting in spec.test_params if param.name in setting]
+            for value in values:
+                if value is None:
+                    continue
+                tensor = isinstance(value, torch.Tensor) and value.dim() > 0
+                for form in (_vector_forms(value) if tensor else _number_forms(value, param.kind)):
+                    yield pytest.param(spec.name, index, param.name, form,
+                                       id=f"{spec.name}-{param.name}-{type(form).__name__}-{getattr(form, 'dtype', '')}")
+
+
+@pytest.mark.parametrize("name, index, param_name, form", list(_setting_forms()))
+def test_function_and_module_take_every_form_of_a_setting_the_registry_accepts(name, index, param_name, form):
+    r"""The function, the module and the canonical value agree; a form the registry refuses is refused
+    by both (``focal_loss(alpha=1)`` once ignored ``alpha``: only float and Tensor were handled)."""
+    spec, params, predictions, targets = make(name, index)
+    param = spec.param(param_name)
+    others = {k: v for k, v in params.items() if k != param_name}
+    try:
+        canonical = param.validate(form, name)
+    except ValueError:
+        with pytest.raises(ValueError, match=param_name):
+            losses.build(name, **others, **{param_name: form})
+        return
+    expected = losses.build(name, **others, **{param_name: canonical})(predictions, targets)
+    torch.testing.assert_close(losses.build(name, **others, **{param_name: form})(predictions, targets), expected,
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(spec.function(predictions, targets, **others, **{param_name: form}), expected,
+                               rtol=1e-12, atol=0)
 
 
 @functools.lru_cache(maxsize=None)

@@ -163,7 +163,7 @@ def export_onnx(spec: LossSpec, variant: Dict[str, Any], path: Path, opset: int 
     r"""Trace the canonical graph of ``spec``/``variant`` with the dynamo exporter and save it, with
     its :func:`onnx_identity` in the model metadata."""
     feeds = example_feeds(spec, variant)
-    names = layout.onnx_input_names(spec, variant)
+    names = layout.onnx_input_names(spec)
     args = tuple(feeds[name] for name in names)
     # Size-based naming shares one symbol between e.g. predictions' C and class_weight's length.
     dynamic = {"inputs": tuple(_dynamic_axes(tuple(arg.shape)) for arg in args)}

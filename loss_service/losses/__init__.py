@@ -14,23 +14,14 @@ from . import focal  # noqa: F401
 from . import region  # noqa: F401
 from . import combo  # noqa: F401
 from . import regression  # noqa: F401
-from .bce import BCELoss, BCEWithLogitsLoss, binary_cross_entropy, binary_cross_entropy_with_logits
+from .bce import *  # noqa: F401,F403
 from .combo import *  # noqa: F401,F403
 from .cross_entropy import *  # noqa: F401,F403
 from .focal import *  # noqa: F401,F403
 from .region import *  # noqa: F401,F403
 from .regression import *  # noqa: F401,F403
 
-__all__ = [
-    "LossSpec",
-    "ParamSpec",
-    "REDUCTIONS",
-    "build",
-    "get",
-    "names",
-    "specs",
-    "BCELoss",
-    "BCEWithLogitsLoss",
-    "binary_cross_entropy",
-    "binary_cross_entropy_with_logits",
+# Everything each family module exports: its modules, functions and statistics kernels.
+__all__ = ["LossSpec", "ParamSpec", "REDUCTIONS", "build", "get", "names", "specs"] + [
+    name for family in (bce, cross_entropy, focal, region, combo, regression) for name in family.__all__
 ]

@@ -33,7 +33,6 @@ from torch import Tensor
 REDUCTIONS: List[str] = ["none", "mean", "sum", "weighted_mean"]
 # Column of each scalar reduction in the output of a reductions kernel.
 REDUCTION_COLUMNS: List[str] = ["sum", "mean", "weighted_mean"]
-ELEMENTWISE_TOTALS: int = 4
 
 
 def is_exporting() -> bool:
@@ -83,9 +82,27 @@ def as_float(x: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     return x.to(dtype)
 
 
-def scalar(value: float, like: Tensor) -> Tensor:
-    r"""A 0-d tensor holding a hyperparameter, on ``like``'s device and in its dtype."""
-    return torch.full([], value, dtype=like.dtype, device=like.device)
+def float_hyperparameter(value: float, predictions: Tensor) -> Tensor:
+    r"""A float hyperparameter as the 0-d tensor a kernel takes, in the loss's compute dtype.
+
+    The compute dtype (not the predictions' dtype) keeps e.g. ``label_smoothing=0.1`` exact to
+    float32 for float16 inputs.
+    """
+    return torch.full([], value, dtype=compute_dtype(predictions.dtype), device=predictions.device)
+
+
+def int_hyperparameter(value: int, predictions: Tensor) -> Tensor:
+    r"""An integer hyperparameter (``ignore_index``, ``balance_index``) as a 0-d int64 tensor."""
+    return torch.full([], value, dtype=torch.int64, device=predictions.device)
+
+
+def vector_argument(value: Optional[Tensor]) -> Optional[Tensor]:
+    r"""A per-class vector argument of a loss function as a tensor: eager callers may also pass a
+    list, a tuple or a numpy array, as the modules take them (scripted code has a tensor already)."""
+    if not torch.jit.is_scripting():
+        if value is not None and not isinstance(value, Tensor):
+            return torch.as_tensor(value)
+    return value
 
 
 def accumulate(x: Tensor, dims: Optional[List[int]] = None) -> Tensor:

@@ -2,9 +2,11 @@ r"""The one registry of losses that the exporter, the server, the docs and the t
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 PREDICTION_KINDS = ("logits", "probabilities", "log_probabilities", "real")
@@ -57,7 +59,7 @@ class ParamSpec:
             raise ValueError(f"{where}parameter '{self.name}' must not be None")
         kind = self.kind
         if kind == "float_or_vector":
-            kind = "float" if isinstance(value, (int, float)) and not isinstance(value, bool) else "vector"
+            kind = "float" if _is_number(value) else "vector"
         if kind == "bool":
             if not isinstance(value, bool):
                 raise ValueError(f"{where}parameter '{self.name}' must be a bool, got {type(value).__name__}")
@@ -85,13 +87,13 @@ class ParamSpec:
             if self._out_of_range_tensor(tensor):
                 raise ValueError(f"{where}parameter '{self.name}' must have every entry in {self.range_text()}")
             return tensor
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _is_number(value):
             raise ValueError(f"{where}parameter '{self.name}' must be a number ({kind}), got {type(value).__name__}")
         if kind == "int":
-            if isinstance(value, float):
-                if not value.is_integer():
+            if not isinstance(value, numbers.Integral):
+                if not float(value).is_integer():
                     raise ValueError(f"{where}parameter '{self.name}' must be an integer, got {value}")
-                value = int(value)
+            value = int(value)
             if not -(2**63) <= value < 2**63:
                 raise ValueError(f"{where}parameter '{self.name}' must fit in int64, got {value}")
         else:
@@ -130,6 +132,11 @@ class ParamSpec:
             "doc": self.doc,
             "graph_input": self.graph_input,
         }
+
+
+def _is_number(value: Any) -> bool:
+    r"""A real number, numpy scalars included; not a bool (``True`` is no hyperparameter value)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _fmt(x: float) -> str:

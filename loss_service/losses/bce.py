@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
@@ -20,6 +21,7 @@ from ._reduction import (
     optional_vector,
     per_class,
     select_reduction,
+    vector_argument,
     vector_buffer,
 )
 
@@ -115,6 +117,7 @@ def binary_cross_entropy(
     Equals :func:`torch.nn.functional.binary_cross_entropy` (``weight=weights``), including the
     log clamp at -100.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = bce_statistics(predictions, targets, weights, class_weight, class_dim, False)
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
@@ -200,6 +203,8 @@ def binary_cross_entropy_with_logits(
     Equals :func:`torch.nn.functional.binary_cross_entropy_with_logits` (``weight=weights``;
     a length-``C`` ``pos_weight`` there broadcasts along the last dim, here along ``class_dim``).
     """
+    pos_weight = vector_argument(pos_weight)
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = bce_with_logits_statistics(
         predictions, targets, weights, pos_weight, class_weight, class_dim, False
@@ -305,18 +310,6 @@ def _probability_inputs(batch, num_classes, spatial, generator, dtype, params):
     return _binary_inputs(batch, num_classes, spatial, generator, dtype, params, probabilities=True)
 
 
-REDUCTION_PARAM = ParamSpec(
-    "reduction", "str", "mean", "how values are reduced: none, mean, sum or weighted_mean",
-    choices=("none", "mean", "sum", "weighted_mean"),
-)
-CLASS_DIM_PARAM = ParamSpec(
-    "class_dim", "int", 1, "dimension of the predictions that holds the classes (1 for (N, C, *), -1 for channels-last)",
-    graph_input=False,
-)
-CLASS_WEIGHT_PARAM = ParamSpec(
-    "class_weight", "vector", None, "per-class weight, length C, applied along class_dim", low=0.0
-)
-
 register(
     LossSpec(
         name="bce",
@@ -365,3 +358,12 @@ register(
         ),
     )
 )
+
+__all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "bce_statistics",
+    "bce_with_logits_statistics",
+]

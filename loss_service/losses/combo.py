@@ -16,9 +16,11 @@ from ._reduction import (
     check_reduction,
     check_same_shape,
     elementwise_reductions,
+    int_hyperparameter,
     one_target_per_prediction_hint,
     optional_vector,
     select_reduction,
+    vector_argument,
     vector_buffer,
 )
 from .bce import bce_with_logits_statistics
@@ -26,7 +28,6 @@ from .region import (
     DENSE_TARGET_RANGE,
     _constant,
     _flag,
-    _index,
     _prepare,
     _split_weights,
     dice_reductions,
@@ -212,12 +213,14 @@ def bce_dice_loss(
             (``include_background`` does not change the BCE term, as in MONAI's ``DiceCELoss``).
         reduction: ``none`` returns ``(N,)``: each sample's combined loss alone, ``mean`` rule.
     """
+    pos_weight = vector_argument(pos_weight)
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = bce_dice_statistics(
         predictions, targets, weights, pos_weight, class_weight, _constant(bce_weight, predictions),
         _constant(dice_weight, predictions), _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
         _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
-        _index(ignore_index, predictions), mode, batch, False,
+        int_hyperparameter(ignore_index, predictions), mode, batch, False,
     )
     reductions = bce_dice_reductions(
         totals, _constant(bce_weight, predictions), _constant(dice_weight, predictions),
@@ -291,7 +294,7 @@ class BCEDiceLoss(nn.Module):
             _constant(self.bce_weight, predictions), _constant(self.dice_weight, predictions),
             _constant(self.smooth_nr, predictions), _constant(self.smooth_dr, predictions),
             _flag(self.include_background, predictions), _flag(self.squared_pred, predictions),
-            _flag(self.log_loss, predictions), _index(self.ignore_index, predictions), self.mode, self.batch,
+            _flag(self.log_loss, predictions), int_hyperparameter(self.ignore_index, predictions), self.mode, self.batch,
             per_sample,
         )
 

@@ -10,7 +10,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._registry import LossSpec, ParamSpec, register
+from ._params import (
+    CLASS_DIM_PARAM,
+    CLASS_WEIGHT_PARAM,
+    IGNORE_INDEX_PARAM,
+    LABEL_SMOOTHING_PARAM,
+    REDUCTION_PARAM,
+)
+from ._registry import LossSpec, register
 from ._stable import log_softmax, logsumexp
 from ._reduction import (
     as_float,
@@ -19,6 +26,8 @@ from ._reduction import (
     compute_dtype,
     elementwise_reductions,
     elementwise_statistics,
+    float_hyperparameter,
+    int_hyperparameter,
     is_exporting,
     label_map_hint,
     normalize_class_dim,
@@ -26,23 +35,9 @@ from ._reduction import (
     per_class,
     sample_or_element_weights,
     select_reduction,
+    vector_argument,
     vector_buffer,
 )
-from .bce import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
-
-
-def float_hyperparameter(value: float, predictions: Tensor) -> Tensor:
-    r"""A float hyperparameter as the 0-d tensor a kernel takes, in the loss's compute dtype.
-
-    The compute dtype (not the predictions' dtype) keeps e.g. ``label_smoothing=0.1`` exact to
-    float32 for float16 inputs.
-    """
-    return torch.full([], value, dtype=compute_dtype(predictions.dtype), device=predictions.device)
-
-
-def int_hyperparameter(value: int, predictions: Tensor) -> Tensor:
-    r"""An integer hyperparameter (``ignore_index``, ``balance_index``) as a 0-d int64 tensor."""
-    return torch.full([], value, dtype=torch.int64, device=predictions.device)
 
 
 def check_label_smoothing(label_smoothing: Tensor) -> None:
@@ -437,6 +432,7 @@ def cross_entropy_loss(
     Equals :func:`torch.nn.functional.cross_entropy` wherever torch's result is finite, and is 0
     (zero gradients) where every target is ignored.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = cross_entropy_statistics(
         predictions,
@@ -502,6 +498,7 @@ def nll_loss(
 
     Equals :func:`torch.nn.functional.nll_loss`, and is 0 where every target is ignored.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = nll_statistics(
         predictions, targets, weights, class_weight, int_hyperparameter(ignore_index, predictions), class_dim, False
@@ -626,13 +623,6 @@ def _log_probability_inputs(batch, num_classes, spatial, generator, dtype, param
     logits, targets = class_index_inputs(batch, num_classes, spatial, generator, torch.float64, params)
     return torch.log_softmax(logits, 1).to(dtype), targets
 
-
-IGNORE_INDEX_PARAM = ParamSpec(
-    "ignore_index", "int", -100, "class-index target value that contributes nothing (neither loss nor mean denominator)"
-)
-LABEL_SMOOTHING_PARAM = ParamSpec(
-    "label_smoothing", "float", 0.0, "torch's label smoothing: target distribution (1-ε)·onehot + ε/C", low=0.0, high=1.0
-)
 
 register(
     LossSpec(

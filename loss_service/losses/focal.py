@@ -6,11 +6,20 @@ https://arxiv.org/abs/1708.02002. The focal term multiplies each element's cross
 one (applying it to the batch-mean BCE, as one popular blog does, only rescales the batch loss).
 """
 import math
-from typing import List, Optional, Tuple, Union
+import numbers
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._params import (
+    CLASS_DIM_PARAM,
+    CLASS_WEIGHT_PARAM,
+    GAMMA_PARAM,
+    IGNORE_INDEX_PARAM,
+    LABEL_SMOOTHING_PARAM,
+    REDUCTION_PARAM,
+)
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float,
@@ -19,22 +28,22 @@ from ._reduction import (
     compute_dtype,
     elementwise_reductions,
     elementwise_statistics,
+    float_hyperparameter,
+    int_hyperparameter,
     is_exporting,
     label_map_hint,
-    one_target_per_prediction_hint,
     normalize_class_dim,
+    one_target_per_prediction_hint,
     optional_vector,
     per_class,
     power,
     sample_or_element_weights,
     select_reduction,
+    vector_argument,
     vector_buffer,
 )
 from ._stable import log_sigmoid, log_softmax, logsumexp
-from .bce import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from .cross_entropy import (
-    IGNORE_INDEX_PARAM,
-    LABEL_SMOOTHING_PARAM,
     check_label_smoothing,
     class_index_inputs,
     class_index_mask,
@@ -42,9 +51,7 @@ from .cross_entropy import (
     eager_index_targets,
     eager_index_weights,
     eager_target_nll,
-    float_hyperparameter,
     index_weights,
-    int_hyperparameter,
     probability_target_statistics,
     select_class,
 )
@@ -154,6 +161,7 @@ def binary_focal_loss(
 
     Equals ``torchvision.ops.sigmoid_focal_loss`` for every ``alpha``, ``gamma`` and reduction.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = binary_focal_statistics(
         predictions,
@@ -320,6 +328,16 @@ def _focal_terms(log_p: Tensor, gamma: Tensor) -> Tensor:
     return _modulating_factor(-torch.expm1(log_p), gamma) * -log_p
 
 
+def _number_or_vector(value: Any) -> Union[float, Tensor, None]:
+    r"""An eager caller's ``alpha``: a number (an int or a numpy scalar too) or a per-class vector (a
+    list, tuple or numpy array too), as :class:`FocalLoss` takes it."""
+    if value is None or isinstance(value, Tensor):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return torch.as_tensor(value)
+
+
 def focal_loss(
     predictions: Tensor,
     targets: Tensor,
@@ -367,12 +385,15 @@ def focal_loss(
             ``weighted_mean`` (:math:`\sum \ell / \sum w`, :math:`w` = weights × :math:`d`).
         class_dim: the class dimension (``-1`` for channels-last ``(N, *, C)``).
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
+    if not torch.jit.is_scripting():
+        alpha = _number_or_vector(alpha)
     alpha_tensor: Optional[Tensor] = None
-    if isinstance(alpha, float):
-        alpha_tensor = float_hyperparameter(alpha, predictions)
-    elif isinstance(alpha, Tensor):
+    if isinstance(alpha, Tensor):
         alpha_tensor = alpha
+    elif alpha is not None:
+        alpha_tensor = float_hyperparameter(alpha, predictions)
     values, totals, _ = focal_statistics(
         predictions,
         targets,
@@ -528,8 +549,6 @@ def _binary_inputs(batch, num_classes, spatial, generator, dtype, params):
     targets = (torch.rand(shape, generator=generator, dtype=torch.float64) < 0.3).to(dtype)
     return logits.to(dtype), targets
 
-
-GAMMA_PARAM = ParamSpec("gamma", "float", 2.0, "focusing parameter γ of (1 - p_t)^γ", low=0.0)
 
 register(
     LossSpec(

@@ -30,11 +30,14 @@ Call-time weights: ``(N,)`` weights are per-sample weights :math:`s_n` (``batch=
 kernels split them; the ``*_statistics_with_sample_weights`` kernels take both kinds as separate
 arguments (the ONNX graphs feed both, see :mod:`loss_service.layout`).
 """
+import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ._params import CLASS_WEIGHT_PARAM as SHARED_CLASS_WEIGHT_PARAM
+from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     accumulate,
@@ -45,15 +48,16 @@ from ._reduction import (
     compute_dtype,
     elementwise_reductions,
     elementwise_statistics,
+    int_hyperparameter,
     is_exporting,
     multiclass_mode_hint,
     optional_vector,
     safe_divide,
     sample_or_element_weights,
     select_reduction,
+    vector_argument,
     vector_buffer,
 )
-from .bce import REDUCTION_PARAM
 
 MODES = ("binary", "multilabel", "multiclass")
 
@@ -81,13 +85,9 @@ SQUARED_PRED_PARAM = ParamSpec(
 LOG_LOSS_PARAM = ParamSpec("log_loss", "bool", False, "loss -log(index) (index clamped at 1e-7) instead of 1 - index")
 # Binary masks, multilabel masks and class probabilities (what _prepare checks).
 DENSE_TARGET_RANGE = (0.0, 1.0)
-IGNORE_INDEX_PARAM = ParamSpec(
-    "ignore_index", "int", -100, "target value whose positions get weight 0 (class index, or mask value such as 255)"
-)
-CLASS_WEIGHT_PARAM = ParamSpec(
-    "class_weight", "vector", None,
-    "weight of each class's loss, length C (1 in binary mode); entry 0 is unused when the background is dropped",
-    low=0.0,
+CLASS_WEIGHT_PARAM = dataclasses.replace(
+    SHARED_CLASS_WEIGHT_PARAM,
+    doc="weight of each class's loss, length C (1 in binary mode); entry 0 is unused when the background is dropped",
 )
 ALPHA_PARAM = ParamSpec("alpha", "float", 0.5, "Tversky weight of false positives", low=0.0)
 BETA_PARAM = ParamSpec("beta", "float", 0.5, "Tversky weight of false negatives", low=0.0)
@@ -318,38 +318,6 @@ def _check_split_weights(weights: Optional[Tensor], sample_weights: Optional[Ten
             )
 
 
-def region_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    overlap_scale: float,
-    gamma: Optional[Tensor],
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    class_weight: Optional[Tensor],
-    mode: str,
-    batch: bool,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""The shared statistics kernel of every region loss (see the module docstring).
-
-    ``weights``: ``(N,)`` per sample or pixel weights broadcastable to the predictions; it is split
-    by :func:`_split_weights` and computed by :func:`region_statistics_with_sample_weights`.
-    """
-    pixel_weights, sample_weights = _split_weights(weights, predictions)
-    return region_statistics_with_sample_weights(
-        predictions, targets, pixel_weights, sample_weights, smooth_nr, smooth_dr, alpha, beta, overlap_scale,
-        gamma,
-        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
-    )
-
-
 def region_statistics_with_sample_weights(
     predictions: Tensor,
     targets: Tensor,
@@ -470,10 +438,6 @@ def _flag(value: bool, like: Tensor) -> Tensor:
     return torch.full([], value, dtype=torch.bool, device=like.device)
 
 
-def _index(value: int, like: Tensor) -> Tensor:
-    return torch.full([], value, dtype=torch.int64, device=like.device)
-
-
 # ---------------------------------------------------------------------------------------- dice
 
 
@@ -585,11 +549,12 @@ def dice_loss(
 
     Equals MONAI ``DiceLoss(sigmoid=True | softmax=True, to_onehot_y=...)`` for its settings.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = dice_statistics(
         predictions, targets, weights, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
         _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
-        _index(ignore_index, predictions), class_weight, mode, batch, False,
+        int_hyperparameter(ignore_index, predictions), class_weight, mode, batch, False,
     )
     reductions = dice_reductions(
         totals, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
@@ -675,7 +640,7 @@ class DiceLoss(_RegionLoss):
             predictions, targets, weights, _constant(self.smooth_nr, predictions),
             _constant(self.smooth_dr, predictions), _flag(self.include_background, predictions),
             _flag(self.squared_pred, predictions), _flag(self.log_loss, predictions),
-            _index(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
+            int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
             per_sample,
         )
 
@@ -782,11 +747,12 @@ def iou_loss(
     Statistics, shapes, weights and reductions as :func:`dice_loss`. MONAI's ``jaccard=True``
     smooths ``(2TP + s_nr) / (2(P + T - TP) + s_dr)``: the same loss when the smoothing is 0.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = iou_statistics(
         predictions, targets, weights, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
         _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
-        _index(ignore_index, predictions), class_weight, mode, batch, False,
+        int_hyperparameter(ignore_index, predictions), class_weight, mode, batch, False,
     )
     reductions = iou_reductions(
         totals, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
@@ -841,7 +807,7 @@ class IoULoss(_RegionLoss):
             predictions, targets, weights, _constant(self.smooth_nr, predictions),
             _constant(self.smooth_dr, predictions), _flag(self.include_background, predictions),
             _flag(self.squared_pred, predictions), _flag(self.log_loss, predictions),
-            _index(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
+            int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
             per_sample,
         )
 
@@ -956,12 +922,13 @@ def tversky_loss(
     ``alpha = 0.3, beta = 0.7`` to favour recall). Statistics, shapes, weights and reductions as
     :func:`dice_loss`; equals MONAI ``TverskyLoss`` for its settings.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = tversky_statistics(
         predictions, targets, weights, _constant(alpha, predictions), _constant(beta, predictions),
         _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
         _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
-        _index(ignore_index, predictions), class_weight, mode, batch, False,
+        int_hyperparameter(ignore_index, predictions), class_weight, mode, batch, False,
     )
     reductions = tversky_reductions(
         totals, _constant(alpha, predictions), _constant(beta, predictions), _constant(smooth_nr, predictions),
@@ -1023,7 +990,7 @@ class TverskyLoss(_RegionLoss):
             predictions, targets, weights, _constant(self.alpha, predictions), _constant(self.beta, predictions),
             _constant(self.smooth_nr, predictions), _constant(self.smooth_dr, predictions),
             _flag(self.include_background, predictions), _flag(self.squared_pred, predictions),
-            _flag(self.log_loss, predictions), _index(self.ignore_index, predictions),
+            _flag(self.log_loss, predictions), int_hyperparameter(self.ignore_index, predictions),
             optional_vector(self.class_weight), self.mode, self.batch, per_sample,
         )
 
@@ -1143,12 +1110,13 @@ def focal_tversky_loss(
     for ``gamma < 1``). Unlike smp, which raises the *mean* Tversky loss to the power, the power
     is applied to each class's loss as in the paper's :math:`\sum_c (1 - TI_c)^{1/γ}`.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = focal_tversky_statistics(
         predictions, targets, weights, _constant(alpha, predictions), _constant(beta, predictions),
         _constant(gamma, predictions), _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
         _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
-        _index(ignore_index, predictions), class_weight, mode, batch, False,
+        int_hyperparameter(ignore_index, predictions), class_weight, mode, batch, False,
     )
     reductions = focal_tversky_reductions(
         totals, _constant(alpha, predictions), _constant(beta, predictions), _constant(gamma, predictions),
@@ -1214,7 +1182,7 @@ class FocalTverskyLoss(_RegionLoss):
             _constant(self.gamma, predictions), _constant(self.smooth_nr, predictions),
             _constant(self.smooth_dr, predictions), _flag(self.include_background, predictions),
             _flag(self.squared_pred, predictions), _flag(self.log_loss, predictions),
-            _index(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
+            int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
             per_sample,
         )
 
@@ -1432,7 +1400,6 @@ __all__ = [
     "focal_tversky_statistics",
     "focal_tversky_statistics_with_sample_weights",
     "focal_tversky_reductions",
-    "region_statistics",
     "region_statistics_with_sample_weights",
     "region_reductions",
 ]

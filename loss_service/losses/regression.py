@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float,
@@ -19,24 +20,15 @@ from ._reduction import (
     effective_weight,
     elementwise_reductions,
     elementwise_statistics,
+    float_hyperparameter,
     is_exporting,
     one_target_per_prediction_hint,
     optional_vector,
     select_reduction,
+    vector_argument,
     vector_buffer,
 )
 
-REDUCTION_PARAM = ParamSpec(
-    "reduction", "str", "mean", "how values are reduced: none, mean (element count), sum or weighted_mean",
-    choices=("none", "mean", "sum", "weighted_mean"),
-)
-CLASS_DIM_PARAM = ParamSpec(
-    "class_dim", "int", 1, "dimension of the predictions that holds the classes/channels class_weight applies along",
-    graph_input=False,
-)
-CLASS_WEIGHT_PARAM = ParamSpec(
-    "class_weight", "vector", None, "per-class (per-channel) weight, length C, applied along class_dim", low=0.0
-)
 DELTA_PARAM = ParamSpec(
     "delta", "float", 1.0, "residual size where the Huber loss turns from quadratic to linear", low=0.0,
     low_inclusive=False,
@@ -65,11 +57,6 @@ def _statistics(
     weight = effective_weight(list(loss.shape), weights, class_weight, class_dim, dtype)
     weighted = loss if weight is None else loss * weight
     return elementwise_statistics(weighted, weight, None, per_sample)
-
-
-def _hyperparameter(value: float, predictions: Tensor) -> Tensor:
-    r"""``value`` as a 0-d tensor in the compute dtype (float16 inputs must not round ``delta`` to half)."""
-    return torch.full([], value, dtype=compute_dtype(predictions.dtype), device=predictions.device)
 
 
 def _check_threshold(value: Tensor, loss: str, name: str, allow_zero: bool) -> Tensor:
@@ -180,6 +167,7 @@ def mse_loss(
 
     Without weights it equals :func:`torch.nn.functional.mse_loss` for every torch reduction.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = mse_statistics(predictions, targets, weights, class_weight, class_dim, False)
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
@@ -201,6 +189,7 @@ def l1_loss(
     Arguments and reductions as :func:`mse_loss`. Without weights it equals
     :func:`torch.nn.functional.l1_loss`.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = l1_statistics(predictions, targets, weights, class_weight, class_dim, False)
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
@@ -225,9 +214,10 @@ def huber_loss(
     Arguments and reductions as :func:`mse_loss`. Without weights it equals
     :func:`torch.nn.functional.huber_loss` with the same ``delta``.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = huber_statistics(
-        predictions, targets, weights, _hyperparameter(delta, predictions), class_weight, class_dim, False
+        predictions, targets, weights, float_hyperparameter(delta, predictions), class_weight, class_dim, False
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -252,9 +242,10 @@ def smooth_l1_loss(
     (value and gradient finite). Arguments and reductions as :func:`mse_loss`. Without weights it
     equals :func:`torch.nn.functional.smooth_l1_loss` with the same ``beta``.
     """
+    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = smooth_l1_statistics(
-        predictions, targets, weights, _hyperparameter(beta, predictions), class_weight, class_dim, False
+        predictions, targets, weights, float_hyperparameter(beta, predictions), class_weight, class_dim, False
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -344,7 +335,7 @@ class HuberLoss(nn.Module):
             predictions,
             targets,
             weights,
-            _hyperparameter(self.delta, predictions),
+            float_hyperparameter(self.delta, predictions),
             optional_vector(self.class_weight),
             self.class_dim,
             per_sample,
@@ -388,7 +379,7 @@ class SmoothL1Loss(nn.Module):
             predictions,
             targets,
             weights,
-            _hyperparameter(self.beta, predictions),
+            float_hyperparameter(self.beta, predictions),
             optional_vector(self.class_weight),
             self.class_dim,
             per_sample,

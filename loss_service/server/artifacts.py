@@ -207,7 +207,7 @@ def check_graph(path: Path, entry: Dict[str, Any], job: "Job", data: bytes) -> N
     inputs = [export_manifest.value_info(value) for value in model.graph.input]
     outputs = [export_manifest.value_info(value) for value in model.graph.output]
     feeds = example_feeds(job.spec, job.variant)
-    names = layout.onnx_input_names(job.spec, job.variant)
+    names = layout.onnx_input_names(job.spec)
     differences += _differences(
         "inputs",
         [(value["name"], value["dtype"], len(value["shape"])) for value in inputs],

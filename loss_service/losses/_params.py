@@ -1,0 +1,31 @@
+r"""The hyperparameters that several losses share, each declared once: name, kind, default, range
+and the text the docs, ``ListLosses`` and the error messages use.
+
+A family's own hyperparameters (a Dice ``smooth_nr``, a Huber ``delta``) stay in its module; a
+shared one whose meaning a family narrows gets its own text with :func:`dataclasses.replace`.
+"""
+from ._registry import ParamSpec
+from ._reduction import REDUCTIONS
+
+REDUCTION_PARAM = ParamSpec(
+    "reduction", "str", "mean",
+    "how values are reduced: none, mean, sum or weighted_mean (each loss's mean: docs/losses.md)",
+    choices=tuple(REDUCTIONS),
+)
+CLASS_DIM_PARAM = ParamSpec(
+    "class_dim", "int", 1,
+    "dimension of the predictions that holds the classes (1 for (N, C, *), -1 for channels-last)",
+    graph_input=False,
+)
+CLASS_WEIGHT_PARAM = ParamSpec(
+    "class_weight", "vector", None, "per-class weight, length C, applied along class_dim", low=0.0
+)
+IGNORE_INDEX_PARAM = ParamSpec(
+    "ignore_index", "int", -100,
+    "target value that contributes nothing, neither loss nor mean denominator: a class index, or a mask "
+    "value such as 255",
+)
+LABEL_SMOOTHING_PARAM = ParamSpec(
+    "label_smoothing", "float", 0.0, "torch's label smoothing: target distribution (1-ε)·onehot + ε/C", low=0.0, high=1.0
+)
+GAMMA_PARAM = ParamSpec("gamma", "float", 2.0, "focusing parameter γ of (1 - p_t)^γ", low=0.0)
