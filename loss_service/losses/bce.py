@@ -3,8 +3,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from ._base import ElementwiseLoss
 from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._stable import log_sigmoid
@@ -212,22 +213,12 @@ def binary_cross_entropy_with_logits(
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
-class BCELoss(nn.Module):
+class BCELoss(ElementwiseLoss):
     r"""Module form of :func:`binary_cross_entropy`; ``class_weight`` is a buffer."""
 
-    reduction: str
-    class_dim: int
 
     def __init__(self, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
-        self.class_dim = class_dim
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return binary_cross_entropy(
-            predictions, targets, weights, optional_vector(self.class_weight), self.reduction, self.class_dim
-        )
+        super().__init__(class_weight, reduction, class_dim)
 
     @torch.jit.export
     def statistics(
@@ -237,16 +228,10 @@ class BCELoss(nn.Module):
             predictions, targets, weights, optional_vector(self.class_weight), self.class_dim, per_sample
         )
 
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return elementwise_reductions(totals)
 
-
-class BCEWithLogitsLoss(nn.Module):
+class BCEWithLogitsLoss(ElementwiseLoss):
     r"""Module form of :func:`binary_cross_entropy_with_logits`; tensor settings are buffers."""
 
-    reduction: str
-    class_dim: int
 
     def __init__(
         self,
@@ -255,22 +240,8 @@ class BCEWithLogitsLoss(nn.Module):
         reduction: str = "mean",
         class_dim: int = 1,
     ) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
-        self.class_dim = class_dim
+        super().__init__(class_weight, reduction, class_dim)
         self.register_buffer("pos_weight", vector_buffer(pos_weight))
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return binary_cross_entropy_with_logits(
-            predictions,
-            targets,
-            weights,
-            optional_vector(self.pos_weight),
-            optional_vector(self.class_weight),
-            self.reduction,
-            self.class_dim,
-        )
 
     @torch.jit.export
     def statistics(
@@ -285,10 +256,6 @@ class BCEWithLogitsLoss(nn.Module):
             self.class_dim,
             per_sample,
         )
-
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return elementwise_reductions(totals)
 
 
 def _binary_inputs(

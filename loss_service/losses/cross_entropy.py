@@ -8,8 +8,9 @@ for class-index targets here are shared with the softmax focal loss in :mod:`.fo
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ._base import ElementwiseLoss
 from ._params import (
     CLASS_DIM_PARAM,
     CLASS_WEIGHT_PARAM,
@@ -36,7 +37,6 @@ from ._reduction import (
     sample_or_element_weights,
     select_reduction,
     vector_argument,
-    vector_buffer,
 )
 
 
@@ -506,13 +506,11 @@ def nll_loss(
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(ElementwiseLoss):
     r"""Module form of :func:`cross_entropy_loss`; ``class_weight`` is a buffer."""
 
-    reduction: str
     ignore_index: int
     label_smoothing: float
-    class_dim: int
 
     def __init__(
         self,
@@ -522,24 +520,9 @@ class CrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         class_dim: int = 1,
     ) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
+        super().__init__(class_weight, reduction, class_dim)
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
-        self.class_dim = class_dim
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return cross_entropy_loss(
-            predictions,
-            targets,
-            weights,
-            optional_vector(self.class_weight),
-            self.ignore_index,
-            self.label_smoothing,
-            self.reduction,
-            self.class_dim,
-        )
 
     @torch.jit.export
     def statistics(
@@ -556,17 +539,11 @@ class CrossEntropyLoss(nn.Module):
             per_sample,
         )
 
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return elementwise_reductions(totals)
 
-
-class NLLLoss(nn.Module):
+class NLLLoss(ElementwiseLoss):
     r"""Module form of :func:`nll_loss`; ``class_weight`` is a buffer."""
 
-    reduction: str
     ignore_index: int
-    class_dim: int
 
     def __init__(
         self,
@@ -575,16 +552,8 @@ class NLLLoss(nn.Module):
         reduction: str = "mean",
         class_dim: int = 1,
     ) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
+        super().__init__(class_weight, reduction, class_dim)
         self.ignore_index = int(ignore_index)
-        self.class_dim = class_dim
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return nll_loss(
-            predictions, targets, weights, optional_vector(self.class_weight), self.ignore_index, self.reduction, self.class_dim
-        )
 
     @torch.jit.export
     def statistics(
@@ -599,10 +568,6 @@ class NLLLoss(nn.Module):
             self.class_dim,
             per_sample,
         )
-
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return elementwise_reductions(totals)
 
 
 def class_index_inputs(

@@ -10,8 +10,9 @@ import numbers
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ._base import ElementwiseLoss
 from ._params import (
     CLASS_DIM_PARAM,
     CLASS_WEIGHT_PARAM,
@@ -410,13 +411,11 @@ def focal_loss(
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
-class BinaryFocalLoss(nn.Module):
+class BinaryFocalLoss(ElementwiseLoss):
     r"""Module form of :func:`binary_focal_loss`; ``class_weight`` is a buffer."""
 
-    reduction: str
     alpha: float
     gamma: float
-    class_dim: int
 
     def __init__(
         self,
@@ -426,24 +425,9 @@ class BinaryFocalLoss(nn.Module):
         reduction: str = "mean",
         class_dim: int = 1,
     ) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
+        super().__init__(class_weight, reduction, class_dim)
         self.alpha = float(alpha)
         self.gamma = float(gamma)
-        self.class_dim = class_dim
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return binary_focal_loss(
-            predictions,
-            targets,
-            weights,
-            self.alpha,
-            self.gamma,
-            optional_vector(self.class_weight),
-            self.reduction,
-            self.class_dim,
-        )
 
     @torch.jit.export
     def statistics(
@@ -460,12 +444,8 @@ class BinaryFocalLoss(nn.Module):
             per_sample,
         )
 
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return elementwise_reductions(totals)
 
-
-class FocalLoss(nn.Module):
+class FocalLoss(ElementwiseLoss):
     r"""Module form of :func:`focal_loss`.
 
     ``alpha`` is a buffer: empty when unset, 0-d for the scalar (``balance_index``) form, 1-d for a
@@ -474,12 +454,10 @@ class FocalLoss(nn.Module):
     predictions here).
     """
 
-    reduction: str
     gamma: float
     balance_index: int
     ignore_index: int
     label_smoothing: float
-    class_dim: int
 
     def __init__(
         self,
@@ -492,33 +470,15 @@ class FocalLoss(nn.Module):
         reduction: str = "mean",
         class_dim: int = 1,
     ) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
+        super().__init__(class_weight, reduction, class_dim)
         self.gamma = float(gamma)
         self.balance_index = int(balance_index)
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
-        self.class_dim = class_dim
         if isinstance(alpha, (int, float, list, tuple)):
             # float64 keeps a Python number exact; kernels cast to the compute dtype.
             alpha = torch.tensor(alpha, dtype=torch.float64)
         self.register_buffer("alpha", vector_buffer(alpha))
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return focal_loss(
-            predictions,
-            targets,
-            weights,
-            self.gamma,
-            optional_vector(self.alpha),
-            self.balance_index,
-            optional_vector(self.class_weight),
-            self.ignore_index,
-            self.label_smoothing,
-            self.reduction,
-            self.class_dim,
-        )
 
     @torch.jit.export
     def statistics(
@@ -537,10 +497,6 @@ class FocalLoss(nn.Module):
             self.class_dim,
             per_sample,
         )
-
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return elementwise_reductions(totals)
 
 
 def _binary_inputs(batch, num_classes, spatial, generator, dtype, params):

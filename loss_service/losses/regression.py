@@ -8,8 +8,9 @@ Each equals its :mod:`torch.nn.functional` counterpart and adds what torch lacks
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ._base import ElementwiseLoss
 from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
@@ -26,7 +27,6 @@ from ._reduction import (
     optional_vector,
     select_reduction,
     vector_argument,
-    vector_buffer,
 )
 
 DELTA_PARAM = ParamSpec(
@@ -250,20 +250,12 @@ def smooth_l1_loss(
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
-class MSELoss(nn.Module):
+class MSELoss(ElementwiseLoss):
     r"""Module form of :func:`mse_loss`; ``class_weight`` is a buffer."""
 
-    reduction: str
-    class_dim: int
 
     def __init__(self, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
-        self.class_dim = class_dim
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return mse_loss(predictions, targets, weights, optional_vector(self.class_weight), self.reduction, self.class_dim)
+        super().__init__(class_weight, reduction, class_dim)
 
     @torch.jit.export
     def statistics(
@@ -271,25 +263,13 @@ class MSELoss(nn.Module):
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return mse_statistics(predictions, targets, weights, optional_vector(self.class_weight), self.class_dim, per_sample)
 
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return elementwise_reductions(totals)
 
-
-class L1Loss(nn.Module):
+class L1Loss(ElementwiseLoss):
     r"""Module form of :func:`l1_loss`; ``class_weight`` is a buffer."""
 
-    reduction: str
-    class_dim: int
 
     def __init__(self, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
-        self.class_dim = class_dim
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return l1_loss(predictions, targets, weights, optional_vector(self.class_weight), self.reduction, self.class_dim)
+        super().__init__(class_weight, reduction, class_dim)
 
     @torch.jit.export
     def statistics(
@@ -297,17 +277,11 @@ class L1Loss(nn.Module):
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return l1_statistics(predictions, targets, weights, optional_vector(self.class_weight), self.class_dim, per_sample)
 
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return elementwise_reductions(totals)
 
-
-class HuberLoss(nn.Module):
+class HuberLoss(ElementwiseLoss):
     r"""Module form of :func:`huber_loss`; ``delta`` is read at call time (``setattr`` from C++ works)."""
 
-    reduction: str
     delta: float
-    class_dim: int
 
     def __init__(
         self,
@@ -316,16 +290,8 @@ class HuberLoss(nn.Module):
         reduction: str = "mean",
         class_dim: int = 1,
     ) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
+        super().__init__(class_weight, reduction, class_dim)
         self.delta = DELTA_PARAM.validate(delta, "huber")
-        self.class_dim = class_dim
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return huber_loss(
-            predictions, targets, weights, self.delta, optional_vector(self.class_weight), self.reduction, self.class_dim
-        )
 
     @torch.jit.export
     def statistics(
@@ -341,17 +307,11 @@ class HuberLoss(nn.Module):
             per_sample,
         )
 
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return elementwise_reductions(totals)
 
-
-class SmoothL1Loss(nn.Module):
+class SmoothL1Loss(ElementwiseLoss):
     r"""Module form of :func:`smooth_l1_loss`; ``beta`` is read at call time (``setattr`` from C++ works)."""
 
-    reduction: str
     beta: float
-    class_dim: int
 
     def __init__(
         self,
@@ -360,16 +320,8 @@ class SmoothL1Loss(nn.Module):
         reduction: str = "mean",
         class_dim: int = 1,
     ) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
+        super().__init__(class_weight, reduction, class_dim)
         self.beta = BETA_PARAM.validate(beta, "smooth_l1")
-        self.class_dim = class_dim
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return smooth_l1_loss(
-            predictions, targets, weights, self.beta, optional_vector(self.class_weight), self.reduction, self.class_dim
-        )
 
     @torch.jit.export
     def statistics(
@@ -384,10 +336,6 @@ class SmoothL1Loss(nn.Module):
             self.class_dim,
             per_sample,
         )
-
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return elementwise_reductions(totals)
 
 
 def _real_inputs(
