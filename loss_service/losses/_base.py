@@ -1,7 +1,8 @@
-r"""The base of the elementwise loss modules: what every one of them has, written once.
+r"""The bases of the loss modules: what every one of them has, written once.
 
-:class:`ElementwiseLoss` owns ``reduction``, ``class_dim`` and the ``class_weight`` buffer,
-``forward`` (the statistics, their reductions, the chosen one) and ``reductions``. A loss module
+:class:`Loss` owns ``forward`` (the statistics, their reductions, the chosen one);
+:class:`ElementwiseLoss` adds ``reduction``, ``class_dim``, the ``class_weight`` buffer and
+``reductions``; the region losses' base (:mod:`.region`) adds their shared settings. A loss module
 is its hyperparameters (attributes read at call time, so ``module.setattr("gamma", 3.0)`` from C++
 works on a scripted module) and one ``statistics`` method that calls its kernel. Scripting compiles
 ``forward`` for each concrete module, so the base's ``self.statistics`` is the loss's own.
@@ -14,15 +15,9 @@ from torch import Tensor, nn
 from ._reduction import check_reduction, elementwise_reductions, select_reduction, vector_buffer
 
 
-class ElementwiseLoss(nn.Module):
-    r"""A loss with one value per element, reduced by :func:`elementwise_reductions`."""
-
-    def __init__(self, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
-        self.class_dim = class_dim
-        # A buffer, empty when unset: it follows module.to(device) and C++ can replace it.
-        self.register_buffer("class_weight", vector_buffer(class_weight))
+class Loss(nn.Module):
+    r"""A loss module: ``forward`` is the reduction, chosen by ``self.reduction``, of the loss's own
+    ``statistics`` and ``reductions``."""
 
     def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         # The reduction is read at call time: C++ may have set it since construction.
@@ -36,6 +31,22 @@ class ElementwiseLoss(nn.Module):
     ) -> Tuple[Tensor, Tensor, Tensor]:
         r"""``(values, totals, sample_totals)`` of the loss's statistics kernel (see :mod:`._reduction`)."""
         raise NotImplementedError("a loss module implements statistics")
+
+    @torch.jit.export
+    def reductions(self, totals: Tensor) -> Tensor:
+        r"""``[sum, mean, weighted_mean]`` of ``(..., K)`` totals (see :mod:`._reduction`)."""
+        raise NotImplementedError("a loss module implements reductions")
+
+
+class ElementwiseLoss(Loss):
+    r"""A loss with one value per element, reduced by :func:`elementwise_reductions`."""
+
+    def __init__(self, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1) -> None:
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        self.class_dim = class_dim
+        # A buffer, empty when unset: it follows module.to(device) and C++ can replace it.
+        self.register_buffer("class_weight", vector_buffer(class_weight))
 
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:

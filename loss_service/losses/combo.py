@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._registry import LossSpec, ParamSpec, get, register
 from ._reduction import (
@@ -26,6 +26,7 @@ from ._reduction import (
 from .bce import bce_with_logits_statistics
 from .region import (
     DENSE_TARGET_RANGE,
+    RegionLoss,
     _constant,
     _flag,
     _prepare,
@@ -230,20 +231,11 @@ def bce_dice_loss(
     return select_reduction(values, reductions, reduction, predictions.dtype)
 
 
-class BCEDiceLoss(nn.Module):
+class BCEDiceLoss(RegionLoss):
     r"""Module form of :func:`bce_dice_loss`; ``pos_weight`` and ``class_weight`` are buffers."""
 
     bce_weight: float
     dice_weight: float
-    smooth_nr: float
-    smooth_dr: float
-    include_background: bool
-    squared_pred: bool
-    log_loss: bool
-    ignore_index: int
-    mode: str
-    batch: bool
-    reduction: str
 
     def __init__(
         self,
@@ -261,29 +253,15 @@ class BCEDiceLoss(nn.Module):
         batch: bool = _DEFAULTS["batch"],
         reduction: str = _DEFAULTS["reduction"],
     ) -> None:
-        super().__init__()
         if mode not in MODE_PARAM.choices:
             raise ValueError("bce_dice: mode must be 'binary' or 'multilabel', got {!r}".format(mode))
+        super().__init__(
+            smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch,
+            reduction,
+        )
         self.bce_weight = float(bce_weight)
         self.dice_weight = float(dice_weight)
-        self.smooth_nr = float(smooth_nr)
-        self.smooth_dr = float(smooth_dr)
-        self.include_background = bool(include_background)
-        self.squared_pred = bool(squared_pred)
-        self.log_loss = bool(log_loss)
-        self.ignore_index = int(ignore_index)
-        self.mode = mode
-        self.batch = bool(batch)
-        self.reduction = check_reduction(reduction)
         self.register_buffer("pos_weight", vector_buffer(pos_weight))
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return bce_dice_loss(
-            predictions, targets, weights, optional_vector(self.pos_weight), optional_vector(self.class_weight),
-            self.bce_weight, self.dice_weight, self.smooth_nr, self.smooth_dr, self.include_background,
-            self.squared_pred, self.log_loss, self.ignore_index, self.mode, self.batch, self.reduction,
-        )
 
     @torch.jit.export
     def statistics(

@@ -34,8 +34,9 @@ import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ._base import Loss
 from ._params import CLASS_WEIGHT_PARAM as SHARED_CLASS_WEIGHT_PARAM
 from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
@@ -563,8 +564,19 @@ def dice_loss(
     return select_reduction(values, reductions, reduction, predictions.dtype)
 
 
-class _RegionLoss(nn.Module):
-    r"""Attributes and scalar conversion shared by the region-loss modules."""
+class RegionLoss(Loss):
+    r"""The settings every region-loss module shares (a loss adds its own and its statistics and
+    reductions calls)."""
+
+    smooth_nr: float
+    smooth_dr: float
+    include_background: bool
+    squared_pred: bool
+    log_loss: bool
+    ignore_index: int
+    mode: str
+    batch: bool
+    reduction: str
 
     def __init__(
         self,
@@ -594,18 +606,9 @@ class _RegionLoss(nn.Module):
         self.register_buffer("class_weight", vector_buffer(class_weight))
 
 
-class DiceLoss(_RegionLoss):
+class DiceLoss(RegionLoss):
     r"""Module form of :func:`dice_loss`; ``class_weight`` is a buffer (empty = not set)."""
 
-    smooth_nr: float
-    smooth_dr: float
-    include_background: bool
-    squared_pred: bool
-    log_loss: bool
-    ignore_index: int
-    mode: str
-    batch: bool
-    reduction: str
 
     def __init__(
         self,
@@ -623,13 +626,6 @@ class DiceLoss(_RegionLoss):
         super().__init__(
             smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode,
             batch, reduction,
-        )
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return dice_loss(
-            predictions, targets, weights, self.smooth_nr, self.smooth_dr, self.include_background,
-            self.squared_pred, self.log_loss, self.ignore_index, optional_vector(self.class_weight), self.mode,
-            self.batch, self.reduction,
         )
 
     @torch.jit.export
@@ -761,18 +757,9 @@ def iou_loss(
     return select_reduction(values, reductions, reduction, predictions.dtype)
 
 
-class IoULoss(_RegionLoss):
+class IoULoss(RegionLoss):
     r"""Module form of :func:`iou_loss`; ``class_weight`` is a buffer (empty = not set)."""
 
-    smooth_nr: float
-    smooth_dr: float
-    include_background: bool
-    squared_pred: bool
-    log_loss: bool
-    ignore_index: int
-    mode: str
-    batch: bool
-    reduction: str
 
     def __init__(
         self,
@@ -790,13 +777,6 @@ class IoULoss(_RegionLoss):
         super().__init__(
             smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode,
             batch, reduction,
-        )
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return iou_loss(
-            predictions, targets, weights, self.smooth_nr, self.smooth_dr, self.include_background,
-            self.squared_pred, self.log_loss, self.ignore_index, optional_vector(self.class_weight), self.mode,
-            self.batch, self.reduction,
         )
 
     @torch.jit.export
@@ -938,20 +918,11 @@ def tversky_loss(
     return select_reduction(values, reductions, reduction, predictions.dtype)
 
 
-class TverskyLoss(_RegionLoss):
+class TverskyLoss(RegionLoss):
     r"""Module form of :func:`tversky_loss`; ``class_weight`` is a buffer (empty = not set)."""
 
     alpha: float
     beta: float
-    smooth_nr: float
-    smooth_dr: float
-    include_background: bool
-    squared_pred: bool
-    log_loss: bool
-    ignore_index: int
-    mode: str
-    batch: bool
-    reduction: str
 
     def __init__(
         self,
@@ -974,13 +945,6 @@ class TverskyLoss(_RegionLoss):
         )
         self.alpha = float(alpha)
         self.beta = float(beta)
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return tversky_loss(
-            predictions, targets, weights, self.alpha, self.beta, self.smooth_nr, self.smooth_dr,
-            self.include_background, self.squared_pred, self.log_loss, self.ignore_index,
-            optional_vector(self.class_weight), self.mode, self.batch, self.reduction,
-        )
 
     @torch.jit.export
     def statistics(
@@ -1126,21 +1090,12 @@ def focal_tversky_loss(
     return select_reduction(values, reductions, reduction, predictions.dtype)
 
 
-class FocalTverskyLoss(_RegionLoss):
+class FocalTverskyLoss(RegionLoss):
     r"""Module form of :func:`focal_tversky_loss`; ``class_weight`` is a buffer (empty = not set)."""
 
     alpha: float
     beta: float
     gamma: float
-    smooth_nr: float
-    smooth_dr: float
-    include_background: bool
-    squared_pred: bool
-    log_loss: bool
-    ignore_index: int
-    mode: str
-    batch: bool
-    reduction: str
 
     def __init__(
         self,
@@ -1165,13 +1120,6 @@ class FocalTverskyLoss(_RegionLoss):
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.gamma = float(gamma)
-
-    def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return focal_tversky_loss(
-            predictions, targets, weights, self.alpha, self.beta, self.gamma, self.smooth_nr, self.smooth_dr,
-            self.include_background, self.squared_pred, self.log_loss, self.ignore_index,
-            optional_vector(self.class_weight), self.mode, self.batch, self.reduction,
-        )
 
     @torch.jit.export
     def statistics(
