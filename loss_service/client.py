@@ -39,7 +39,8 @@ import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from loss_service.protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, bearer_metadata, to_message, to_numpy
+from loss_service.codec import to_message, to_numpy
+from loss_service.protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, bearer_metadata
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -314,8 +315,8 @@ def _settings(
 def score_result(response: pb.ScoreBatchResponse) -> ScoreResult:
     return ScoreResult(
         loss=response.loss,
-        values=to_numpy(response.values) if response.HasField("values") else None,
-        per_sample=to_numpy(response.per_sample) if response.HasField("per_sample") else None,
+        values=to_numpy(response.values, "values") if response.HasField("values") else None,
+        per_sample=to_numpy(response.per_sample, "per_sample") if response.HasField("per_sample") else None,
         weight_sum=response.weight_sum,
         denominator=response.denominator,
         num_elements=response.num_elements,

@@ -217,7 +217,7 @@ def test_the_client_and_the_command_line_load_no_torch():
     code = (
         "import sys, numpy as np\n"
         "from loss_service.client import AsyncLossClient, LossClient, build_request\n"
-        "from loss_service.protocol import to_message, to_numpy\n"
+        "from loss_service.codec import to_message, to_numpy\n"
         "from loss_service.__main__ import main\n"
         "request = build_request('focal', np.zeros((2, 3), np.float32), np.zeros(2, np.int64), gamma=2.0)\n"
         "assert to_numpy(request.predictions).shape == (2, 3)\n"

@@ -20,12 +20,11 @@ import torch
 from torch import Tensor
 
 from loss_service import losses
+from loss_service.codec import TensorError, dtype_name, to_message, to_tensor
 from loss_service.losses import LossSpec
-from loss_service.protocol import to_message
 from loss_service.v1 import loss_service_pb2 as pb
 
 from .backends import Backend, BackendUnavailable, Runner, config_key
-from .codec import decode, dtype_name
 from .errors import (
     ServiceError,
     echo,
@@ -33,6 +32,7 @@ from .errors import (
     invalid,
     library_value_error,
     protocol_dtype_names,
+    too_large,
     unavailable_backend,
 )
 from .wire import ParsedRequest
@@ -82,6 +82,15 @@ def request_field(param: losses.ParamSpec) -> str:
         # A float_or_vector parameter also accepts a scalar in `params`.
         return "tensor_params"
     return "params"
+
+
+def decode(tensor: pb.Tensor, field: str, max_elements: int, data: Optional[bytes] = None) -> Tensor:
+    r"""The request's tensor ``field`` (:func:`loss_service.codec.to_tensor`: a read-only view of its
+    bytes); what cannot be read is ``INVALID_ARGUMENT``, or ``RESOURCE_EXHAUSTED`` over ``max_elements``."""
+    try:
+        return to_tensor(tensor, field, max_elements, data)
+    except TensorError as error:
+        raise (too_large if error.too_large else invalid)(error.field, error.description) from None
 
 
 def param_value(message: pb.Param) -> Any:
