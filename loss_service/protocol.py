@@ -11,6 +11,17 @@ from typing import Sequence, Tuple
 from loss_service.v1 import loss_service_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+# Where a server listens by default, and where the command line's client looks for one.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+# The protocol's reductions and backends by the names the client, the command line and the server use.
+REDUCTIONS = {
+    "mean": pb.REDUCTION_MEAN,
+    "sum": pb.REDUCTION_SUM,
+    "none": pb.REDUCTION_NONE,
+    "weighted_mean": pb.REDUCTION_WEIGHTED_MEAN,
+}
+BACKENDS = {"eager": pb.BACKEND_EAGER, "torchscript": pb.BACKEND_TORCHSCRIPT, "onnx": pb.BACKEND_ONNX}
 # The server's default --max-message-bytes, and the client's default limit to match it (gRPC's own
 # default, 4 MiB, is far below a large batch).
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024

@@ -213,7 +213,7 @@ def test_a_call_waits_for_a_server_that_is_still_starting(server_artifacts):
         process.communicate(timeout=60)
 
 
-def test_the_client_and_the_command_line_load_no_torch():
+def test_the_client_and_the_command_line_load_neither_torch_nor_the_server():
     code = (
         "import sys, numpy as np\n"
         "from loss_service.client import AsyncLossClient, LossClient, build_request\n"
@@ -226,6 +226,8 @@ def test_the_client_and_the_command_line_load_no_torch():
         "except SystemExit:\n"
         "    pass\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "server = sorted(name for name in sys.modules if name.startswith('loss_service.server'))\n"
+        "assert not server, f'server modules were imported: {server}'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from loss_service.protocol import DEFAULT_MAX_MESSAGE_BYTES, ConfigError, check_tokens
+from loss_service.protocol import BACKENDS, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, ConfigError, check_tokens
 
-BACKENDS = ("eager", "torchscript", "onnx")
-BACKEND_CHOICES = ("auto",) + BACKENDS
+BACKEND_CHOICES = ("auto", *BACKENDS)
 # Eager is the default: on CPU it is the fastest of the three (no graph-input conversion as for
 # ONNX, no TorchScript interpreter overhead) and it is the reference the others are tested against.
 AUTO_BACKEND = "eager"
@@ -66,8 +65,8 @@ _CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
 class ServerConfig:
     r"""Everything ``python -m loss_service serve`` can set (flags, or ``LOSS_SERVICE_*`` variables)."""
 
-    host: str = "127.0.0.1"
-    port: int = 50051
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
     backend: str = "auto"
     device: str = "auto"
     artifacts: str = "artifacts"

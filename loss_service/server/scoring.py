@@ -19,7 +19,7 @@ from typing import Any, Dict, Hashable, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from loss_service import losses
+from loss_service import losses, protocol
 from loss_service.codec import TensorError, dtype_name, to_message, to_tensor
 from loss_service.losses import LossSpec
 from loss_service.v1 import loss_service_pb2 as pb
@@ -37,19 +37,9 @@ from .errors import (
 )
 from .wire import ParsedRequest
 
-REDUCTIONS: Dict[int, str] = {
-    pb.REDUCTION_UNSPECIFIED: "mean",
-    pb.REDUCTION_MEAN: "mean",
-    pb.REDUCTION_SUM: "sum",
-    pb.REDUCTION_NONE: "none",
-    pb.REDUCTION_WEIGHTED_MEAN: "weighted_mean",
-}
-BACKEND_NAMES: Dict[int, str] = {
-    pb.BACKEND_EAGER: "eager",
-    pb.BACKEND_TORCHSCRIPT: "torchscript",
-    pb.BACKEND_ONNX: "onnx",
-}
-BACKEND_ENUMS: Dict[str, int] = {name: value for value, name in BACKEND_NAMES.items()}
+# A request's reduction and backend by their names; an unspecified reduction is the mean.
+REDUCTIONS: Dict[int, str] = {pb.REDUCTION_UNSPECIFIED: "mean", **{wire: name for name, wire in protocol.REDUCTIONS.items()}}
+BACKEND_NAMES: Dict[int, str] = {wire: name for name, wire in protocol.BACKENDS.items()}
 # Column of each reduction in a reductions kernel's output; for "none" the per-sample values and a
 # stream's loss use the "sum" column.
 REDUCTION_COLUMN = {"sum": 0, "mean": 1, "weighted_mean": 2, "none": 0}
