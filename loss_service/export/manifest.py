@@ -14,13 +14,14 @@ checksums of swapped files.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -205,6 +206,18 @@ def torchscript_entry(spec: LossSpec, path: Path) -> Dict[str, Any]:
         ],
         "outputs": [{"name": "loss", "shape": "scalar, or the values' shape for reduction none"}],
         "hyperparameters": attributes,
+    }
+
+
+def run_record(seconds: float, verify: str, jobs: int, failed: Sequence[str]) -> Dict[str, Any]:
+    r"""The manifest's ``run`` section, its only run-dependent part: when the run finished, how long it
+    took, its verification level and worker processes, and the files that failed."""
+    return {
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+        "verify": verify,
+        "jobs": jobs,
+        "failed": sorted(failed),
     }
 
 

@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
     flags.add_argument("--grace-seconds", type=float, default=_env("grace_seconds", defaults.grace_seconds, float),
                         help="on SIGTERM/SIGINT, time given to in-flight calls (%(default)s)")
     flags.add_argument("--jobs", type=int, default=_env("export_jobs", defaults.export_jobs, int),
-                        help="worker processes exporting missing artifacts before readiness (%(default)s)")
+                        help="worker processes exporting missing artifacts before readiness "
+                            "(default: the exporter's, min(2, CPU count))")
     flags.add_argument("--torch-threads", type=int, default=_env("torch_threads", defaults.torch_threads, int),
                         help="intra-op threads of a large request computing alone; concurrent ones get 1 each "
                              "(default: CPU count, %(default)s)")
