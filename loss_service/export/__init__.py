@@ -341,7 +341,8 @@ def _row(job: Job, entry: Optional[Dict[str, Any]], seconds: float, error: str =
 
 
 def verification_failures(entry: Dict[str, Any]) -> str:
-    r"""The failed checks of a manifest entry's verification, ``"<check>: <first failures>; ..."``; empty when it passed."""
+    r"""The failed checks of a manifest entry's verification, ``"<check>: <first failures>; ..."``;
+    empty when it passed."""
     verification = entry.get("verification")
     if verification is None or verification["passed"]:
         return ""

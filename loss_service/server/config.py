@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from loss_service.protocol import BACKENDS, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, ConfigError, check_tokens
+from loss_service.protocol import (BACKENDS, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, ConfigError,
+                                   check_tokens)
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
 # Eager is the default: on CPU it is the fastest of the three (no graph-input conversion as for

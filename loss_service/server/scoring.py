@@ -38,7 +38,8 @@ from .errors import (
 from .wire import ParsedRequest
 
 # A request's reduction and backend by their names; an unspecified reduction is the mean.
-REDUCTIONS: Dict[int, str] = {pb.REDUCTION_UNSPECIFIED: "mean", **{wire: name for name, wire in protocol.REDUCTIONS.items()}}
+REDUCTIONS: Dict[int, str] = {
+    pb.REDUCTION_UNSPECIFIED: "mean", **{wire: name for name, wire in protocol.REDUCTIONS.items()}}
 BACKEND_NAMES: Dict[int, str] = {wire: name for name, wire in protocol.BACKENDS.items()}
 # Column of each reduction in a reductions kernel's output; for "none" the per-sample values and a
 # stream's loss use the "sum" column.
