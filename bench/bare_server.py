@@ -33,31 +33,19 @@ import numpy as np
 import torch
 
 from loss_service import losses
-
-from loss_service.server.config import ServerConfig, default_torch_threads
+from loss_service.codec import checked_view, to_tensor
+from loss_service.server.config import DEFAULT_MAX_ELEMENTS, ServerConfig, default_torch_threads
 from loss_service.server.memory import tune_malloc
 from loss_service.server.scoring import REDUCTION_COLUMN, REDUCTIONS, param_value
-from loss_service.protocol import SUPPORTED_DTYPE_NAMES, WIRE_DTYPES, view
 from loss_service.server.service import IntraOpThreads
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc
 
-def decode(tensor: pb.Tensor, field: str) -> np.ndarray:
-    r"""A read-only numpy view of ``tensor``'s bytes with its declared shape.
 
-    Raises ``ValueError`` naming ``field`` if the dtype has no numpy equivalent or the byte length
-    does not match the shape.
-    """
-    dtype = WIRE_DTYPES.get(tensor.dtype)
-    if dtype is None:
-        raise ValueError(f"{field}.dtype must be one of {SUPPORTED_DTYPE_NAMES}, "
-                         f"got {pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype}")
-    shape = tuple(tensor.shape)
-    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    if any(d < 0 for d in shape) or len(tensor.data) != expected:
-        raise ValueError(f"{field}.data must hold prod(shape={list(shape)}) elements of {dtype.itemsize} bytes "
-                         f"({expected} bytes), got {len(tensor.data)} bytes")
-    return view(tensor)
+def decode(tensor: pb.Tensor, field: str) -> np.ndarray:
+    r"""A read-only numpy view of ``tensor``'s bytes with its declared shape, checked as the real
+    server checks it (:func:`loss_service.codec.checked_view`, at its default element limit)."""
+    return checked_view(tensor, field, DEFAULT_MAX_ELEMENTS)
 
 
 def decode_and_sum(request: pb.ScoreBatchRequest) -> pb.ScoreBatchResponse:
@@ -97,9 +85,9 @@ class LossFloor:
         module = self._modules.get(key)
         if module is None:
             module = self._modules[key] = losses.build(request.loss, **params).eval()
-        predictions = torch.from_numpy(decode(request.predictions, "predictions"))
-        targets = torch.from_numpy(decode(request.targets, "targets"))
-        weights = torch.from_numpy(decode(request.weights, "weights")) if request.HasField("weights") else None
+        predictions = to_tensor(request.predictions, "predictions", DEFAULT_MAX_ELEMENTS)
+        targets = to_tensor(request.targets, "targets", DEFAULT_MAX_ELEMENTS)
+        weights = to_tensor(request.weights, "weights", DEFAULT_MAX_ELEMENTS) if request.HasField("weights") else None
         reductions = self._threads.run(predictions.numel(), _reductions, module, predictions, targets, weights)
         loss = reductions[REDUCTION_COLUMN[REDUCTIONS[request.reduction]]]
         return pb.ScoreBatchResponse(

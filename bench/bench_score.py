@@ -60,7 +60,7 @@ if __package__ in (None, ""):
 
 from bench.bare_server import message_options  # noqa: E402
 from loss_service import losses  # noqa: E402
-from loss_service.protocol import to_message  # noqa: E402
+from loss_service.codec import to_message  # noqa: E402
 from loss_service.server import tune_malloc  # noqa: E402
 from loss_service.v1 import loss_service_pb2 as pb  # noqa: E402
 

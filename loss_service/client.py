@@ -39,22 +39,11 @@ import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from loss_service.protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, bearer_metadata, to_message, to_numpy
+from loss_service.codec import to_message, to_numpy
+from loss_service.protocol import BACKENDS, DEFAULT_MAX_MESSAGE_BYTES, REDUCTIONS, SERVICE_NAME, bearer_metadata
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
-REDUCTIONS = {
-    "mean": pb.REDUCTION_MEAN,
-    "sum": pb.REDUCTION_SUM,
-    "none": pb.REDUCTION_NONE,
-    "weighted_mean": pb.REDUCTION_WEIGHTED_MEAN,
-}
-BACKENDS = {
-    None: pb.BACKEND_UNSPECIFIED,
-    "eager": pb.BACKEND_EAGER,
-    "torchscript": pb.BACKEND_TORCHSCRIPT,
-    "onnx": pb.BACKEND_ONNX,
-}
 
 
 class LossServiceError(Exception):
@@ -170,12 +159,12 @@ def build_request(
     """
     if reduction is not None and reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of eager, torchscript, onnx or None, got {backend!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
     request = pb.ScoreBatchRequest(
         loss=loss,
         reduction=pb.REDUCTION_UNSPECIFIED if reduction is None else REDUCTIONS[reduction],
-        backend=BACKENDS[backend],
+        backend=pb.BACKEND_UNSPECIFIED if backend is None else BACKENDS[backend],
         return_per_sample=return_per_sample,
         request_id=request_id or "",
         labels=dict(labels or {}),
@@ -314,8 +303,8 @@ def _settings(
 def score_result(response: pb.ScoreBatchResponse) -> ScoreResult:
     return ScoreResult(
         loss=response.loss,
-        values=to_numpy(response.values) if response.HasField("values") else None,
-        per_sample=to_numpy(response.per_sample) if response.HasField("per_sample") else None,
+        values=to_numpy(response.values, "values") if response.HasField("values") else None,
+        per_sample=to_numpy(response.per_sample, "per_sample") if response.HasField("per_sample") else None,
         weight_sum=response.weight_sum,
         denominator=response.denominator,
         num_elements=response.num_elements,

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from loss_service.export import manifest
 from loss_service import losses
+from loss_service.export import ArtifactError, check_scripted, manifest
 from loss_service.server.app import smoke_check
-from loss_service.server.artifacts import ArtifactError, check_scripted, prepare_artifacts
+from loss_service.server.artifacts import prepare_artifacts
 from loss_service.server.backends import EagerBackend, TorchScriptBackend
 
 from .conftest import copy_artifacts

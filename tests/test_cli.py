@@ -3,6 +3,7 @@ import argparse
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,21 @@ def test_score_as_a_subprocess(server, files):
     output = json.loads(result.stdout)
     expected = losses.build("cross_entropy", reduction="none")(predictions, targets)
     np.testing.assert_allclose(output["values"], expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_serve_takes_its_flags_from_the_server_and_its_help_loads_no_torch():
+    code = textwrap.dedent("""
+        import sys
+        from loss_service.__main__ import main
+        try:
+            main(["serve", "--help"])
+        except SystemExit as exit:
+            assert exit.code == 0, exit.code
+        assert "torch" not in sys.modules, "torch was imported"
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: loss-service serve") and "--max-inflight-bytes" in result.stdout
+    unknown = subprocess.run([sys.executable, "-m", "loss_service", "serve", "--no-such-flag"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "unrecognized arguments: --no-such-flag" in unknown.stderr

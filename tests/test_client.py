@@ -213,11 +213,11 @@ def test_a_call_waits_for_a_server_that_is_still_starting(server_artifacts):
         process.communicate(timeout=60)
 
 
-def test_the_client_and_the_command_line_load_no_torch():
+def test_the_client_and_the_command_line_load_neither_torch_nor_the_server():
     code = (
         "import sys, numpy as np\n"
         "from loss_service.client import AsyncLossClient, LossClient, build_request\n"
-        "from loss_service.protocol import to_message, to_numpy\n"
+        "from loss_service.codec import to_message, to_numpy\n"
         "from loss_service.__main__ import main\n"
         "request = build_request('focal', np.zeros((2, 3), np.float32), np.zeros(2, np.int64), gamma=2.0)\n"
         "assert to_numpy(request.predictions).shape == (2, 3)\n"
@@ -226,6 +226,8 @@ def test_the_client_and_the_command_line_load_no_torch():
         "except SystemExit:\n"
         "    pass\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "server = sorted(name for name in sys.modules if name.startswith('loss_service.server'))\n"
+        "assert not server, f'server modules were imported: {server}'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

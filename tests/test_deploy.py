@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from loss_service.protocol import SERVICE_NAME as READINESS_SERVICE
+from loss_service.server.config import ENVIRONMENT
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "deploy" / "docker"
 K8S = ROOT / "deploy" / "k8s"
-READINESS_SERVICE = "loss_service.v1.LossService"
 PORT = 50051
 HEALTH_PORT = 50052
 METRICS_PORT = 9464
@@ -171,14 +173,6 @@ DEPLOYMENTS = {name: doc for (kind, name), doc in MANIFESTS.items() if kind == "
 CONFIG = MANIFESTS[("ConfigMap", "loss-service")]["data"]
 
 
-def _server_environment():
-    try:
-        from loss_service.server.config import ENVIRONMENT
-    except ImportError as error:
-        pytest.skip(f"the server's configuration is not importable yet ({error})")
-    return ENVIRONMENT
-
-
 @functools.lru_cache(maxsize=1)
 def _serve_help():
     # One interpreter start (it imports torch) for all the tests that need the flags.
@@ -190,9 +184,7 @@ def _serve_help():
 def _serve_flags():
     r"""The flags of ``python -m loss_service serve``, read from its ``--help``."""
     returncode, stdout, stderr = _serve_help()
-    if returncode != 0:
-        pytest.skip("`python -m loss_service serve --help` does not run yet (the server is not complete): "
-                    + (stderr.strip().splitlines() or ["no output"])[-1])
+    assert returncode == 0, f"`python -m loss_service serve --help` failed: {stderr.strip() or 'no output'}"
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", stdout))
 
 
@@ -209,8 +201,7 @@ def test_kustomization_lists_existing_files():
 
 
 def test_configmap_sets_only_variables_the_server_reads():
-    environment = _server_environment()
-    known = set(environment.values())
+    known = set(ENVIRONMENT.values())
     unknown = sorted(set(CONFIG) - known)
     assert not unknown, f"ConfigMap sets variables the server does not read: {unknown} (known: {sorted(known)})"
     assert all(isinstance(value, str) for value in CONFIG.values()), "ConfigMap data values must be strings"
@@ -442,7 +433,7 @@ def test_dockerfile_export_step_uses_real_flags(variant):
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))
 def test_dockerfile_flags_and_environment_exist(variant):
     instructions = _instructions(DOCKERFILES[variant])
-    known = set(_server_environment().values())
+    known = set(ENVIRONMENT.values())
     used_env = {key for key in _env(instructions) if key.startswith("LOSS_SERVICE_")}
     assert used_env <= known, f"unknown variables: {sorted(used_env - known)}"
     flags = _serve_flags()

@@ -4,6 +4,8 @@ The session's one export (``tests/conftest.py``: every loss, both formats, every
 ``standard`` verification, 2 worker processes) is what these tests check, and what the server
 tests then serve; tests that need a broken artifact or a CLI run export a few losses of their own.
 """
+import ast
+import dataclasses
 import json
 import subprocess
 import sys
@@ -346,18 +348,79 @@ def test_export_losses_rejects_files_outside_the_plan(tmp_path):
         export.export_losses(tmp_path, names=["bce"], jobs=0)
 
 
-def test_fingerprint_follows_the_sources_and_versions(tmp_path, monkeypatch):
-    source = tmp_path / "kernel.py"
-    source.write_text("x = 1\n")
-    monkeypatch.setattr(manifest, "fingerprint_sources", lambda: [source])
+@pytest.fixture
+def copied_sources(tmp_path, monkeypatch):
+    r"""Copies of the fingerprinted sources (in folders of the same names), fingerprinted instead of them."""
+    copies = []
+    for source in manifest.fingerprint_sources():
+        copy = tmp_path / source.parent.name / source.name
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(source.read_bytes())
+        copies.append(copy)
+    monkeypatch.setattr(manifest, "fingerprint_sources", lambda: copies)
+    return {f"{copy.parent.name}/{copy.name}": copy for copy in copies}
+
+
+def _edit_documentation(text):
+    r"""``text`` with its module docstring and first function docstring reworded, comments and blank lines added."""
+    tree = ast.parse(text)
+    function = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and ast.get_docstring(node))
+    for documented in (tree, function):
+        docstring = ast.get_docstring(documented, clean=False)
+        text = text.replace(docstring, docstring + " Said once more, better.", 1)
+    text = text.replace("\ndef ", "\n# Why the next function is there.\n\n\ndef ", 1)
+    return f"# A comment above everything.\n{text}\n\n\"\"\"A string that is a comment.\"\"\"  # and one after it\n"
+
+
+def _edit_a_constant(text):
+    r"""``text`` with its first number literal (outside docstrings) one larger."""
+    number = next(node for node in ast.walk(ast.parse(text))
+                  if isinstance(node, ast.Constant) and type(node.value) in (int, float))
+    lines = text.splitlines(keepends=True)
+    line = lines[number.lineno - 1]
+    lines[number.lineno - 1] = line[:number.col_offset] + repr(number.value + 1) + line[number.end_col_offset:]
+    return "".join(lines)
+
+
+def test_the_fingerprint_ignores_comments_and_docstrings_of_the_sources(copied_sources):
     before = manifest.fingerprint()
     assert manifest.fingerprint() == before  # deterministic
-    source.write_text("x = 2\n")
-    changed_source = manifest.fingerprint()
-    assert changed_source != before
+    for name in ("losses/focal.py", "loss_service/layout.py"):
+        copy = copied_sources[name]
+        edited = _edit_documentation(copy.read_text())
+        assert edited != copy.read_text()
+        copy.write_text(edited)
+        assert manifest.fingerprint() == before, f"a documentation edit of {name} changed the fingerprint"
+
+
+def test_the_fingerprint_follows_the_code_of_the_sources(copied_sources):
+    before = manifest.fingerprint()
+    for name in ("losses/focal.py", "export/artifacts.py"):
+        copy = copied_sources[name]
+        original = copy.read_text()
+        copy.write_text(_edit_a_constant(original))
+        assert manifest.fingerprint() != before, f"a changed constant in {name} kept the fingerprint"
+        copy.write_text(original)
+    assert manifest.fingerprint() == before
+
+
+def test_the_fingerprint_follows_the_registry_declarations_and_the_versions(monkeypatch):
+    before = manifest.fingerprint()
+    specs = losses.specs()
+    focal = losses.get("focal")
+    gamma = focal.param("gamma")
+    changed = dataclasses.replace(focal, params=tuple(
+        dataclasses.replace(param, default=gamma.default + 1) if param is gamma else param for param in focal.params))
+    monkeypatch.setattr(losses, "specs", lambda: [changed if spec is focal else spec for spec in specs])
+    assert manifest.fingerprint() != before, "another default of a parameter kept the fingerprint"
+    with_variant = dataclasses.replace(focal, variants=(*focal.variants, {"class_dim": 2}))
+    monkeypatch.setattr(losses, "specs", lambda: [with_variant if spec is focal else spec for spec in specs])
+    assert manifest.fingerprint() != before, "another ONNX variant kept the fingerprint"
+    monkeypatch.setattr(losses, "specs", lambda: specs)
+    assert manifest.fingerprint() == before
     versions = dict(manifest.versions(), onnxruntime="0.0.0")
     monkeypatch.setattr(manifest, "versions", lambda: versions)
-    assert manifest.fingerprint() != changed_source
+    assert manifest.fingerprint() != before
 
 
 def test_fingerprint_covers_the_loss_layout_and_exporter_sources():

@@ -22,14 +22,15 @@ from hypothesis import strategies as st
 
 from loss_service import losses
 from loss_service.client import build_request
+from loss_service.codec import WIRE_DTYPES
+from loss_service.protocol import SERVICE_NAME
 from loss_service.server import BackgroundServer, ServerConfig
 from loss_service.server import service, wire
-from loss_service.protocol import WIRE_DTYPES
-from loss_service.server.codec import TORCH_DTYPES
 from loss_service.v1 import loss_service_pb2 as pb
+from tests.test_server_units import TORCH_DTYPES
 
-SCORE_BATCH = "/loss_service.v1.LossService/ScoreBatch"
-SCORE_STREAM = "/loss_service.v1.LossService/ScoreStream"
+SCORE_BATCH = f"/{SERVICE_NAME}/ScoreBatch"
+SCORE_STREAM = f"/{SERVICE_NAME}/ScoreStream"
 MAX_ELEMENTS = 100_000
 CLIENT_STATUSES = {
     grpc.StatusCode.OK,

@@ -17,7 +17,7 @@ import torch
 from loss_service import losses
 from loss_service.client import LossClient, LossServiceError
 from loss_service.losses._reduction import label_map_hint, multiclass_mode_hint, one_target_per_prediction_hint
-from loss_service.protocol import NUMPY_TO_WIRE
+from loss_service.codec import NUMPY_TO_WIRE
 from loss_service.server import BackgroundServer, ServerConfig
 
 BACKENDS = ("eager", "torchscript", "onnx")

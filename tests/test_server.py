@@ -16,7 +16,7 @@ from loss_service import losses
 from loss_service.client import LossClient, LossServiceError, build_request
 from loss_service.server import SERVICE_NAME, BackgroundServer, ServerConfig
 from loss_service.server import wire
-from loss_service.protocol import to_message
+from loss_service.codec import to_message
 from loss_service.v1 import loss_service_pb2 as pb
 
 MAX_MESSAGE_BYTES = 1 << 20

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from loss_service.export import manifest
 from loss_service import losses
 from loss_service.client import LossClient
+from loss_service.export import ArtifactError, manifest
 from loss_service.server import BackgroundServer, ServerConfig
-from loss_service.server.artifacts import ArtifactError, deferred_files, prepare_artifacts, required_files
+from loss_service.server.artifacts import deferred_files, prepare_artifacts, required_files
 from loss_service.server.service import PARALLEL_MIN_ELEMENTS, IntraOpThreads
 
 from .conftest import copy_artifacts

@@ -3,6 +3,9 @@ import asyncio
 import io
 import json
 import logging
+import subprocess
+import sys
+import textwrap
 import time
 
 import grpc
@@ -10,15 +13,29 @@ import numpy as np
 import pytest
 import torch
 
+from loss_service.codec import TensorError, to_message, to_numpy
 from loss_service.server import ConfigError, logs, ServerConfig, select_device, tune_malloc
 from loss_service.server.backends import RUNNER_BYTES, RunnerCache, config_key
 from loss_service.server.memory import RequestBudget
-from loss_service.protocol import to_message, to_numpy
-from loss_service.server.codec import TORCH_DTYPES, decode
 from loss_service.server.config import provider_device
 from loss_service.server.errors import (REFUSED_FOR_MEMORY, REFUSED_FOR_SIZE, ServiceError, from_library_message,
                                         library_value_error, too_large)
+from loss_service.server.scoring import decode
 from loss_service.v1 import loss_service_pb2 as pb
+
+# The torch dtype of the tensor each wire dtype decodes to (the protocol's contract, spelled out).
+TORCH_DTYPES = {
+    pb.DTYPE_FLOAT32: torch.float32,
+    pb.DTYPE_FLOAT64: torch.float64,
+    pb.DTYPE_FLOAT16: torch.float16,
+    pb.DTYPE_BFLOAT16: torch.bfloat16,
+    pb.DTYPE_INT64: torch.int64,
+    pb.DTYPE_INT32: torch.int32,
+    pb.DTYPE_INT16: torch.int16,
+    pb.DTYPE_INT8: torch.int8,
+    pb.DTYPE_UINT8: torch.uint8,
+    pb.DTYPE_BOOL: torch.bool,
+}
 
 
 @pytest.mark.parametrize(
@@ -120,6 +137,32 @@ def test_decode_errors_name_the_field(tensor, field, code):
     assert error.value.code == code
     assert [f for f, _ in error.value.violations] == [field]
     assert error.value.reason == (REFUSED_FOR_SIZE if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None)
+
+
+def test_a_client_reads_results_with_the_same_checks():
+    with pytest.raises(TensorError, match=r"values\.data: has 4 bytes; expected 12") as error:
+        to_numpy(pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3], data=b"\0" * 4), "values")
+    assert error.value.field == "values.data" and not error.value.too_large
+    with pytest.raises(TensorError, match=r"values\.dtype: unsupported dtype 77"):
+        to_numpy(pb.Tensor(dtype=77, shape=[1], data=b"\0" * 4), "values")
+
+
+def test_decoding_leaves_the_warnings_filters_alone_and_warns_nothing():
+    # A fresh process: torch warns about a read-only array once per process, at its first one.
+    code = textwrap.dedent("""
+        import warnings, numpy, torch
+        before = list(warnings.filters)
+        from loss_service.codec import to_message
+        from loss_service.server import app, service
+        from loss_service.server.scoring import decode
+        assert warnings.filters == before, "importing the server installed a warnings filter"
+        warnings.simplefilter("error")
+        for _ in range(2):
+            decode(to_message(numpy.zeros(3, numpy.float32)), "x", 10)
+        assert len(warnings.filters) == len(before) + 1
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_library_messages_map_to_the_field_they_name():

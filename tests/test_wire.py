@@ -8,10 +8,10 @@ import pytest
 import torch
 from google.protobuf.message import DecodeError
 
+from loss_service.codec import to_message
 from loss_service.server import wire
-from loss_service.protocol import to_message
-from loss_service.server.codec import decode
 from loss_service.server.errors import ServiceError
+from loss_service.server.scoring import decode
 from loss_service.server.wire import ParsedRequest, parse_request
 from loss_service.v1 import loss_service_pb2 as pb
 

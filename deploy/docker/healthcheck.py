@@ -15,14 +15,15 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-READINESS_SERVICE = "loss_service.v1.LossService"
+from loss_service.protocol import DEFAULT_PORT, SERVICE_NAME
+from loss_service.server.config import ENVIRONMENT
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    port = os.environ.get("LOSS_SERVICE_HEALTH_PORT") or os.environ.get("LOSS_SERVICE_PORT") or "50051"
+    port = os.environ.get(ENVIRONMENT["health_port"]) or os.environ.get(ENVIRONMENT["port"]) or DEFAULT_PORT
     parser.add_argument("--port", type=int, default=int(port))
-    parser.add_argument("--service", default=READINESS_SERVICE, help="health service name ('' = liveness)")
+    parser.add_argument("--service", default=SERVICE_NAME, help="health service name ('' = liveness)")
     parser.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
     try:

@@ -1,10 +1,19 @@
 r"""``python -m loss_service.export``: TorchScript and ONNX artifacts of every registered loss, verified against eager.
 
-Library use (the server exports missing artifacts at start-up)::
+Library use::
 
     from loss_service.export import export_losses
     result = export_losses(Path("artifacts"), names=["focal"], formats=("onnx",), verify="quick", jobs=2)
     result.ok, result.manifest, result.rows
+
+What a reader of an artifacts folder (the server) uses, all from here: :func:`plan` says which
+files there are (:class:`Job`); :func:`fingerprint`, :func:`read_manifest` and
+:func:`current_entries` which of them are current; :func:`read_verified` and
+:func:`check_scripted` that a file is the artifact it claims to be (:class:`ArtifactError`
+otherwise). :func:`export_losses` exports the missing ones; or, one at a time in a worker process
+that can be stopped, :func:`process_pool`, :func:`submit` and :func:`terminate`, whose entries
+:func:`write_manifest` records (:func:`verification_failures`, :func:`error_message` and
+:func:`run_record` describe the outcome).
 
 ``jobs > 1`` exports in that many worker processes (spawn context: a fork of a process that has
 run torch or ONNX Runtime threads is unsafe); the calling process collects the results and writes
@@ -15,7 +24,6 @@ with no change here. See docs/export.md for the layout, the manifest and the tol
 from __future__ import annotations
 
 import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (_terminate_pools_at_exit)
-import datetime
 import multiprocessing
 import os
 import re
@@ -34,6 +42,9 @@ from loss_service.losses import LossSpec
 
 from . import manifest as manifest_module
 from .artifacts import DEFAULT_OPSET, export_onnx, export_torchscript, quiet, torchscript_file_name
+from .folder import ArtifactError, check_scripted, current_entries, read_manifest, read_verified
+from .manifest import MANIFEST_NAME, fingerprint, run_record
+from .manifest import write as write_manifest
 from .verify import LEVELS, Check, run_checks, verify_onnx, verify_torchscript
 
 FORMATS = ("torchscript", "onnx")
@@ -154,7 +165,7 @@ def run_job(
             "tolerances": _tolerances(),
             "checks": [c.as_dict() for c in checks],
         }
-    return manifest_module.finish_entry(entry, path, verification, source_fingerprint or manifest_module.fingerprint())
+    return manifest_module.finish_entry(entry, path, verification, source_fingerprint or fingerprint())
 
 
 _OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
@@ -323,11 +334,19 @@ def _row(job: Job, entry: Optional[Dict[str, Any]], seconds: float, error: str =
         checks = [c for c in verification["checks"] if c["name"] not in ("onnx_checker", "float64_accumulation")]
         row.max_abs_error = max((c["max_abs_error"] for c in checks), default=0.0)
         row.max_rel_error = max((c["max_rel_error"] for c in checks), default=0.0)
-        if not verification["passed"]:
-            row.ok = False
-            failed = [c for c in verification["checks"] if not c["passed"]]
-            row.error = "; ".join(f"{c['name']}: {', '.join(c['failures'][:2])}" for c in failed)
+        failures = verification_failures(entry)
+        if failures:
+            row.ok, row.error = False, failures
     return row
+
+
+def verification_failures(entry: Dict[str, Any]) -> str:
+    r"""The failed checks of a manifest entry's verification, ``"<check>: <first failures>; ..."``;
+    empty when it passed."""
+    verification = entry.get("verification")
+    if verification is None or verification["passed"]:
+        return ""
+    return "; ".join(f"{c['name']}: {', '.join(c['failures'][:2])}" for c in verification["checks"] if not c["passed"])
 
 
 def export_losses(
@@ -369,7 +388,7 @@ def export_losses(
         planned = [job for job in planned if job.file in files]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    source_fingerprint = manifest_module.fingerprint()
+    source_fingerprint = fingerprint()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -434,14 +453,8 @@ def export_losses(
         if row.ok:
             entries.append(entry)
     seconds = time.perf_counter() - start
-    run = {
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 1),
-        "verify": verify,
-        "jobs": workers,
-        "failed": sorted(row.file for row in rows if not row.ok),
-    }
-    written = manifest_module.write(out, entries, opset, run, source_fingerprint)
+    run = run_record(seconds, verify, workers, [row.file for row in rows if not row.ok])
+    written = write_manifest(out, entries, opset, run, source_fingerprint)
     return ExportResult(all(row.ok for row in rows), rows, written, seconds)
 
 
@@ -475,4 +488,6 @@ def _size(size: int) -> str:
 
 
 __all__ = ["export_losses", "plan", "summary_table", "default_jobs", "process_pool", "terminate", "end_with_parent",
-           "submit", "ExportResult", "Progress", "ExportInterrupted", "Row", "Job", "FORMATS", "DEFAULT_OPSET", "LEVELS"]
+           "submit", "error_message", "verification_failures", "ExportResult", "Progress", "ExportInterrupted", "Row",
+           "Job", "FORMATS", "DEFAULT_OPSET", "LEVELS", "MANIFEST_NAME", "fingerprint", "read_manifest",
+           "current_entries", "read_verified", "check_scripted", "ArtifactError", "write_manifest", "run_record"]

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from loss_service import losses
 
-from . import DEFAULT_OPSET, FORMATS, LEVELS, default_jobs, export_losses, summary_table
+from . import DEFAULT_OPSET, FORMATS, LEVELS, MANIFEST_NAME, default_jobs, export_losses, summary_table
 from .manifest import MANIFEST_KEY_VARIABLE, SIGNATURE_NAME
 
 
@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             jobs=arguments.jobs,
         )
     print(summary_table(result.rows))
-    print(f"{len(result.rows)} artifacts in {result.seconds:.1f}s -> {arguments.out / 'manifest.json'}"
+    print(f"{len(result.rows)} artifacts in {result.seconds:.1f}s -> {arguments.out / MANIFEST_NAME}"
           + ("" if result.ok else "  (FAILURES)"))
     return 0 if result.ok else 1
 

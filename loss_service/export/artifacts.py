@@ -154,7 +154,7 @@ def onnx_identity(spec: LossSpec, variant: Dict[str, Any]) -> Dict[str, str]:
 
     Graphs of different losses or variants often have the same inputs and outputs (``dice.onnx`` and
     ``iou.onnx``; ``dice.onnx`` and ``dice--mode=multilabel.onnx``), so the server tells them apart
-    by these entries (:func:`loss_service.server.artifacts.check_graph`).
+    by these entries (:func:`.folder.check_graph`).
     """
     return {"loss_service.loss": spec.name, "loss_service.variant": layout.variant_key(variant)}
 

@@ -4,8 +4,9 @@ Deterministic: keys sorted, artifacts sorted by file name, numbers rounded to 3 
 in verification results; the only run-dependent values are under the top-level ``"run"`` key
 (timestamp and durations).
 
-Every entry carries the :func:`fingerprint` of the sources and library versions it was made from,
-so a reader can tell an artifact of older loss code from a current one without re-running it.
+Every entry carries the :func:`fingerprint` of the code, registry declarations and library versions
+it was made from, so a reader can tell an artifact of older loss code from a current one without
+re-running it.
 
 With a key in ``LOSS_SERVICE_MANIFEST_KEY``, :func:`write` also writes ``manifest.json.hmac``, the
 HMAC-SHA256 of the manifest's bytes, and the server refuses a manifest whose signature is missing or
@@ -14,18 +15,21 @@ checksums of swapped files.
 """
 from __future__ import annotations
 
+import ast
+import datetime
+import functools
 import hashlib
 import hmac
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from loss_service import __version__ as loss_service_version
-from loss_service import layout
+from loss_service import layout, losses
 from loss_service.losses import LossSpec, ParamSpec
 
 MANIFEST_NAME = "manifest.json"
@@ -47,7 +51,7 @@ def sha256(path: Path) -> str:
 
 
 def fingerprint_sources() -> List[Path]:
-    r"""The files whose content decides what an artifact computes, sorted.
+    r"""The files whose code decides what an artifact computes, sorted.
 
     ``loss_service/losses/*.py`` (kernels, parameters, defaults), ``loss_service/layout.py`` (the
     canonical ONNX layout) and ``loss_service/export/artifacts.py`` (how graphs and modules are built).
@@ -61,22 +65,64 @@ def fingerprint_sources() -> List[Path]:
 
 
 def fingerprint() -> str:
-    r"""sha256 over :func:`fingerprint_sources` (name and content) and the torch/onnx/onnxruntime versions.
+    r"""sha256 of what determines the artifacts: the code of :func:`fingerprint_sources`
+    (:func:`code_digest`: without comments and docstrings), :func:`registry_declarations` and the
+    torch/onnx/onnxruntime versions.
 
     An artifact whose manifest entry has another fingerprint was exported from other loss code or
-    other exporter/runtime versions; the server treats it as missing and exports it again.
+    other exporter/runtime versions; the server treats it as missing and exports it again. An edit
+    of comments or docstrings alone keeps the fingerprint, and so the artifacts; any other edit of
+    those files changes it, deliberately coarse: a helper in one family module can change another
+    loss's kernel.
     """
     digest = hashlib.sha256()
-    for path in fingerprint_sources():
-        content = path.read_bytes()
-        # Length-prefixed fields: no two different (name, content) sequences hash alike.
-        for part in (f"{path.parent.name}/{path.name}".encode(), content):
-            digest.update(len(part).to_bytes(8, "little"))
-            digest.update(part)
     library = versions()
-    for name in ("torch", "onnx", "onnxruntime"):
-        digest.update(f"{name}={library[name]}\n".encode())
+    parts = [part for path in fingerprint_sources()
+             for part in (f"{path.parent.name}/{path.name}".encode(), code_digest(path.read_bytes()))]
+    parts.append(json.dumps(registry_declarations(), sort_keys=True).encode())
+    parts += [f"{name}={library[name]}".encode() for name in ("torch", "onnx", "onnxruntime")]
+    for part in parts:
+        # Length-prefixed: no two different sequences of parts hash alike.
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
     return digest.hexdigest()
+
+
+# Every field of a node that holds a list of statements (ExceptHandler and match_case hold theirs in body).
+_STATEMENT_LISTS = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+@functools.lru_cache(maxsize=64)
+def code_digest(source: bytes) -> bytes:
+    r"""sha256 of the code of the Python ``source``: its syntax tree without string statements.
+
+    The tree has no comments, and ``ast.dump`` leaves out line numbers; a statement that is only a
+    string (a docstring, or a string used as a comment) does nothing when run. So sources that
+    differ only in comments, docstrings, blank lines or line breaks have the same digest. Cached by
+    content: a server start asks for the fingerprint more than once.
+    """
+    tree = ast.parse(source)
+    _drop_string_statements(tree)
+    return hashlib.sha256(ast.dump(tree).encode()).digest()
+
+
+def _drop_string_statements(node: ast.AST) -> None:
+    for name in _STATEMENT_LISTS:
+        statements = getattr(node, name, None)
+        if isinstance(statements, list):
+            statements[:] = [statement for statement in statements if not (
+                isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+                and isinstance(statement.value.value, str))]
+            for statement in statements:
+                _drop_string_statements(statement)
+
+
+def registry_declarations() -> List[Dict[str, Any]]:
+    r"""What the registry declares of each loss, which the artifacts and their manifest entries are
+    made from: ``describe()`` (input contract; parameters with kind, default, range, doc and
+    ``graph_input``) and ``variants`` (the structural settings that get their own ONNX graph); in
+    registration order."""
+    return [{"loss": spec.describe(), "variants": list(spec.variants)} for spec in losses.specs()]
 
 
 def versions() -> Dict[str, str]:
@@ -205,6 +251,18 @@ def torchscript_entry(spec: LossSpec, path: Path) -> Dict[str, Any]:
         ],
         "outputs": [{"name": "loss", "shape": "scalar, or the values' shape for reduction none"}],
         "hyperparameters": attributes,
+    }
+
+
+def run_record(seconds: float, verify: str, jobs: int, failed: Sequence[str]) -> Dict[str, Any]:
+    r"""The manifest's ``run`` section, its only run-dependent part: when the run finished, how long it
+    took, its verification level and worker processes, and the files that failed."""
+    return {
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+        "verify": verify,
+        "jobs": jobs,
+        "failed": sorted(failed),
     }
 
 

@@ -3,8 +3,8 @@ r"""The gRPC ``loss_service.v1.LossService`` server (see docs/service.md).
 ``python -m loss_service serve`` runs it; ``create_server(address, config)`` and
 :class:`BackgroundServer` embed it.
 
-The names below are imported on first use: the command line and the settings
-(:mod:`.config`) must not load torch, which the server's modules need.
+The names below are imported on first use: ``loss-service serve --help`` (:mod:`.command`) and
+the settings (:mod:`.config`) must not load torch, which the server's modules need.
 """
 import importlib
 from typing import Any

@@ -25,10 +25,10 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from loss_service import losses
+from loss_service import export, losses
 from loss_service.protocol import SERVICE_NAME
 
-from .artifacts import ArtifactError, prepare_artifacts
+from .artifacts import prepare_artifacts
 from .background import VariantExporter
 from .backends import Backend, EagerBackend, OnnxBackend, TorchScriptBackend, config_key
 from .config import ServerConfig, host_port, select_device
@@ -156,8 +156,8 @@ class LossServer:
 
     def _build_scorer(self) -> Tuple[Scorer, Optional[VariantExporter]]:
         start = time.perf_counter()
-        artifacts = prepare_artifacts(self.config.artifacts, export_missing=self.config.export_missing,
-                                      jobs=self.config.export_jobs)
+        jobs = export.default_jobs() if self.config.export_jobs is None else self.config.export_jobs
+        artifacts = prepare_artifacts(self.config.artifacts, export_missing=self.config.export_missing, jobs=jobs)
         onnx = OnnxBackend(self.device, artifacts.graphs, explicit_device=self.config.device != "auto")
         backends: Dict[str, Backend] = {
             "eager": EagerBackend(self.device),
@@ -237,7 +237,7 @@ def smoke_check(backends: Dict[str, Backend]) -> None:
                     _, totals, _ = runner.statistics(predictions, targets, None, False)
                     runner.reductions(totals)
                 torch.testing.assert_close(totals.cpu(), expected.cpu(), rtol=1e-4, atol=1e-5, check_dtype=False)
-            except ArtifactError:
+            except export.ArtifactError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported, and the loss is not offered there
                 _unavailable(backend, spec.name, f"start-up check failed: {exc}")

@@ -23,10 +23,9 @@ from typing import Any, Callable, Dict, Hashable, Optional, Protocol, Tuple
 import torch
 from torch import Tensor
 
-from loss_service import layout, losses
+from loss_service import export, layout, losses
 from loss_service.losses import LossSpec
 
-from .artifacts import check_scripted
 from .config import provider_device
 
 DEFAULT_CACHE_SIZE = 64
@@ -183,7 +182,7 @@ class TorchScriptBackend(Backend):
     r"""The exported ``<loss>.pt`` files; one separate copy of the module per hyperparameter configuration.
 
     ``scripts`` maps a loss name to the verified bytes of its ``.pt`` file. Each is loaded once, on
-    first use (``map_location=device``; :func:`.artifacts.check_scripted` checks that it is the
+    first use (``map_location=device``; :func:`loss_service.export.check_scripted` checks that it is the
     loss's module and raises ``ArtifactError`` otherwise). A configuration gets a deep copy of that
     module whose attributes are then set -- its own attributes and buffers, the code shared -- so a
     module that serves one request is never changed by another, and a new configuration costs no
@@ -207,7 +206,7 @@ class TorchScriptBackend(Backend):
             module = self._loaded.get(spec.name)
             if module is None:
                 module = torch.jit.load(io.BytesIO(self._scripts[spec.name]), map_location=self.torch_device)
-                check_scripted(spec, module, losses.build(spec.name))
+                export.check_scripted(spec, module, losses.build(spec.name))
                 self._loaded[spec.name] = module
             return module
 
@@ -315,7 +314,7 @@ class OnnxBackend(Backend):
         return loss in losses.names() and layout.onnx_file_name(losses.get(loss), {}) in self._graphs
 
     def add_graph(self, file_name: str, data: bytes) -> None:
-        r"""Offer a newly exported graph (checked by ``read_verified``); its session is created on first use."""
+        r"""Offer a newly exported graph (checked by ``export.read_verified``); its session is created on first use."""
         with self._lock:
             self._graphs[file_name] = data
 

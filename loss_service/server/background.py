@@ -15,7 +15,6 @@ Readiness needs only each loss's default ONNX graph; the other variants (e.g.
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 import time
@@ -24,7 +23,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .artifacts import read_verified
+from loss_service import export
+
 from .backends import BackendUnavailable
 from .logs import LOGGER_NAME, event
 
@@ -45,8 +45,6 @@ class VariantExporter:
     """
 
     def __init__(self, folder: Path, files: List[str], deliver: Callable[[str, bytes], None], opset: int) -> None:
-        from loss_service import export
-
         self.folder = Path(folder)
         self.opset = opset
         self._jobs = {job.file: job for job in export.plan() if job.file in set(files)}
@@ -88,8 +86,6 @@ class VariantExporter:
     def stop(self) -> None:
         r"""Drop the queue, end the worker process at once (its export in progress is lost), and fail
         every waiting request."""
-        from loss_service import export
-
         with self._lock:
             self._stopping = True
             self._queue.clear()
@@ -115,10 +111,7 @@ class VariantExporter:
             return self._queue.pop(0)
 
     def _run(self) -> None:
-        from loss_service import export
-        from loss_service.export import manifest as export_manifest
-
-        fingerprint = export_manifest.fingerprint()
+        fingerprint = export.fingerprint()
         started = time.perf_counter()
         pool = self._new_pool()
         event(log, "background_export_started", files=len(self._queue))
@@ -141,9 +134,9 @@ class VariantExporter:
                             pool.shutdown(wait=False)
                             pool = self._new_pool()
                         break
-                if entry is not None and not entry["verification"]["passed"]:
-                    failed_checks = [c for c in entry["verification"]["checks"] if not c["passed"]]
-                    entry, error = None, "; ".join(f"{c['name']}: {', '.join(c['failures'][:2])}" for c in failed_checks)
+                failures = export.verification_failures(entry) if entry is not None else ""
+                if failures:
+                    entry, error = None, failures
                 self._finish(file_name, entry, error, fingerprint, time.perf_counter() - job_start)
         finally:
             if self._stopped():
@@ -158,30 +151,20 @@ class VariantExporter:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         r"""A worker pool for this thread's exports, which :meth:`stop` can terminate."""
-        from loss_service import export
-
         pool = export.process_pool(1)
         with self._lock:
             self._pool = pool
         return pool
 
     def _finish(self, file_name: str, entry, error: str, fingerprint: str, seconds: float) -> None:
-        from loss_service.export import manifest as export_manifest
-
         with self._lock:
             if self._stopping:
                 return
         if entry is not None:
             try:
-                run = {
-                    "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "seconds": round(seconds, 1),
-                    "verify": BACKGROUND_VERIFY_LEVEL,
-                    "jobs": 1,
-                    "failed": [],
-                }
-                export_manifest.write(self.folder, [entry], self.opset, run, fingerprint)
-                data = read_verified(self.folder, entry, self._jobs[file_name])
+                run = export.run_record(seconds, BACKGROUND_VERIFY_LEVEL, jobs=1, failed=[])
+                export.write_manifest(self.folder, [entry], self.opset, run, fingerprint)
+                data = export.read_verified(self.folder, entry, self._jobs[file_name])
             except Exception as failure:  # noqa: BLE001 - e.g. a full disk: this variant is not offered
                 entry, error = None, f"{type(failure).__name__}: {failure}"
             else:

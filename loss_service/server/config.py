@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from loss_service.protocol import DEFAULT_MAX_MESSAGE_BYTES, ConfigError, check_tokens
+from loss_service.protocol import (BACKENDS, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, ConfigError,
+                                   check_tokens)
 
-BACKENDS = ("eager", "torchscript", "onnx")
-BACKEND_CHOICES = ("auto",) + BACKENDS
+BACKEND_CHOICES = ("auto", *BACKENDS)
 # Eager is the default: on CPU it is the fastest of the three (no graph-input conversion as for
 # ONNX, no TorchScript interpreter overhead) and it is the reference the others are tested against.
 AUTO_BACKEND = "eager"
@@ -55,10 +55,6 @@ def default_torch_threads() -> int:
     return os.cpu_count() or 1
 
 
-def default_export_jobs() -> int:
-    r"""Export worker processes at start: min(2, CPU count) (one busy Python thread per export)."""
-    return min(2, os.cpu_count() or 1)
-
 _CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
 
 
@@ -66,8 +62,8 @@ _CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
 class ServerConfig:
     r"""Everything ``python -m loss_service serve`` can set (flags, or ``LOSS_SERVICE_*`` variables)."""
 
-    host: str = "127.0.0.1"
-    port: int = 50051
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
     backend: str = "auto"
     device: str = "auto"
     artifacts: str = "artifacts"
@@ -81,8 +77,9 @@ class ServerConfig:
     # Build missing or stale artifacts on start (python -m loss_service.export); off, their losses (or variants)
     # are not offered on that backend.
     export_missing: bool = True
-    # Worker processes exporting the missing artifacts before readiness.
-    export_jobs: int = field(default_factory=default_export_jobs)
+    # Worker processes exporting the missing artifacts before readiness; None: the exporter's default
+    # (loss_service.export.default_jobs).
+    export_jobs: Optional[int] = None
     # Intra-op threads of a large request while it is the only one computing (see default_torch_threads).
     torch_threads: int = field(default_factory=default_torch_threads)
     # Prometheus endpoint (server/metrics.py): off when None; 0 picks a free port (logged at start).
@@ -112,7 +109,7 @@ class ServerConfig:
             if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         for name in ("max_message_bytes", "max_elements", "max_inflight_bytes", "workers", "export_jobs", "torch_threads"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.grace_seconds < 0:
             raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")

@@ -18,7 +18,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from loss_service.v1 import loss_service_pb2 as pb
+from loss_service.codec import dtype_name
 
 FieldViolation = Tuple[str, str]
 
@@ -132,17 +132,13 @@ def library_value_error(exc: BaseException) -> Optional[str]:
     return None
 
 
-# The library's dtype names (str(torch.float32) == "torch.float32") as the protocol says them.
-_PROTOCOL_DTYPE_NAMES = {
-    "torch." + name[len("DTYPE_"):].lower(): name for name in pb.DType.keys() if name != "DTYPE_UNSPECIFIED"
-}
+# A torch dtype's name in the library's messages (str(torch.float32) == "torch.float32").
 _TORCH_DTYPE = re.compile(r"\btorch\.\w+")
-
 
 
 def protocol_dtype_names(message: str) -> str:
     r"""``message`` of the loss library with its dtype names as the protocol's (``torch.float32`` -> ``DTYPE_FLOAT32``)."""
-    return _TORCH_DTYPE.sub(lambda match: _PROTOCOL_DTYPE_NAMES.get(match.group(0), match.group(0)), message)
+    return _TORCH_DTYPE.sub(lambda match: dtype_name(match.group(0)), message)
 
 
 def from_library_message(message: str, fields: Iterable[Tuple[str, str]], default_field: str) -> ServiceError:

@@ -19,13 +19,12 @@ from typing import Any, Dict, Hashable, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from loss_service import losses
+from loss_service import losses, protocol
+from loss_service.codec import TensorError, dtype_name, to_message, to_tensor
 from loss_service.losses import LossSpec
-from loss_service.protocol import to_message
 from loss_service.v1 import loss_service_pb2 as pb
 
 from .backends import Backend, BackendUnavailable, Runner, config_key
-from .codec import decode, dtype_name
 from .errors import (
     ServiceError,
     echo,
@@ -33,23 +32,15 @@ from .errors import (
     invalid,
     library_value_error,
     protocol_dtype_names,
+    too_large,
     unavailable_backend,
 )
 from .wire import ParsedRequest
 
+# A request's reduction and backend by their names; an unspecified reduction is the mean.
 REDUCTIONS: Dict[int, str] = {
-    pb.REDUCTION_UNSPECIFIED: "mean",
-    pb.REDUCTION_MEAN: "mean",
-    pb.REDUCTION_SUM: "sum",
-    pb.REDUCTION_NONE: "none",
-    pb.REDUCTION_WEIGHTED_MEAN: "weighted_mean",
-}
-BACKEND_NAMES: Dict[int, str] = {
-    pb.BACKEND_EAGER: "eager",
-    pb.BACKEND_TORCHSCRIPT: "torchscript",
-    pb.BACKEND_ONNX: "onnx",
-}
-BACKEND_ENUMS: Dict[str, int] = {name: value for value, name in BACKEND_NAMES.items()}
+    pb.REDUCTION_UNSPECIFIED: "mean", **{wire: name for name, wire in protocol.REDUCTIONS.items()}}
+BACKEND_NAMES: Dict[int, str] = {wire: name for name, wire in protocol.BACKENDS.items()}
 # Column of each reduction in a reductions kernel's output; for "none" the per-sample values and a
 # stream's loss use the "sum" column.
 REDUCTION_COLUMN = {"sum": 0, "mean": 1, "weighted_mean": 2, "none": 0}
@@ -82,6 +73,15 @@ def request_field(param: losses.ParamSpec) -> str:
         # A float_or_vector parameter also accepts a scalar in `params`.
         return "tensor_params"
     return "params"
+
+
+def decode(tensor: pb.Tensor, field: str, max_elements: int, data: Optional[bytes] = None) -> Tensor:
+    r"""The request's tensor ``field`` (:func:`loss_service.codec.to_tensor`: a read-only view of its
+    bytes); what cannot be read is ``INVALID_ARGUMENT``, or ``RESOURCE_EXHAUSTED`` over ``max_elements``."""
+    try:
+        return to_tensor(tensor, field, max_elements, data)
+    except TensorError as error:
+        raise (too_large if error.too_large else invalid)(error.field, error.description) from None
 
 
 def param_value(message: pb.Param) -> Any:

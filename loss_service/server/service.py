@@ -30,7 +30,7 @@ import grpc
 import torch
 
 from loss_service import losses
-from loss_service.protocol import SERVICE_NAME
+from loss_service.protocol import BACKENDS, SERVICE_NAME
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -40,7 +40,7 @@ from .logs import LOGGER_NAME, CallLog, monotonic_ms
 from .memory import RequestBudget
 from .metrics import ServerMetrics
 from .scoring import (
-    BACKEND_ENUMS, MAX_REQUEST_ID_CHARACTERS, Plan, Scorer, StreamAccumulator, check_metadata, request_field,
+    MAX_REQUEST_ID_CHARACTERS, Plan, Scorer, StreamAccumulator, check_metadata, request_field,
 )
 from .wire import ParsedRequest, parse_request
 
@@ -159,7 +159,7 @@ def loss_catalogue(backends_of: Callable[[str], List[str]]) -> pb.ListLossesResp
             default = param_message(param.default)
             if default is not None:
                 entry.default_value.CopyFrom(default)
-        info.backends.extend(BACKEND_ENUMS[name] for name in backends_of(spec.name))
+        info.backends.extend(BACKENDS[name] for name in backends_of(spec.name))
     return response
 
 
