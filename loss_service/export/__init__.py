@@ -45,7 +45,7 @@ from .artifacts import DEFAULT_OPSET, export_onnx, export_torchscript, quiet, to
 from .folder import ArtifactError, check_scripted, current_entries, read_manifest, read_verified
 from .manifest import MANIFEST_NAME, fingerprint, run_record
 from .manifest import write as write_manifest
-from .verify import LEVELS, Check, run_checks, verify_onnx, verify_torchscript
+from .verify import LEVELS, run_checks, verify_onnx, verify_torchscript
 
 FORMATS = ("torchscript", "onnx")
 

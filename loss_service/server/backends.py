@@ -18,7 +18,7 @@ import io
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, Hashable, Optional, Protocol, Tuple
+from typing import Any, Dict, Hashable, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor

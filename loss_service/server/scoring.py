@@ -26,7 +26,6 @@ from loss_service.v1 import loss_service_pb2 as pb
 
 from .backends import Backend, BackendUnavailable, Runner, config_key
 from .errors import (
-    ServiceError,
     echo,
     from_library_message,
     invalid,
