@@ -30,9 +30,14 @@ pip_install() {
 
 install_project() {
   local total=4 started=$SECONDS
-  say "first run: installing into .venv, pinned by constraints.txt (later runs skip this)"
-  say "[1/$total] creating .venv with $PYTHON"
-  [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+  if [ -x .venv/bin/python ]; then
+    say "pyproject.toml or constraints.txt changed since .venv was installed: updating it"
+    say "[1/$total] .venv is there"
+  else
+    say "first run: installing into .venv, pinned by constraints.txt (later runs skip this)"
+    say "[1/$total] creating .venv with $PYTHON"
+    "$PYTHON" -m venv .venv
+  fi
   # shellcheck disable=SC1091
   . .venv/bin/activate
   : > .venv/pip.log
