@@ -80,6 +80,14 @@ def test_every_loss_has_a_reference_and_documentation():
             assert param.doc, f"{spec.name}.{param.name} has no doc"
 
 
+def test_a_declared_logits_alternative_takes_logits_for_the_same_targets():
+    declared = [spec for spec in losses.specs() if spec.logits_alternative]
+    assert [spec.name for spec in declared] == ["bce"]
+    for spec in declared:
+        alternative = losses.get(spec.logits_alternative)
+        assert (alternative.predictions, alternative.targets) == ("logits", spec.targets), spec.name
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name,index", CASES)

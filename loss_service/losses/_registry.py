@@ -171,6 +171,8 @@ class LossSpec:
     * ``test_params`` -- the hyperparameter settings every generated test and export check covers.
     * ``variants`` -- settings of the non-graph-input parameters that get their own ONNX graph; the
       first (``{}``, the defaults) is ``<name>.onnx``.
+    * ``logits_alternative`` -- the registered loss that takes logits for the same targets, named
+      to a caller who sends logits to this loss of probabilities (``bce`` -> ``bce_with_logits``).
     * ``target_range`` -- the closed interval dense targets must lie in, values equal to the
       ``ignore_index`` excepted (``None``: any finite value). The eager kernel checks it; the
       server checks it for every backend, since the exported graphs check no values.
@@ -198,6 +200,7 @@ class LossSpec:
     notes: str = ""
     sample_weights_kernel: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
     target_range: Optional[Tuple[float, float]] = None
+    logits_alternative: str = ""
 
     def __post_init__(self) -> None:
         if self.predictions not in PREDICTION_KINDS:

@@ -293,6 +293,7 @@ register(
         statistics_kernel=bce_statistics,
         reductions_kernel=elementwise_reductions,
         reference="torch.nn.functional.binary_cross_entropy, including its log clamp at -100",
+        logits_alternative="bce_with_logits",
         test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0])}),
     )
 )

@@ -337,7 +337,7 @@ def check_values(spec: LossSpec, predictions: Tensor, targets: Tensor, weights: 
         raise invalid(
             "predictions",
             f"loss '{spec.name}' expects probabilities in [0, 1], got values in [{low}, {high}]"
-            + ("; use bce_with_logits for logits" if spec.name == "bce" else ""),
+            + (f"; use {spec.logits_alternative} for logits" if spec.logits_alternative else ""),
         )
     if targets.dtype in FLOAT_DTYPES:
         check_finite("targets", *value_range(targets))
