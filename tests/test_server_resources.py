@@ -27,8 +27,13 @@ SCORE_BATCH = f"/{SERVICE_NAME}/ScoreBatch"
 # The bounds: RSS back within these of where it started.
 REFUSED_RSS_MARGIN = 200 * MB
 LARGE_RSS_MARGIN = 300 * MB
-# Health checks and small calls must be answered within this while hostile requests are processed.
+# Health checks and small calls must be answered within this while hostile requests are processed
+# (19 calls in 20; the slowest within STALL_SECONDS). A loop blocked by hostile work stalls for
+# seconds (a 16 MB protobuf map parse takes 38 s); on 2 cores shared with 8 hostile senders, one
+# scheduler hiccup of the test's own process can pass 0.1 s now and then (seen once: 102 ms).
 RESPONSIVE_SECONDS = 0.1
+RESPONSIVE_FRACTION = 0.95
+STALL_SECONDS = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -123,23 +128,28 @@ def test_the_event_loop_answers_while_hostile_requests_are_processed(served):
             score = channel.unary_unary(SCORE_BATCH)
             from loss_service.v1 import loss_service_pb2 as pb
 
-            slowest = {"health": 0.0, "ScoreBatch": 0.0}
+            seconds = {"health": [], "ScoreBatch": []}
             deadline = time.monotonic() + 6
             while time.monotonic() < deadline:
                 start = time.perf_counter()
                 status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
-                slowest["health"] = max(slowest["health"], time.perf_counter() - start)
+                seconds["health"].append(time.perf_counter() - start)
                 assert status == health_pb2.HealthCheckResponse.SERVING
                 start = time.perf_counter()
                 loss = pb.ScoreBatchResponse.FromString(score(small, timeout=10)).loss
-                slowest["ScoreBatch"] = max(slowest["ScoreBatch"], time.perf_counter() - start)
+                seconds["ScoreBatch"].append(time.perf_counter() - start)
                 assert loss == pytest.approx(expected, rel=1e-6)
                 time.sleep(0.02)
         counts = load.communicate(timeout=120)[0]
     finally:
         load.kill()
     assert load.returncode == 0 and "new TorchScript settings" in counts, counts
-    assert max(slowest.values()) < RESPONSIVE_SECONDS, (slowest, counts)
+    for call, times in seconds.items():
+        times.sort()
+        summary = (call, f"median {times[len(times) // 2]:.3f} s, slowest {times[-5:]}", counts)
+        assert len(times) >= 20, summary
+        assert times[int(RESPONSIVE_FRACTION * len(times)) - 1] < RESPONSIVE_SECONDS, summary
+        assert times[-1] < STALL_SECONDS, summary
 
 
 # -- the in-flight budget -----------------------------------------------------------------------
