@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Hashable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -388,14 +388,11 @@ def check_class_indices(spec: LossSpec, params: Dict[str, Any], predictions: Ten
     if not -predictions.dim() < class_dim < predictions.dim() or class_dim in (0, -predictions.dim()):
         return  # the loss names the bad class_dim
     num_classes = predictions.shape[class_dim]
-    low, high = value_range(targets)
-    if low >= 0 and high < num_classes:
-        return
     ignore_index = setting(spec, params, "ignore_index")
-    counted = targets if ignore_index is None else targets[targets != ignore_index]
-    low, high = value_range(counted)
-    if counted.numel() == 0 or (low >= 0 and high < num_classes):
+    outside = counted_range_outside(targets, ignore_index, lambda low, high: low >= 0 and high < num_classes)
+    if outside is None:
         return
+    low, high = outside
     ignored = "" if ignore_index is None else f" or the ignore_index {ignore_index}"
     raise invalid(
         "targets",
@@ -419,19 +416,34 @@ def check_target_range(spec: LossSpec, params: Dict[str, Any], predictions: Tens
     if targets.dim() != predictions.dim() and setting(spec, params, "mode") == "multiclass":
         return
     allowed_low, allowed_high = spec.target_range
-    low, high = value_range(targets)
-    if low >= allowed_low and high <= allowed_high:
-        return
     ignore_index = setting(spec, params, "ignore_index")
-    counted = targets if ignore_index is None else targets[targets != ignore_index]
-    low, high = value_range(counted)
-    if counted.numel() == 0 or (low >= allowed_low and high <= allowed_high):
+    outside = counted_range_outside(
+        targets, ignore_index, lambda low, high: low >= allowed_low and high <= allowed_high
+    )
+    if outside is None:
         return
+    low, high = outside
     ignored = "" if ignore_index is None else f" or equal its ignore_index {ignore_index}"
     raise invalid(
         "targets",
         f"loss '{spec.name}' takes targets in [{allowed_low:g}, {allowed_high:g}]{ignored}, got values in [{low:g}, {high:g}]",
     )
+
+
+def counted_range_outside(
+    targets: Tensor, ignore_index: Optional[int], allowed: Callable[[float, float], bool]
+) -> Optional[Tuple[float, float]]:
+    r"""``(min, max)`` of the targets other than ``ignore_index`` when ``allowed(min, max)`` fails;
+    ``None`` when it holds (one pass when every target is allowed, a second only to set the
+    ignored ones aside)."""
+    low, high = value_range(targets)
+    if allowed(low, high):
+        return None
+    counted = targets if ignore_index is None else targets[targets != ignore_index]
+    low, high = value_range(counted)
+    if counted.numel() == 0 or allowed(low, high):
+        return None
+    return low, high
 
 
 def check_metadata(parsed: ParsedRequest) -> None:
