@@ -24,6 +24,13 @@ about as much as timing it, so each timed sample there is the mean of several co
 (``loss_service.server.tune_malloc``) so that large temporaries reuse warm pages;
 ``--no-tune-malloc`` measures with glibc's defaults.
 
+``--forms`` times instead each place where a kernel keeps an eager form beside its export form
+(``if is_exporting(): <export form> else: <eager form>``): the registered loss that reaches it,
+with the eager form and with the export form forced (``is_exporting`` patched to ``True`` in the
+kernel's module, which also skips the eager form's value checks, in the export form's favour),
+forward without grad and forward+backward, and prints ``export / eager``. A kernel keeps an eager
+form only where this ratio is at least 1.5 in the mode the form serves (docs/benchmarks.md).
+
 Inputs have the layout of the service benchmark (``bench/bench_score.py``): predictions
 ``(E/4, 4)`` float32 (classes along dim 1, the last one), so *E* is the number of prediction
 elements; weights are per element of the loss (``(E/4, 4)`` for the binary losses, ``(E/4,)``
@@ -176,6 +183,86 @@ def measure(workload: Workload, repeats: int) -> Dict[str, float]:
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+@dataclass
+class FormSite:
+    r"""One eager form: the kernel modules whose ``is_exporting`` selects it, the loss that reaches it,
+    and whether it serves inference (no grad) or training (forward + backward)."""
+
+    name: str
+    modules: Sequence[str]
+    loss: str
+    params: Dict[str, object]
+    index_targets: bool
+    training: bool
+
+
+FORM_SITES = [
+    FormSite("cross_entropy class indices", ["cross_entropy"], "cross_entropy", {}, True, False),
+    FormSite("cross_entropy class indices", ["cross_entropy"], "cross_entropy", {}, True, True),
+    FormSite("focal class indices", ["focal", "cross_entropy"], "focal", {"gamma": GAMMA}, True, False),
+    FormSite("focal class indices", ["focal", "cross_entropy"], "focal", {"gamma": GAMMA}, True, True),
+    FormSite("bce values", ["bce"], "bce", {}, False, False),
+    FormSite("bce_with_logits fused", ["bce"], "bce_with_logits", {}, False, False),
+    FormSite("bce_with_logits fused", ["bce"], "bce_with_logits", {}, False, True),
+    FormSite("logsumexp (host range)", ["_stable"], "cross_entropy", {"label_smoothing": 0.1}, True, False),
+    FormSite("logsumexp (class slices)", ["_stable"], "cross_entropy", {"label_smoothing": 0.1}, True, True),
+    FormSite("elementwise totals", ["_reduction"], "mse", {}, False, False),
+]
+
+
+def _form_call(site: FormSite, elements: int, generator: torch.Generator) -> Callable[[], object]:
+    rows = elements // NUM_CLASSES
+    module = losses.build(site.loss, **site.params)
+    logits = torch.randn((rows, NUM_CLASSES), generator=generator) * 3
+    if site.index_targets:
+        targets = torch.randint(0, NUM_CLASSES, (rows,), generator=generator)
+    else:
+        targets = (torch.rand((rows, NUM_CLASSES), generator=generator) < 0.3).float()
+    if site.loss == "bce":
+        logits = torch.sigmoid(logits)
+    if not site.training:
+        return lambda: module(logits, targets)
+    leaf = logits.clone().requires_grad_(True)
+
+    def step() -> None:
+        module(leaf, targets).backward()
+        leaf.grad = None
+
+    return step
+
+
+def measure_forms(sizes: Sequence[int], repeats: int) -> None:
+    r"""Print ``export / eager`` per form site and size, the two forms timed alternately in one run."""
+    from loss_service.losses import _reduction, _stable, bce, cross_entropy, focal
+
+    kernels = {"_reduction": _reduction, "_stable": _stable, "bce": bce, "cross_entropy": cross_entropy, "focal": focal}
+    print(f"| {'eager form':>28} | {'mode':>9} | {'elements':>8} | {'eager µs':>10} | {'export µs':>10} | "
+          f"{'export/eager':>12} |")
+    print("|" + "|".join(["---:"] * 6) + "|")
+    generator = torch.Generator().manual_seed(0)
+    for site in FORM_SITES:
+        for elements in sizes:
+            call = _form_call(site, elements, generator)
+            per_sample = max(1, BATCHED_BELOW // elements)
+            times: Dict[bool, List[float]] = {False: [], True: []}
+            with torch.set_grad_enabled(site.training):
+                for _ in range(repeats + 1):
+                    for forced in (False, True):
+                        originals = {name: kernels[name].is_exporting for name in site.modules}
+                        if forced:
+                            for name in site.modules:
+                                kernels[name].is_exporting = lambda: True
+                        try:
+                            times[forced].append(_time_once(call, per_sample))
+                        finally:
+                            for name, original in originals.items():
+                                kernels[name].is_exporting = original
+            eager, export = (statistics.median(times[forced][1:]) * 1e3 for forced in (False, True))
+            mode = "fwd+bwd" if site.training else "inference"
+            print(f"| {site.name:>28} | {mode:>9} | {elements:>8.0e} | {eager:>10.1f} | {export:>10.1f} | "
+                  f"{export / eager:>12.2f} |", flush=True)
+
+
 def main(argv: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -183,6 +270,7 @@ def main(argv: Sequence[str] = ()) -> int:
                         help="prediction elements per call (multiples of 4)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement (median)")
     parser.add_argument("--only", nargs="*", default=None, help="workload names to run (default: all)")
+    parser.add_argument("--forms", action="store_true", help="time each kernel's eager form against its export form")
     parser.add_argument("--no-tune-malloc", action="store_true",
                         help="keep glibc's default malloc thresholds (the server tunes them at start)")
     args = parser.parse_args(list(argv))
@@ -198,6 +286,9 @@ def main(argv: Sequence[str] = ()) -> int:
     tuned = False if args.no_tune_malloc else tune_malloc()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), malloc tuned: {tuned}, median of "
           f"{args.repeats}, predictions (E/4, {NUM_CLASSES}) float32, reduction=mean, no grad")
+    if args.forms:
+        measure_forms(args.sizes, args.repeats)
+        return 0
     unit, scale = ("µs", 1e3) if max(args.sizes) < BATCHED_BELOW else ("ms", 1.0)
     columns = [f"module {unit}", f"statistics {unit}", f"stats+red {unit}", f"torch {unit}"]
     header = f"| {'workload':>34} | {'elements':>8} | " + " | ".join(f"{name:>13}" for name in columns) + \

@@ -13,7 +13,7 @@ targets        dense targets ``(N, C, S)`` float32, or class indices ``(N, S)`` 
 weights        float32 with exactly the canonical shape of the weighted tensor (the ``values``
                output, or the predictions for region losses); ``None`` is fed as ones; ``(N,)``
                weights are materialised to that shape, except for region losses (below)
-sample_weights region losses only (``spec.sample_weights_kernel``), right after ``weights``:
+sample_weights region losses only (``spec.pixel_weights``), right after ``weights``:
                ``(N,)`` float32 per-sample weights. Region losses give ``(N,)`` weights a
                per-sample meaning (they weight a sample's overlap) that pixel weights cannot
                express, so a request's ``(N,)`` weights go here with ``weights`` all ones, and
@@ -47,14 +47,13 @@ every reduction in float64.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .losses import LossSpec, ParamSpec, get
+from .losses import Forms, LossSpec, ParamSpec
 from .losses._reduction import (
     label_map_hint,
     multiclass_mode_hint,
@@ -83,10 +82,6 @@ def graph_params(spec: LossSpec) -> List[ParamSpec]:
     return [p for p in spec.params if p.graph_input and p.name != "reduction"]
 
 
-def has_probability_targets_variant(spec: LossSpec) -> bool:
-    return spec.targets == "class_indices_or_probabilities"
-
-
 def _structural_variants(spec: LossSpec) -> List[Dict[str, Any]]:
     r"""``spec.variants`` without layout parameters, deduplicated, default (``{}``) first."""
     names = {p.name for p in structural_params(spec)}
@@ -109,12 +104,11 @@ def variants(spec: LossSpec) -> List[Dict[str, Any]]:
     dice; a multilabel dice already takes dense targets).
     """
     found = _structural_variants(spec)
-    if has_probability_targets_variant(spec):
-        found = found + [
-            dict(v, **{TARGETS_VARIANT: PROBABILITY_TARGETS})
-            for v in found
-            if natural_index_targets(spec.name, variant_key(v)) and accepts_probability_targets(spec.name, variant_key(v))
-        ]
+    found = found + [
+        dict(v, **{TARGETS_VARIANT: PROBABILITY_TARGETS})
+        for v in found
+        if forms(spec, v).index_targets and PROBABILITY_TARGETS in forms(spec, v).targets
+    ]
     for param in scalar_form_params(spec):
         found = found + [dict(v, **{param.name: SCALAR_FORM}) for v in found]
     return found
@@ -126,18 +120,9 @@ def scalar_form_params(spec: LossSpec) -> List[ParamSpec]:
     return [p for p in graph_params(spec) if p.kind == "float_or_vector"]
 
 
-@functools.lru_cache(maxsize=None)
-def accepts_probability_targets(loss: str, key: str) -> bool:
-    r"""Whether the setting ``key`` also takes class-probability targets (probed on the eager module)."""
-    spec = get(loss)
-    variant = next(v for v in _structural_variants(spec) if variant_key(v) == key)
-    predictions, _ = spec.make_inputs(2, 3, (5,), torch.Generator().manual_seed(0), torch.float32, dict(variant))
-    probabilities = torch.softmax(torch.randn(predictions.shape, generator=torch.Generator().manual_seed(1)), dim=1)
-    try:
-        spec.module(**spec.validate(dict(variant))).statistics(predictions, probabilities, None, False)
-    except ValueError:
-        return False
-    return True
+def forms(spec: LossSpec, variant: Dict[str, Any]) -> Forms:
+    r"""The declared :class:`~loss_service.losses.Forms` of a variant's structural settings."""
+    return spec.forms_of(structural_settings(spec, variant))
 
 
 def structural_settings(spec: LossSpec, variant: Dict[str, Any]) -> Dict[str, Any]:
@@ -159,15 +144,6 @@ def variant_params(spec: LossSpec, variant: Dict[str, Any]) -> Dict[str, Any]:
                 high = low + 1.0 if param.high is None else param.high
                 params[param.name] = (low + high) / 2
     return params
-
-
-@functools.lru_cache(maxsize=None)
-def natural_index_targets(loss: str, key: str) -> bool:
-    r"""Whether ``make_inputs`` draws class-index targets for the structural setting ``key``."""
-    spec = get(loss)
-    variant = next(v for v in _structural_variants(spec) if variant_key(v) == key)
-    predictions, targets = spec.make_inputs(2, 3, (5,), torch.Generator().manual_seed(0), torch.float32, dict(variant))
-    return targets.dim() == predictions.dim() - 1
 
 
 def variant_key(variant: Dict[str, Any]) -> str:
@@ -219,15 +195,14 @@ def variant_of(
     for base in _structural_variants(spec):
         if {p.name: base.get(p.name, defaults[p.name]) for p in structural} != wanted:
             continue
-        natural_index = natural_index_targets(spec.name, variant_key(base))
+        base_forms = forms(spec, base)
+        natural_index = base_forms.index_targets
         scalar_forms = {
             p.name: SCALAR_FORM for p in scalar_form_params(spec) if _is_number(params.get(p.name, defaults[p.name]))
         }
         if index_targets == natural_index:
             return dict(base, **scalar_forms)
-        if natural_index and has_probability_targets_variant(spec) and accepts_probability_targets(
-            spec.name, variant_key(base)
-        ):
+        if natural_index and PROBABILITY_TARGETS in base_forms.targets:
             return dict(base, **{TARGETS_VARIANT: PROBABILITY_TARGETS}, **scalar_forms)
         if shapes is not None and not natural_index:
             raise ValueError(shape_mismatch(spec, dict(defaults, **params), False, *shapes))
@@ -247,8 +222,8 @@ def _is_number(value: Any) -> bool:
 
 def has_sample_weights_input(spec: LossSpec) -> bool:
     r"""Whether the graphs of ``spec`` take a ``sample_weights`` ``(N,)`` input next to ``weights``
-    (losses with a ``sample_weights_kernel``: the region losses)."""
-    return spec.sample_weights_kernel is not None
+    (``spec.pixel_weights``: the region losses)."""
+    return spec.pixel_weights
 
 
 def weight_input_names(spec: LossSpec) -> List[str]:
@@ -286,38 +261,14 @@ def example_inputs(
     return predictions, targets
 
 
-@functools.lru_cache(maxsize=None)
-def _values_have_classes(loss: str, key: str) -> Tuple[int, bool]:
-    r"""Probe the eager kernel once: (rank of values in the canonical layout, whether dim 1 is C)."""
-    spec = get(loss)
-    variant = next(v for v in variants(spec) if variant_key(v) == key)
-    batch, num_classes, size = 2, 3, 5
-    predictions, targets = example_inputs(
-        spec, variant, batch, num_classes, (size,), torch.Generator().manual_seed(0), torch.float64
-    )
-    module = spec.module(**spec.validate(variant_params(spec, variant)))
-    values, _, _ = module.statistics(predictions, targets, None, False)
-    shape = tuple(values.shape)
-    # Some settings fix the class count (a binary dice draws one channel).
-    num_classes = predictions.shape[1]
-    if shape == (batch, num_classes, size):
-        return 3, True
-    if shape == (batch, size):
-        return 2, False
-    if shape == (batch, num_classes):
-        return 2, True
-    return len(shape), False
-
-
 def values_layout(spec: LossSpec, variant: Dict[str, Any]) -> str:
-    r"""Shape of the ``values`` output in the canonical layout: ``"NCS"``, ``"NS"``, ``"NC"``, ``"N"`` or ``""``."""
-    rank, classes = _values_have_classes(spec.name, variant_key(variant))
-    return {(3, True): "NCS", (2, False): "NS", (2, True): "NC", (1, False): "N"}.get((rank, classes), "")
+    r"""Shape of the ``values`` output in the canonical layout: ``"NCS"``, ``"NS"``, ``"NC"``, ``"C"`` or ``"N"``."""
+    return forms(spec, variant).values
 
 
 def weights_layout(spec: LossSpec, variant: Dict[str, Any]) -> str:
-    r"""Canonical shape of the ``weights`` input: the predictions' for region losses, else the values'."""
-    return "NCS" if spec.kind == "region" else values_layout(spec, variant)
+    r"""Canonical shape of the ``weights`` input: the predictions' for pixel weights, else the values'."""
+    return "NCS" if spec.pixel_weights else values_layout(spec, variant)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -335,11 +286,10 @@ def shape_mismatch(
     r"""The eager kernels' message for targets of the wrong shape (:func:`shape_mismatch_message`),
     with the hint the loss's kernel gives: ``params`` are the request's, defaults filled in;
     ``takes_class_indices`` says whether this setting also takes class indices."""
-    modes = (spec.param("mode").choices or ()) if "mode" in spec.param_names() else ()
     if takes_class_indices:
         hint = label_map_hint()
-    elif "multiclass" in modes:
-        hint = multiclass_mode_hint()  # a region loss in binary or multilabel mode
+    elif any(forms(spec, v).index_targets for v in _structural_variants(spec)):
+        hint = multiclass_mode_hint()  # another setting takes class indices: a region loss's multiclass mode
     else:
         hint = one_target_per_prediction_hint()
     return shape_mismatch_message(list(predictions_shape), list(targets_shape), params.get("class_dim", 1), hint)
@@ -423,7 +373,7 @@ def to_canonical(
     if ndim == 0:
         raise ValueError("predictions must have a batch dimension: expected (N, C, *) or (N,), got a scalar")
     request_shape, request_targets_shape = tuple(p.shape), tuple(t.shape)
-    if ndim == 1 or (_one_channel(full) and p.shape[1] != 1 and t.shape == p.shape):
+    if ndim == 1 or (forms(spec, variant).single_channel and p.shape[1] != 1 and t.shape == p.shape):
         # No class dimension: one channel, every non-batch dimension spatial (as the kernels read it).
         p = p.reshape((p.shape[0], 1) + p.shape[1:])
         t = t.reshape((t.shape[0], 1) + t.shape[1:]) if not index_targets else t
@@ -454,6 +404,7 @@ def to_canonical(
         "NS": expected_index_shape,
         "NC": (batch, num_classes),
         "N": (batch,),
+        "C": (num_classes,),
         "": (),
     }
 
@@ -503,12 +454,6 @@ def to_canonical(
         return values
 
     return feeds, restore
-
-
-def _one_channel(settings: Dict[str, Any]) -> bool:
-    r"""Settings whose predictions have no class dimension: a binary region loss's ``(N, *)`` (or
-    ``(N, 1, *)``) logits are one channel over every non-batch dimension."""
-    return settings.get("mode") == "binary"
 
 
 def _broadcast_weights(w: np.ndarray, shape: Tuple[int, ...], batch: int) -> np.ndarray:
@@ -571,8 +516,7 @@ __all__ = [
     "structural_settings",
     "scalar_form_params",
     "variant_params",
-    "natural_index_targets",
-    "accepts_probability_targets",
+    "forms",
     "variants",
     "variant_key",
     "variant_of",

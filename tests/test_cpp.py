@@ -98,7 +98,7 @@ def _weights(spec, module, predictions, targets, kind, seed=1):
     if kind == "per_sample":
         return torch.rand(BATCH, generator=generator, dtype=predictions.dtype) + 0.1
     # Elementwise weights have the shape of the unreduced loss (the predictions' for region losses).
-    shape = predictions.shape if spec.kind == "region" else module.statistics(predictions, targets, None, False)[0].shape
+    shape = predictions.shape if spec.pixel_weights else module.statistics(predictions, targets, None, False)[0].shape
     return torch.rand(shape, generator=generator, dtype=predictions.dtype)
 
 

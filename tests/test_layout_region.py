@@ -2,7 +2,7 @@ r"""Region losses in the canonical ONNX layout: per-sample weights, pixel weight
 
 Region losses give ``(N,)`` weights a per-sample meaning (they weight a sample's overlap), which
 no pixel weight expresses; their graphs take a separate ``sample_weights`` input. These tests
-check the kernels' two-weight entry points against the public kernels, the layout's feeds, and
+check the kernels' two weight arguments against the modules' one, the layout's feeds, and
 exported graphs against eager PyTorch in ONNX Runtime (every mode, ``batch`` True and False,
 multiclass class indices and probabilities).
 """
@@ -13,7 +13,7 @@ import torch
 from loss_service import layout, losses
 from loss_service.losses import REDUCTIONS
 
-REGION_LOSSES = [spec.name for spec in losses.specs() if spec.kind == "region"]
+REGION_LOSSES = [spec.name for spec in losses.specs() if spec.pixel_weights]
 
 
 def _inputs(name, params, batch=3, classes=3, spatial=(4, 5), seed=0, dtype=torch.float64):
@@ -34,7 +34,7 @@ def _weights(predictions, seed=1):
 
 @pytest.mark.parametrize("batch", [False, True])
 @pytest.mark.parametrize("name", REGION_LOSSES)
-def test_sample_weights_kernel_reproduces_the_public_kernel(name, batch):
+def test_the_kernel_with_two_weight_arguments_reproduces_the_module(name, batch):
     spec = losses.get(name)
     mode = "multilabel"
     params = {"mode": mode, "batch": batch, "ignore_index": 255}
@@ -46,14 +46,18 @@ def test_sample_weights_kernel_reproduces_the_public_kernel(name, batch):
     for weights, split in ((None, (ones_pixel, ones_sample)), (per_sample, (ones_pixel, per_sample)),
                            (pixel, (pixel, ones_sample))):
         expected = module.statistics(predictions, targets, weights, True)
-        actual = _call_sample_weights_kernel(spec, module, predictions, targets, *split)
+        actual = _call_kernel(spec, module, predictions, targets, *split)
         for got, want in zip(actual, expected):
             torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
 
 
-def _call_sample_weights_kernel(spec, module, predictions, targets, weights, sample_weights):
-    r"""``spec.sample_weights_kernel`` with ``module``'s hyperparameters in the kernels' argument form."""
-    arguments = {}
+def _call_kernel(spec, module, predictions, targets, weights, sample_weights):
+    r"""``spec.statistics_kernel`` with ``module``'s hyperparameters and the loss's constants in the
+    kernels' argument form."""
+    arguments = {
+        name: None if value is None else torch.tensor(value, dtype=torch.float64)
+        for name, value in spec.constants.items()
+    }
     for param in spec.params:
         if param.name == "reduction":
             continue
@@ -67,7 +71,7 @@ def _call_sample_weights_kernel(spec, module, predictions, targets, weights, sam
         elif param.kind == "vector":
             value = value if value.numel() else None
         arguments[param.name] = value
-    return spec.sample_weights_kernel(predictions, targets, weights, sample_weights, per_sample=True, **arguments)
+    return spec.statistics_kernel(predictions, targets, weights, sample_weights, per_sample=True, **arguments)
 
 
 @pytest.mark.parametrize("batch", [False, True])
@@ -75,17 +79,11 @@ def test_both_weight_kinds_compose(batch):
     r"""Pixel weights act inside the sums, sample weights on the sample: with ``batch=False`` the
     sample weight multiplies the pixel-weighted losses; with ``batch=True`` it equals a pixel
     weight constant over the sample."""
-    from loss_service.losses.region import dice_statistics_with_sample_weights
-
     params = {"mode": "multiclass", "batch": batch}
     predictions, targets = _inputs("dice", params)
     per_sample, pixel = _weights(predictions)
     module = losses.build("dice", **params)
-    hyper = [torch.tensor(1e-5, dtype=torch.float64)] * 2 + [torch.tensor(True), torch.tensor(False),
-                                                             torch.tensor(False), torch.tensor(-100)]
-    values, totals, _ = dice_statistics_with_sample_weights(
-        predictions, targets, pixel, per_sample, *hyper, None, "multiclass", batch, True
-    )
+    values, totals, _ = _call_kernel(losses.get("dice"), module, predictions, targets, pixel, per_sample)
     if batch:
         folded = pixel * per_sample.reshape(-1, 1, 1, 1)
         expected_values, expected_totals, _ = module.statistics(predictions, targets, folded, True)
@@ -103,19 +101,13 @@ def test_both_weight_kinds_compose(batch):
 
 
 def test_bad_sample_weights_raise_value_errors_naming_them():
-    from loss_service.losses.region import dice_statistics_with_sample_weights
-
+    spec = losses.get("dice")
     predictions, targets = _inputs("dice", {"mode": "multilabel"})
-    hyper = [torch.tensor(1e-5, dtype=torch.float64)] * 2 + [torch.tensor(True), torch.tensor(False),
-                                                             torch.tensor(False), torch.tensor(-100)]
+    module = losses.build("dice", mode="multilabel")
     with pytest.raises(ValueError, match=r"sample_weights must have shape \(N,\) = \[3\].*got \[4\]"):
-        dice_statistics_with_sample_weights(
-            predictions, targets, None, torch.ones(4), *hyper, None, "multilabel", False, False
-        )
+        _call_kernel(spec, module, predictions, targets, None, torch.ones(4))
     with pytest.raises(ValueError, match=r"weights \(pixel weights\) of shape \[3, 2\] must broadcast"):
-        dice_statistics_with_sample_weights(
-            predictions, targets, torch.ones(3, 2), None, *hyper, None, "multilabel", False, False
-        )
+        _call_kernel(spec, module, predictions, targets, torch.ones(3, 2), None)
 
 
 # -------------------------------------------------------------------------- layout feeds
@@ -129,7 +121,7 @@ def test_region_graph_inputs_have_sample_weights_after_weights():
         assert names[:4] == ["predictions", "targets", "weights", "sample_weights"]
         assert names[-1] == "reduction"
     for spec in losses.specs():
-        if spec.kind != "region":
+        if not spec.pixel_weights:
             assert "sample_weights" not in layout.onnx_input_names(spec), spec.name
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from loss_service import losses
+from loss_service import layout, losses
 from loss_service.losses import REDUCTIONS
 
 from .references import REFERENCES
@@ -49,7 +49,7 @@ def cast_params(params, dtype):
 
 
 def element_weight_shape(spec, module, predictions, targets):
-    if spec.kind == "region":
+    if spec.pixel_weights:
         return predictions.shape
     values, _, _ = module.statistics(predictions, targets, None, False)
     return values.shape
@@ -86,6 +86,45 @@ def test_a_declared_logits_alternative_takes_logits_for_the_same_targets():
     for spec in declared:
         alternative = losses.get(spec.logits_alternative)
         assert (alternative.predictions, alternative.targets) == ("logits", spec.targets), spec.name
+
+
+VARIANT_CASES = [
+    pytest.param(spec.name, variant, id=f"{spec.name}-{layout.variant_key(variant) or 'default'}")
+    for spec in losses.specs()
+    for variant in layout.variants(spec)
+]
+
+
+@pytest.mark.parametrize("name,variant", VARIANT_CASES)
+def test_declared_forms_are_what_the_module_does(name, variant):
+    r"""Each setting's :class:`~loss_service.losses.Forms`, which the layout, the exporter and the
+    server read instead of running the loss, against what the module takes and returns."""
+    spec = losses.get(name)
+    forms = layout.forms(spec, variant)
+    module = losses.build(name, **layout.variant_params(spec, variant))
+    batch, classes, size = 2, 3, 5
+    predictions, targets = spec.make_inputs(
+        batch, classes, (size,), torch.Generator().manual_seed(0), torch.float64, layout.variant_params(spec, variant)
+    )
+    assert (targets.dim() == predictions.dim() - 1) == forms.index_targets
+    assert (predictions.shape[1] == 1) == forms.single_channel
+    values, totals, _ = module.statistics(predictions, targets, None, False)
+    channels = predictions.shape[1]
+    expected = {"NCS": (batch, channels, size), "NS": (batch, size), "NC": (batch, channels), "C": (channels,),
+                "N": (batch,)}[forms.values]
+    assert tuple(values.shape) == expected
+    if forms.elementwise_totals:
+        assert int(totals[3]) >= values.numel()
+    else:
+        assert totals.numel() == 3 * channels
+    probabilities = torch.softmax(torch.randn(predictions.shape, dtype=torch.float64), dim=1)
+    if "probabilities" in forms.targets:
+        module.statistics(predictions, probabilities, None, False)
+    elif forms.index_targets:
+        with pytest.raises(ValueError):
+            module.statistics(predictions, probabilities, None, False)
+    if forms.index_targets and forms.indices_with_channel:
+        torch.testing.assert_close(module.statistics(predictions, targets.unsqueeze(1), None, False)[1], totals)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -105,7 +105,7 @@ PARITY_CASES = [
 def parity_weights(spec, predictions, index):
     r"""Per-sample weights; for region losses, pixel weights on every other setting (their ONNX graphs
     take both kinds through separate inputs)."""
-    if spec.kind == "region" and index % 2:
+    if spec.pixel_weights and index % 2:
         return torch.rand(predictions.shape, generator=torch.Generator().manual_seed(2)) + 0.1
     return sample_weights(predictions.shape[0])
 

@@ -87,9 +87,10 @@ class CanonicalLossGraph(nn.Module):
     the columns of ``reductions_kernel(totals)``. Structural (``graph_input=False``) settings of the
     variant are fixed Python values; ``class_dim`` is 1 (the layout moves the classes there).
 
-    Losses with a ``sample_weights_kernel`` (region losses) are traced through it, with the
-    full-shape pixel ``weights`` and the ``(N,)`` ``sample_weights`` as two inputs: torch.export
-    cannot trace one input that is ``(N,)`` for some requests and full-shape for others.
+    The loss's ``constants`` are fixed arguments (numbers as 0-d float64 tensors). Losses with
+    ``pixel_weights`` (region losses) get the full-shape pixel ``weights`` and the ``(N,)``
+    ``sample_weights`` as two inputs: torch.export cannot trace one input that is ``(N,)`` for some
+    requests and full-shape for others.
     """
 
     def __init__(self, spec: LossSpec, variant: Dict[str, Any]) -> None:
@@ -101,6 +102,10 @@ class CanonicalLossGraph(nn.Module):
         if "class_dim" in spec.param_names():
             fixed["class_dim"] = 1
         self.fixed = fixed
+        self.constants = {
+            name: None if value is None else torch.tensor(value, dtype=torch.float64)
+            for name, value in spec.constants.items()
+        }
         self.reduction_arguments = _reductions_arguments(spec)
         self.weight_inputs = len(layout.weight_input_names(spec))
 
@@ -108,17 +113,11 @@ class CanonicalLossGraph(nn.Module):
         predictions, targets = inputs[0], inputs[1]
         weight_inputs = inputs[2:2 + self.weight_inputs]
         reduction = inputs[-1]
-        arguments: Dict[str, Any] = dict(self.fixed)
+        arguments: Dict[str, Any] = dict(self.fixed, **self.constants)
         arguments.update(zip(self.hyperparameters, inputs[2 + self.weight_inputs:-1]))
-        if self.spec.sample_weights_kernel is not None:
-            weights, sample_weights = weight_inputs
-            values, totals, sample_totals = self.spec.sample_weights_kernel(
-                predictions, targets, weights, sample_weights, per_sample=True, **arguments
-            )
-        else:
-            values, totals, sample_totals = self.spec.statistics_kernel(
-                predictions, targets, weight_inputs[0], per_sample=True, **arguments
-            )
+        values, totals, sample_totals = self.spec.statistics_kernel(
+            predictions, targets, *weight_inputs, per_sample=True, **arguments
+        )
         reductions = self.spec.reductions_kernel(totals, **{k: arguments[k] for k in self.reduction_arguments})
         loss = torch.where(
             reduction == layout.REDUCTION_CODES["mean"],

@@ -170,10 +170,7 @@ def samples(
     r"""Random input sets for one variant (``None``: every ``test_params`` setting, for TorchScript)."""
     settings = list(spec.test_params) or [{}]
     if variant is not None:
-        structural = layout.structural_settings(spec, variant)
-        index_targets = variant.get(layout.TARGETS_VARIANT) is None and layout.natural_index_targets(
-            spec.name, layout.variant_key(structural)
-        )
+        index_targets = variant.get(layout.TARGETS_VARIANT) is None and layout.forms(spec, variant).index_targets
         matching = [s for s in settings if _variant_or_none(spec, s, index_targets) == variant]
         settings = matching or [layout.variant_params(spec, variant)]
     counter = seed
@@ -195,7 +192,7 @@ def samples(
                     targets = torch.movedim(targets, 1, -1).contiguous()
                 case_params["class_dim"] = -1
             module = losses.build(spec.name, **case_params)
-            weight_shape = predictions.shape if spec.kind == "region" else module.statistics(
+            weight_shape = predictions.shape if spec.pixel_weights else module.statistics(
                 predictions, targets, None, False
             )[0].shape
             per_sample = torch.rand(case.batch, generator=generator) + 0.1

@@ -4,7 +4,7 @@ r"""The loss library: scriptable functions, thin modules, and the registry that 
 ``module(predictions, targets, weights=None)``; ``names()`` lists the registered losses and
 ``get(name)`` returns a loss's :class:`LossSpec` (parameters, input contract, references).
 """
-from ._registry import LossSpec, ParamSpec, build, get, names, specs
+from ._registry import Forms, LossSpec, ParamSpec, build, get, names, specs
 from ._reduction import REDUCTIONS
 # Registration order is the order of names(): the classification families, then region
 # losses, their combinations and the regression losses.
@@ -22,6 +22,6 @@ from .region import *  # noqa: F401,F403
 from .regression import *  # noqa: F401,F403
 
 # Everything each family module exports: its modules, functions and statistics kernels.
-__all__ = ["LossSpec", "ParamSpec", "REDUCTIONS", "build", "get", "names", "specs"] + [
+__all__ = ["Forms", "LossSpec", "ParamSpec", "REDUCTIONS", "build", "get", "names", "specs"] + [
     name for family in (bce, cross_entropy, focal, region, combo, regression) for name in family.__all__
 ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -144,6 +144,48 @@ def _fmt(x: float) -> str:
 
 
 InputMaker = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+TARGET_FORMS = ("dense", "class_indices", "probabilities")
+VALUES_LAYOUTS = ("NCS", "NS", "NC", "C", "N")
+
+
+@dataclass(frozen=True)
+class Forms:
+    r"""What a loss takes and returns under one setting of its structural (``graph_input=False``)
+    parameters: declared by the loss, read by the layout, the exporter and the server.
+
+    * ``targets`` -- the target forms it takes, its natural form first: ``dense`` (the predictions'
+      shape), ``class_indices`` (the predictions' shape without the class dimension) and
+      ``probabilities`` (class probabilities of the predictions' shape, besides class indices).
+    * ``values`` -- the shape of ``values`` (``reduction="none"``) in the canonical layout of
+      :mod:`loss_service.layout`: ``NCS``, ``NS``, ``NC``, ``C`` (one loss per class) or ``N``.
+    * ``elementwise_totals`` -- whether the totals begin with ``[Σ w·ℓ, Σ w, Σ d, n]``.
+    * ``indices_with_channel`` -- whether class indices may also come as ``(N, 1, *)``.
+    * ``single_channel`` -- the predictions are one channel: every non-batch dimension is spatial,
+      ``(N, *)`` has no class dimension (a binary region loss).
+    """
+
+    targets: Tuple[str, ...]
+    values: str
+    elementwise_totals: bool = True
+    indices_with_channel: bool = False
+    single_channel: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.targets or not set(self.targets) <= set(TARGET_FORMS) or self.values not in VALUES_LAYOUTS:
+            raise ValueError(f"Forms: targets {self.targets} must be among {TARGET_FORMS}, values in {VALUES_LAYOUTS}")
+
+    @property
+    def index_targets(self) -> bool:
+        r"""Whether the natural targets are class indices."""
+        return self.targets[0] == "class_indices"
+
+
+# The forms of a loss whose forms follow from its ``targets`` kind alone.
+_FORMS_OF_TARGETS = {
+    "class_indices": Forms(("class_indices",), "NS"),
+    "class_indices_or_probabilities": Forms(("class_indices", "probabilities"), "NS"),
+}
+_DENSE_FORMS = Forms(("dense",), "NCS")
 
 
 @dataclass(frozen=True)
@@ -161,11 +203,16 @@ class LossSpec:
       the hyperparameters as graph inputs, so it never branches in Python on their values.
     * ``reductions_kernel(totals, **params)`` -- ``(..., K)`` totals to ``(..., 3)``
       ``[sum, mean, weighted_mean]`` (float64); it takes the parameters it needs by name.
-    * ``sample_weights_kernel`` -- only for losses whose ``(N,)`` weights are not pixel weights
-      (region losses): ``statistics_kernel`` with pixel ``weights`` and an ``(N,)``
-      ``sample_weights`` as separate arguments, ``(predictions, targets, weights, sample_weights,
-      *, per_sample, **params)``. Their ONNX graphs take both inputs (a traced graph cannot tell
-      ``(N,)`` from full-shape weights per request).
+    * ``constants`` -- the kernels' arguments that are no hyperparameters, by name (a region loss's
+      overlap index: ``overlap_scale`` and the fixed ``alpha``, ``beta``, ``gamma``); numbers reach
+      the kernels as 0-d float64 tensors, ``None`` as ``None``.
+    * ``pixel_weights`` -- the call-time weights are pixel weights on the predictions' shape, and
+      ``(N,)`` weights weight a sample's share (region losses): ``statistics_kernel`` then takes
+      ``(predictions, targets, weights, sample_weights, ...)`` with both kinds as separate
+      arguments, and so do the ONNX graphs (a traced graph cannot tell ``(N,)`` from full-shape
+      weights per request). Otherwise ``(N,)`` weights weight every element of their sample.
+    * ``forms(settings)`` -- the :class:`Forms` of a setting of the structural parameters
+      (defaults filled in); ``None`` derives them from ``targets``.
     * ``make_inputs(batch, num_classes, spatial, generator, dtype, params)`` -- valid random
       ``(predictions, targets)`` for tests, export and verification.
     * ``test_params`` -- the hyperparameter settings every generated test and export check covers.
@@ -198,7 +245,9 @@ class LossSpec:
     kind: str = "elementwise"
     paper: str = ""
     notes: str = ""
-    sample_weights_kernel: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+    constants: Dict[str, Optional[float]] = field(default_factory=dict)
+    pixel_weights: bool = False
+    forms: Optional[Callable[[Dict[str, Any]], Forms]] = None
     target_range: Optional[Tuple[float, float]] = None
     logits_alternative: str = ""
 
@@ -207,6 +256,12 @@ class LossSpec:
             raise ValueError(f"{self.name}: predictions kind {self.predictions!r} not in {PREDICTION_KINDS}")
         if self.targets not in TARGET_KINDS:
             raise ValueError(f"{self.name}: targets kind {self.targets!r} not in {TARGET_KINDS}")
+
+    def forms_of(self, settings: Dict[str, Any]) -> Forms:
+        r"""The :class:`Forms` of this loss with ``settings`` (missing parameters take their defaults)."""
+        if self.forms is not None:
+            return self.forms(dict(self.defaults(), **settings))
+        return _FORMS_OF_TARGETS.get(self.targets, _DENSE_FORMS)
 
     def param(self, name: str) -> ParamSpec:
         for p in self.params:
@@ -282,6 +337,7 @@ def build(name: str, **params: Any) -> torch.nn.Module:
 
 
 __all__ = [
+    "Forms",
     "ParamSpec",
     "LossSpec",
     "register",

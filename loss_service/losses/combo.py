@@ -13,27 +13,28 @@ from torch import Tensor
 from ._registry import LossSpec, ParamSpec, get, register
 from ._reduction import (
     accumulate,
-    check_reduction,
     check_same_shape,
     elementwise_reductions,
     int_hyperparameter,
     one_target_per_prediction_hint,
     optional_vector,
-    select_reduction,
     vector_argument,
     vector_buffer,
 )
 from .bce import bce_with_logits_statistics
 from .region import (
     DENSE_TARGET_RANGE,
+    DiceLoss,
+    Forms,
     RegionLoss,
     _constant,
     _flag,
-    _prepare,
-    _split_weights,
-    dice_reductions,
-    dice_statistics_with_sample_weights,
+    _region_loss,
+    prepare,
     region_inputs,
+    region_reductions,
+    region_statistics,
+    split_weights,
 )
 
 _BCE = get("bce_with_logits")
@@ -65,89 +66,45 @@ _DEFAULTS: Dict[str, Any] = {p.name: p.default for p in BCE_DICE_PARAMS}
 
 
 def bce_dice_reductions(
-    totals: Tensor,
-    bce_weight: Tensor,
-    dice_weight: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    log_loss: Tensor,
-    class_weight: Optional[Tensor],
-    batch: bool,
+    totals: Tensor, bce_weight: Tensor, dice_weight: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor,
+    gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor,
+    class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""``(..., 4 + K)`` totals to ``(..., 3)``: ``bce_weight·bce + dice_weight·dice`` per column."""
     bce = elementwise_reductions(totals[..., :4])
-    dice = dice_reductions(totals[..., 4:], smooth_nr, smooth_dr, include_background, log_loss, class_weight, batch)
+    dice = region_reductions(
+        totals[..., 4:], overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background,
+        class_weight, batch,
+    )
     return bce_weight.to(torch.float64) * bce + dice_weight.to(torch.float64) * dice
 
 
 def bce_dice_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    pos_weight: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    bce_weight: Tensor,
-    dice_weight: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    mode: str,
-    batch: bool,
-    per_sample: bool,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], sample_weights: Optional[Tensor],
+    pos_weight: Optional[Tensor], bce_weight: Tensor, dice_weight: Tensor, overlap_scale: Tensor, alpha: Tensor,
+    beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor,
+    include_background: Tensor, squared_pred: Tensor, ignore_index: Tensor, class_weight: Optional[Tensor], mode: str,
+    batch: bool, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`bce_dice_loss`.
+    r"""Statistics kernel of :func:`bce_dice_loss`, with pixel ``weights`` and ``(N,)``
+    ``sample_weights`` as separate arguments (as :func:`~loss_service.losses.region.region_statistics`).
 
     ``values`` are per sample, ``(N,)``: the combined loss of each sample alone under the ``mean``
-    rule (what ``reduction="none"`` returns). ``weights``: ``(N,)`` per sample or pixel weights,
-    split as for Dice (:func:`~loss_service.losses.region._split_weights`).
-    """
-    pixel_weights, sample_weights = _split_weights(weights, predictions)
-    return bce_dice_statistics_with_sample_weights(
-        predictions, targets, pixel_weights, sample_weights, pos_weight, class_weight, bce_weight, dice_weight,
-        smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, mode, batch, per_sample,
-    )
-
-
-def bce_dice_statistics_with_sample_weights(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    sample_weights: Optional[Tensor],
-    pos_weight: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    bce_weight: Tensor,
-    dice_weight: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    mode: str,
-    batch: bool,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`bce_dice_loss` with pixel ``weights`` and ``(N,)`` ``sample_weights`` as
-    separate arguments (the ONNX graphs' entry point).
-
-    The BCE term is elementwise, so both kinds simply multiply each element's weight
-    (:math:`s_n\,w_{nci}`); the Dice term gets them as
-    :func:`~loss_service.losses.region.region_statistics_with_sample_weights` does.
+    rule (what ``reduction="none"`` returns). The BCE term is elementwise, so both kinds of weight
+    simply multiply each element's weight (:math:`s_n\,w_{nci}`); the Dice term gets them as the
+    region kernel does.
     """
     if mode not in ["binary", "multilabel"]:
         raise ValueError("bce_dice: mode must be 'binary' or 'multilabel', got '{}'".format(mode))
     # Checked before the Dice kernel does, whose hint would point at a multiclass mode bce_dice lacks.
     check_same_shape(predictions, targets, 1, one_target_per_prediction_hint())
+    index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background)
     # The Dice kernel validates the inputs and the weights; the BCE term reuses its view.
-    _, dice_totals, dice_sample_totals = dice_statistics_with_sample_weights(
-        predictions, targets, weights, sample_weights, smooth_nr, smooth_dr, include_background, squared_pred,
-        log_loss, ignore_index, class_weight, mode, batch, True,
+    _, dice_totals, dice_sample_totals = region_statistics(
+        predictions, targets, weights, sample_weights, *index, squared_pred, ignore_index, class_weight, mode, batch,
+        True,
     )
-    probabilities, dense, keep = _prepare(predictions, targets, ignore_index, mode)
+    probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
     logits = predictions.to(probabilities.dtype).reshape(probabilities.shape)
     batch_size = probabilities.shape[0]
     bce_weights = keep
@@ -167,10 +124,7 @@ def bce_dice_statistics_with_sample_weights(
     bce_totals = torch.cat([bce_totals[:2], counted.sum().reshape(1), bce_totals[3:]])
     sample_totals = torch.cat([bce_sample_totals, dice_sample_totals], dim=1)
     totals = torch.cat([bce_totals, dice_totals])
-    values = bce_dice_reductions(
-        sample_totals, bce_weight, dice_weight, smooth_nr, smooth_dr, include_background, log_loss, class_weight,
-        batch,
-    )[:, 1]
+    values = bce_dice_reductions(sample_totals, bce_weight, dice_weight, *index, class_weight, batch)[:, 1]
     if not per_sample:
         sample_totals = sample_totals[:0]
     return values, totals, sample_totals
@@ -214,26 +168,18 @@ def bce_dice_loss(
             (``include_background`` does not change the BCE term, as in MONAI's ``DiceCELoss``).
         reduction: ``none`` returns ``(N,)``: each sample's combined loss alone, ``mean`` rule.
     """
-    pos_weight = vector_argument(pos_weight)
-    class_weight = vector_argument(class_weight)
-    check_reduction(reduction)
-    values, totals, _ = bce_dice_statistics(
-        predictions, targets, weights, pos_weight, class_weight, _constant(bce_weight, predictions),
-        _constant(dice_weight, predictions), _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
-        _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
-        int_hyperparameter(ignore_index, predictions), mode, batch, False,
+    term_weights = (_constant(bce_weight, predictions), _constant(dice_weight, predictions))
+    return _region_loss(
+        predictions, targets, weights, DiceLoss.constants, smooth_nr, smooth_dr, include_background, squared_pred,
+        log_loss, ignore_index, class_weight, mode, batch, reduction, (bce_dice_statistics, bce_dice_reductions),
+        ((vector_argument(pos_weight),) + term_weights, term_weights),
     )
-    reductions = bce_dice_reductions(
-        totals, _constant(bce_weight, predictions), _constant(dice_weight, predictions),
-        _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
-        _flag(include_background, predictions), _flag(log_loss, predictions), class_weight, batch,
-    )
-    return select_reduction(values, reductions, reduction, predictions.dtype)
 
 
 class BCEDiceLoss(RegionLoss):
     r"""Module form of :func:`bce_dice_loss`; ``pos_weight`` and ``class_weight`` are buffers."""
 
+    constants = DiceLoss.constants
     bce_weight: float
     dice_weight: float
 
@@ -268,21 +214,18 @@ class BCEDiceLoss(RegionLoss):
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return bce_dice_statistics(
-            predictions, targets, weights, optional_vector(self.pos_weight), optional_vector(self.class_weight),
+            predictions, targets, *split_weights(weights, predictions), optional_vector(self.pos_weight),
             _constant(self.bce_weight, predictions), _constant(self.dice_weight, predictions),
-            _constant(self.smooth_nr, predictions), _constant(self.smooth_dr, predictions),
-            _flag(self.include_background, predictions), _flag(self.squared_pred, predictions),
-            _flag(self.log_loss, predictions), int_hyperparameter(self.ignore_index, predictions), self.mode, self.batch,
-            per_sample,
+            *self.index_arguments(predictions), _flag(self.squared_pred, predictions),
+            int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode,
+            self.batch, per_sample,
         )
 
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:
         return bce_dice_reductions(
             totals, _constant(self.bce_weight, totals), _constant(self.dice_weight, totals),
-            _constant(self.smooth_nr, totals), _constant(self.smooth_dr, totals),
-            _flag(self.include_background, totals), _flag(self.log_loss, totals),
-            optional_vector(self.class_weight), self.batch,
+            *self.index_arguments(totals), optional_vector(self.class_weight), self.batch,
         )
 
 
@@ -305,8 +248,10 @@ register(
         params=BCE_DICE_PARAMS,
         make_inputs=region_inputs,
         statistics_kernel=bce_dice_statistics,
-        sample_weights_kernel=bce_dice_statistics_with_sample_weights,
         reductions_kernel=bce_dice_reductions,
+        constants=BCEDiceLoss.constants,
+        pixel_weights=True,
+        forms=lambda settings: Forms(("dense",), "N", single_channel=settings["mode"] == "binary"),
         reference="bce_weight · F.binary_cross_entropy_with_logits + dice_weight · dice, each reduced by its own rule",
         test_params=(
             {},
@@ -332,7 +277,6 @@ __all__ = [
     "BCEDiceLoss",
     "bce_dice_loss",
     "bce_dice_statistics",
-    "bce_dice_statistics_with_sample_weights",
     "bce_dice_reductions",
     "BCE_DICE_PARAMS",
 ]

@@ -39,7 +39,7 @@ from torch import Tensor
 from ._base import Loss
 from ._params import CLASS_WEIGHT_PARAM as SHARED_CLASS_WEIGHT_PARAM
 from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
-from ._registry import LossSpec, ParamSpec, register
+from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
     accumulate,
     as_float,
@@ -84,7 +84,7 @@ SQUARED_PRED_PARAM = ParamSpec(
     "squared_pred", "bool", False, "use Σ w·p² and Σ w·t² in place of Σ w·p and Σ w·t (V-Net's denominator)"
 )
 LOG_LOSS_PARAM = ParamSpec("log_loss", "bool", False, "loss -log(index) (index clamped at 1e-7) instead of 1 - index")
-# Binary masks, multilabel masks and class probabilities (what _prepare checks).
+# Binary masks, multilabel masks and class probabilities (what prepare checks).
 DENSE_TARGET_RANGE = (0.0, 1.0)
 CLASS_WEIGHT_PARAM = dataclasses.replace(
     SHARED_CLASS_WEIGHT_PARAM,
@@ -114,7 +114,7 @@ def _flatten_spatial(x: Tensor, class_channel: bool) -> Tensor:
     return x.flatten(2)
 
 
-def _prepare(
+def prepare(
     predictions: Tensor,
     targets: Tensor,
     ignore_index: Tensor,
@@ -141,7 +141,7 @@ def _prepare(
                 "multiclass predictions must be (N, C, *) logits, got shape {}".format(list(predictions.shape))
             )
         if targets.shape != predictions.shape:
-            return _prepare_class_indices(x, predictions, targets, ignore_index)
+            return prepare_class_indices(x, predictions, targets, ignore_index)
         # Class probabilities (soft labels, label smoothing, one-hot masks): a position whose
         # target equals ignore_index in any channel is dropped from every class, as an ignored
         # class index is (the softmax at that position involves every class).
@@ -173,10 +173,10 @@ def _prepare(
     return probabilities, dense, keep
 
 
-def _prepare_class_indices(
+def prepare_class_indices(
     x: Tensor, predictions: Tensor, targets: Tensor, ignore_index: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r""":func:`_prepare` for multiclass class-index targets ``(N, *)`` or ``(N, 1, *)``; ``x`` is the
+    r""":func:`prepare` for multiclass class-index targets ``(N, *)`` or ``(N, 1, *)``; ``x`` is the
     contiguous compute-dtype view of ``predictions``."""
     dtype = x.dtype
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
@@ -240,23 +240,15 @@ def _class_vectors(
     return kept, class_weight.to(device=device, dtype=torch.float64) * kept
 
 
-def _overlap_losses(
-    true_positive: Tensor,
-    predicted: Tensor,
-    target: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    overlap_scale: float,
-    log_loss: Tensor,
-    gamma: Optional[Tensor],
-) -> Tensor:
+# (k, α, β, γ, s_nr, s_dr, log_loss) of an overlap index, as the kernels receive them.
+OverlapIndex = Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor]
+
+
+def _overlap_losses(true_positive: Tensor, predicted: Tensor, target: Tensor, index: OverlapIndex) -> Tensor:
     r"""The loss of each index ``(k·TP + s_nr) / (k·(TP + α·FP + β·FN) + s_dr)``, elementwise."""
-    smooth_nr = smooth_nr.to(torch.float64)
-    smooth_dr = smooth_dr.to(torch.float64)
-    alpha = alpha.to(torch.float64)
-    beta = beta.to(torch.float64)
+    overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss = index
+    overlap_scale, alpha, beta = overlap_scale.to(torch.float64), alpha.to(torch.float64), beta.to(torch.float64)
+    smooth_nr, smooth_dr = smooth_nr.to(torch.float64), smooth_dr.to(torch.float64)
     numerator = overlap_scale * true_positive + smooth_nr
     # TP + α(P - TP) + β(T - TP) written without the differences: exact P + T for Dice.
     denominator = overlap_scale * ((1.0 - alpha - beta) * true_positive + alpha * predicted + beta * target) + smooth_dr
@@ -264,11 +256,11 @@ def _overlap_losses(
     # entirely ignored): it counts as a perfect overlap (index 1, loss 0) instead of NaN.
     nonzero = denominator != 0
     safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
-    index = torch.where(nonzero, numerator / safe, torch.ones_like(numerator))
+    ratio = torch.where(nonzero, numerator / safe, torch.ones_like(numerator))
     # -log I is taken at max(I, 1e-7) (smp's clamp): an index of 0 gives the finite loss 16.1 and a
     # zero gradient instead of -log(0) = inf.
-    log_index = torch.log(torch.clamp(index, min=1e-7))
-    loss = torch.where(log_loss.to(torch.bool), -log_index, 1.0 - index)
+    log_ratio = torch.log(torch.clamp(ratio, min=1e-7))
+    loss = torch.where(log_loss.to(torch.bool), -log_ratio, 1.0 - ratio)
     if gamma is None:
         return loss
     # x^γ has an infinite derivative at 0 for γ < 1: evaluate the power on a positive base only
@@ -279,7 +271,7 @@ def _overlap_losses(
     return torch.where(positive, powered, torch.zeros_like(powered))
 
 
-def _split_weights(weights: Optional[Tensor], predictions: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+def split_weights(weights: Optional[Tensor], predictions: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     r"""Call-time ``weights`` of a region loss as ``(pixel_weights, sample_weights)``.
 
     ``(N,)`` weights of predictions with more than one dimension are per-sample weights (they
@@ -294,12 +286,16 @@ def _split_weights(weights: Optional[Tensor], predictions: Tensor) -> Tuple[Opti
     return weights, None
 
 
+def _check_real(weights: Tensor, name: str) -> None:
+    if weights.is_complex() or weights.dtype == torch.bool:
+        raise ValueError("{} must be a real floating-point or integer tensor, got {}".format(name, weights.dtype))
+
+
 def _check_split_weights(weights: Optional[Tensor], sample_weights: Optional[Tensor], predictions: Tensor) -> None:
     r"""Pixel ``weights`` must broadcast to the predictions; ``sample_weights`` must be ``(N,)``."""
     shape = list(predictions.shape)
     if weights is not None:
-        if weights.is_complex() or weights.dtype == torch.bool:
-            raise ValueError("weights must be a real floating-point or integer tensor, got {}".format(weights.dtype))
+        _check_real(weights, "weights")
         if not broadcastable(list(weights.shape), shape):
             raise ValueError(
                 "weights (pixel weights) of shape {} must broadcast to the predictions' shape {}".format(
@@ -307,10 +303,7 @@ def _check_split_weights(weights: Optional[Tensor], sample_weights: Optional[Ten
                 )
             )
     if sample_weights is not None:
-        if sample_weights.is_complex() or sample_weights.dtype == torch.bool:
-            raise ValueError(
-                "sample_weights must be a real floating-point or integer tensor, got {}".format(sample_weights.dtype)
-            )
+        _check_real(sample_weights, "sample_weights")
         if sample_weights.dim() != 1 or sample_weights.shape[0] != shape[0]:
             raise ValueError(
                 "sample_weights must have shape (N,) = [{}] (one weight per sample of predictions {}), got {}".format(
@@ -319,39 +312,25 @@ def _check_split_weights(weights: Optional[Tensor], sample_weights: Optional[Ten
             )
 
 
-def region_statistics_with_sample_weights(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    sample_weights: Optional[Tensor],
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    overlap_scale: float,
-    gamma: Optional[Tensor],
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    class_weight: Optional[Tensor],
-    mode: str,
-    batch: bool,
-    per_sample: bool,
+def region_statistics(
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], sample_weights: Optional[Tensor],
+    overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor,
+    smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, squared_pred: Tensor, ignore_index: Tensor,
+    class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""The region kernel with the two kinds of weight as separate arguments.
+    r"""The statistics kernel of every region loss: the overlap index ``k = overlap_scale``, ``α``,
+    ``β`` (and ``γ`` for focal Tversky, else ``None``) of the module docstring.
 
     ``weights`` are pixel weights :math:`w_{nci}` (broadcastable to the predictions, never read
-    as per-sample) and ``sample_weights`` :math:`s_n` has shape ``(N,)``; ``None`` means ones for
-    either, and both may be given. With ``batch=False`` the loss of ``(n, c)`` gets the weight
-    :math:`s_n\,w_c` (``w_c`` the class weight); with ``batch=True`` the sums become
-    :math:`TP_c = \sum_n s_n \sum_i w_{nci}\,p_{nci}\,t_{nci}` (and so on for ``P``, ``T``).
-
-    The ONNX graphs call this with both inputs (ones for the kind a request does not use), since
-    a traced graph cannot decide per request whether a weight input is ``(N,)`` or full-shape.
+    as per-sample) and ``sample_weights`` :math:`s_n` has shape ``(N,)`` (:func:`split_weights`
+    tells a call's ``weights`` apart); ``None`` means ones for either, and both may be given. With
+    ``batch=False`` the loss of ``(n, c)`` gets the weight :math:`s_n\,w_c` (``w_c`` the class
+    weight); with ``batch=True`` the sums become :math:`TP_c = \sum_n s_n \sum_i w_{nci}\,p_{nci}\,t_{nci}`
+    (and so on for ``P``, ``T``). The ONNX graphs feed both (ones for the kind a request does not
+    use), since a traced graph cannot decide per request whether a weight is ``(N,)`` or full-shape.
     """
     _check_split_weights(weights, sample_weights, predictions)
-    probabilities, dense, keep = _prepare(predictions, targets, ignore_index, mode)
+    probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
     num_classes = probabilities.shape[1]
     dtype = probabilities.dtype
     pixel_weight = keep
@@ -364,26 +343,19 @@ def region_statistics_with_sample_weights(
     predicted = accumulate(pixel_weight * predicted_term, [2])
     target = accumulate(pixel_weight * target_term, [2])
     kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, probabilities.device)
+    index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss)
     if batch:
         if sample_weights is not None:
             # batch=True: a sample weight scales that sample's contributions to the sums.
             scale = sample_weights.to(torch.float64).unsqueeze(1)
-            true_positive = true_positive * scale
-            predicted = predicted * scale
-            target = target * scale
+            true_positive, predicted, target = true_positive * scale, predicted * scale, target * scale
         sample_totals = torch.cat([true_positive, predicted, target], dim=1)
         totals = sample_totals.sum(0)
-        losses = _overlap_losses(
-            totals[:num_classes], totals[num_classes:2 * num_classes], totals[2 * num_classes:],
-            smooth_nr, smooth_dr, alpha, beta, overlap_scale, log_loss, gamma,
-        )
-        values = losses * loss_weight
+        values = _overlap_losses(totals[:num_classes], totals[num_classes:2 * num_classes], totals[2 * num_classes:], index)
         if not per_sample:
             sample_totals = sample_totals[:0]
-        return values, totals, sample_totals
-    losses = _overlap_losses(
-        true_positive, predicted, target, smooth_nr, smooth_dr, alpha, beta, overlap_scale, log_loss, gamma
-    )
+        return values * loss_weight, totals, sample_totals
+    losses = _overlap_losses(true_positive, predicted, target, index)
     weight = loss_weight.unsqueeze(0)
     if sample_weights is not None:
         # batch=False: a sample weight weights that sample's (n, c) losses.
@@ -392,19 +364,10 @@ def region_statistics_with_sample_weights(
 
 
 def region_reductions(
-    totals: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    overlap_scale: float,
-    gamma: Optional[Tensor],
-    include_background: Tensor,
-    log_loss: Tensor,
-    class_weight: Optional[Tensor],
-    batch: bool,
+    totals: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor,
+    smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
-    r"""``(..., K)`` region totals to ``(..., 3)`` = ``[sum, mean, weighted_mean]``.
+    r"""The reductions kernel of every region loss: ``(..., K)`` totals to ``(..., 3)`` = ``[sum, mean, weighted_mean]``.
 
     ``batch=False``: the elementwise rule over the ``(n, c)`` losses (``mean`` divides by ``N·C'``,
     ``C'`` the kept classes, as MONAI's mean). ``batch=True``: per-class losses ``ℓ_c`` from
@@ -420,9 +383,9 @@ def region_reductions(
             )
         )
     num_classes = totals.shape[-1] // 3
+    index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss)
     losses = _overlap_losses(
-        totals[..., :num_classes], totals[..., num_classes:2 * num_classes], totals[..., 2 * num_classes:],
-        smooth_nr, smooth_dr, alpha, beta, overlap_scale, log_loss, gamma,
+        totals[..., :num_classes], totals[..., num_classes:2 * num_classes], totals[..., 2 * num_classes:], index
     )
     kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, totals.device)
     loss_sum = (losses * loss_weight).sum(-1)
@@ -439,74 +402,162 @@ def _flag(value: bool, like: Tensor) -> Tensor:
     return torch.full([], value, dtype=torch.bool, device=like.device)
 
 
-# ---------------------------------------------------------------------------------------- dice
+# The arguments both region kernels take after their tensors: (k, α, β, γ, s_nr, s_dr, log_loss,
+# include_background).
+IndexArguments = Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor]
 
 
-def dice_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    class_weight: Optional[Tensor],
-    mode: str,
-    batch: bool,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`dice_loss`: the region kernel with ``k = 2, α = β = 1/2``.
-
-    ``weights``: ``(N,)`` per sample or pixel weights, split by :func:`_split_weights`.
-    """
-    pixel_weights, sample_weights = _split_weights(weights, predictions)
-    return dice_statistics_with_sample_weights(
-        predictions, targets, pixel_weights, sample_weights, smooth_nr, smooth_dr, include_background,
-        squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
+def index_arguments(
+    like: Tensor, overlap_scale: float, alpha: float, beta: float, gamma: Optional[float], smooth_nr: float,
+    smooth_dr: float, log_loss: bool, include_background: bool,
+) -> IndexArguments:
+    r"""The overlap index and its settings as the kernels take them (0-d tensors on ``like``'s device)."""
+    return (
+        _constant(overlap_scale, like), _constant(alpha, like), _constant(beta, like),
+        None if gamma is None else _constant(gamma, like), _constant(smooth_nr, like), _constant(smooth_dr, like),
+        _flag(log_loss, like), _flag(include_background, like),
     )
 
 
-def dice_statistics_with_sample_weights(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    sample_weights: Optional[Tensor],
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    class_weight: Optional[Tensor],
-    mode: str,
-    batch: bool,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`dice_loss` with pixel ``weights`` and ``(N,)`` ``sample_weights`` as
-    separate arguments (the ONNX graphs' entry point; see :func:`region_statistics_with_sample_weights`)."""
-    half = _constant(0.5, predictions)
-    return region_statistics_with_sample_weights(
-        predictions, targets, weights, sample_weights, smooth_nr, smooth_dr, half, half, 2.0, None,
-        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
-    )
-
-
-def dice_reductions(
-    totals: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    log_loss: Tensor,
-    class_weight: Optional[Tensor],
-    batch: bool,
+def _region_loss(
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], index: Dict[str, Any], smooth_nr: float,
+    smooth_dr: float, include_background: bool, squared_pred: bool, log_loss: bool, ignore_index: int,
+    class_weight: Optional[Tensor], mode: str, batch: bool, reduction: str, kernels: Tuple[Any, Any] = (None, None),
+    leading: Tuple[Tuple[Any, ...], Tuple[Any, ...]] = ((), ()),
 ) -> Tensor:
-    r"""Reductions kernel of :func:`dice_loss` (see :func:`region_reductions`)."""
-    half = _constant(0.5, totals)
-    return region_reductions(
-        totals, smooth_nr, smooth_dr, half, half, 2.0, None, include_background, log_loss, class_weight, batch
+    r"""The functional form of a region loss whose overlap index is ``index`` (``overlap_scale``,
+    ``alpha``, ``beta``, ``gamma``). A loss built on the region kernels (``bce_dice``) passes its
+    own ``kernels`` and the ``leading`` arguments each takes before the index."""
+    statistics_kernel, reductions_kernel = kernels[0] or region_statistics, kernels[1] or region_reductions
+    class_weight = vector_argument(class_weight)
+    check_reduction(reduction)
+    arguments = index_arguments(
+        predictions, index["overlap_scale"], index["alpha"], index["beta"], index["gamma"], smooth_nr, smooth_dr,
+        log_loss, include_background,
     )
+    values, totals, _ = statistics_kernel(
+        predictions, targets, *split_weights(weights, predictions), *leading[0], *arguments,
+        _flag(squared_pred, predictions), int_hyperparameter(ignore_index, predictions), class_weight, mode, batch,
+        False,
+    )
+    reductions = reductions_kernel(totals, *leading[1], *arguments, class_weight, batch)
+    return select_reduction(values, reductions, reduction, predictions.dtype)
+
+
+class RegionLoss(Loss):
+    r"""Base of the region-loss modules: the settings every region loss shares, ``statistics`` and
+    ``reductions``. A loss declares its overlap index: ``constants`` holds the index's fixed values
+    (``overlap_scale`` and, unless they are the loss's hyperparameters, ``alpha``, ``beta`` and
+    ``gamma``); they are TorchScript constants, not attributes C++ could change."""
+
+    constants: Dict[str, Optional[float]] = {}
+    smooth_nr: float
+    smooth_dr: float
+    include_background: bool
+    squared_pred: bool
+    log_loss: bool
+    ignore_index: int
+    mode: str
+    batch: bool
+    reduction: str
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__constants__ = list(cls.constants)
+
+    def __init__(
+        self,
+        smooth_nr: float = SMOOTH_NR_PARAM.default,
+        smooth_dr: float = SMOOTH_DR_PARAM.default,
+        include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+        squared_pred: bool = SQUARED_PRED_PARAM.default,
+        log_loss: bool = LOG_LOSS_PARAM.default,
+        ignore_index: int = IGNORE_INDEX_PARAM.default,
+        class_weight: Optional[Tensor] = None,
+        mode: str = MODE_PARAM.default,
+        batch: bool = BATCH_PARAM.default,
+        reduction: str = REDUCTION_PARAM.default,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError("mode must be one of 'binary', 'multilabel', 'multiclass', got {!r}".format(mode))
+        for name, value in self.constants.items():
+            setattr(self, name, value)
+        self.smooth_nr = float(smooth_nr)
+        self.smooth_dr = float(smooth_dr)
+        self.include_background = bool(include_background)
+        self.squared_pred = bool(squared_pred)
+        self.log_loss = bool(log_loss)
+        self.ignore_index = int(ignore_index)
+        self.mode = mode
+        self.batch = bool(batch)
+        self.reduction = check_reduction(reduction)
+        self.register_buffer("class_weight", vector_buffer(class_weight))
+
+    def index_arguments(self, like: Tensor) -> IndexArguments:
+        return index_arguments(
+            like, self.overlap_scale, self.alpha, self.beta, self.gamma, self.smooth_nr, self.smooth_dr, self.log_loss,
+            self.include_background,
+        )
+
+    @torch.jit.export
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return region_statistics(
+            predictions, targets, *split_weights(weights, predictions), *self.index_arguments(predictions),
+            _flag(self.squared_pred, predictions), int_hyperparameter(self.ignore_index, predictions),
+            optional_vector(self.class_weight), self.mode, self.batch, per_sample,
+        )
+
+    @torch.jit.export
+    def reductions(self, totals: Tensor) -> Tensor:
+        return region_reductions(totals, *self.index_arguments(totals), optional_vector(self.class_weight), self.batch)
+
+
+class DiceLoss(RegionLoss):
+    r"""Module form of :func:`dice_loss`; ``class_weight`` is a buffer (empty = not set)."""
+
+    constants = {"overlap_scale": 2.0, "alpha": 0.5, "beta": 0.5, "gamma": None}
+
+
+class IoULoss(RegionLoss):
+    r"""Module form of :func:`iou_loss`; ``class_weight`` is a buffer (empty = not set)."""
+
+    constants = {"overlap_scale": 1.0, "alpha": 1.0, "beta": 1.0, "gamma": None}
+
+
+class TverskyLoss(RegionLoss):
+    r"""Module form of :func:`tversky_loss`; ``class_weight`` is a buffer (empty = not set)."""
+
+    constants = {"overlap_scale": 1.0, "gamma": None}
+    alpha: float
+    beta: float
+
+    def __init__(
+        self, alpha: float = ALPHA_PARAM.default, beta: float = BETA_PARAM.default, *settings: Any, **named: Any
+    ) -> None:
+        super().__init__(*settings, **named)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+
+class FocalTverskyLoss(RegionLoss):
+    r"""Module form of :func:`focal_tversky_loss`; ``class_weight`` is a buffer (empty = not set)."""
+
+    constants = {"overlap_scale": 1.0}
+    alpha: float
+    beta: float
+    gamma: float
+
+    def __init__(
+        self, alpha: float = FOCAL_ALPHA_PARAM.default, beta: float = FOCAL_BETA_PARAM.default,
+        gamma: float = GAMMA_PARAM.default, *settings: Any, **named: Any,
+    ) -> None:
+        super().__init__(*settings, **named)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.gamma = float(gamma)
 
 
 def dice_loss(
@@ -550,172 +601,9 @@ def dice_loss(
 
     Equals MONAI ``DiceLoss(sigmoid=True | softmax=True, to_onehot_y=...)`` for its settings.
     """
-    class_weight = vector_argument(class_weight)
-    check_reduction(reduction)
-    values, totals, _ = dice_statistics(
-        predictions, targets, weights, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
-        _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
-        int_hyperparameter(ignore_index, predictions), class_weight, mode, batch, False,
-    )
-    reductions = dice_reductions(
-        totals, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
-        _flag(include_background, predictions), _flag(log_loss, predictions), class_weight, batch,
-    )
-    return select_reduction(values, reductions, reduction, predictions.dtype)
-
-
-class RegionLoss(Loss):
-    r"""The settings every region-loss module shares (a loss adds its own and its statistics and
-    reductions calls)."""
-
-    smooth_nr: float
-    smooth_dr: float
-    include_background: bool
-    squared_pred: bool
-    log_loss: bool
-    ignore_index: int
-    mode: str
-    batch: bool
-    reduction: str
-
-    def __init__(
-        self,
-        smooth_nr: float,
-        smooth_dr: float,
-        include_background: bool,
-        squared_pred: bool,
-        log_loss: bool,
-        ignore_index: int,
-        class_weight: Optional[Tensor],
-        mode: str,
-        batch: bool,
-        reduction: str,
-    ) -> None:
-        super().__init__()
-        if mode not in MODES:
-            raise ValueError("mode must be one of 'binary', 'multilabel', 'multiclass', got {!r}".format(mode))
-        self.smooth_nr = float(smooth_nr)
-        self.smooth_dr = float(smooth_dr)
-        self.include_background = bool(include_background)
-        self.squared_pred = bool(squared_pred)
-        self.log_loss = bool(log_loss)
-        self.ignore_index = int(ignore_index)
-        self.mode = mode
-        self.batch = bool(batch)
-        self.reduction = check_reduction(reduction)
-        self.register_buffer("class_weight", vector_buffer(class_weight))
-
-
-class DiceLoss(RegionLoss):
-    r"""Module form of :func:`dice_loss`; ``class_weight`` is a buffer (empty = not set)."""
-
-
-    def __init__(
-        self,
-        smooth_nr: float = SMOOTH_NR_PARAM.default,
-        smooth_dr: float = SMOOTH_DR_PARAM.default,
-        include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
-        squared_pred: bool = SQUARED_PRED_PARAM.default,
-        log_loss: bool = LOG_LOSS_PARAM.default,
-        ignore_index: int = IGNORE_INDEX_PARAM.default,
-        class_weight: Optional[Tensor] = None,
-        mode: str = MODE_PARAM.default,
-        batch: bool = BATCH_PARAM.default,
-        reduction: str = REDUCTION_PARAM.default,
-    ) -> None:
-        super().__init__(
-            smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode,
-            batch, reduction,
-        )
-
-    @torch.jit.export
-    def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        return dice_statistics(
-            predictions, targets, weights, _constant(self.smooth_nr, predictions),
-            _constant(self.smooth_dr, predictions), _flag(self.include_background, predictions),
-            _flag(self.squared_pred, predictions), _flag(self.log_loss, predictions),
-            int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
-            per_sample,
-        )
-
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return dice_reductions(
-            totals, _constant(self.smooth_nr, totals), _constant(self.smooth_dr, totals),
-            _flag(self.include_background, totals), _flag(self.log_loss, totals),
-            optional_vector(self.class_weight), self.batch,
-        )
-
-
-# ----------------------------------------------------------------------------------------- iou
-
-
-def iou_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    class_weight: Optional[Tensor],
-    mode: str,
-    batch: bool,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`iou_loss`: the region kernel with ``k = 1, α = β = 1``.
-
-    ``weights``: ``(N,)`` per sample or pixel weights, split by :func:`_split_weights`.
-    """
-    pixel_weights, sample_weights = _split_weights(weights, predictions)
-    return iou_statistics_with_sample_weights(
-        predictions, targets, pixel_weights, sample_weights, smooth_nr, smooth_dr, include_background,
-        squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
-    )
-
-
-def iou_statistics_with_sample_weights(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    sample_weights: Optional[Tensor],
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    class_weight: Optional[Tensor],
-    mode: str,
-    batch: bool,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`iou_loss` with pixel ``weights`` and ``(N,)`` ``sample_weights`` as
-    separate arguments (the ONNX graphs' entry point; see :func:`region_statistics_with_sample_weights`)."""
-    one = _constant(1.0, predictions)
-    return region_statistics_with_sample_weights(
-        predictions, targets, weights, sample_weights, smooth_nr, smooth_dr, one, one, 1.0, None,
-        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
-    )
-
-
-def iou_reductions(
-    totals: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    log_loss: Tensor,
-    class_weight: Optional[Tensor],
-    batch: bool,
-) -> Tensor:
-    r"""Reductions kernel of :func:`iou_loss` (see :func:`region_reductions`)."""
-    one = _constant(1.0, totals)
-    return region_reductions(
-        totals, smooth_nr, smooth_dr, one, one, 1.0, None, include_background, log_loss, class_weight, batch
+    return _region_loss(
+        predictions, targets, weights, DiceLoss.constants, smooth_nr, smooth_dr, include_background, squared_pred,
+        log_loss, ignore_index, class_weight, mode, batch, reduction,
     )
 
 
@@ -743,134 +631,9 @@ def iou_loss(
     Statistics, shapes, weights and reductions as :func:`dice_loss`. MONAI's ``jaccard=True``
     smooths ``(2TP + s_nr) / (2(P + T - TP) + s_dr)``: the same loss when the smoothing is 0.
     """
-    class_weight = vector_argument(class_weight)
-    check_reduction(reduction)
-    values, totals, _ = iou_statistics(
-        predictions, targets, weights, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
-        _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
-        int_hyperparameter(ignore_index, predictions), class_weight, mode, batch, False,
-    )
-    reductions = iou_reductions(
-        totals, _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
-        _flag(include_background, predictions), _flag(log_loss, predictions), class_weight, batch,
-    )
-    return select_reduction(values, reductions, reduction, predictions.dtype)
-
-
-class IoULoss(RegionLoss):
-    r"""Module form of :func:`iou_loss`; ``class_weight`` is a buffer (empty = not set)."""
-
-
-    def __init__(
-        self,
-        smooth_nr: float = SMOOTH_NR_PARAM.default,
-        smooth_dr: float = SMOOTH_DR_PARAM.default,
-        include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
-        squared_pred: bool = SQUARED_PRED_PARAM.default,
-        log_loss: bool = LOG_LOSS_PARAM.default,
-        ignore_index: int = IGNORE_INDEX_PARAM.default,
-        class_weight: Optional[Tensor] = None,
-        mode: str = MODE_PARAM.default,
-        batch: bool = BATCH_PARAM.default,
-        reduction: str = REDUCTION_PARAM.default,
-    ) -> None:
-        super().__init__(
-            smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode,
-            batch, reduction,
-        )
-
-    @torch.jit.export
-    def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        return iou_statistics(
-            predictions, targets, weights, _constant(self.smooth_nr, predictions),
-            _constant(self.smooth_dr, predictions), _flag(self.include_background, predictions),
-            _flag(self.squared_pred, predictions), _flag(self.log_loss, predictions),
-            int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
-            per_sample,
-        )
-
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return iou_reductions(
-            totals, _constant(self.smooth_nr, totals), _constant(self.smooth_dr, totals),
-            _flag(self.include_background, totals), _flag(self.log_loss, totals),
-            optional_vector(self.class_weight), self.batch,
-        )
-
-
-# ------------------------------------------------------------------------------------- tversky
-
-
-def tversky_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    alpha: Tensor,
-    beta: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    class_weight: Optional[Tensor],
-    mode: str,
-    batch: bool,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`tversky_loss`: the region kernel with ``k = 1``.
-
-    ``weights``: ``(N,)`` per sample or pixel weights, split by :func:`_split_weights`.
-    """
-    pixel_weights, sample_weights = _split_weights(weights, predictions)
-    return tversky_statistics_with_sample_weights(
-        predictions, targets, pixel_weights, sample_weights, alpha, beta, smooth_nr, smooth_dr,
-        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
-    )
-
-
-def tversky_statistics_with_sample_weights(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    sample_weights: Optional[Tensor],
-    alpha: Tensor,
-    beta: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    class_weight: Optional[Tensor],
-    mode: str,
-    batch: bool,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`tversky_loss` with pixel ``weights`` and ``(N,)`` ``sample_weights`` as
-    separate arguments (the ONNX graphs' entry point; see :func:`region_statistics_with_sample_weights`)."""
-    return region_statistics_with_sample_weights(
-        predictions, targets, weights, sample_weights, smooth_nr, smooth_dr, alpha, beta, 1.0, None,
-        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
-    )
-
-
-def tversky_reductions(
-    totals: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    log_loss: Tensor,
-    class_weight: Optional[Tensor],
-    batch: bool,
-) -> Tensor:
-    r"""Reductions kernel of :func:`tversky_loss` (see :func:`region_reductions`)."""
-    return region_reductions(
-        totals, smooth_nr, smooth_dr, alpha, beta, 1.0, None, include_background, log_loss, class_weight, batch
+    return _region_loss(
+        predictions, targets, weights, IoULoss.constants, smooth_nr, smooth_dr, include_background, squared_pred,
+        log_loss, ignore_index, class_weight, mode, batch, reduction,
     )
 
 
@@ -902,145 +665,9 @@ def tversky_loss(
     ``alpha = 0.3, beta = 0.7`` to favour recall). Statistics, shapes, weights and reductions as
     :func:`dice_loss`; equals MONAI ``TverskyLoss`` for its settings.
     """
-    class_weight = vector_argument(class_weight)
-    check_reduction(reduction)
-    values, totals, _ = tversky_statistics(
-        predictions, targets, weights, _constant(alpha, predictions), _constant(beta, predictions),
-        _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
-        _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
-        int_hyperparameter(ignore_index, predictions), class_weight, mode, batch, False,
-    )
-    reductions = tversky_reductions(
-        totals, _constant(alpha, predictions), _constant(beta, predictions), _constant(smooth_nr, predictions),
-        _constant(smooth_dr, predictions), _flag(include_background, predictions), _flag(log_loss, predictions),
-        class_weight, batch,
-    )
-    return select_reduction(values, reductions, reduction, predictions.dtype)
-
-
-class TverskyLoss(RegionLoss):
-    r"""Module form of :func:`tversky_loss`; ``class_weight`` is a buffer (empty = not set)."""
-
-    alpha: float
-    beta: float
-
-    def __init__(
-        self,
-        alpha: float = ALPHA_PARAM.default,
-        beta: float = BETA_PARAM.default,
-        smooth_nr: float = SMOOTH_NR_PARAM.default,
-        smooth_dr: float = SMOOTH_DR_PARAM.default,
-        include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
-        squared_pred: bool = SQUARED_PRED_PARAM.default,
-        log_loss: bool = LOG_LOSS_PARAM.default,
-        ignore_index: int = IGNORE_INDEX_PARAM.default,
-        class_weight: Optional[Tensor] = None,
-        mode: str = MODE_PARAM.default,
-        batch: bool = BATCH_PARAM.default,
-        reduction: str = REDUCTION_PARAM.default,
-    ) -> None:
-        super().__init__(
-            smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode,
-            batch, reduction,
-        )
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-
-    @torch.jit.export
-    def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        return tversky_statistics(
-            predictions, targets, weights, _constant(self.alpha, predictions), _constant(self.beta, predictions),
-            _constant(self.smooth_nr, predictions), _constant(self.smooth_dr, predictions),
-            _flag(self.include_background, predictions), _flag(self.squared_pred, predictions),
-            _flag(self.log_loss, predictions), int_hyperparameter(self.ignore_index, predictions),
-            optional_vector(self.class_weight), self.mode, self.batch, per_sample,
-        )
-
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return tversky_reductions(
-            totals, _constant(self.alpha, totals), _constant(self.beta, totals), _constant(self.smooth_nr, totals),
-            _constant(self.smooth_dr, totals), _flag(self.include_background, totals),
-            _flag(self.log_loss, totals), optional_vector(self.class_weight), self.batch,
-        )
-
-
-# ------------------------------------------------------------------------------- focal_tversky
-
-
-def focal_tversky_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    alpha: Tensor,
-    beta: Tensor,
-    gamma: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    class_weight: Optional[Tensor],
-    mode: str,
-    batch: bool,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`focal_tversky_loss`.
-
-    ``weights``: ``(N,)`` per sample or pixel weights, split by :func:`_split_weights`.
-    """
-    pixel_weights, sample_weights = _split_weights(weights, predictions)
-    return focal_tversky_statistics_with_sample_weights(
-        predictions, targets, pixel_weights, sample_weights, alpha, beta, gamma, smooth_nr, smooth_dr,
-        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
-    )
-
-
-def focal_tversky_statistics_with_sample_weights(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    sample_weights: Optional[Tensor],
-    alpha: Tensor,
-    beta: Tensor,
-    gamma: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    squared_pred: Tensor,
-    log_loss: Tensor,
-    ignore_index: Tensor,
-    class_weight: Optional[Tensor],
-    mode: str,
-    batch: bool,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`focal_tversky_loss` with pixel ``weights`` and ``(N,)`` ``sample_weights`` as
-    separate arguments (the ONNX graphs' entry point; see :func:`region_statistics_with_sample_weights`)."""
-    return region_statistics_with_sample_weights(
-        predictions, targets, weights, sample_weights, smooth_nr, smooth_dr, alpha, beta, 1.0, gamma,
-        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, per_sample,
-    )
-
-
-def focal_tversky_reductions(
-    totals: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    gamma: Tensor,
-    smooth_nr: Tensor,
-    smooth_dr: Tensor,
-    include_background: Tensor,
-    log_loss: Tensor,
-    class_weight: Optional[Tensor],
-    batch: bool,
-) -> Tensor:
-    r"""Reductions kernel of :func:`focal_tversky_loss` (see :func:`region_reductions`)."""
-    return region_reductions(
-        totals, smooth_nr, smooth_dr, alpha, beta, 1.0, gamma, include_background, log_loss, class_weight, batch
+    return _region_loss(
+        predictions, targets, weights, dict(TverskyLoss.constants, alpha=alpha, beta=beta), smooth_nr, smooth_dr,
+        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, reduction,
     )
 
 
@@ -1074,74 +701,11 @@ def focal_tversky_loss(
     for ``gamma < 1``). Unlike smp, which raises the *mean* Tversky loss to the power, the power
     is applied to each class's loss as in the paper's :math:`\sum_c (1 - TI_c)^{1/γ}`.
     """
-    class_weight = vector_argument(class_weight)
-    check_reduction(reduction)
-    values, totals, _ = focal_tversky_statistics(
-        predictions, targets, weights, _constant(alpha, predictions), _constant(beta, predictions),
-        _constant(gamma, predictions), _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
-        _flag(include_background, predictions), _flag(squared_pred, predictions), _flag(log_loss, predictions),
-        int_hyperparameter(ignore_index, predictions), class_weight, mode, batch, False,
+    return _region_loss(
+        predictions, targets, weights, dict(FocalTverskyLoss.constants, alpha=alpha, beta=beta, gamma=gamma),
+        smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch,
+        reduction,
     )
-    reductions = focal_tversky_reductions(
-        totals, _constant(alpha, predictions), _constant(beta, predictions), _constant(gamma, predictions),
-        _constant(smooth_nr, predictions), _constant(smooth_dr, predictions),
-        _flag(include_background, predictions), _flag(log_loss, predictions), class_weight, batch,
-    )
-    return select_reduction(values, reductions, reduction, predictions.dtype)
-
-
-class FocalTverskyLoss(RegionLoss):
-    r"""Module form of :func:`focal_tversky_loss`; ``class_weight`` is a buffer (empty = not set)."""
-
-    alpha: float
-    beta: float
-    gamma: float
-
-    def __init__(
-        self,
-        alpha: float = FOCAL_ALPHA_PARAM.default,
-        beta: float = FOCAL_BETA_PARAM.default,
-        gamma: float = GAMMA_PARAM.default,
-        smooth_nr: float = SMOOTH_NR_PARAM.default,
-        smooth_dr: float = SMOOTH_DR_PARAM.default,
-        include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
-        squared_pred: bool = SQUARED_PRED_PARAM.default,
-        log_loss: bool = LOG_LOSS_PARAM.default,
-        ignore_index: int = IGNORE_INDEX_PARAM.default,
-        class_weight: Optional[Tensor] = None,
-        mode: str = MODE_PARAM.default,
-        batch: bool = BATCH_PARAM.default,
-        reduction: str = REDUCTION_PARAM.default,
-    ) -> None:
-        super().__init__(
-            smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode,
-            batch, reduction,
-        )
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.gamma = float(gamma)
-
-    @torch.jit.export
-    def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        return focal_tversky_statistics(
-            predictions, targets, weights, _constant(self.alpha, predictions), _constant(self.beta, predictions),
-            _constant(self.gamma, predictions), _constant(self.smooth_nr, predictions),
-            _constant(self.smooth_dr, predictions), _flag(self.include_background, predictions),
-            _flag(self.squared_pred, predictions), _flag(self.log_loss, predictions),
-            int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode, self.batch,
-            per_sample,
-        )
-
-    @torch.jit.export
-    def reductions(self, totals: Tensor) -> Tensor:
-        return focal_tversky_reductions(
-            totals, _constant(self.alpha, totals), _constant(self.beta, totals), _constant(self.gamma, totals),
-            _constant(self.smooth_nr, totals), _constant(self.smooth_dr, totals),
-            _flag(self.include_background, totals), _flag(self.log_loss, totals),
-            optional_vector(self.class_weight), self.batch,
-        )
 
 
 # ------------------------------------------------------------------------------ registration
@@ -1205,6 +769,22 @@ _NOTES = (
 )
 
 
+def region_forms(settings: Dict[str, Any]) -> Forms:
+    r"""Multiclass: class indices (also ``(N, 1, *)``) or probabilities, else dense masks (binary: one
+    channel); one loss per (sample, class), or per class with ``batch`` (totals ``[TP_c, P_c, T_c]``)."""
+    batch = bool(settings["batch"])
+    targets = ("class_indices", "probabilities") if settings["mode"] == "multiclass" else ("dense",)
+    return Forms(
+        targets, "C" if batch else "NC", elementwise_totals=not batch, indices_with_channel=True,
+        single_channel=settings["mode"] == "binary",
+    )
+
+
+_KERNELS = dict(
+    statistics_kernel=region_statistics, reductions_kernel=region_reductions, pixel_weights=True, forms=region_forms
+)
+
+
 def _weights3(*values: float) -> Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
@@ -1216,12 +796,11 @@ register(
         target_range=DENSE_TARGET_RANGE,
         summary="soft Dice loss on logits (binary, multilabel, multiclass)",
         module=DiceLoss,
+        constants=DiceLoss.constants,
         function=dice_loss,
         params=COMMON_PARAMS,
         make_inputs=region_inputs,
-        statistics_kernel=dice_statistics,
-        sample_weights_kernel=dice_statistics_with_sample_weights,
-        reductions_kernel=dice_reductions,
+        **_KERNELS,
         reference="1 - (2·TP + smooth_nr) / (P + T + smooth_dr) per (sample, class) or per class; "
         "monai.losses.DiceLoss with sigmoid/softmax",
         test_params=(
@@ -1247,12 +826,11 @@ register(
         target_range=DENSE_TARGET_RANGE,
         summary="soft IoU (Jaccard) loss on logits",
         module=IoULoss,
+        constants=IoULoss.constants,
         function=iou_loss,
         params=COMMON_PARAMS,
         make_inputs=region_inputs,
-        statistics_kernel=iou_statistics,
-        sample_weights_kernel=iou_statistics_with_sample_weights,
-        reductions_kernel=iou_reductions,
+        **_KERNELS,
         reference="1 - (TP + smooth_nr) / (P + T - TP + smooth_dr) per (sample, class) or per class",
         test_params=(
             {},
@@ -1275,12 +853,11 @@ register(
         target_range=DENSE_TARGET_RANGE,
         summary="Tversky loss on logits (alpha on false positives, beta on false negatives)",
         module=TverskyLoss,
+        constants=TverskyLoss.constants,
         function=tversky_loss,
         params=(ALPHA_PARAM, BETA_PARAM) + COMMON_PARAMS,
         make_inputs=region_inputs,
-        statistics_kernel=tversky_statistics,
-        sample_weights_kernel=tversky_statistics_with_sample_weights,
-        reductions_kernel=tversky_reductions,
+        **_KERNELS,
         reference="1 - (TP + smooth_nr) / (TP + alpha·FP + beta·FN + smooth_dr); monai.losses.TverskyLoss",
         test_params=(
             {},
@@ -1304,12 +881,11 @@ register(
         target_range=DENSE_TARGET_RANGE,
         summary="focal Tversky loss on logits: (1 - TI)^gamma per class",
         module=FocalTverskyLoss,
+        constants=FocalTverskyLoss.constants,
         function=focal_tversky_loss,
         params=(FOCAL_ALPHA_PARAM, FOCAL_BETA_PARAM, GAMMA_PARAM) + COMMON_PARAMS,
         make_inputs=region_inputs,
-        statistics_kernel=focal_tversky_statistics,
-        sample_weights_kernel=focal_tversky_statistics_with_sample_weights,
-        reductions_kernel=focal_tversky_reductions,
+        **_KERNELS,
         reference="max(1 - TI, 0) ** gamma per (sample, class) or per class, TI the Tversky index",
         test_params=(
             {},
@@ -1328,6 +904,7 @@ register(
 
 __all__ = [
     "MODES",
+    "RegionLoss",
     "DiceLoss",
     "IoULoss",
     "TverskyLoss",
@@ -1336,18 +913,7 @@ __all__ = [
     "iou_loss",
     "tversky_loss",
     "focal_tversky_loss",
-    "dice_statistics",
-    "dice_statistics_with_sample_weights",
-    "dice_reductions",
-    "iou_statistics",
-    "iou_statistics_with_sample_weights",
-    "iou_reductions",
-    "tversky_statistics",
-    "tversky_statistics_with_sample_weights",
-    "tversky_reductions",
-    "focal_tversky_statistics",
-    "focal_tversky_statistics_with_sample_weights",
-    "focal_tversky_reductions",
-    "region_statistics_with_sample_weights",
+    "region_statistics",
     "region_reductions",
+    "split_weights",
 ]

@@ -162,20 +162,23 @@ class EagerBackend(Backend):
         return losses.build(spec.name, **params).to(self.torch_device).eval()
 
 
-def configure_scripted(scripted: torch.jit.ScriptModule, configured: torch.nn.Module, device: torch.device) -> None:
+def configure_scripted(
+    scripted: torch.jit.ScriptModule, spec: LossSpec, configured: torch.nn.Module, device: torch.device
+) -> None:
     r"""Copy ``configured``'s hyperparameters (typed attributes and buffers) onto ``scripted``.
 
     Attributes and buffers carry the ParamSpec names, and ``configured`` is the eager module that
     ``losses.build`` made from the validated request parameters, so the scripted copy ends up with
     exactly the representation the eager module uses (e.g. an empty buffer for an unset vector).
+    Only ``spec``'s parameters are copied: a module's other attributes (a region loss's overlap
+    constants) are TorchScript constants.
     """
-    for name, buffer in configured.named_buffers(recurse=False):
-        setattr(scripted, name, buffer.to(device))
-    for name, value in vars(configured).items():
-        if name.startswith("_") or name == "training":
-            continue
-        if isinstance(value, (bool, int, float, str)) and hasattr(scripted, name):
-            setattr(scripted, name, value)
+    buffers = dict(configured.named_buffers(recurse=False))
+    for param in spec.params:
+        if param.name in buffers:
+            setattr(scripted, param.name, buffers[param.name].to(device))
+        else:
+            setattr(scripted, param.name, getattr(configured, param.name))
 
 
 class TorchScriptBackend(Backend):
@@ -212,7 +215,7 @@ class TorchScriptBackend(Backend):
 
     def build(self, spec: LossSpec, params: Dict[str, Any]) -> Runner:
         scripted = copy.deepcopy(self._module(spec))
-        configure_scripted(scripted, losses.build(spec.name, **params), self.torch_device)
+        configure_scripted(scripted, spec, losses.build(spec.name, **params), self.torch_device)
         return scripted.eval()
 
 

@@ -301,13 +301,12 @@ class Scorer:
 def summarize(plan: Plan, totals: Tensor, num_values: int) -> Tuple[float, float, int]:
     r"""``(weight_sum, denominator, num_elements)`` of (possibly accumulated) totals.
 
-    Totals begin with the elementwise block ``[Σ w·ℓ, Σ w, Σ d, n]`` for every loss -- for region
-    losses with ``batch=False`` it is that of their ``(N, C)`` matrix of per-sample, per-class
-    losses, for ``bce_dice`` that of its BCE term -- except region losses with ``batch=True``,
-    whose totals are the per-class sums ``[TP_c, P_c, T_c]`` of the whole dataset. Those report
-    the number of loss terms (one per class) as ``num_elements``, ``weight_sum`` and ``denominator``.
+    Totals begin with the elementwise block ``[Σ w·ℓ, Σ w, Σ d, n]`` unless the loss's
+    :class:`~loss_service.losses.Forms` say otherwise (region losses with ``batch=True``, whose
+    totals are the per-class sums ``[TP_c, P_c, T_c]`` of the whole dataset). Those report the
+    number of loss terms (one per class) as ``num_elements``, ``weight_sum`` and ``denominator``.
     """
-    if plan.spec.family == "region" and setting(plan.spec, plan.params, "batch", False):
+    if not plan.spec.forms_of(plan.params).elementwise_totals:
         return float(num_values), float(num_values), num_values
     _, weight_sum, denominator, count = totals.tolist()[:4]
     return weight_sum, denominator, int(count)
@@ -349,14 +348,15 @@ def check_values(spec: LossSpec, predictions: Tensor, targets: Tensor, weights: 
 
 
 def channel_indices_as_indices(spec: LossSpec, params: Dict[str, Any], predictions: Tensor, targets: Tensor) -> Tensor:
-    r"""Multiclass region targets sent as ``(N, 1, *)`` integer class indices, viewed as ``(N, *)``.
+    r"""Class indices sent as ``(N, 1, *)`` integers, viewed as ``(N, *)``, for a loss that takes both
+    forms (``Forms.indices_with_channel``: the region losses, as MONAI's label maps have the channel).
 
-    The region losses accept both forms (MONAI's label maps have the channel); the eager kernel
-    squeezes the channel itself, but the ONNX graphs tell class indices from class probabilities by
-    rank. Squeezing here gives every backend the same input and lets :func:`check_class_indices`
-    check the indices for all of them.
+    The eager kernel squeezes the channel itself, but the ONNX graphs tell class indices from class
+    probabilities by rank. Squeezing here gives every backend the same input and lets
+    :func:`check_class_indices` check the indices for all of them.
     """
-    if spec.family != "region" or setting(spec, params, "mode") != "multiclass":
+    forms = spec.forms_of(params)
+    if "class_indices" not in forms.targets or not forms.indices_with_channel:
         return targets
     if targets.dim() != predictions.dim() or targets.dim() < 2 or targets.shape == predictions.shape:
         return targets
@@ -372,7 +372,7 @@ def check_class_indices(spec: LossSpec, params: Dict[str, Any], predictions: Ten
     the exported ONNX graphs skip value checks (they would need a host sync while tracing).
     Targets with the predictions' rank are dense (probabilities) and are not class indices.
     """
-    if spec.targets not in ("class_indices", "class_indices_or_probabilities"):
+    if "class_indices" not in spec.forms_of(params).targets:
         return
     if predictions.dim() < 2 or targets.dim() != predictions.dim() - 1:
         return
@@ -413,7 +413,7 @@ def check_target_range(spec: LossSpec, params: Dict[str, Any], predictions: Tens
         return
     if targets.numel() != predictions.numel():
         return
-    if targets.dim() != predictions.dim() and setting(spec, params, "mode") == "multiclass":
+    if targets.dim() != predictions.dim() and "class_indices" in spec.forms_of(params).targets:
         return
     allowed_low, allowed_high = spec.target_range
     ignore_index = setting(spec, params, "ignore_index")
@@ -472,8 +472,8 @@ def class_vector(tensor: Tensor, where: str) -> Tensor:
 def class_axis(spec: LossSpec, params: Dict[str, Any], predictions: Tensor) -> Optional[Tuple[int, int]]:
     r"""``(dimension, size)`` of the classes a batch is scored with; ``None`` when it has no class axis.
 
-    Losses with a ``class_dim`` parameter have their classes there (from 2-D predictions on); those
-    with a ``mode`` have them along dim 1 unless the mode is binary (one class).
+    Losses with a ``class_dim`` parameter have their classes there (from 2-D predictions on), the
+    others along dim 1 unless their :class:`~loss_service.losses.Forms` say there is one channel.
     """
     names = spec.param_names()
     if "class_dim" in names:
@@ -482,7 +482,7 @@ def class_axis(spec: LossSpec, params: Dict[str, Any], predictions: Tensor) -> O
         dim = setting(spec, params, "class_dim")
         dim = dim + predictions.dim() if dim < 0 else dim
         return (dim, predictions.shape[dim]) if 0 < dim < predictions.dim() else None
-    if setting(spec, params, "mode") == "binary" or predictions.dim() < 2:
+    if spec.forms_of(params).single_channel or predictions.dim() < 2:
         return None
     return 1, predictions.shape[1]
 
