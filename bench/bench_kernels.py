@@ -31,6 +31,11 @@ kernel's module, which also skips the eager form's value checks, in the export f
 forward without grad and forward+backward, and prints ``export / eager``. A kernel keeps an eager
 form only where this ratio is at least 1.5 in the mode the form serves (docs/benchmarks.md).
 
+``--against DIR`` times every registered loss's module (``forward``, no grad) on its own inputs
+(``make_inputs``, the first two ``test_params`` settings, ``(8, 3, S)`` for two sizes ``S``) side by
+side with the same loss of another checkout's ``loss_service/losses`` in ``DIR``, loaded into the
+same process, and prints ``this / other`` per setting and per loss: how a change moved each loss.
+
 Inputs have the layout of the service benchmark (``bench/bench_score.py``): predictions
 ``(E/4, 4)`` float32 (classes along dim 1, the last one), so *E* is the number of prediction
 elements; weights are per element of the loss (``(E/4, 4)`` for the binary losses, ``(E/4,)``
@@ -54,6 +59,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loss_service import losses  # noqa: E402
+from loss_service.losses import _reduction, _stable  # noqa: E402
 from loss_service.server import tune_malloc  # noqa: E402
 
 NUM_CLASSES = 4
@@ -185,7 +191,8 @@ def measure(workload: Workload, repeats: int) -> Dict[str, float]:
 
 @dataclass
 class FormSite:
-    r"""One eager form: the kernel modules whose ``is_exporting`` selects it, the loss that reaches it,
+    r"""One eager form: the kernel modules whose ``is_exporting`` selects it, the loss that reaches it
+    (or, for a building block, the ``loss_service.losses._stable`` function itself on the logits),
     and whether it serves inference (no grad) or training (forward + backward)."""
 
     name: str
@@ -194,6 +201,7 @@ class FormSite:
     params: Dict[str, object]
     index_targets: bool
     training: bool
+    function: str = ""
 
 
 FORM_SITES = [
@@ -204,16 +212,29 @@ FORM_SITES = [
     FormSite("bce values", ["bce"], "bce", {}, False, False),
     FormSite("bce_with_logits fused", ["bce"], "bce_with_logits", {}, False, False),
     FormSite("bce_with_logits fused", ["bce"], "bce_with_logits", {}, False, True),
-    FormSite("logsumexp (host range)", ["_stable"], "cross_entropy", {"label_smoothing": 0.1}, True, False),
-    FormSite("logsumexp (class slices)", ["_stable"], "cross_entropy", {"label_smoothing": 0.1}, True, True),
-    FormSite("elementwise totals", ["_reduction"], "mse", {}, False, False),
+    FormSite("statistics sums", ["_reduction"], "mse", {}, False, False),
+    FormSite("logsumexp", ["_stable"], "", {}, False, False, "logsumexp"),
+    FormSite("log_softmax", ["_stable"], "", {}, False, False, "log_softmax"),
+    FormSite("log_softmax", ["_stable"], "", {}, False, True, "log_softmax"),
+    FormSite("power (float exponent)", ["_reduction"], "", {}, False, False, "power"),
+    FormSite("power (float exponent)", ["_reduction"], "", {}, False, True, "power"),
 ]
+# The building blocks timed on their own: (their module, the call on the logits).
+BUILDING_BLOCKS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "logsumexp": lambda x: _stable.logsumexp(x, 1),
+    "log_softmax": lambda x: _stable.log_softmax(x, 1),
+    "power": lambda x: _reduction.power(x.abs(), torch.tensor(GAMMA)),
+}
 
 
 def _form_call(site: FormSite, elements: int, generator: torch.Generator) -> Callable[[], object]:
     rows = elements // NUM_CLASSES
-    module = losses.build(site.loss, **site.params)
     logits = torch.randn((rows, NUM_CLASSES), generator=generator) * 3
+    if site.function:
+        block = BUILDING_BLOCKS[site.function]
+        module: Callable[..., torch.Tensor] = lambda p, t: block(p).sum()
+    else:
+        module = losses.build(site.loss, **site.params)
     if site.index_targets:
         targets = torch.randint(0, NUM_CLASSES, (rows,), generator=generator)
     else:
@@ -233,7 +254,7 @@ def _form_call(site: FormSite, elements: int, generator: torch.Generator) -> Cal
 
 def measure_forms(sizes: Sequence[int], repeats: int) -> None:
     r"""Print ``export / eager`` per form site and size, the two forms timed alternately in one run."""
-    from loss_service.losses import _reduction, _stable, bce, cross_entropy, focal
+    from loss_service.losses import bce, cross_entropy, focal
 
     kernels = {"_reduction": _reduction, "_stable": _stable, "bce": bce, "cross_entropy": cross_entropy, "focal": focal}
     print(f"| {'eager form':>28} | {'mode':>9} | {'elements':>8} | {'eager µs':>10} | {'export µs':>10} | "
@@ -263,6 +284,52 @@ def measure_forms(sizes: Sequence[int], repeats: int) -> None:
                   f"{export / eager:>12.2f} |", flush=True)
 
 
+def load_losses(checkout: str) -> object:
+    r"""``<checkout>/loss_service/losses`` imported as a package of its own (it imports only relatively)."""
+    import importlib.util
+
+    folder = Path(checkout).resolve() / "loss_service" / "losses"
+    name = f"losses_of_{abs(hash(str(folder)))}"
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--against: no loss package in {folder}")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    return package
+
+
+def measure_against(checkout: str, repeats: int) -> None:
+    r"""Print ``this / other`` for every loss's module, timed alternately in one process."""
+    other = load_losses(checkout)
+    print(f"| {'loss':>15} | {'setting':>7} | {'elements':>8} | {'this µs':>9} | {'other µs':>9} | {'this/other':>10} |")
+    print("|" + "|".join(["---:"] * 6) + "|")
+    ratios: Dict[str, List[float]] = {}
+    for spec in losses.specs():
+        for index, params in enumerate(spec.test_params[:2]):
+            for size in (16, 4096):
+                predictions, targets = spec.make_inputs(8, 3, (size,), torch.Generator().manual_seed(index),
+                                                        torch.float32, params)
+                modules = [losses.build(spec.name, **params), other.build(spec.name, **params)]
+                calls = max(1, 100_000 // predictions.numel())
+                times: List[List[float]] = [[], []]
+                with torch.no_grad():
+                    for module in modules:
+                        module(predictions, targets)
+                    for round_index in range(repeats):
+                        # Alternate which goes first: the second of two calls runs on warmer caches.
+                        for slot in (0, 1) if round_index % 2 else (1, 0):
+                            module = modules[slot]
+                            times[slot].append(_time_once(lambda: module(predictions, targets), calls))
+                this, that = (statistics.median(values) * 1e3 for values in times)
+                ratios.setdefault(spec.name, []).append(this / that)
+                print(f"| {spec.name:>15} | {index:>7} | {predictions.numel():>8.0e} | {this:>9.1f} | {that:>9.1f} | "
+                      f"{this / that:>10.2f} |", flush=True)
+    print("\n| loss | median this/other | worst this/other |\n|---|---:|---:|")
+    for name, values in ratios.items():
+        print(f"| {name} | {statistics.median(values):.2f} | {max(values):.2f} |")
+
+
 def main(argv: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -271,6 +338,7 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement (median)")
     parser.add_argument("--only", nargs="*", default=None, help="workload names to run (default: all)")
     parser.add_argument("--forms", action="store_true", help="time each kernel's eager form against its export form")
+    parser.add_argument("--against", metavar="DIR", help="time every loss side by side with another checkout's")
     parser.add_argument("--no-tune-malloc", action="store_true",
                         help="keep glibc's default malloc thresholds (the server tunes them at start)")
     args = parser.parse_args(list(argv))
@@ -288,6 +356,9 @@ def main(argv: Sequence[str] = ()) -> int:
           f"{args.repeats}, predictions (E/4, {NUM_CLASSES}) float32, reduction=mean, no grad")
     if args.forms:
         measure_forms(args.sizes, args.repeats)
+        return 0
+    if args.against:
+        measure_against(args.against, args.repeats)
         return 0
     unit, scale = ("µs", 1e3) if max(args.sizes) < BATCHED_BELOW else ("ms", 1.0)
     columns = [f"module {unit}", f"statistics {unit}", f"stats+red {unit}", f"torch {unit}"]

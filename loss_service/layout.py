@@ -365,95 +365,94 @@ def to_canonical(
     """
     params = spec.validate(params)
     full = dict(spec.defaults(), **params)
-    p = _to_numpy(predictions)
-    t = _to_numpy(targets)
+    p, t = _to_numpy(predictions), _to_numpy(targets)
     index_targets = targets_are_indices(p.shape, t.shape)
     variant = variant_of(spec, params, index_targets, (p.shape, t.shape))
-    ndim = p.ndim
-    if ndim == 0:
+    if p.ndim == 0:
         raise ValueError("predictions must have a batch dimension: expected (N, C, *) or (N,), got a scalar")
-    request_shape, request_targets_shape = tuple(p.shape), tuple(t.shape)
-    if ndim == 1 or (forms(spec, variant).single_channel and p.shape[1] != 1 and t.shape == p.shape):
-        # No class dimension: one channel, every non-batch dimension spatial (as the kernels read it).
-        p = p.reshape((p.shape[0], 1) + p.shape[1:])
-        t = t.reshape((t.shape[0], 1) + t.shape[1:]) if not index_targets else t
-    dim = _class_dim(spec, full, p.ndim)
-    batch, num_classes = p.shape[0], p.shape[dim]
-    moved = np.moveaxis(p, dim, 1)
-    spatial = tuple(moved.shape[2:])
-    size = math.prod(spatial)
-    canonical_p = _float32(moved.reshape(batch, num_classes, size), "predictions")
-    expected_index_shape = (batch,) + tuple(s for i, s in enumerate(p.shape) if i not in (0, dim))
+    grid = _Grid(p, t, index_targets, forms(spec, variant).single_channel, lambda ndim: _class_dim(spec, full, ndim))
     if index_targets:
-        if tuple(t.shape) != expected_index_shape:
+        if tuple(grid.targets.shape) != grid.shapes["NS"]:
             raise ValueError(
                 f"class-index targets must have the shape of predictions without the class dimension: "
-                f"expected {list(expected_index_shape)}, got {list(t.shape)}"
+                f"expected {list(grid.shapes['NS'])}, got {list(grid.targets.shape)}"
             )
         if not (np.issubdtype(t.dtype, np.integer) or np.issubdtype(t.dtype, np.floating)):
             raise ValueError(f"class-index targets must be integers, got dtype {t.dtype}")
-        canonical_t = np.ascontiguousarray(t.reshape(batch, size), dtype=np.int64)
+        canonical_t = np.ascontiguousarray(grid.targets.reshape(grid.batch, grid.size), dtype=np.int64)
     else:
-        if tuple(t.shape) != tuple(p.shape):
+        if grid.targets.shape != grid.predictions.shape:
             takes_class_indices = variant.get(TARGETS_VARIANT) == PROBABILITY_TARGETS
-            raise ValueError(shape_mismatch(spec, full, takes_class_indices, request_shape, request_targets_shape))
-        canonical_t = _float32(np.moveaxis(t, dim, 1).reshape(batch, num_classes, size), "targets")
+            raise ValueError(shape_mismatch(spec, full, takes_class_indices, p.shape, t.shape))
+        canonical_t = _float32(grid.forward(grid.targets, "NCS"), "targets")
+    feeds = {"predictions": _float32(grid.forward(grid.predictions, "NCS"), "predictions"), "targets": canonical_t}
+    feeds.update(_weight_feeds(spec, variant, grid, weights))
+    for param in graph_params(spec):
+        feeds[param.name] = _hyperparameter_feed(param, full[param.name], grid.num_classes, spec.name)
+    feeds["reduction"] = np.asarray(REDUCTION_CODES[full["reduction"]], dtype=np.int64)
+    v_layout = values_layout(spec, variant)
+    return feeds, lambda values: grid.restore(values, v_layout)
 
-    original_shapes = {
-        "NCS": tuple(p.shape),
-        "NS": expected_index_shape,
-        "NC": (batch, num_classes),
-        "N": (batch,),
-        "C": (num_classes,),
-        "": (),
-    }
 
-    def forward(x: np.ndarray, layout: str) -> np.ndarray:
+class _Grid:
+    r"""A request's predictions and targets on the canonical grid ``(N, C, S)``: the class dimension
+    ``dim`` and the shape of each layout in the request's terms (``shapes``)."""
+
+    def __init__(self, p: np.ndarray, t: np.ndarray, index_targets: bool, single_channel: bool,
+                 class_dim: Callable[[int], int]) -> None:
+        self.request_shape, self.one_d = tuple(p.shape), p.ndim == 1
+        if p.ndim == 1 or (single_channel and p.shape[1] != 1 and t.shape == p.shape):
+            # No class dimension: one channel, every non-batch dimension spatial (as the kernels read it).
+            p = p.reshape((p.shape[0], 1) + p.shape[1:])
+            t = t if index_targets else t.reshape((t.shape[0], 1) + t.shape[1:])
+        self.predictions, self.targets, self.dim = p, t, class_dim(p.ndim)
+        self.batch, self.num_classes = p.shape[0], p.shape[self.dim]
+        self.spatial = tuple(np.moveaxis(p, self.dim, 1).shape[2:])
+        self.size = math.prod(self.spatial)
+        index_shape = (self.batch,) + tuple(s for i, s in enumerate(p.shape) if i not in (0, self.dim))
+        self.shapes = {"NCS": tuple(p.shape), "NS": index_shape, "NC": (self.batch, self.num_classes),
+                       "N": (self.batch,), "C": (self.num_classes,), "": ()}
+
+    def forward(self, x: np.ndarray, layout: str) -> np.ndarray:
+        r"""``x`` of the request's ``layout`` shape in the canonical layout."""
         if layout == "NCS":
-            return np.moveaxis(x, dim, 1).reshape(batch, num_classes, size)
+            return np.moveaxis(x, self.dim, 1).reshape(self.batch, self.num_classes, self.size)
         if layout == "NS":
-            return x.reshape(batch, size)
+            return x.reshape(self.batch, self.size)
         return x
 
-    w_layout = weights_layout(spec, variant)
-    w_shape = original_shapes[w_layout]
-    w = None if weights is None else _float32(_to_numpy(weights), "weights")
-    if w is not None and ndim > 1 and p.shape != request_shape and not (w.ndim == 1 and w.shape[0] == batch):
-        # Weights broadcast against the request's shape, before its channel is inserted.
-        w = _broadcast_weights(w, request_shape, batch).reshape(p.shape)
-    # The rule of the region kernels (region._split_weights): (N,) weights of predictions with
-    # more than one dimension weight samples; a graph cannot decide that per request, so they
-    # have their own input and the pixel weights are fed as ones.
-    sample_w = np.ones((batch,), dtype=np.float32)
-    if has_sample_weights_input(spec) and w is not None and w.ndim == 1 and ndim > 1 and w.shape[0] == batch:
-        sample_w, w = np.ascontiguousarray(w), None
-    if w is None:
-        canonical_w = np.ones(forward(np.empty(w_shape, np.float32), w_layout).shape, dtype=np.float32)
-    else:
-        w = _broadcast_weights(w, w_shape, batch)
-        canonical_w = np.ascontiguousarray(forward(w, w_layout), dtype=np.float32)
-
-    feeds: Dict[str, np.ndarray] = {"predictions": canonical_p, "targets": canonical_t, "weights": canonical_w}
-    if has_sample_weights_input(spec):
-        feeds[SAMPLE_WEIGHTS] = sample_w
-    for param in graph_params(spec):
-        feeds[param.name] = _hyperparameter_feed(param, full[param.name], num_classes, spec.name)
-    feeds["reduction"] = np.asarray(REDUCTION_CODES[full["reduction"]], dtype=np.int64)
-
-    v_layout = values_layout(spec, variant)
-    v_shape = original_shapes[v_layout]
-    one_d = ndim == 1
-
-    def restore(values: np.ndarray) -> np.ndarray:
-        if v_layout == "NCS":
-            moved_shape = (batch, num_classes) + spatial
-            out = np.moveaxis(values.reshape(moved_shape), 1, dim)
-            return out.reshape(batch) if one_d else out
-        if v_layout == "NS":
-            return values.reshape(v_shape)
+    def restore(self, values: np.ndarray, layout: str) -> np.ndarray:
+        r"""The inverse of :meth:`forward` for the graph's ``values``."""
+        if layout == "NCS":
+            out = np.moveaxis(values.reshape((self.batch, self.num_classes) + self.spatial), 1, self.dim)
+            return out.reshape(self.batch) if self.one_d else out
+        if layout == "NS":
+            return values.reshape(self.shapes["NS"])
         return values
 
-    return feeds, restore
+
+def _weight_feeds(spec: LossSpec, variant: Dict[str, Any], grid: _Grid, weights: Any) -> Dict[str, np.ndarray]:
+    r"""``weights`` (and ``sample_weights``) feeds: ones where the request sends none."""
+    w_layout = weights_layout(spec, variant)
+    w_shape = grid.shapes[w_layout]
+    w = None if weights is None else _float32(_to_numpy(weights), "weights")
+    per_sample = w is not None and w.ndim == 1 and w.shape[0] == grid.batch and not grid.one_d
+    if w is not None and not grid.one_d and grid.predictions.shape != grid.request_shape and not per_sample:
+        # Weights broadcast against the request's shape, before its channel is inserted.
+        w = _broadcast_weights(w, grid.request_shape, grid.batch).reshape(grid.predictions.shape)
+    feeds = {}
+    if has_sample_weights_input(spec):
+        # The rule of the region kernels (region.split_weights): (N,) weights of predictions with
+        # more than one dimension weight samples; a graph cannot decide that per request, so they
+        # have their own input and the pixel weights are fed as ones.
+        feeds[SAMPLE_WEIGHTS] = np.ascontiguousarray(w) if per_sample else np.ones((grid.batch,), dtype=np.float32)
+        w = None if per_sample else w
+    if w is None:
+        canonical = np.ones(grid.forward(np.empty(w_shape, np.float32), w_layout).shape, dtype=np.float32)
+    else:
+        canonical = np.ascontiguousarray(grid.forward(_broadcast_weights(w, w_shape, grid.batch), w_layout),
+                                         dtype=np.float32)
+    return {"weights": canonical, **feeds}
 
 
 def _broadcast_weights(w: np.ndarray, shape: Tuple[int, ...], batch: int) -> np.ndarray:

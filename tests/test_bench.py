@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -236,3 +237,29 @@ def test_the_bench_waits_for_announced_background_exports():
     finally:
         for server in servers:
             server.stop()
+
+
+def test_kernel_bench_times_every_eager_form_against_its_export_form(capsys):
+    from bench import bench_kernels
+
+    assert bench_kernels.main(["--forms", "--sizes", "40", "--repeats", "1", "--no-tune-malloc"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "4e+01" in line]
+    assert len(rows) == len(bench_kernels.FORM_SITES)
+    assert all(float(row.split("|")[-2]) > 0 for row in rows)  # export / eager
+
+
+def test_kernel_bench_table_of_modules_against_torch(capsys):
+    from bench import bench_kernels
+
+    assert bench_kernels.main(["--sizes", "40", "--repeats", "1", "--only", "focal+w", "--no-tune-malloc"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "focal+w |" in line]
+    assert len(rows) == 1 and float(rows[0].split("|")[-2]) > 0  # statistics / torch
+
+
+def test_kernel_bench_compares_every_loss_with_another_checkout(capsys):
+    from bench import bench_kernels
+
+    root = str(Path(__file__).resolve().parent.parent)
+    assert bench_kernels.main(["--against", root, "--repeats", "1", "--no-tune-malloc"]) == 0
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.count("|") == 4 and "loss" not in line]
+    assert [line.split("|")[1].strip() for line in summary if not line.startswith("|---")] == losses.names()

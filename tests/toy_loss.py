@@ -18,9 +18,8 @@ from loss_service.losses._registry import _REGISTRY, register
 from loss_service.losses._base import ElementwiseLoss
 from loss_service.losses._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from loss_service.losses._reduction import (
-    as_float, check_reduction, check_same_shape, compute_dtype, effective_weight, elementwise_reductions,
-    elementwise_statistics, float_hyperparameter, one_target_per_prediction_hint, optional_vector, select_reduction,
-    vector_argument,
+    as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, float_hyperparameter,
+    one_target_per_prediction_hint, optional_vector, select_reduction, vector_argument, weighted_statistics,
 )
 
 from .references import REFERENCES, reduce
@@ -40,8 +39,7 @@ def log_cosh_statistics(
     s = scale.to(dtype)
     scaled = ((predictions.to(dtype) - as_float(targets, dtype, "targets")) * s).abs()
     loss = (scaled + torch.log1p(torch.exp(-2.0 * scaled)) - math.log(2.0)) / s
-    weight = effective_weight(list(loss.shape), weights, class_weight, class_dim, dtype)
-    return elementwise_statistics(loss if weight is None else loss * weight, weight, None, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
 
 
 class LogCoshLoss(ElementwiseLoss):
@@ -82,8 +80,7 @@ SPEC = LossSpec(
     name=NAME, family="toy", summary="weighted log-cosh loss (the walk-through's example)", module=LogCoshLoss,
     function=log_cosh_loss, predictions="real", targets="real", prediction_shape="(N, *)",
     target_shape="same as predictions", params=(SCALE_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
-    make_inputs=_real_inputs, statistics_kernel=log_cosh_statistics, reductions_kernel=elementwise_reductions,
-    reference="log(cosh(s·(x - y))) / s", test_params=({}, {"scale": 2.5, "class_weight": torch.tensor([0.5, 2.0, 1.0])}),
+    make_inputs=_real_inputs, statistics_kernel=log_cosh_statistics, reference="log(cosh(s·(x - y))) / s", test_params=({}, {"scale": 2.5, "class_weight": torch.tensor([0.5, 2.0, 1.0])}),
 )
 
 

@@ -379,13 +379,7 @@ def export_losses(
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     start = time.perf_counter()
-    planned = plan(names, formats, all_variants)
-    if files is not None:
-        unknown = sorted(set(files) - {job.file for job in planned})
-        if unknown:
-            raise ValueError(f"files {unknown} are not artifacts of this plan; expected some of "
-                             f"{', '.join(job.file for job in planned)}")
-        planned = [job for job in planned if job.file in files]
+    planned = _planned(names, formats, all_variants, files)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     source_fingerprint = fingerprint()
@@ -404,38 +398,11 @@ def export_losses(
             on_artifact(Progress(job.file, len(results), len(planned), time.perf_counter() - start, outcome[1]))
 
     workers = min(jobs, len(planned))
+    arguments = (out, opset, verify, device, source_fingerprint)
     if workers <= 1:
-        for job in planned:
-            if _exiting:
-                break  # an export in this process cannot be cut short: stop between two
-            if bar is not None:
-                bar.set_description(job.file)
-            job_start = time.perf_counter()
-            try:
-                entry, error = run_job(job, out, opset, verify, device, source_fingerprint), ""
-            except Exception as failure:  # noqa: BLE001 - reported per artifact, and the run fails
-                entry, error = None, error_message(failure)
-            finished(job, (entry, error, time.perf_counter() - job_start))
+        _export_here(planned, arguments, finished, bar)
     else:
-        # Longest first: region-loss graphs (7-15 s here), other graphs (~5 s), then TorchScript
-        # modules (~0.1 s), so the short jobs fill the gaps at the end instead of a core idling.
-        ordered = sorted(planned, key=lambda job: (job.format != "onnx", job.spec.kind != "region"))
-        with process_pool(workers) as pool:
-            try:
-                submitted = {submit(pool, job, out, opset, verify, device, source_fingerprint): job for job in ordered}
-                for future in as_completed(submitted):
-                    job = submitted[future]
-                    try:
-                        outcome = future.result()
-                    except Exception as failure:  # noqa: BLE001 - e.g. a worker killed by the OOM killer
-                        outcome = (None, error_message(failure), 0.0)
-                    if bar is not None:
-                        bar.set_description(job.file)
-                    finished(job, outcome)
-            except BaseException:
-                # E.g. Ctrl-C: leaving the `with` would wait for every export still queued.
-                terminate(pool)
-                raise
+        _export_in_workers(planned, arguments, finished, bar, workers)
     if _exiting:
         raise ExportInterrupted("the process is exiting: the export was stopped")
     if bar is not None:
@@ -456,6 +423,63 @@ def export_losses(
     run = run_record(seconds, verify, workers, [row.file for row in rows if not row.ok])
     written = write_manifest(out, entries, opset, run, source_fingerprint)
     return ExportResult(all(row.ok for row in rows), rows, written, seconds)
+
+
+def _planned(
+    names: Optional[Sequence[str]], formats: Sequence[str], all_variants: bool, files: Optional[Collection[str]]
+) -> List[Job]:
+    r""":func:`plan`, kept to ``files`` when given (``ValueError`` naming the files it does not have)."""
+    planned = plan(names, formats, all_variants)
+    if files is None:
+        return planned
+    unknown = sorted(set(files) - {job.file for job in planned})
+    if unknown:
+        raise ValueError(f"files {unknown} are not artifacts of this plan; expected some of "
+                         f"{', '.join(job.file for job in planned)}")
+    return [job for job in planned if job.file in files]
+
+
+Finished = Callable[[Job, Tuple[Optional[Dict[str, Any]], str, float]], None]
+
+
+def _export_here(planned: Sequence[Job], arguments: Tuple[Any, ...], finished: Finished, bar: Any) -> None:
+    r"""Export the jobs one after another in this process (``arguments``: those of :func:`run_job` after the job)."""
+    for job in planned:
+        if _exiting:
+            break  # an export in this process cannot be cut short: stop between two
+        if bar is not None:
+            bar.set_description(job.file)
+        job_start = time.perf_counter()
+        try:
+            entry, error = run_job(job, *arguments), ""
+        except Exception as failure:  # noqa: BLE001 - reported per artifact, and the run fails
+            entry, error = None, error_message(failure)
+        finished(job, (entry, error, time.perf_counter() - job_start))
+
+
+def _export_in_workers(
+    planned: Sequence[Job], arguments: Tuple[Any, ...], finished: Finished, bar: Any, workers: int
+) -> None:
+    r"""Export the jobs in ``workers`` processes (:func:`process_pool`), reporting each as it finishes."""
+    # Longest first: region-loss graphs (7-15 s here), other graphs (~5 s), then TorchScript
+    # modules (~0.1 s), so the short jobs fill the gaps at the end instead of a core idling.
+    ordered = sorted(planned, key=lambda job: (job.format != "onnx", job.spec.kind != "region"))
+    with process_pool(workers) as pool:
+        try:
+            submitted = {submit(pool, job, *arguments): job for job in ordered}
+            for future in as_completed(submitted):
+                job = submitted[future]
+                try:
+                    outcome = future.result()
+                except Exception as failure:  # noqa: BLE001 - e.g. a worker killed by the OOM killer
+                    outcome = (None, error_message(failure), 0.0)
+                if bar is not None:
+                    bar.set_description(job.file)
+                finished(job, outcome)
+        except BaseException:
+            # E.g. Ctrl-C: leaving the `with` would wait for every export still queued.
+            terminate(pool)
+            raise
 
 
 def summary_table(rows: Sequence[Row]) -> str:

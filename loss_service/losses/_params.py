@@ -14,8 +14,7 @@ REDUCTION_PARAM = ParamSpec(
 )
 CLASS_DIM_PARAM = ParamSpec(
     "class_dim", "int", 1,
-    "dimension of the predictions that holds the classes (1 for (N, C, *), -1 for channels-last)",
-    graph_input=False,
+    "dimension of the predictions that holds the classes (1 for (N, C, *), -1 for channels-last)", graph_input=False,
 )
 CLASS_WEIGHT_PARAM = ParamSpec(
     "class_weight", "vector", None, "per-class weight, length C, applied along class_dim", low=0.0

@@ -23,7 +23,11 @@ traced (with the hyperparameters as graph inputs) for ONNX; the traced code neve
 their values. Outside export (eager and TorchScript, the trainers' and the server's hot path) a
 kernel may read a hyperparameter on the host to skip work it makes zero, use torch's fused ops and
 update its own temporaries in place: ``if is_exporting(): <export form> else: <fast form>``, with
-the same formula and results within the test tolerances.
+the same formula and results within the test tolerances. A fast form is kept only where it is at
+least 1.5x faster than its export form on 1e6 elements: ``python bench/bench_kernels.py --forms``
+times each one (the class-index branches of cross_entropy and focal, bce's values, bce_with_logits,
+the statistics sums here, ``power``, and :mod:`._stable`'s logsumexp and log_softmax; the table is
+in docs/benchmarks.md).
 """
 from typing import List, Optional, Tuple
 
@@ -214,11 +218,7 @@ def sample_or_element_weights(weights: Tensor, shape: List[int], name: str = "we
 
 
 def effective_weight(
-    shape: List[int],
-    weights: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    class_dim: int,
-    dtype: torch.dtype,
+    shape: List[int], weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, dtype: torch.dtype,
 ) -> Optional[Tensor]:
     r"""``weights · class_weight`` shaped to broadcast to ``shape`` (``None`` if neither is set).
 
@@ -232,6 +232,16 @@ def effective_weight(
         vec = per_class(class_weight.to(dtype), shape, class_dim, "class_weight")
         weight = vec if weight is None else weight * vec
     return weight
+
+
+def weighted_statistics(
+    loss: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, dtype: torch.dtype,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics of the unreduced ``loss`` weighted by :func:`effective_weight`, each element counting 1
+    in the ``mean`` denominator (as torch's elementwise losses)."""
+    weight = effective_weight(list(loss.shape), weights, class_weight, class_dim, dtype)
+    return elementwise_statistics(loss if weight is None else loss * weight, weight, None, per_sample)
 
 
 # The hints of shape_mismatch_message, by what a loss makes of targets that look like class indices.
@@ -335,10 +345,7 @@ def per_sample_sum(x: Optional[Tensor], shape: List[int], device: torch.device) 
 
 
 def elementwise_statistics(
-    weighted_loss: Tensor,
-    weight: Optional[Tensor],
-    denominator: Optional[Tensor],
-    per_sample: bool,
+    weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""``(values, totals, sample_totals)`` of an elementwise loss.
 
@@ -356,9 +363,7 @@ def elementwise_statistics(
     if is_exporting():
         totals = torch.stack(
             [
-                accumulate(weighted_loss),
-                total_sum(weight, shape, device),
-                total_sum(denominator, shape, device),
+                accumulate(weighted_loss), total_sum(weight, shape, device), total_sum(denominator, shape, device),
                 total_sum(None, shape, device),
             ]
         )
@@ -371,10 +376,7 @@ def elementwise_statistics(
 
 
 def _eager_totals(
-    weighted_loss: Tensor,
-    weight: Optional[Tensor],
-    denominator: Optional[Tensor],
-    shape: List[int],
+    weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], shape: List[int],
     device: torch.device,
 ) -> Tensor:
     r"""``[Σ w·ℓ, Σ w, Σ d, n]`` outside export: one float64 tensor holding the element count, with
@@ -399,19 +401,14 @@ def _eager_totals(
 
 
 def _sample_totals(
-    weighted_loss: Tensor,
-    weight: Optional[Tensor],
-    denominator: Optional[Tensor],
-    shape: List[int],
+    weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], shape: List[int],
     device: torch.device,
 ) -> Tensor:
     r"""``(N, 4)`` per-sample ``[Σ w·ℓ, Σ w, Σ d, n]`` of an elementwise loss of ``shape``."""
     return torch.stack(
         [
-            per_sample_sum(weighted_loss, shape, device),
-            per_sample_sum(weight, shape, device),
-            per_sample_sum(denominator, shape, device),
-            per_sample_sum(None, shape, device),
+            per_sample_sum(weighted_loss, shape, device), per_sample_sum(weight, shape, device),
+            per_sample_sum(denominator, shape, device), per_sample_sum(None, shape, device),
         ],
         dim=1,
     )

@@ -9,6 +9,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ._reduction import elementwise_reductions
+
 PREDICTION_KINDS = ("logits", "probabilities", "log_probabilities", "real")
 TARGET_KINDS = ("class_indices", "class_indices_or_probabilities", "probabilities", "binary_masks", "real")
 PARAM_KINDS = ("float", "int", "bool", "str", "vector", "float_or_vector")
@@ -84,7 +86,7 @@ class ParamSpec:
             tensor = tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{where}parameter '{self.name}' must be finite")
-            if self._out_of_range_tensor(tensor):
+            if any(self._out_of_range(entry) for entry in tensor.reshape(-1).tolist()):
                 raise ValueError(f"{where}parameter '{self.name}' must have every entry in {self.range_text()}")
             return tensor
         if not _is_number(value):
@@ -111,25 +113,12 @@ class ParamSpec:
             return True
         return False
 
-    def _out_of_range_tensor(self, tensor: torch.Tensor) -> bool:
-        if self.low is not None:
-            if bool((tensor < self.low).any()) or (not self.low_inclusive and bool((tensor == self.low).any())):
-                return True
-        if self.high is not None:
-            if bool((tensor > self.high).any()) or (not self.high_inclusive and bool((tensor == self.high).any())):
-                return True
-        return False
-
     def describe(self) -> Dict[str, Any]:
         default = self.default
         if isinstance(default, torch.Tensor):
             default = default.tolist()
         return {
-            "name": self.name,
-            "kind": self.kind,
-            "default": default,
-            "range": self.range_text(),
-            "doc": self.doc,
+            "name": self.name, "kind": self.kind, "default": default, "range": self.range_text(), "doc": self.doc,
             "graph_input": self.graph_input,
         }
 
@@ -202,7 +191,8 @@ class LossSpec:
       ones), ``graph_input=False`` parameters as Python values. The ONNX exporter traces it with
       the hyperparameters as graph inputs, so it never branches in Python on their values.
     * ``reductions_kernel(totals, **params)`` -- ``(..., K)`` totals to ``(..., 3)``
-      ``[sum, mean, weighted_mean]`` (float64); it takes the parameters it needs by name.
+      ``[sum, mean, weighted_mean]`` (float64); it takes the parameters it needs by name
+      (default :func:`~._reduction.elementwise_reductions`, the rule of every elementwise loss).
     * ``constants`` -- the kernels' arguments that are no hyperparameters, by name (a region loss's
       overlap index: ``overlap_scale`` and the fixed ``alpha``, ``beta``, ``gamma``); numbers reach
       the kernels as 0-d float64 tensors, ``None`` as ``None``.
@@ -237,8 +227,8 @@ class LossSpec:
     params: Tuple[ParamSpec, ...]
     make_inputs: InputMaker
     statistics_kernel: Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    reductions_kernel: Callable[..., torch.Tensor]
     reference: str
+    reductions_kernel: Callable[..., torch.Tensor] = elementwise_reductions
     test_params: Tuple[Dict[str, Any], ...] = ({},)
     variants: Tuple[Dict[str, Any], ...] = ({},)
     # "elementwise": totals are [Σ w·ℓ, Σ w, Σ d, n]; "region": Dice-like statistics.
@@ -289,16 +279,9 @@ class LossSpec:
 
     def describe(self) -> Dict[str, Any]:
         return {
-            "name": self.name,
-            "family": self.family,
-            "summary": self.summary,
-            "predictions": self.predictions,
-            "targets": self.targets,
-            "prediction_shape": self.prediction_shape,
-            "target_shape": self.target_shape,
-            "params": [p.describe() for p in self.params],
-            "reference": self.reference,
-            "paper": self.paper,
+            "name": self.name, "family": self.family, "summary": self.summary, "predictions": self.predictions,
+            "targets": self.targets, "prediction_shape": self.prediction_shape, "target_shape": self.target_shape,
+            "params": [p.describe() for p in self.params], "reference": self.reference, "paper": self.paper,
             "kind": self.kind,
         }
 
@@ -336,13 +319,4 @@ def build(name: str, **params: Any) -> torch.nn.Module:
     return spec.module(**spec.validate(params))
 
 
-__all__ = [
-    "Forms",
-    "ParamSpec",
-    "LossSpec",
-    "register",
-    "names",
-    "get",
-    "specs",
-    "build",
-]
+__all__ = ["Forms", "ParamSpec", "LossSpec", "register", "names", "get", "specs", "build"]

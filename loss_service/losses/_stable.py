@@ -4,8 +4,8 @@ r"""Numerically stable building blocks that stay stable after export.
 lowers it to ``Log(Sigmoid(x))``, which is ``-inf`` for ``x = -1e4``. The forms here are written
 with operations that every runtime evaluates stably.
 
-:func:`logsumexp` and :func:`log_softmax` are the same formulas as torch's, with faster eager
-forms for autograd and for inference (see :func:`logsumexp`).
+:func:`logsumexp` and :func:`log_softmax` are the same formulas as torch's, with a faster eager
+form for inference (see :func:`logsumexp`).
 """
 import torch
 from torch import Tensor
@@ -24,30 +24,20 @@ def logsumexp(x: Tensor, dim: int) -> Tensor:
     .. math::
         \operatorname{lse}(x) = m + \log \sum_c \exp(x_c - m)
 
-    Three forms of the same value (within the rounding of the result):
+    Two forms of the same value (within the rounding of the result):
 
-    * while exporting: :func:`torch.logsumexp`;
-    * when autograd records ``x``: ``m`` is the row maximum, and for ``C <= 16`` the maximum and
-      the sum are accumulated over the ``C`` class slices (elementwise ops over the other
-      dimensions), which is faster forward and backward than torch's reduction over a short
-      dimension. ``m`` is detached (the value does not depend on it) so that the gradient is
-      exactly the softmax, and a non-finite ``m`` (a row of ``-inf``) is replaced by 0, as torch
-      does;
+    * while exporting or when autograd records ``x``: :func:`torch.logsumexp`;
     * otherwise (inference, the server) ``x`` is read once on the host for its range: inside
       ``[-40, 40]`` every ``exp(x_c)`` is a normal number and their sum cannot overflow, so
       ``m = 0`` and the two full-size passes of the shift (row maximum, subtraction) are skipped;
       outside it (logits of ±1e4) ``m`` is the row maximum, 0 where that is not finite. The class
       sum over the last dimension is then a matrix-vector product with ones (see
       :func:`_class_sum`). This form is never below ``max_c x_c`` by more than its rounding; the
-      others never are.
+      other never is.
     """
     num_classes = x.shape[dim]
-    if is_exporting() or num_classes == 0 or x.numel() == 0:
+    if is_exporting() or num_classes == 0 or x.numel() == 0 or (torch.is_grad_enabled() and x.requires_grad):
         return torch.logsumexp(x, dim)
-    if torch.is_grad_enabled() and x.requires_grad:
-        if num_classes > 16:
-            return torch.logsumexp(x, dim)
-        return _sliced_logsumexp(x, dim)
     # The vectorised and strided kernels may round differently, and the value must not depend
     # on the memory layout.
     x = x.contiguous()
@@ -57,20 +47,6 @@ def logsumexp(x: Tensor, dim: int) -> Tensor:
         return _class_sum(torch.exp(x), dim).log_()
     shift = torch.amax(x, dim).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return _class_sum(torch.sub(x, shift.unsqueeze(dim)).exp_(), dim).log_().add_(shift)
-
-
-def _sliced_logsumexp(x: Tensor, dim: int) -> Tensor:
-    r"""The autograd form of :func:`logsumexp`: one elementwise op per class slice."""
-    columns = torch.unbind(x, dim)
-    largest = columns[0]
-    for column in columns[1:]:
-        largest = torch.maximum(largest, column)
-    # A row of -inf (or +inf) would give inf - inf = NaN below; torch.logsumexp uses 0 there too.
-    largest = torch.nan_to_num(largest.detach(), nan=0.0, posinf=0.0, neginf=0.0)
-    total = torch.exp(columns[0] - largest)
-    for column in columns[1:]:
-        total = total + torch.exp(column - largest)
-    return largest + torch.log(total)
 
 
 def _class_sum(x: Tensor, dim: int) -> Tensor:

@@ -10,20 +10,9 @@ from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
-    as_float,
-    check_reduction,
-    check_same_shape,
-    compute_dtype,
-    effective_weight,
-    elementwise_reductions,
-    elementwise_statistics,
-    is_exporting,
-    one_target_per_prediction_hint,
-    optional_vector,
-    per_class,
-    select_reduction,
-    vector_argument,
-    vector_buffer,
+    as_float, check_reduction, check_same_shape, compute_dtype, effective_weight, elementwise_reductions,
+    elementwise_statistics, is_exporting, one_target_per_prediction_hint, optional_vector, per_class, select_reduction,
+    vector_argument, vector_buffer,
 )
 
 
@@ -39,11 +28,7 @@ def _clamped_log(p: Tensor, complement: bool) -> Tensor:
 
 
 def bce_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    class_dim: int,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_cross_entropy` (see :mod:`._reduction`)."""
@@ -95,12 +80,8 @@ def _bce_values(p: Tensor, t: Tensor) -> Tensor:
 
 
 def binary_cross_entropy(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    class_weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    class_dim: int = 1,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
+    reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Binary cross-entropy between probabilities and (soft) targets.
 
@@ -118,20 +99,14 @@ def binary_cross_entropy(
     Equals :func:`torch.nn.functional.binary_cross_entropy` (``weight=weights``), including the
     log clamp at -100.
     """
-    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
-    values, totals, _ = bce_statistics(predictions, targets, weights, class_weight, class_dim, False)
+    values, totals, _ = bce_statistics(predictions, targets, weights, vector_argument(class_weight), class_dim, False)
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
 def bce_with_logits_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    pos_weight: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    class_dim: int,
-    per_sample: bool,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], pos_weight: Optional[Tensor],
+    class_weight: Optional[Tensor], class_dim: int, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_cross_entropy_with_logits`."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
@@ -177,13 +152,8 @@ def _fused_bce_with_logits(x: Tensor, t: Tensor, positive_weight: Optional[Tenso
 
 
 def binary_cross_entropy_with_logits(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    pos_weight: Optional[Tensor] = None,
-    class_weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    class_dim: int = 1,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, pos_weight: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Binary cross-entropy on logits, stable for any finite logit.
 
@@ -204,11 +174,10 @@ def binary_cross_entropy_with_logits(
     Equals :func:`torch.nn.functional.binary_cross_entropy_with_logits` (``weight=weights``;
     a length-``C`` ``pos_weight`` there broadcasts along the last dim, here along ``class_dim``).
     """
-    pos_weight = vector_argument(pos_weight)
     class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = bce_with_logits_statistics(
-        predictions, targets, weights, pos_weight, class_weight, class_dim, False
+        predictions, targets, weights, vector_argument(pos_weight), class_weight, class_dim, False
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -234,10 +203,7 @@ class BCEWithLogitsLoss(ElementwiseLoss):
 
 
     def __init__(
-        self,
-        pos_weight: Optional[Tensor] = None,
-        class_weight: Optional[Tensor] = None,
-        reduction: str = "mean",
+        self, pos_weight: Optional[Tensor] = None, class_weight: Optional[Tensor] = None, reduction: str = "mean",
         class_dim: int = 1,
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
@@ -248,13 +214,8 @@ class BCEWithLogitsLoss(ElementwiseLoss):
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return bce_with_logits_statistics(
-            predictions,
-            targets,
-            weights,
-            optional_vector(self.pos_weight),
-            optional_vector(self.class_weight),
-            self.class_dim,
-            per_sample,
+            predictions, targets, weights, optional_vector(self.pos_weight), optional_vector(self.class_weight),
+            self.class_dim, per_sample,
         )
 
 
@@ -277,61 +238,32 @@ def _probability_inputs(batch, num_classes, spatial, generator, dtype, params):
     return _binary_inputs(batch, num_classes, spatial, generator, dtype, params, probabilities=True)
 
 
-register(
-    LossSpec(
-        name="bce",
-        family="bce",
-        summary="binary cross-entropy on probabilities",
-        module=BCELoss,
-        function=binary_cross_entropy,
-        predictions="probabilities",
-        targets="probabilities",
-        prediction_shape="(N, *)",
-        target_shape="same as predictions",
-        params=(CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
-        make_inputs=_probability_inputs,
-        statistics_kernel=bce_statistics,
-        reductions_kernel=elementwise_reductions,
-        reference="torch.nn.functional.binary_cross_entropy, including its log clamp at -100",
-        logits_alternative="bce_with_logits",
-        test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0])}),
-    )
-)
+register(LossSpec(
+    name="bce", family="bce", summary="binary cross-entropy on probabilities", module=BCELoss,
+    function=binary_cross_entropy, predictions="probabilities", targets="probabilities", prediction_shape="(N, *)",
+    target_shape="same as predictions", params=(CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
+    make_inputs=_probability_inputs, statistics_kernel=bce_statistics,
+    reference="torch.nn.functional.binary_cross_entropy, including its log clamp at -100",
+    logits_alternative="bce_with_logits", test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0])}),
+))
 
-register(
-    LossSpec(
-        name="bce_with_logits",
-        family="bce",
-        summary="binary cross-entropy on logits with pos_weight",
-        module=BCEWithLogitsLoss,
-        function=binary_cross_entropy_with_logits,
-        predictions="logits",
-        targets="probabilities",
-        prediction_shape="(N, *)",
-        target_shape="same as predictions",
-        params=(
-            ParamSpec("pos_weight", "vector", None, "weight of positive examples per class (length C along class_dim)", low=0.0),
-            CLASS_WEIGHT_PARAM,
-            REDUCTION_PARAM,
-            CLASS_DIM_PARAM,
-        ),
-        make_inputs=_logit_inputs,
-        statistics_kernel=bce_with_logits_statistics,
-        reductions_kernel=elementwise_reductions,
-        reference="torch.nn.functional.binary_cross_entropy_with_logits",
-        test_params=(
-            {},
-            {"pos_weight": torch.tensor([3.0, 0.5, 1.0])},
-            {"pos_weight": torch.tensor([2.0, 1.0, 0.25]), "class_weight": torch.tensor([1.0, 0.0, 4.0])},
-        ),
-    )
-)
+register(LossSpec(
+    name="bce_with_logits", family="bce", summary="binary cross-entropy on logits with pos_weight",
+    module=BCEWithLogitsLoss, function=binary_cross_entropy_with_logits, predictions="logits",
+    targets="probabilities", prediction_shape="(N, *)", target_shape="same as predictions",
+    params=(
+        ParamSpec("pos_weight", "vector", None, "weight of positive examples per class (length C along class_dim)", low=0.0),
+        CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
+    ),
+    make_inputs=_logit_inputs, statistics_kernel=bce_with_logits_statistics,
+    reference="torch.nn.functional.binary_cross_entropy_with_logits",
+    test_params=(
+        {}, {"pos_weight": torch.tensor([3.0, 0.5, 1.0])},
+        {"pos_weight": torch.tensor([2.0, 1.0, 0.25]), "class_weight": torch.tensor([1.0, 0.0, 4.0])},
+    ),
+))
 
 __all__ = [
-    "BCELoss",
-    "BCEWithLogitsLoss",
-    "binary_cross_entropy",
-    "binary_cross_entropy_with_logits",
-    "bce_statistics",
+    "BCELoss", "BCEWithLogitsLoss", "binary_cross_entropy", "binary_cross_entropy_with_logits", "bce_statistics",
     "bce_with_logits_statistics",
 ]

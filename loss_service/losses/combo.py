@@ -12,29 +12,13 @@ from torch import Tensor
 
 from ._registry import LossSpec, ParamSpec, get, register
 from ._reduction import (
-    accumulate,
-    check_same_shape,
-    elementwise_reductions,
-    int_hyperparameter,
-    one_target_per_prediction_hint,
-    optional_vector,
-    vector_argument,
-    vector_buffer,
+    accumulate, check_same_shape, elementwise_reductions, int_hyperparameter, one_target_per_prediction_hint,
+    optional_vector, vector_argument, vector_buffer,
 )
 from .bce import bce_with_logits_statistics
 from .region import (
-    DENSE_TARGET_RANGE,
-    DiceLoss,
-    Forms,
-    RegionLoss,
-    _constant,
-    _flag,
-    _region_loss,
-    prepare,
-    region_inputs,
-    region_reductions,
-    region_statistics,
-    split_weights,
+    DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _constant, _flag, _region_loss, prepare, region_inputs,
+    region_reductions, region_statistics, split_weights,
 )
 
 _BCE = get("bce_with_logits")
@@ -50,8 +34,7 @@ CLASS_WEIGHT_PARAM = dataclasses.replace(
     doc="per-class weight (length C, 1 in binary mode) of both the BCE elements and the Dice losses",
 )
 MODE_PARAM = dataclasses.replace(
-    _DICE.param("mode"),
-    choices=("binary", "multilabel"),
+    _DICE.param("mode"), choices=("binary", "multilabel"),
     doc="binary: one foreground channel (predictions (N, 1, *) or (N, *)); multilabel: one sigmoid per channel (N, C, *)",
 )
 BCE_WEIGHT_PARAM = ParamSpec("bce_weight", "float", 1.0, "weight of the BCE-with-logits term", low=0.0)
@@ -131,22 +114,13 @@ def bce_dice_statistics(
 
 
 def bce_dice_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    pos_weight: Optional[Tensor] = _DEFAULTS["pos_weight"],
-    class_weight: Optional[Tensor] = _DEFAULTS["class_weight"],
-    bce_weight: float = _DEFAULTS["bce_weight"],
-    dice_weight: float = _DEFAULTS["dice_weight"],
-    smooth_nr: float = _DEFAULTS["smooth_nr"],
-    smooth_dr: float = _DEFAULTS["smooth_dr"],
-    include_background: bool = _DEFAULTS["include_background"],
-    squared_pred: bool = _DEFAULTS["squared_pred"],
-    log_loss: bool = _DEFAULTS["log_loss"],
-    ignore_index: int = _DEFAULTS["ignore_index"],
-    mode: str = _DEFAULTS["mode"],
-    batch: bool = _DEFAULTS["batch"],
-    reduction: str = _DEFAULTS["reduction"],
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None,
+    pos_weight: Optional[Tensor] = _DEFAULTS["pos_weight"], class_weight: Optional[Tensor] = _DEFAULTS["class_weight"],
+    bce_weight: float = _DEFAULTS["bce_weight"], dice_weight: float = _DEFAULTS["dice_weight"],
+    smooth_nr: float = _DEFAULTS["smooth_nr"], smooth_dr: float = _DEFAULTS["smooth_dr"],
+    include_background: bool = _DEFAULTS["include_background"], squared_pred: bool = _DEFAULTS["squared_pred"],
+    log_loss: bool = _DEFAULTS["log_loss"], ignore_index: int = _DEFAULTS["ignore_index"],
+    mode: str = _DEFAULTS["mode"], batch: bool = _DEFAULTS["batch"], reduction: str = _DEFAULTS["reduction"],
 ) -> Tensor:
     r"""``bce_weight`` · BCE-with-logits + ``dice_weight`` · soft Dice, on the same logits.
 
@@ -184,19 +158,12 @@ class BCEDiceLoss(RegionLoss):
     dice_weight: float
 
     def __init__(
-        self,
-        pos_weight: Optional[Tensor] = _DEFAULTS["pos_weight"],
-        class_weight: Optional[Tensor] = _DEFAULTS["class_weight"],
-        bce_weight: float = _DEFAULTS["bce_weight"],
-        dice_weight: float = _DEFAULTS["dice_weight"],
-        smooth_nr: float = _DEFAULTS["smooth_nr"],
-        smooth_dr: float = _DEFAULTS["smooth_dr"],
-        include_background: bool = _DEFAULTS["include_background"],
-        squared_pred: bool = _DEFAULTS["squared_pred"],
-        log_loss: bool = _DEFAULTS["log_loss"],
-        ignore_index: int = _DEFAULTS["ignore_index"],
-        mode: str = _DEFAULTS["mode"],
-        batch: bool = _DEFAULTS["batch"],
+        self, pos_weight: Optional[Tensor] = _DEFAULTS["pos_weight"],
+        class_weight: Optional[Tensor] = _DEFAULTS["class_weight"], bce_weight: float = _DEFAULTS["bce_weight"],
+        dice_weight: float = _DEFAULTS["dice_weight"], smooth_nr: float = _DEFAULTS["smooth_nr"],
+        smooth_dr: float = _DEFAULTS["smooth_dr"], include_background: bool = _DEFAULTS["include_background"],
+        squared_pred: bool = _DEFAULTS["squared_pred"], log_loss: bool = _DEFAULTS["log_loss"],
+        ignore_index: int = _DEFAULTS["ignore_index"], mode: str = _DEFAULTS["mode"], batch: bool = _DEFAULTS["batch"],
         reduction: str = _DEFAULTS["reduction"],
     ) -> None:
         if mode not in MODE_PARAM.choices:
@@ -233,50 +200,27 @@ def _vector3(*values: float) -> Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-register(
-    LossSpec(
-        name="bce_dice",
-        family="combo",
-        target_range=DENSE_TARGET_RANGE,
-        summary="bce_weight · BCE-with-logits + dice_weight · soft Dice (binary, multilabel)",
-        module=BCEDiceLoss,
-        function=bce_dice_loss,
-        predictions="logits",
-        targets="probabilities",
-        prediction_shape="binary: (N, 1, *) or (N, *); multilabel: (N, C, *)",
-        target_shape="same as predictions, values in [0, 1] or ignore_index",
-        params=BCE_DICE_PARAMS,
-        make_inputs=region_inputs,
-        statistics_kernel=bce_dice_statistics,
-        reductions_kernel=bce_dice_reductions,
-        constants=BCEDiceLoss.constants,
-        pixel_weights=True,
-        forms=lambda settings: Forms(("dense",), "N", single_channel=settings["mode"] == "binary"),
-        reference="bce_weight · F.binary_cross_entropy_with_logits + dice_weight · dice, each reduced by its own rule",
-        test_params=(
-            {},
-            {"mode": "multilabel", "pos_weight": _vector3(2.0, 1.0, 0.5), "class_weight": _vector3(1.0, 0.5, 2.0),
-             "bce_weight": 0.5, "dice_weight": 2.0, "ignore_index": 255},
-            {"mode": "multilabel", "batch": True, "include_background": False, "squared_pred": True,
-             "log_loss": True},
-            {"batch": True, "ignore_index": 255, "smooth_nr": 0.0, "smooth_dr": 0.0, "dice_weight": 0.25},
-        ),
-        variants=(
-            {},
-            {"mode": "multilabel"},
-            {"batch": True},
-            {"mode": "multilabel", "batch": True},
-        ),
-        kind="region",
-        paper="Combination used by e.g. Isensee et al. 2021, nnU-Net (Nature Methods), with CE in place of BCE",
-        notes="totals = bce_with_logits totals (4) followed by dice totals; include_background affects the Dice term only",
-    )
-)
+register(LossSpec(
+    name="bce_dice", family="combo", target_range=DENSE_TARGET_RANGE,
+    summary="bce_weight · BCE-with-logits + dice_weight · soft Dice (binary, multilabel)", module=BCEDiceLoss,
+    function=bce_dice_loss, predictions="logits", targets="probabilities",
+    prediction_shape="binary: (N, 1, *) or (N, *); multilabel: (N, C, *)",
+    target_shape="same as predictions, values in [0, 1] or ignore_index", params=BCE_DICE_PARAMS,
+    make_inputs=region_inputs, statistics_kernel=bce_dice_statistics, reductions_kernel=bce_dice_reductions,
+    constants=BCEDiceLoss.constants, pixel_weights=True,
+    forms=lambda settings: Forms(("dense",), "N", single_channel=settings["mode"] == "binary"),
+    reference="bce_weight · F.binary_cross_entropy_with_logits + dice_weight · dice, each reduced by its own rule",
+    test_params=(
+        {},
+        {"mode": "multilabel", "pos_weight": _vector3(2.0, 1.0, 0.5), "class_weight": _vector3(1.0, 0.5, 2.0),
+         "bce_weight": 0.5, "dice_weight": 2.0, "ignore_index": 255},
+        {"mode": "multilabel", "batch": True, "include_background": False, "squared_pred": True,
+         "log_loss": True},
+        {"batch": True, "ignore_index": 255, "smooth_nr": 0.0, "smooth_dr": 0.0, "dice_weight": 0.25},
+    ),
+    variants=({}, {"mode": "multilabel"}, {"batch": True}, {"mode": "multilabel", "batch": True}), kind="region",
+    paper="Combination used by e.g. Isensee et al. 2021, nnU-Net (Nature Methods), with CE in place of BCE",
+    notes="totals = bce_with_logits totals (4) followed by dice totals; include_background affects the Dice term only",
+))
 
-__all__ = [
-    "BCEDiceLoss",
-    "bce_dice_loss",
-    "bce_dice_statistics",
-    "bce_dice_reductions",
-    "BCE_DICE_PARAMS",
-]
+__all__ = ["BCEDiceLoss", "bce_dice_loss", "bce_dice_statistics", "bce_dice_reductions", "BCE_DICE_PARAMS"]

@@ -5,38 +5,20 @@ exactly (class weights, ``ignore_index``, label smoothing and torch's ``mean`` d
 return 0 with zero gradients where torch returns NaN because every target is ignored. The helpers
 for class-index targets here are shared with the softmax focal loss in :mod:`.focal`.
 """
+import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._base import ElementwiseLoss
-from ._params import (
-    CLASS_DIM_PARAM,
-    CLASS_WEIGHT_PARAM,
-    IGNORE_INDEX_PARAM,
-    LABEL_SMOOTHING_PARAM,
-    REDUCTION_PARAM,
-)
+from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, IGNORE_INDEX_PARAM, LABEL_SMOOTHING_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, register
 from ._stable import log_softmax, logsumexp
 from ._reduction import (
-    as_float,
-    check_reduction,
-    check_same_shape,
-    compute_dtype,
-    elementwise_reductions,
-    elementwise_statistics,
-    float_hyperparameter,
-    int_hyperparameter,
-    is_exporting,
-    label_map_hint,
-    normalize_class_dim,
-    optional_vector,
-    per_class,
-    sample_or_element_weights,
-    select_reduction,
-    vector_argument,
+    as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, elementwise_statistics,
+    float_hyperparameter, int_hyperparameter, is_exporting, label_map_hint, normalize_class_dim, optional_vector,
+    per_class, power, sample_or_element_weights, select_reduction, vector_argument,
 )
 
 
@@ -48,24 +30,13 @@ def check_label_smoothing(label_smoothing: Tensor) -> None:
             raise ValueError("label_smoothing must be in [0, 1], got {}".format(value))
 
 
-def class_indices(
-    targets: Tensor, ignore_index: Tensor, shape: List[int], dim: int, probabilities_allowed: bool
-) -> Tuple[Tensor, Tensor]:
-    r"""``(indices, valid)``: class-index ``targets`` as int64 (shape and dtype checked) and where
-    they are not ignored.
+def index_tensor(targets: Tensor, shape: List[int], dim: int, probabilities_allowed: bool) -> Tensor:
+    r"""Class-index ``targets`` as int64, their shape and dtype checked.
 
     ``targets`` must have ``shape`` without its class dimension ``dim`` (``(N, d1..dk)`` for
     ``(N, C, d1..dk)``) and hold integers in ``[0, C)`` or ``ignore_index``; integer-valued
-    floating-point targets are accepted as indices. ``valid`` (bool, the elementwise shape) is False
-    where the target equals ``ignore_index``. The range of the indices is checked by
-    :func:`check_class_range`.
+    floating-point targets are accepted as indices. Their range is checked by :func:`check_class_range`.
     """
-    indices = index_tensor(targets, shape, dim, probabilities_allowed)
-    return indices, indices != ignore_index
-
-
-def index_tensor(targets: Tensor, shape: List[int], dim: int, probabilities_allowed: bool) -> Tensor:
-    r"""Class-index ``targets`` as int64, with the shape and dtype checks of :func:`class_indices`."""
     expected = shape[:dim] + shape[dim + 1:]
     if list(targets.shape) != expected:
         alternative = " or class probabilities of shape {}".format(shape) if probabilities_allowed else ""
@@ -111,12 +82,13 @@ def class_index_mask(
 ) -> Tuple[Tensor, Tensor]:
     r"""``(target_mask, valid)`` for class-index ``targets`` of predictions of ``shape``.
 
-    ``targets`` and ``valid`` are as in :func:`class_indices`; the range checks run on the host
-    (never a device-side assert) and are skipped while exporting. ``target_mask`` (bool, ``shape``) is
-    True at each element's target class -- a comparison with ``arange(C)`` rather than ``one_hot``,
-    so the class count stays symbolic in an exported graph.
+    ``targets`` are as in :func:`index_tensor`; ``valid`` is False where they equal ``ignore_index``.
+    The range checks run on the host (never a device-side assert) and are skipped while exporting.
+    ``target_mask`` (bool, ``shape``) is True at each element's target class -- a comparison with
+    ``arange(C)`` rather than ``one_hot``, so the class count stays symbolic in an exported graph.
     """
-    indices, valid = class_indices(targets, ignore_index, shape, dim, probabilities_allowed)
+    indices = index_tensor(targets, shape, dim, probabilities_allowed)
+    valid = indices != ignore_index
     num_classes = shape[dim]
     if not is_exporting():
         check_class_range(torch.where(valid, indices, 0), indices, valid, ignore_index, num_classes)
@@ -136,11 +108,7 @@ def select_class(values: Tensor, target_mask: Tensor, dim: int) -> Tensor:
 
 
 def index_weights(
-    weights: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    target_mask: Tensor,
-    valid: Tensor,
-    dim: int,
+    weights: Optional[Tensor], class_weight: Optional[Tensor], target_mask: Tensor, valid: Tensor, dim: int,
     dtype: torch.dtype,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     r"""``(w, d, sample_weight)`` of class-index targets.
@@ -185,7 +153,7 @@ def eager_index_targets(
 
     One ``aminmax`` of the indices, read on the host, serves the range check and tells whether any
     target can equal ``ignore_index``. When none can, ``valid`` is ``None`` (every element counts)
-    and no mask is built; otherwise ``valid`` is as in :func:`class_indices` and the returned
+    and no mask is built; otherwise ``valid`` is as in :func:`class_index_mask` and the returned
     indices are 0 where ignored, so that they can be gathered.
     """
     indices = index_tensor(targets, shape, dim, True)
@@ -220,7 +188,7 @@ def eager_target_nll(
     """
     target_logit = torch.gather(x, dim, indices.unsqueeze(dim)).squeeze(dim)
     if torch.is_grad_enabled() and x.requires_grad:
-        # logsumexp's autograd form is m + log(Σ exp(x - m)) >= m >= x_y: no clamp needed.
+        # torch.logsumexp (the autograd form) is m + log(Σ exp(x - m)) >= m >= x_y: no clamp needed.
         nll = lse - target_logit
     else:
         nll = torch.sub(lse, target_logit) if keep_lse else lse.sub_(target_logit)
@@ -233,10 +201,7 @@ def eager_target_nll(
 
 
 def eager_index_weights(
-    weights: Optional[Tensor],
-    class_vector: Optional[Tensor],
-    indices: Tensor,
-    valid: Optional[Tensor],
+    weights: Optional[Tensor], class_vector: Optional[Tensor], indices: Tensor, valid: Optional[Tensor],
     dtype: torch.dtype,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     r"""``(w, d, sample_weight)`` as :func:`index_weights`, from the outputs of :func:`eager_index_targets`.
@@ -261,14 +226,8 @@ def eager_index_weights(
 
 
 def probability_target_statistics(
-    class_losses: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    epsilon: Tensor,
-    weight_c: Optional[Tensor],
-    dim: int,
-    dtype: torch.dtype,
-    per_sample: bool,
+    class_losses: Tensor, targets: Tensor, weights: Optional[Tensor], epsilon: Tensor, weight_c: Optional[Tensor],
+    dim: int, dtype: torch.dtype, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics of a softmax loss on probability targets ``q`` (shared by ``cross_entropy`` and ``focal``).
 
@@ -288,83 +247,143 @@ def probability_target_statistics(
     return elementwise_statistics(loss, sample_weight, None, per_sample)
 
 
-def cross_entropy_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    ignore_index: Tensor,
-    label_smoothing: Tensor,
-    class_dim: int,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`cross_entropy_loss` (see :mod:`._reduction`).
+def _smallest_normal(dtype: torch.dtype) -> float:
+    # torch.finfo is not scriptable; these are finfo(float32 / float64).tiny.
+    if dtype == torch.float64:
+        return 2.2250738585072014e-308
+    return 1.1754943508222875e-38
 
-    ``ignore_index`` (int64) and ``label_smoothing`` are 0-d tensors. Targets with the predictions'
-    rank are class probabilities, targets with one dimension fewer are class indices.
+
+def modulating_factor(one_minus_p: Tensor, gamma: Tensor) -> Tensor:
+    r"""``(1 - p)^γ`` with finite gradients for every ``γ >= 0``.
+
+    At ``1 - p = 0`` the derivative ``γ (1 - p)^(γ-1)`` is infinite for ``γ < 1`` (and ``0 · inf``
+    for ``γ = 0``), so the base is clamped at the dtype's smallest normal number: the value changes
+    by at most ``tiny^γ`` and the clamp's zero gradient stops the backward pass there.
+    """
+    return power(torch.clamp(one_minus_p, min=_smallest_normal(one_minus_p.dtype)), gamma)
+
+
+def check_gamma(gamma: Tensor) -> None:
+    if not is_exporting():
+        # One host read and Python comparisons (NaN fails both) rather than a tensor expression.
+        value = float(gamma.item())
+        if not (value >= 0.0 and math.isfinite(value)):
+            raise ValueError("gamma must be a finite number >= 0, got {}".format(value))
+
+
+def class_weights(
+    alpha: Optional[Tensor], balance_index: Optional[Tensor], class_weight: Optional[Tensor], shape: List[int], dim: int,
+    dtype: torch.dtype,
+) -> Optional[Tensor]:
+    r"""The per-class weight :math:`a_c = \alpha_c\, w_c` of a softmax loss, along ``dim``.
+
+    ``alpha`` is ``None`` (all ones: cross-entropy's :math:`a_c = w_c`), a per-class vector, or a
+    0-d scalar :math:`\alpha` that means :math:`\alpha` for class ``balance_index`` and
+    :math:`1 - \alpha` for every other class (the focal loss's).
+    """
+    combined: Optional[Tensor] = None
+    if alpha is not None:
+        if alpha.dim() == 0:
+            if balance_index is None:
+                raise ValueError("a scalar alpha needs a balance_index")
+            num_classes = shape[dim]
+            if not is_exporting():
+                value = float(alpha.item())
+                if value < 0.0 or value > 1.0:
+                    raise ValueError("a scalar alpha must be in [0, 1], got {}".format(value))
+                balance = int(balance_index.item())
+                if balance < 0 or balance >= num_classes:
+                    raise ValueError(
+                        "balance_index must be a class in [0, {}), got {}".format(num_classes, balance)
+                    )
+            view = [1] * len(shape)
+            view[dim] = num_classes
+            classes = torch.arange(num_classes, device=alpha.device).reshape(view)
+            scalar_alpha = alpha.to(dtype)
+            combined = torch.where(classes == balance_index, scalar_alpha, 1.0 - scalar_alpha)
+        else:
+            combined = per_class(alpha.to(dtype), shape, dim, "alpha")
+    if class_weight is not None:
+        weight_c = per_class(class_weight.to(dtype), shape, dim, "class_weight")
+        combined = weight_c if combined is None else combined * weight_c
+    return combined
+
+
+def class_terms(nll: Tensor, gamma: Optional[Tensor]) -> Tensor:
+    r""":math:`f(p)` from :math:`-\log p`: itself for cross-entropy (``gamma`` ``None``), or the focal
+    :math:`(1 - p)^\gamma (-\log p)`, with :math:`1 - p = -\operatorname{expm1}(\log p)` accurate as p -> 1."""
+    if gamma is None:
+        return nll
+    return modulating_factor(-torch.expm1(-nll), gamma) * nll
+
+
+def softmax_statistics(
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], gamma: Optional[Tensor], alpha: Optional[Tensor],
+    balance_index: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: Tensor, label_smoothing: Tensor,
+    class_dim: int, per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The one kernel of the softmax losses: cross-entropy (``gamma`` ``None``) and the focal loss.
+
+    With :math:`f` of :func:`class_terms` and the per-class weight :math:`a_c` of
+    :func:`class_weights`, an element with class index :math:`y` has
+    :math:`\ell = (1 - \varepsilon)\, a_y f(p_y) + \frac{\varepsilon}{C} \sum_c a_c f(p_c)` and
+    :math:`d = a_y` (both 0 where ignored); one with class probabilities :math:`t` has
+    :math:`\ell = \sum_c q_c a_c f(p_c)`, :math:`q = (1 - \varepsilon) t + \varepsilon / C`, :math:`d = 1`.
+    ``gamma``, ``label_smoothing`` (compute dtype), ``balance_index`` and ``ignore_index`` (int64) are
+    0-d tensors; targets with the predictions' rank are class probabilities, with one dimension
+    fewer class indices.
     """
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype)
     shape = list(x.shape)
     dim = normalize_class_dim(class_dim, len(shape))
+    if gamma is not None:
+        check_gamma(gamma)
     check_label_smoothing(label_smoothing)
     epsilon = label_smoothing.to(dtype)
-    num_classes = shape[dim]
-    weight_c: Optional[Tensor] = None
-    if class_weight is not None:
-        weight_c = per_class(class_weight.to(dtype), shape, dim, "class_weight")
-
+    weight_c = class_weights(alpha, balance_index, class_weight, shape, dim, dtype)
     if targets.dim() == len(shape):
         # Probability targets: torch ignores ignore_index here and its mean divides by N·d1..dk.
         check_same_shape(predictions, targets, dim, label_map_hint())
         return probability_target_statistics(
-            -log_softmax(x, dim), targets, weights, epsilon, weight_c, dim, dtype, per_sample
+            class_terms(-log_softmax(x, dim), gamma), targets, weights, epsilon, weight_c, dim, dtype, per_sample
         )
-
     if not is_exporting():
         class_vector: Optional[Tensor] = None
         if weight_c is not None:
             class_vector = class_vector_along(weight_c, shape, dim)
         if weight_c is None or class_vector is not None:
-            return _eager_index_cross_entropy(
-                x, targets, weights, weight_c, class_vector, ignore_index, epsilon, shape, dim, dtype, per_sample
+            return _eager_index_statistics(
+                x, targets, weights, gamma, weight_c, class_vector, ignore_index, epsilon, shape, dim, dtype, per_sample
             )
-
     target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, True)
     weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
     log_p = log_softmax(x, dim)
-    nll = -select_class(log_p, target_mask, dim)
+    target_term = class_terms(-select_class(log_p, target_mask, dim), gamma)
     # The smoothing term reads every class; with label_smoothing = 0 it is masked out before use,
     # so a -inf logit of a non-target class stays finite (as in torch) in value and gradient.
-    smoothing_log_p = torch.where(epsilon > 0, log_p, torch.zeros_like(log_p))
+    smoothing_terms = class_terms(-torch.where(epsilon > 0, log_p, torch.zeros_like(log_p)), gamma)
     if weight_c is not None:
-        smoothing_log_p = smoothing_log_p * weight_c
-    # denominator = w_y (0 where ignored): the class weight of the target, as in torch.
-    loss = (1.0 - epsilon) * denominator * nll - (epsilon / num_classes) * smoothing_log_p.sum(dim)
+        smoothing_terms = smoothing_terms * weight_c
+    # denominator = a_y (0 where ignored): the class weight of the target, as in torch.
+    loss = (1.0 - epsilon) * denominator * target_term + (epsilon / shape[dim]) * smoothing_terms.sum(dim)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if sample_weight is not None:
         loss = loss * sample_weight
     return elementwise_statistics(loss, weight, denominator, per_sample)
 
 
-def _eager_index_cross_entropy(
-    x: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    weight_c: Optional[Tensor],
-    class_vector: Optional[Tensor],
-    ignore_index: Tensor,
-    epsilon: Tensor,
-    shape: List[int],
-    dim: int,
-    dtype: torch.dtype,
-    per_sample: bool,
+def _eager_index_statistics(
+    x: Tensor, targets: Tensor, weights: Optional[Tensor], gamma: Optional[Tensor], weight_c: Optional[Tensor],
+    class_vector: Optional[Tensor], ignore_index: Tensor, epsilon: Tensor, shape: List[int], dim: int,
+    dtype: torch.dtype, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""The class-index branch of :func:`cross_entropy_statistics` outside export, same formula.
+    r"""The class-index branch of :func:`softmax_statistics` outside export, same formula.
 
-    Only :math:`-\log p_y` is computed unless ``label_smoothing > 0`` (read on the host), no mask
-    is built when no target is ignored, and the temporaries of the elementwise shape are updated
-    in place.
+    Only :math:`-\log p_y` (and the target's focal term from it) is computed unless
+    ``label_smoothing > 0`` (read on the host), no mask is built when no target is ignored, and the
+    temporaries of the elementwise shape are updated in place unless autograd records ``x``.
     """
     indices, valid = eager_index_targets(targets, ignore_index, shape, dim)
     x = x.contiguous()
@@ -372,15 +391,24 @@ def _eager_index_cross_entropy(
     lse = logsumexp(x, dim)
     target_nll = eager_target_nll(x, lse, indices, valid, dim, smoothing)
     weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
-    # denominator = w_y (0 where ignored, None for 1), so ignored elements give 0 without a mask.
+    recording = torch.is_grad_enabled() and x.requires_grad
     loss = target_nll
+    if gamma is not None:
+        if recording:
+            loss = modulating_factor(-torch.expm1(-target_nll), gamma).mul_(target_nll)
+        else:
+            # No clamp at the smallest normal (it is there for the gradient): target_nll >= 0, so the
+            # base is >= 0, and a base below it means -log p_y below it too, a product of ~0 either way.
+            loss = torch.neg(target_nll).expm1_().neg_().pow_(float(gamma.item())).mul_(target_nll)
+    # target_nll is 0 where ignored and denominator = a_y (0 where ignored, None for 1), so ignored
+    # elements give 0 without a mask.
     if denominator is not None:
-        loss = loss * denominator if torch.is_grad_enabled() and x.requires_grad else loss.mul_(denominator)
+        loss = loss * denominator if recording and gamma is None else loss.mul_(denominator)
     if smoothing:
-        log_p = x - lse.unsqueeze(dim)
+        smoothing_terms = class_terms(lse.unsqueeze(dim) - x, gamma)
         if weight_c is not None:
-            log_p = log_p * weight_c
-        loss = (1.0 - epsilon) * loss - (epsilon / shape[dim]) * log_p.sum(dim)
+            smoothing_terms = smoothing_terms * weight_c
+        loss = (1.0 - epsilon) * loss + (epsilon / shape[dim]) * smoothing_terms.sum(dim)
         if valid is not None:
             loss = torch.where(valid, loss, 0.0)
     if sample_weight is not None:
@@ -388,15 +416,21 @@ def _eager_index_cross_entropy(
     return elementwise_statistics(loss, weight, denominator, per_sample)
 
 
+def cross_entropy_statistics(
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor],
+    ignore_index: Tensor, label_smoothing: Tensor, class_dim: int, per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Statistics kernel of :func:`cross_entropy_loss`: :func:`softmax_statistics` without ``gamma``
+    and ``alpha``. ``ignore_index`` (int64) and ``label_smoothing`` are 0-d tensors."""
+    return softmax_statistics(
+        predictions, targets, weights, None, None, None, class_weight, ignore_index, label_smoothing, class_dim,
+        per_sample,
+    )
+
+
 def cross_entropy_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    class_weight: Optional[Tensor] = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    class_dim: int = 1,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Softmax cross-entropy from logits, with class weights, ``ignore_index`` and label smoothing.
 
@@ -432,29 +466,17 @@ def cross_entropy_loss(
     Equals :func:`torch.nn.functional.cross_entropy` wherever torch's result is finite, and is 0
     (zero gradients) where every target is ignored.
     """
-    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = cross_entropy_statistics(
-        predictions,
-        targets,
-        weights,
-        class_weight,
-        int_hyperparameter(ignore_index, predictions),
-        float_hyperparameter(label_smoothing, predictions),
-        class_dim,
-        False,
+        predictions, targets, weights, vector_argument(class_weight), int_hyperparameter(ignore_index, predictions),
+        float_hyperparameter(label_smoothing, predictions), class_dim, False,
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
 def nll_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    ignore_index: Tensor,
-    class_dim: int,
-    per_sample: bool,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor],
+    ignore_index: Tensor, class_dim: int, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`nll_loss`; ``ignore_index`` is a 0-d int64 tensor."""
     dtype = compute_dtype(predictions.dtype)
@@ -475,13 +497,8 @@ def nll_statistics(
 
 
 def nll_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    class_weight: Optional[Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    class_dim: int = 1,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
+    ignore_index: int = -100, reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Negative log-likelihood of class indices under log-probabilities.
 
@@ -498,10 +515,10 @@ def nll_loss(
 
     Equals :func:`torch.nn.functional.nll_loss`, and is 0 where every target is ignored.
     """
-    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = nll_statistics(
-        predictions, targets, weights, class_weight, int_hyperparameter(ignore_index, predictions), class_dim, False
+        predictions, targets, weights, vector_argument(class_weight), int_hyperparameter(ignore_index, predictions),
+        class_dim, False,
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -513,12 +530,8 @@ class CrossEntropyLoss(ElementwiseLoss):
     label_smoothing: float
 
     def __init__(
-        self,
-        class_weight: Optional[Tensor] = None,
-        ignore_index: int = -100,
-        label_smoothing: float = 0.0,
-        reduction: str = "mean",
-        class_dim: int = 1,
+        self, class_weight: Optional[Tensor] = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+        reduction: str = "mean", class_dim: int = 1,
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
         self.ignore_index = int(ignore_index)
@@ -529,14 +542,9 @@ class CrossEntropyLoss(ElementwiseLoss):
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return cross_entropy_statistics(
-            predictions,
-            targets,
-            weights,
-            optional_vector(self.class_weight),
-            int_hyperparameter(self.ignore_index, predictions),
-            float_hyperparameter(self.label_smoothing, predictions),
-            self.class_dim,
-            per_sample,
+            predictions, targets, weights, optional_vector(self.class_weight),
+            int_hyperparameter(self.ignore_index, predictions), float_hyperparameter(self.label_smoothing, predictions),
+            self.class_dim, per_sample,
         )
 
 
@@ -546,10 +554,7 @@ class NLLLoss(ElementwiseLoss):
     ignore_index: int
 
     def __init__(
-        self,
-        class_weight: Optional[Tensor] = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
+        self, class_weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
         class_dim: int = 1,
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
@@ -560,13 +565,8 @@ class NLLLoss(ElementwiseLoss):
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return nll_statistics(
-            predictions,
-            targets,
-            weights,
-            optional_vector(self.class_weight),
-            int_hyperparameter(self.ignore_index, predictions),
-            self.class_dim,
-            per_sample,
+            predictions, targets, weights, optional_vector(self.class_weight),
+            int_hyperparameter(self.ignore_index, predictions), self.class_dim, per_sample,
         )
 
 
@@ -589,51 +589,34 @@ def _log_probability_inputs(batch, num_classes, spatial, generator, dtype, param
     return torch.log_softmax(logits, 1).to(dtype), targets
 
 
-register(
-    LossSpec(
-        name="cross_entropy",
-        family="cross_entropy",
-        summary="softmax cross-entropy from logits with class indices or class probabilities",
-        module=CrossEntropyLoss,
-        function=cross_entropy_loss,
-        predictions="logits",
-        targets="class_indices_or_probabilities",
-        prediction_shape="(N, C, *)",
-        target_shape="(N, *) class indices, or (N, C, *) probabilities",
-        params=(CLASS_WEIGHT_PARAM, IGNORE_INDEX_PARAM, LABEL_SMOOTHING_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
-        make_inputs=class_index_inputs,
-        statistics_kernel=cross_entropy_statistics,
-        reductions_kernel=elementwise_reductions,
-        reference="torch.nn.functional.cross_entropy (0 instead of NaN when every target is ignored)",
-        test_params=(
-            {},
-            {"class_weight": torch.tensor([0.5, 2.0, 1.0])},
-            {"ignore_index": 1, "label_smoothing": 0.1},
-            {"class_weight": torch.tensor([1.5, 0.0, 3.0]), "label_smoothing": 0.25},
-        ),
-        notes="Targets with the predictions' rank are class probabilities (their own exported graph, chosen "
-        "by the targets' rank and dtype); ignore_index does not apply to them, as in torch.",
-    )
+# The input contract of the softmax losses (cross_entropy, focal).
+SOFTMAX_CONTRACT = dict(
+    predictions="logits", targets="class_indices_or_probabilities", prediction_shape="(N, C, *)",
+    target_shape="(N, *) class indices, or (N, C, *) probabilities", make_inputs=class_index_inputs,
 )
 
-register(
-    LossSpec(
-        name="nll",
-        family="cross_entropy",
-        summary="negative log-likelihood of class indices under log-probabilities",
-        module=NLLLoss,
-        function=nll_loss,
-        predictions="log_probabilities",
-        targets="class_indices",
-        prediction_shape="(N, C, *)",
-        target_shape="(N, *)",
-        params=(CLASS_WEIGHT_PARAM, IGNORE_INDEX_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
-        make_inputs=_log_probability_inputs,
-        statistics_kernel=nll_statistics,
-        reductions_kernel=elementwise_reductions,
-        reference="torch.nn.functional.nll_loss (0 instead of NaN when every target is ignored)",
-        test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0]), "ignore_index": 2}),
-    )
-)
+register(LossSpec(
+    name="cross_entropy", family="cross_entropy",
+    summary="softmax cross-entropy from logits with class indices or class probabilities", module=CrossEntropyLoss,
+    function=cross_entropy_loss, **SOFTMAX_CONTRACT, statistics_kernel=cross_entropy_statistics,
+    params=(CLASS_WEIGHT_PARAM, IGNORE_INDEX_PARAM, LABEL_SMOOTHING_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
+    reference="torch.nn.functional.cross_entropy (0 instead of NaN when every target is ignored)",
+    test_params=(
+        {}, {"class_weight": torch.tensor([0.5, 2.0, 1.0])}, {"ignore_index": 1, "label_smoothing": 0.1},
+        {"class_weight": torch.tensor([1.5, 0.0, 3.0]), "label_smoothing": 0.25},
+    ),
+    notes="Targets with the predictions' rank are class probabilities (their own exported graph, chosen "
+    "by the targets' rank and dtype); ignore_index does not apply to them, as in torch.",
+))
+
+register(LossSpec(
+    name="nll", family="cross_entropy", summary="negative log-likelihood of class indices under log-probabilities",
+    module=NLLLoss, function=nll_loss, predictions="log_probabilities", targets="class_indices",
+    prediction_shape="(N, C, *)", target_shape="(N, *)",
+    params=(CLASS_WEIGHT_PARAM, IGNORE_INDEX_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
+    make_inputs=_log_probability_inputs, statistics_kernel=nll_statistics,
+    reference="torch.nn.functional.nll_loss (0 instead of NaN when every target is ignored)",
+    test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0]), "ignore_index": 2}),
+))
 
 __all__ = ["CrossEntropyLoss", "NLLLoss", "cross_entropy_loss", "nll_loss"]

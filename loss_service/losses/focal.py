@@ -5,7 +5,6 @@ https://arxiv.org/abs/1708.02002. The focal term multiplies each element's cross
 :math:`(1 - p_t)^\gamma`, *per element*, so that well-classified elements are down-weighted one by
 one (applying it to the batch-mean BCE, as one popular blog does, only rescales the batch loss).
 """
-import math
 import numbers
 from typing import Any, List, Optional, Tuple, Union
 
@@ -14,88 +13,25 @@ from torch import Tensor
 
 from ._base import ElementwiseLoss
 from ._params import (
-    CLASS_DIM_PARAM,
-    CLASS_WEIGHT_PARAM,
-    GAMMA_PARAM,
-    IGNORE_INDEX_PARAM,
-    LABEL_SMOOTHING_PARAM,
-    REDUCTION_PARAM,
+    CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, GAMMA_PARAM, IGNORE_INDEX_PARAM, LABEL_SMOOTHING_PARAM, REDUCTION_PARAM,
 )
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
-    as_float,
-    check_reduction,
-    check_same_shape,
-    compute_dtype,
-    elementwise_reductions,
-    elementwise_statistics,
-    float_hyperparameter,
-    int_hyperparameter,
-    is_exporting,
-    label_map_hint,
-    normalize_class_dim,
-    one_target_per_prediction_hint,
-    optional_vector,
-    per_class,
-    power,
-    sample_or_element_weights,
-    select_reduction,
-    vector_argument,
-    vector_buffer,
+    as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, float_hyperparameter,
+    int_hyperparameter, is_exporting, one_target_per_prediction_hint, optional_vector, select_reduction,
+    vector_argument, vector_buffer, weighted_statistics,
 )
-from ._stable import log_sigmoid, log_softmax, logsumexp
-from .cross_entropy import (
-    check_label_smoothing,
-    class_index_inputs,
-    class_index_mask,
-    class_vector_along,
-    eager_index_targets,
-    eager_index_weights,
-    eager_target_nll,
-    index_weights,
-    probability_target_statistics,
-    select_class,
-)
-
-
-def _smallest_normal(dtype: torch.dtype) -> float:
-    # torch.finfo is not scriptable; these are finfo(float32 / float64).tiny.
-    if dtype == torch.float64:
-        return 2.2250738585072014e-308
-    return 1.1754943508222875e-38
-
-
-def _modulating_factor(one_minus_p: Tensor, gamma: Tensor) -> Tensor:
-    r"""``(1 - p)^γ`` with finite gradients for every ``γ >= 0``.
-
-    At ``1 - p = 0`` the derivative ``γ (1 - p)^(γ-1)`` is infinite for ``γ < 1`` (and ``0 · inf``
-    for ``γ = 0``), so the base is clamped at the dtype's smallest normal number: the value changes
-    by at most ``tiny^γ`` and the clamp's zero gradient stops the backward pass there.
-    """
-    return power(torch.clamp(one_minus_p, min=_smallest_normal(one_minus_p.dtype)), gamma)
-
-
-def _check_gamma(gamma: Tensor) -> None:
-    if not is_exporting():
-        # One host read and Python comparisons (NaN fails both) rather than a tensor expression.
-        value = float(gamma.item())
-        if not (value >= 0.0 and math.isfinite(value)):
-            raise ValueError("gamma must be a finite number >= 0, got {}".format(value))
+from ._stable import log_sigmoid
+from .cross_entropy import SOFTMAX_CONTRACT, check_gamma, modulating_factor, softmax_statistics
 
 
 def binary_focal_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    alpha: Tensor,
-    gamma: Tensor,
-    class_weight: Optional[Tensor],
-    class_dim: int,
-    per_sample: bool,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], alpha: Tensor, gamma: Tensor,
+    class_weight: Optional[Tensor], class_dim: int, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_focal_loss`; ``alpha`` and ``gamma`` are 0-d tensors."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
-    _check_gamma(gamma)
+    check_gamma(gamma)
     if not is_exporting() and float(alpha.item()) > 1.0:
         raise ValueError("alpha must be <= 1 (a negative alpha disables the balancing), got {}".format(float(alpha)))
     dtype = compute_dtype(predictions.dtype)
@@ -109,30 +45,15 @@ def binary_focal_statistics(
     # x >> 0; exp(log σ) rather than torch.sigmoid, whose vectorised and strided CPU kernels differ
     # in the last bit (the result must not depend on the memory layout).
     one_minus_p_t = torch.exp(log_p) * (1.0 - t) + torch.exp(log_sigmoid(-x)) * t
-    loss = cross_entropy * _modulating_factor(one_minus_p_t, gamma)
+    loss = cross_entropy * modulating_factor(one_minus_p_t, gamma)
     alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
     loss = loss * torch.where(alpha >= 0, alpha_t, torch.ones_like(alpha_t))
-    shape = list(x.shape)
-    weight: Optional[Tensor] = None
-    if weights is not None:
-        weight = sample_or_element_weights(weights, shape).to(dtype)
-    if class_weight is not None:
-        class_vector = per_class(class_weight.to(dtype), shape, class_dim, "class_weight")
-        weight = class_vector if weight is None else weight * class_vector
-    if weight is not None:
-        loss = loss * weight
-    return elementwise_statistics(loss, weight, None, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
 
 
 def binary_focal_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    class_weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    class_dim: int = 1,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, alpha: float = 0.25, gamma: float = 2.0,
+    class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Sigmoid focal loss from logits (Lin et al. 2017, eq. 5), per element.
 
@@ -162,171 +83,25 @@ def binary_focal_loss(
 
     Equals ``torchvision.ops.sigmoid_focal_loss`` for every ``alpha``, ``gamma`` and reduction.
     """
-    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = binary_focal_statistics(
-        predictions,
-        targets,
-        weights,
-        float_hyperparameter(alpha, predictions),
-        float_hyperparameter(gamma, predictions),
-        class_weight,
-        class_dim,
-        False,
+        predictions, targets, weights, float_hyperparameter(alpha, predictions),
+        float_hyperparameter(gamma, predictions), vector_argument(class_weight), class_dim, False,
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
-def focal_class_weight(
-    alpha: Optional[Tensor],
-    balance_index: Tensor,
-    class_weight: Optional[Tensor],
-    shape: List[int],
-    dim: int,
-    dtype: torch.dtype,
-) -> Optional[Tensor]:
-    r"""The per-class weight :math:`a_c = \alpha_c\, w_c` of the softmax focal loss, along ``dim``.
-
-    ``alpha`` is ``None`` (all ones), a per-class vector, or a 0-d scalar :math:`\alpha` that
-    means :math:`\alpha` for class ``balance_index`` and :math:`1 - \alpha` for every other class.
-    """
-    combined: Optional[Tensor] = None
-    if alpha is not None:
-        if alpha.dim() == 0:
-            num_classes = shape[dim]
-            if not is_exporting():
-                value = float(alpha.item())
-                if value < 0.0 or value > 1.0:
-                    raise ValueError("a scalar alpha must be in [0, 1], got {}".format(value))
-                balance = int(balance_index.item())
-                if balance < 0 or balance >= num_classes:
-                    raise ValueError(
-                        "balance_index must be a class in [0, {}), got {}".format(num_classes, balance)
-                    )
-            view = [1] * len(shape)
-            view[dim] = num_classes
-            classes = torch.arange(num_classes, device=alpha.device).reshape(view)
-            scalar_alpha = alpha.to(dtype)
-            combined = torch.where(classes == balance_index, scalar_alpha, 1.0 - scalar_alpha)
-        else:
-            combined = per_class(alpha.to(dtype), shape, dim, "alpha")
-    if class_weight is not None:
-        weight_c = per_class(class_weight.to(dtype), shape, dim, "class_weight")
-        combined = weight_c if combined is None else combined * weight_c
-    return combined
-
-
 def focal_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    gamma: Tensor,
-    alpha: Optional[Tensor],
-    balance_index: Tensor,
-    class_weight: Optional[Tensor],
-    ignore_index: Tensor,
-    label_smoothing: Tensor,
-    class_dim: int,
-    per_sample: bool,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], gamma: Tensor, alpha: Optional[Tensor],
+    balance_index: Tensor, class_weight: Optional[Tensor], ignore_index: Tensor, label_smoothing: Tensor,
+    class_dim: int, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`focal_loss`.
-
-    ``gamma``, ``label_smoothing`` (compute dtype), ``balance_index`` and ``ignore_index`` (int64)
-    are 0-d tensors; ``alpha`` is ``None``, a 0-d tensor or a per-class vector.
-    """
-    dtype = compute_dtype(predictions.dtype)
-    x = predictions.to(dtype)
-    shape = list(x.shape)
-    dim = normalize_class_dim(class_dim, len(shape))
-    _check_gamma(gamma)
-    check_label_smoothing(label_smoothing)
-    epsilon = label_smoothing.to(dtype)
-    num_classes = shape[dim]
-    weight_c = focal_class_weight(alpha, balance_index, class_weight, shape, dim, dtype)
-
-    if targets.dim() == len(shape):
-        # Probability targets: Σ_c q_c a_c (1 - p_c)^γ (-log p_c); gamma = 0 is cross_entropy's.
-        check_same_shape(predictions, targets, dim, label_map_hint())
-        return probability_target_statistics(
-            _focal_terms(log_softmax(x, dim), gamma), targets, weights, epsilon, weight_c, dim, dtype, per_sample
-        )
-
-    if not is_exporting():
-        class_vector: Optional[Tensor] = None
-        if weight_c is not None:
-            class_vector = class_vector_along(weight_c, shape, dim)
-        if weight_c is None or class_vector is not None:
-            return _eager_index_focal(
-                x, targets, weights, gamma, weight_c, class_vector, ignore_index, epsilon, shape, dim, dtype, per_sample
-            )
-
-    target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, True)
-    weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
-    log_p = log_softmax(x, dim)
-    target_term = _focal_terms(select_class(log_p, target_mask, dim), gamma)
-    # As in cross_entropy: with label_smoothing = 0 the all-class term is masked out before use.
-    smoothing_terms = _focal_terms(torch.where(epsilon > 0, log_p, torch.zeros_like(log_p)), gamma)
-    if weight_c is not None:
-        smoothing_terms = smoothing_terms * weight_c
-    # denominator = a_y (0 where ignored), the same mean denominator as cross_entropy.
-    loss = (1.0 - epsilon) * denominator * target_term + (epsilon / num_classes) * smoothing_terms.sum(dim)
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    if sample_weight is not None:
-        loss = loss * sample_weight
-    return elementwise_statistics(loss, weight, denominator, per_sample)
-
-
-def _eager_index_focal(
-    x: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    gamma: Tensor,
-    weight_c: Optional[Tensor],
-    class_vector: Optional[Tensor],
-    ignore_index: Tensor,
-    epsilon: Tensor,
-    shape: List[int],
-    dim: int,
-    dtype: torch.dtype,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""The class-index branch of :func:`focal_statistics` outside export, same formula.
-
-    The focal term of the target is computed from :math:`-\log p_y` alone (elementwise shape), in
-    place unless autograd records ``x``; the all-class smoothing term only when
-    ``label_smoothing > 0`` (read on the host); no mask when no target is ignored.
-    """
-    indices, valid = eager_index_targets(targets, ignore_index, shape, dim)
-    x = x.contiguous()
-    smoothing = float(epsilon.item()) > 0.0
-    lse = logsumexp(x, dim)
-    target_nll = eager_target_nll(x, lse, indices, valid, dim, smoothing)
-    weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
-    # (1 - p_y)^γ (-log p_y) with 1 - p_y = -expm1(log p_y); target_nll is 0 where ignored and
-    # denominator = a_y is 0 there, so ignored elements give 0 without a mask.
-    if torch.is_grad_enabled() and x.requires_grad:
-        loss = _modulating_factor(-torch.expm1(-target_nll), gamma).mul_(target_nll)
-    else:
-        # No clamp at the smallest normal (it is there for the gradient): target_nll >= 0, so the
-        # base is >= 0, and a base below it means -log p_y below it too, a product of ~0 either way.
-        loss = torch.neg(target_nll).expm1_().neg_().pow_(float(gamma.item())).mul_(target_nll)
-    if denominator is not None:
-        loss = loss.mul_(denominator)
-    if smoothing:
-        smoothing_terms = _focal_terms(x - lse.unsqueeze(dim), gamma)
-        if weight_c is not None:
-            smoothing_terms = smoothing_terms * weight_c
-        loss = (1.0 - epsilon) * loss + (epsilon / shape[dim]) * smoothing_terms.sum(dim)
-        if valid is not None:
-            loss = torch.where(valid, loss, 0.0)
-    if sample_weight is not None:
-        loss = loss.mul_(sample_weight)
-    return elementwise_statistics(loss, weight, denominator, per_sample)
-
-
-def _focal_terms(log_p: Tensor, gamma: Tensor) -> Tensor:
-    r"""``(1 - p)^γ · (-log p)`` from ``log p``; ``1 - p = -expm1(log p)`` stays accurate as p -> 1."""
-    return _modulating_factor(-torch.expm1(log_p), gamma) * -log_p
+    r"""Statistics kernel of :func:`focal_loss`: :func:`~.cross_entropy.softmax_statistics` with ``gamma``;
+    ``alpha`` is ``None``, a 0-d tensor or a per-class vector."""
+    return softmax_statistics(
+        predictions, targets, weights, gamma, alpha, balance_index, class_weight, ignore_index, label_smoothing,
+        class_dim, per_sample,
+    )
 
 
 def _number_or_vector(value: Any) -> Union[float, Tensor, None]:
@@ -340,17 +115,9 @@ def _number_or_vector(value: Any) -> Union[float, Tensor, None]:
 
 
 def focal_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    gamma: float = 2.0,
-    alpha: Union[float, Tensor, None] = None,
-    balance_index: int = 0,
-    class_weight: Optional[Tensor] = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    class_dim: int = 1,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, gamma: float = 2.0,
+    alpha: Union[float, Tensor, None] = None, balance_index: int = 0, class_weight: Optional[Tensor] = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Softmax (multi-class) focal loss from logits (Lin et al. 2017), per element.
 
@@ -386,7 +153,6 @@ def focal_loss(
             ``weighted_mean`` (:math:`\sum \ell / \sum w`, :math:`w` = weights × :math:`d`).
         class_dim: the class dimension (``-1`` for channels-last ``(N, *, C)``).
     """
-    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     if not torch.jit.is_scripting():
         alpha = _number_or_vector(alpha)
@@ -396,16 +162,9 @@ def focal_loss(
     elif alpha is not None:
         alpha_tensor = float_hyperparameter(alpha, predictions)
     values, totals, _ = focal_statistics(
-        predictions,
-        targets,
-        weights,
-        float_hyperparameter(gamma, predictions),
-        alpha_tensor,
-        int_hyperparameter(balance_index, predictions),
-        class_weight,
-        int_hyperparameter(ignore_index, predictions),
-        float_hyperparameter(label_smoothing, predictions),
-        class_dim,
+        predictions, targets, weights, float_hyperparameter(gamma, predictions), alpha_tensor,
+        int_hyperparameter(balance_index, predictions), vector_argument(class_weight),
+        int_hyperparameter(ignore_index, predictions), float_hyperparameter(label_smoothing, predictions), class_dim,
         False,
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
@@ -418,11 +177,7 @@ class BinaryFocalLoss(ElementwiseLoss):
     gamma: float
 
     def __init__(
-        self,
-        alpha: float = 0.25,
-        gamma: float = 2.0,
-        class_weight: Optional[Tensor] = None,
-        reduction: str = "mean",
+        self, alpha: float = 0.25, gamma: float = 2.0, class_weight: Optional[Tensor] = None, reduction: str = "mean",
         class_dim: int = 1,
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
@@ -434,13 +189,8 @@ class BinaryFocalLoss(ElementwiseLoss):
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return binary_focal_statistics(
-            predictions,
-            targets,
-            weights,
-            float_hyperparameter(self.alpha, predictions),
-            float_hyperparameter(self.gamma, predictions),
-            optional_vector(self.class_weight),
-            self.class_dim,
+            predictions, targets, weights, float_hyperparameter(self.alpha, predictions),
+            float_hyperparameter(self.gamma, predictions), optional_vector(self.class_weight), self.class_dim,
             per_sample,
         )
 
@@ -460,15 +210,9 @@ class FocalLoss(ElementwiseLoss):
     label_smoothing: float
 
     def __init__(
-        self,
-        gamma: float = 2.0,
-        alpha: Union[float, List[float], Tensor, None] = None,
-        balance_index: int = 0,
-        class_weight: Optional[Tensor] = None,
-        ignore_index: int = -100,
-        label_smoothing: float = 0.0,
-        reduction: str = "mean",
-        class_dim: int = 1,
+        self, gamma: float = 2.0, alpha: Union[float, List[float], Tensor, None] = None, balance_index: int = 0,
+        class_weight: Optional[Tensor] = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+        reduction: str = "mean", class_dim: int = 1,
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
         self.gamma = float(gamma)
@@ -485,17 +229,10 @@ class FocalLoss(ElementwiseLoss):
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return focal_statistics(
-            predictions,
-            targets,
-            weights,
-            float_hyperparameter(self.gamma, predictions),
-            optional_vector(self.alpha),
-            int_hyperparameter(self.balance_index, predictions),
-            optional_vector(self.class_weight),
-            int_hyperparameter(self.ignore_index, predictions),
-            float_hyperparameter(self.label_smoothing, predictions),
-            self.class_dim,
-            per_sample,
+            predictions, targets, weights, float_hyperparameter(self.gamma, predictions), optional_vector(self.alpha),
+            int_hyperparameter(self.balance_index, predictions), optional_vector(self.class_weight),
+            int_hyperparameter(self.ignore_index, predictions), float_hyperparameter(self.label_smoothing, predictions),
+            self.class_dim, per_sample,
         )
 
 
@@ -506,80 +243,49 @@ def _binary_inputs(batch, num_classes, spatial, generator, dtype, params):
     return logits.to(dtype), targets
 
 
-register(
-    LossSpec(
-        name="binary_focal",
-        family="focal",
-        summary="sigmoid focal loss from logits (per element, torchvision's convention)",
-        module=BinaryFocalLoss,
-        function=binary_focal_loss,
-        predictions="logits",
-        targets="probabilities",
-        prediction_shape="(N, *)",
-        target_shape="same as predictions",
-        params=(
-            ParamSpec("alpha", "float", 0.25, "weight α of positives (1-α of negatives); negative disables", high=1.0),
-            GAMMA_PARAM,
-            CLASS_WEIGHT_PARAM,
-            REDUCTION_PARAM,
-            CLASS_DIM_PARAM,
-        ),
-        make_inputs=_binary_inputs,
-        statistics_kernel=binary_focal_statistics,
-        reductions_kernel=elementwise_reductions,
-        reference="torchvision.ops.sigmoid_focal_loss (its documented formula; mean = plain element mean)",
-        test_params=(
-            {},
-            {"alpha": -1.0, "gamma": 0.0},
-            {"alpha": 0.75, "gamma": 0.5},
-            {"alpha": 0.25, "gamma": 1.5, "class_weight": torch.tensor([0.5, 2.0, 1.0])},
-        ),
-        paper="Lin et al., Focal Loss for Dense Object Detection, ICCV 2017 (arXiv:1708.02002)",
-    )
-)
+register(LossSpec(
+    name="binary_focal", family="focal",
+    summary="sigmoid focal loss from logits (per element, torchvision's convention)", module=BinaryFocalLoss,
+    function=binary_focal_loss, predictions="logits", targets="probabilities", prediction_shape="(N, *)",
+    target_shape="same as predictions",
+    params=(
+        ParamSpec("alpha", "float", 0.25, "weight α of positives (1-α of negatives); negative disables", high=1.0),
+        GAMMA_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
+    ),
+    make_inputs=_binary_inputs, statistics_kernel=binary_focal_statistics,
+    reference="torchvision.ops.sigmoid_focal_loss (its documented formula; mean = plain element mean)",
+    test_params=(
+        {}, {"alpha": -1.0, "gamma": 0.0}, {"alpha": 0.75, "gamma": 0.5},
+        {"alpha": 0.25, "gamma": 1.5, "class_weight": torch.tensor([0.5, 2.0, 1.0])},
+    ),
+    paper="Lin et al., Focal Loss for Dense Object Detection, ICCV 2017 (arXiv:1708.02002)",
+))
 
-register(
-    LossSpec(
-        name="focal",
-        family="focal",
-        summary="softmax (multi-class) focal loss from logits; gamma=0 is cross_entropy",
-        module=FocalLoss,
-        function=focal_loss,
-        predictions="logits",
-        targets="class_indices_or_probabilities",
-        prediction_shape="(N, C, *)",
-        target_shape="(N, *) class indices, or (N, C, *) probabilities",
-        params=(
-            GAMMA_PARAM,
-            ParamSpec(
-                "alpha", "float_or_vector", None,
-                "per-class α_c (length C, multiplies class_weight), or a scalar α in [0, 1]: α for class "
-                "balance_index and 1-α for the others; unset means 1",
-                low=0.0,
-            ),
-            ParamSpec("balance_index", "int", 0, "the class a scalar alpha applies to", low=0),
-            CLASS_WEIGHT_PARAM,
-            IGNORE_INDEX_PARAM,
-            LABEL_SMOOTHING_PARAM,
-            REDUCTION_PARAM,
-            CLASS_DIM_PARAM,
+register(LossSpec(
+    name="focal", family="focal", summary="softmax (multi-class) focal loss from logits; gamma=0 is cross_entropy",
+    module=FocalLoss, function=focal_loss, **SOFTMAX_CONTRACT, statistics_kernel=focal_statistics,
+    params=(
+        GAMMA_PARAM,
+        ParamSpec(
+            "alpha", "float_or_vector", None,
+            "per-class α_c (length C, multiplies class_weight), or a scalar α in [0, 1]: α for class "
+            "balance_index and 1-α for the others; unset means 1",
+            low=0.0,
         ),
-        make_inputs=class_index_inputs,
-        statistics_kernel=focal_statistics,
-        reductions_kernel=elementwise_reductions,
-        reference="explicit formula of Lin et al. 2017 with torch.nn.functional.cross_entropy's class weights, "
-        "ignore_index, label smoothing and mean denominator",
-        test_params=(
-            {},
-            {"gamma": 0.5, "class_weight": torch.tensor([0.5, 2.0, 1.0]), "ignore_index": 1},
-            {"gamma": 1.5, "alpha": torch.tensor([0.2, 0.3, 0.5]), "label_smoothing": 0.1},
-            {"gamma": 2.0, "alpha": 0.25, "balance_index": 2, "class_weight": torch.tensor([1.0, 3.0, 0.5]),
-             "label_smoothing": 0.05},
-            {"gamma": 0.0, "class_weight": torch.tensor([1.5, 0.0, 3.0])},
-        ),
-        paper="Lin et al., Focal Loss for Dense Object Detection, ICCV 2017 (arXiv:1708.02002)",
-        notes="Targets with the predictions' rank are class probabilities (their own exported graph).",
-    )
-)
+        ParamSpec("balance_index", "int", 0, "the class a scalar alpha applies to", low=0), CLASS_WEIGHT_PARAM,
+        IGNORE_INDEX_PARAM, LABEL_SMOOTHING_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
+    ),
+    reference="explicit formula of Lin et al. 2017 with torch.nn.functional.cross_entropy's class weights, "
+    "ignore_index, label smoothing and mean denominator",
+    test_params=(
+        {}, {"gamma": 0.5, "class_weight": torch.tensor([0.5, 2.0, 1.0]), "ignore_index": 1},
+        {"gamma": 1.5, "alpha": torch.tensor([0.2, 0.3, 0.5]), "label_smoothing": 0.1},
+        {"gamma": 2.0, "alpha": 0.25, "balance_index": 2, "class_weight": torch.tensor([1.0, 3.0, 0.5]),
+         "label_smoothing": 0.05},
+        {"gamma": 0.0, "class_weight": torch.tensor([1.5, 0.0, 3.0])},
+    ),
+    paper="Lin et al., Focal Loss for Dense Object Detection, ICCV 2017 (arXiv:1708.02002)",
+    notes="Targets with the predictions' rank are class probabilities (their own exported graph).",
+))
 
 __all__ = ["BinaryFocalLoss", "FocalLoss", "binary_focal_loss", "focal_loss"]

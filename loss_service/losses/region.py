@@ -41,23 +41,9 @@ from ._params import CLASS_WEIGHT_PARAM as SHARED_CLASS_WEIGHT_PARAM
 from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
-    accumulate,
-    as_float,
-    broadcastable,
-    check_reduction,
-    check_same_shape,
-    compute_dtype,
-    elementwise_reductions,
-    elementwise_statistics,
-    int_hyperparameter,
-    is_exporting,
-    multiclass_mode_hint,
-    optional_vector,
-    safe_divide,
-    sample_or_element_weights,
-    select_reduction,
-    vector_argument,
-    vector_buffer,
+    accumulate, as_float, broadcastable, check_reduction, check_same_shape, compute_dtype, elementwise_reductions,
+    elementwise_statistics, int_hyperparameter, is_exporting, multiclass_mode_hint, optional_vector, safe_divide,
+    sample_or_element_weights, select_reduction, vector_argument, vector_buffer,
 )
 
 MODES = ("binary", "multilabel", "multiclass")
@@ -114,12 +100,7 @@ def _flatten_spatial(x: Tensor, class_channel: bool) -> Tensor:
     return x.flatten(2)
 
 
-def prepare(
-    predictions: Tensor,
-    targets: Tensor,
-    ignore_index: Tensor,
-    mode: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def prepare(predictions: Tensor, targets: Tensor, ignore_index: Tensor, mode: str) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Probabilities, dense targets and the not-ignored mask, each ``(N, C, S)`` (mask may be ``(N, 1, S)``).
 
     binary: every non-batch dimension is spatial and there is one channel (``C = 1``).
@@ -214,10 +195,7 @@ def prepare_class_indices(
 
 
 def _class_vectors(
-    num_classes: int,
-    include_background: Tensor,
-    class_weight: Optional[Tensor],
-    device: torch.device,
+    num_classes: int, include_background: Tensor, class_weight: Optional[Tensor], device: torch.device,
 ) -> Tuple[Tensor, Tensor]:
     r"""``(kept, loss_weight)``, float64 ``(C,)``: 1/0 per kept/dropped class, and ``class_weight · kept``.
 
@@ -351,7 +329,9 @@ def region_statistics(
             true_positive, predicted, target = true_positive * scale, predicted * scale, target * scale
         sample_totals = torch.cat([true_positive, predicted, target], dim=1)
         totals = sample_totals.sum(0)
-        values = _overlap_losses(totals[:num_classes], totals[num_classes:2 * num_classes], totals[2 * num_classes:], index)
+        values = _overlap_losses(
+            totals[:num_classes], totals[num_classes:2 * num_classes], totals[2 * num_classes:], index
+        )
         if not per_sample:
             sample_totals = sample_totals[:0]
         return values * loss_weight, totals, sample_totals
@@ -367,7 +347,7 @@ def region_reductions(
     totals: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor,
     smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
-    r"""The reductions kernel of every region loss: ``(..., K)`` totals to ``(..., 3)`` = ``[sum, mean, weighted_mean]``.
+    r"""The reductions kernel of every region loss: ``(..., K)`` totals to ``[sum, mean, weighted_mean]``.
 
     ``batch=False``: the elementwise rule over the ``(n, c)`` losses (``mean`` divides by ``N·C'``,
     ``C'`` the kept classes, as MONAI's mean). ``batch=True``: per-class losses ``ℓ_c`` from
@@ -466,16 +446,10 @@ class RegionLoss(Loss):
         cls.__constants__ = list(cls.constants)
 
     def __init__(
-        self,
-        smooth_nr: float = SMOOTH_NR_PARAM.default,
-        smooth_dr: float = SMOOTH_DR_PARAM.default,
-        include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
-        squared_pred: bool = SQUARED_PRED_PARAM.default,
-        log_loss: bool = LOG_LOSS_PARAM.default,
-        ignore_index: int = IGNORE_INDEX_PARAM.default,
-        class_weight: Optional[Tensor] = None,
-        mode: str = MODE_PARAM.default,
-        batch: bool = BATCH_PARAM.default,
+        self, smooth_nr: float = SMOOTH_NR_PARAM.default, smooth_dr: float = SMOOTH_DR_PARAM.default,
+        include_background: bool = INCLUDE_BACKGROUND_PARAM.default, squared_pred: bool = SQUARED_PRED_PARAM.default,
+        log_loss: bool = LOG_LOSS_PARAM.default, ignore_index: int = IGNORE_INDEX_PARAM.default,
+        class_weight: Optional[Tensor] = None, mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default,
         reduction: str = REDUCTION_PARAM.default,
     ) -> None:
         super().__init__()
@@ -561,19 +535,11 @@ class FocalTverskyLoss(RegionLoss):
 
 
 def dice_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    smooth_nr: float = SMOOTH_NR_PARAM.default,
-    smooth_dr: float = SMOOTH_DR_PARAM.default,
-    include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
-    squared_pred: bool = SQUARED_PRED_PARAM.default,
-    log_loss: bool = LOG_LOSS_PARAM.default,
-    ignore_index: int = IGNORE_INDEX_PARAM.default,
-    class_weight: Optional[Tensor] = None,
-    mode: str = MODE_PARAM.default,
-    batch: bool = BATCH_PARAM.default,
-    reduction: str = REDUCTION_PARAM.default,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, smooth_nr: float = SMOOTH_NR_PARAM.default,
+    smooth_dr: float = SMOOTH_DR_PARAM.default, include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+    squared_pred: bool = SQUARED_PRED_PARAM.default, log_loss: bool = LOG_LOSS_PARAM.default,
+    ignore_index: int = IGNORE_INDEX_PARAM.default, class_weight: Optional[Tensor] = None,
+    mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default, reduction: str = REDUCTION_PARAM.default,
 ) -> Tensor:
     r"""Soft Dice loss on logits (Milletari et al. 2016, V-Net), with MONAI's conventions.
 
@@ -608,19 +574,11 @@ def dice_loss(
 
 
 def iou_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    smooth_nr: float = SMOOTH_NR_PARAM.default,
-    smooth_dr: float = SMOOTH_DR_PARAM.default,
-    include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
-    squared_pred: bool = SQUARED_PRED_PARAM.default,
-    log_loss: bool = LOG_LOSS_PARAM.default,
-    ignore_index: int = IGNORE_INDEX_PARAM.default,
-    class_weight: Optional[Tensor] = None,
-    mode: str = MODE_PARAM.default,
-    batch: bool = BATCH_PARAM.default,
-    reduction: str = REDUCTION_PARAM.default,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, smooth_nr: float = SMOOTH_NR_PARAM.default,
+    smooth_dr: float = SMOOTH_DR_PARAM.default, include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+    squared_pred: bool = SQUARED_PRED_PARAM.default, log_loss: bool = LOG_LOSS_PARAM.default,
+    ignore_index: int = IGNORE_INDEX_PARAM.default, class_weight: Optional[Tensor] = None,
+    mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default, reduction: str = REDUCTION_PARAM.default,
 ) -> Tensor:
     r"""Soft IoU (Jaccard) loss on logits (Rahman & Wang 2016; Berman et al. 2018).
 
@@ -638,21 +596,12 @@ def iou_loss(
 
 
 def tversky_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    alpha: float = ALPHA_PARAM.default,
-    beta: float = BETA_PARAM.default,
-    smooth_nr: float = SMOOTH_NR_PARAM.default,
-    smooth_dr: float = SMOOTH_DR_PARAM.default,
-    include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
-    squared_pred: bool = SQUARED_PRED_PARAM.default,
-    log_loss: bool = LOG_LOSS_PARAM.default,
-    ignore_index: int = IGNORE_INDEX_PARAM.default,
-    class_weight: Optional[Tensor] = None,
-    mode: str = MODE_PARAM.default,
-    batch: bool = BATCH_PARAM.default,
-    reduction: str = REDUCTION_PARAM.default,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, alpha: float = ALPHA_PARAM.default,
+    beta: float = BETA_PARAM.default, smooth_nr: float = SMOOTH_NR_PARAM.default,
+    smooth_dr: float = SMOOTH_DR_PARAM.default, include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
+    squared_pred: bool = SQUARED_PRED_PARAM.default, log_loss: bool = LOG_LOSS_PARAM.default,
+    ignore_index: int = IGNORE_INDEX_PARAM.default, class_weight: Optional[Tensor] = None,
+    mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default, reduction: str = REDUCTION_PARAM.default,
 ) -> Tensor:
     r"""Tversky loss on logits (Salehi et al. 2017), ``alpha`` on false positives, ``beta`` on false negatives.
 
@@ -672,21 +621,12 @@ def tversky_loss(
 
 
 def focal_tversky_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    alpha: float = FOCAL_ALPHA_PARAM.default,
-    beta: float = FOCAL_BETA_PARAM.default,
-    gamma: float = GAMMA_PARAM.default,
-    smooth_nr: float = SMOOTH_NR_PARAM.default,
-    smooth_dr: float = SMOOTH_DR_PARAM.default,
-    include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
-    squared_pred: bool = SQUARED_PRED_PARAM.default,
-    log_loss: bool = LOG_LOSS_PARAM.default,
-    ignore_index: int = IGNORE_INDEX_PARAM.default,
-    class_weight: Optional[Tensor] = None,
-    mode: str = MODE_PARAM.default,
-    batch: bool = BATCH_PARAM.default,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, alpha: float = FOCAL_ALPHA_PARAM.default,
+    beta: float = FOCAL_BETA_PARAM.default, gamma: float = GAMMA_PARAM.default,
+    smooth_nr: float = SMOOTH_NR_PARAM.default, smooth_dr: float = SMOOTH_DR_PARAM.default,
+    include_background: bool = INCLUDE_BACKGROUND_PARAM.default, squared_pred: bool = SQUARED_PRED_PARAM.default,
+    log_loss: bool = LOG_LOSS_PARAM.default, ignore_index: int = IGNORE_INDEX_PARAM.default,
+    class_weight: Optional[Tensor] = None, mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default,
     reduction: str = REDUCTION_PARAM.default,
 ) -> Tensor:
     r"""Focal Tversky loss on logits (Abraham & Khan 2019), per class before any reduction.
@@ -712,11 +652,7 @@ def focal_tversky_loss(
 
 
 def region_inputs(
-    batch: int,
-    num_classes: int,
-    spatial: Tuple[int, ...],
-    generator: torch.Generator,
-    dtype: torch.dtype,
+    batch: int, num_classes: int, spatial: Tuple[int, ...], generator: torch.Generator, dtype: torch.dtype,
     params: Dict[str, Any],
 ) -> Tuple[Tensor, Tensor]:
     r"""Random logits and targets for ``params["mode"]``; about 15% of targets are ``ignore_index``
@@ -736,24 +672,12 @@ def region_inputs(
 
 
 COMMON_PARAMS: Tuple[ParamSpec, ...] = (
-    SMOOTH_NR_PARAM,
-    SMOOTH_DR_PARAM,
-    INCLUDE_BACKGROUND_PARAM,
-    SQUARED_PRED_PARAM,
-    LOG_LOSS_PARAM,
-    IGNORE_INDEX_PARAM,
-    CLASS_WEIGHT_PARAM,
-    MODE_PARAM,
-    BATCH_PARAM,
-    REDUCTION_PARAM,
+    SMOOTH_NR_PARAM, SMOOTH_DR_PARAM, INCLUDE_BACKGROUND_PARAM, SQUARED_PRED_PARAM, LOG_LOSS_PARAM, IGNORE_INDEX_PARAM,
+    CLASS_WEIGHT_PARAM, MODE_PARAM, BATCH_PARAM, REDUCTION_PARAM,
 )
 # One ONNX graph per mode and batch setting: together they cover every structural choice.
 VARIANTS: Tuple[Dict[str, Any], ...] = (
-    {},
-    {"mode": "multilabel"},
-    {"mode": "multiclass"},
-    {"batch": True},
-    {"mode": "multilabel", "batch": True},
+    {}, {"mode": "multilabel"}, {"mode": "multiclass"}, {"batch": True}, {"mode": "multilabel", "batch": True},
     {"mode": "multiclass", "batch": True},
 )
 _SHAPES = dict(
@@ -780,8 +704,11 @@ def region_forms(settings: Dict[str, Any]) -> Forms:
     )
 
 
-_KERNELS = dict(
-    statistics_kernel=region_statistics, reductions_kernel=region_reductions, pixel_weights=True, forms=region_forms
+# What the four region losses declare alike.
+_REGION = dict(
+    family="region", kind="region", target_range=DENSE_TARGET_RANGE, make_inputs=region_inputs,
+    statistics_kernel=region_statistics, reductions_kernel=region_reductions, pixel_weights=True, forms=region_forms,
+    variants=VARIANTS, notes=_NOTES, **_SHAPES,
 )
 
 
@@ -789,131 +716,64 @@ def _weights3(*values: float) -> Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-register(
-    LossSpec(
-        name="dice",
-        family="region",
-        target_range=DENSE_TARGET_RANGE,
-        summary="soft Dice loss on logits (binary, multilabel, multiclass)",
-        module=DiceLoss,
-        constants=DiceLoss.constants,
-        function=dice_loss,
-        params=COMMON_PARAMS,
-        make_inputs=region_inputs,
-        **_KERNELS,
-        reference="1 - (2·TP + smooth_nr) / (P + T + smooth_dr) per (sample, class) or per class; "
-        "monai.losses.DiceLoss with sigmoid/softmax",
-        test_params=(
-            {},
-            {"mode": "multilabel", "class_weight": _weights3(0.5, 2.0, 1.0), "squared_pred": True},
-            {"mode": "multiclass", "include_background": False, "ignore_index": 255},
-            {"mode": "multiclass", "batch": True, "class_weight": _weights3(1.0, 0.0, 3.0), "log_loss": True},
-            {"batch": True, "ignore_index": 255, "smooth_nr": 0.0, "smooth_dr": 0.0},
-            {"mode": "multilabel", "batch": True, "include_background": False, "smooth_nr": 1.0, "smooth_dr": 1.0},
-        ),
-        variants=VARIANTS,
-        kind="region",
-        paper="Milletari, Navab & Ahmadi 2016, V-Net (3DV); MONAI DiceLoss conventions",
-        notes=_NOTES,
-        **_SHAPES,
-    )
-)
+register(LossSpec(
+    name="dice", summary="soft Dice loss on logits (binary, multilabel, multiclass)", module=DiceLoss,
+    constants=DiceLoss.constants, function=dice_loss, params=COMMON_PARAMS,
+    reference="1 - (2·TP + smooth_nr) / (P + T + smooth_dr) per (sample, class) or per class; "
+    "monai.losses.DiceLoss with sigmoid/softmax",
+    test_params=(
+        {}, {"mode": "multilabel", "class_weight": _weights3(0.5, 2.0, 1.0), "squared_pred": True},
+        {"mode": "multiclass", "include_background": False, "ignore_index": 255},
+        {"mode": "multiclass", "batch": True, "class_weight": _weights3(1.0, 0.0, 3.0), "log_loss": True},
+        {"batch": True, "ignore_index": 255, "smooth_nr": 0.0, "smooth_dr": 0.0},
+        {"mode": "multilabel", "batch": True, "include_background": False, "smooth_nr": 1.0, "smooth_dr": 1.0},
+    ),
+    paper="Milletari, Navab & Ahmadi 2016, V-Net (3DV); MONAI DiceLoss conventions", **_REGION,
+))
 
-register(
-    LossSpec(
-        name="iou",
-        family="region",
-        target_range=DENSE_TARGET_RANGE,
-        summary="soft IoU (Jaccard) loss on logits",
-        module=IoULoss,
-        constants=IoULoss.constants,
-        function=iou_loss,
-        params=COMMON_PARAMS,
-        make_inputs=region_inputs,
-        **_KERNELS,
-        reference="1 - (TP + smooth_nr) / (P + T - TP + smooth_dr) per (sample, class) or per class",
-        test_params=(
-            {},
-            {"mode": "multiclass", "batch": True, "include_background": False, "ignore_index": 255},
-            {"mode": "multilabel", "log_loss": True, "class_weight": _weights3(2.0, 1.0, 0.5), "smooth_nr": 0.0,
-             "smooth_dr": 0.0},
-        ),
-        variants=VARIANTS,
-        kind="region",
-        paper="Rahman & Wang 2016, Optimizing IoU in deep neural networks (ISVC); Berman et al. 2018, Lovász-softmax (CVPR)",
-        notes=_NOTES,
-        **_SHAPES,
-    )
-)
+register(LossSpec(
+    name="iou", summary="soft IoU (Jaccard) loss on logits", module=IoULoss, constants=IoULoss.constants,
+    function=iou_loss, params=COMMON_PARAMS,
+    reference="1 - (TP + smooth_nr) / (P + T - TP + smooth_dr) per (sample, class) or per class",
+    test_params=(
+        {}, {"mode": "multiclass", "batch": True, "include_background": False, "ignore_index": 255},
+        {"mode": "multilabel", "log_loss": True, "class_weight": _weights3(2.0, 1.0, 0.5), "smooth_nr": 0.0,
+         "smooth_dr": 0.0},
+    ),
+    paper="Rahman & Wang 2016, Optimizing IoU in deep neural networks (ISVC); Berman et al. 2018, Lovász-softmax (CVPR)",
+    **_REGION,
+))
 
-register(
-    LossSpec(
-        name="tversky",
-        family="region",
-        target_range=DENSE_TARGET_RANGE,
-        summary="Tversky loss on logits (alpha on false positives, beta on false negatives)",
-        module=TverskyLoss,
-        constants=TverskyLoss.constants,
-        function=tversky_loss,
-        params=(ALPHA_PARAM, BETA_PARAM) + COMMON_PARAMS,
-        make_inputs=region_inputs,
-        **_KERNELS,
-        reference="1 - (TP + smooth_nr) / (TP + alpha·FP + beta·FN + smooth_dr); monai.losses.TverskyLoss",
-        test_params=(
-            {},
-            {"alpha": 0.3, "beta": 0.7, "mode": "multiclass", "ignore_index": 255},
-            {"alpha": 0.7, "beta": 0.3, "mode": "multilabel", "batch": True, "squared_pred": True,
-             "class_weight": _weights3(1.0, 2.0, 0.5)},
-            {"alpha": 1.0, "beta": 0.2, "batch": True, "log_loss": True, "include_background": False},
-        ),
-        variants=VARIANTS,
-        kind="region",
-        paper="Salehi, Erdogmus & Gholipour 2017, Tversky loss function for image segmentation (MLMI)",
-        notes=_NOTES,
-        **_SHAPES,
-    )
-)
+register(LossSpec(
+    name="tversky", summary="Tversky loss on logits (alpha on false positives, beta on false negatives)",
+    module=TverskyLoss, constants=TverskyLoss.constants, function=tversky_loss,
+    params=(ALPHA_PARAM, BETA_PARAM) + COMMON_PARAMS,
+    reference="1 - (TP + smooth_nr) / (TP + alpha·FP + beta·FN + smooth_dr); monai.losses.TverskyLoss",
+    test_params=(
+        {}, {"alpha": 0.3, "beta": 0.7, "mode": "multiclass", "ignore_index": 255},
+        {"alpha": 0.7, "beta": 0.3, "mode": "multilabel", "batch": True, "squared_pred": True,
+         "class_weight": _weights3(1.0, 2.0, 0.5)},
+        {"alpha": 1.0, "beta": 0.2, "batch": True, "log_loss": True, "include_background": False},
+    ),
+    paper="Salehi, Erdogmus & Gholipour 2017, Tversky loss function for image segmentation (MLMI)", **_REGION,
+))
 
-register(
-    LossSpec(
-        name="focal_tversky",
-        family="region",
-        target_range=DENSE_TARGET_RANGE,
-        summary="focal Tversky loss on logits: (1 - TI)^gamma per class",
-        module=FocalTverskyLoss,
-        constants=FocalTverskyLoss.constants,
-        function=focal_tversky_loss,
-        params=(FOCAL_ALPHA_PARAM, FOCAL_BETA_PARAM, GAMMA_PARAM) + COMMON_PARAMS,
-        make_inputs=region_inputs,
-        **_KERNELS,
-        reference="max(1 - TI, 0) ** gamma per (sample, class) or per class, TI the Tversky index",
-        test_params=(
-            {},
-            {"gamma": 2.0, "mode": "multiclass", "batch": True, "include_background": False,
+register(LossSpec(
+    name="focal_tversky", summary="focal Tversky loss on logits: (1 - TI)^gamma per class", module=FocalTverskyLoss,
+    constants=FocalTverskyLoss.constants, function=focal_tversky_loss,
+    params=(FOCAL_ALPHA_PARAM, FOCAL_BETA_PARAM, GAMMA_PARAM) + COMMON_PARAMS,
+    reference="max(1 - TI, 0) ** gamma per (sample, class) or per class, TI the Tversky index",
+    test_params=(
+        {}, {"gamma": 2.0, "mode": "multiclass", "batch": True, "include_background": False,
              "class_weight": _weights3(0.0, 1.0, 2.0)},
-            {"gamma": 1.5, "log_loss": True, "mode": "multilabel", "ignore_index": 255, "squared_pred": True},
-        ),
-        variants=VARIANTS,
-        kind="region",
-        paper="Abraham & Khan 2019, A novel focal Tversky loss function with improved attention U-Net (ISBI); "
-        "gamma here is their 1/γ",
-        notes=_NOTES,
-        **_SHAPES,
-    )
-)
+        {"gamma": 1.5, "log_loss": True, "mode": "multilabel", "ignore_index": 255, "squared_pred": True},
+    ),
+    paper="Abraham & Khan 2019, A novel focal Tversky loss function with improved attention U-Net (ISBI); "
+    "gamma here is their 1/γ",
+    **_REGION,
+))
 
 __all__ = [
-    "MODES",
-    "RegionLoss",
-    "DiceLoss",
-    "IoULoss",
-    "TverskyLoss",
-    "FocalTverskyLoss",
-    "dice_loss",
-    "iou_loss",
-    "tversky_loss",
-    "focal_tversky_loss",
-    "region_statistics",
-    "region_reductions",
-    "split_weights",
+    "MODES", "RegionLoss", "DiceLoss", "IoULoss", "TverskyLoss", "FocalTverskyLoss", "dice_loss", "iou_loss",
+    "tversky_loss", "focal_tversky_loss", "region_statistics", "region_reductions", "split_weights",
 ]

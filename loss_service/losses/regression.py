@@ -14,19 +14,8 @@ from ._base import ElementwiseLoss
 from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
-    as_float,
-    check_reduction,
-    check_same_shape,
-    compute_dtype,
-    effective_weight,
-    elementwise_reductions,
-    elementwise_statistics,
-    float_hyperparameter,
-    is_exporting,
-    one_target_per_prediction_hint,
-    optional_vector,
-    select_reduction,
-    vector_argument,
+    as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, float_hyperparameter,
+    is_exporting, one_target_per_prediction_hint, optional_vector, select_reduction, vector_argument, weighted_statistics,
 )
 
 DELTA_PARAM = ParamSpec(
@@ -43,20 +32,6 @@ def _residual(predictions: Tensor, targets: Tensor) -> Tuple[Tensor, torch.dtype
     check_same_shape(predictions, targets, 1, one_target_per_prediction_hint())
     dtype = compute_dtype(predictions.dtype)
     return predictions.to(dtype) - as_float(targets, dtype, "targets"), dtype
-
-
-def _statistics(
-    loss: Tensor,
-    weights: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    class_dim: int,
-    dtype: torch.dtype,
-    per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Weight the unreduced ``loss`` and collect its statistics; ``mean`` counts elements, as torch."""
-    weight = effective_weight(list(loss.shape), weights, class_weight, class_dim, dtype)
-    weighted = loss if weight is None else loss * weight
-    return elementwise_statistics(weighted, weight, None, per_sample)
 
 
 def _check_threshold(value: Tensor, loss: str, name: str, allow_zero: bool) -> Tensor:
@@ -78,39 +53,26 @@ def _check_threshold(value: Tensor, loss: str, name: str, allow_zero: bool) -> T
 
 
 def mse_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    class_dim: int,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`mse_loss` (see :mod:`._reduction`)."""
     residual, dtype = _residual(predictions, targets)
-    return _statistics(residual * residual, weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(residual * residual, weights, class_weight, class_dim, dtype, per_sample)
 
 
 def l1_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    class_dim: int,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`l1_loss`."""
     residual, dtype = _residual(predictions, targets)
-    return _statistics(residual.abs(), weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(residual.abs(), weights, class_weight, class_dim, dtype, per_sample)
 
 
 def huber_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    delta: Tensor,
-    class_weight: Optional[Tensor],
-    class_dim: int,
-    per_sample: bool,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], delta: Tensor, class_weight: Optional[Tensor],
+    class_dim: int, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`huber_loss`; ``delta`` is a 0-d tensor."""
     residual, dtype = _residual(predictions, targets)
@@ -121,17 +83,12 @@ def huber_statistics(
     # squared large residual (which would overflow float32 in the branch torch.where discards).
     quadratic_part = torch.minimum(absolute, delta)
     loss = 0.5 * quadratic_part * quadratic_part + delta * (absolute - quadratic_part)
-    return _statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
 
 
 def smooth_l1_statistics(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor],
-    beta: Tensor,
-    class_weight: Optional[Tensor],
-    class_dim: int,
-    per_sample: bool,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], beta: Tensor, class_weight: Optional[Tensor],
+    class_dim: int, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`smooth_l1_loss`; ``beta`` is a 0-d tensor, 0 allowed."""
     residual, dtype = _residual(predictions, targets)
@@ -142,16 +99,12 @@ def smooth_l1_statistics(
     # instead of by β keeps the value and the gradient finite.
     safe_beta = torch.where(beta > 0, beta, torch.ones_like(beta))
     loss = 0.5 * quadratic_part * quadratic_part / safe_beta + (absolute - quadratic_part)
-    return _statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
 
 
 def mse_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    class_weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    class_dim: int = 1,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
+    reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Weighted squared error.
 
@@ -167,19 +120,14 @@ def mse_loss(
 
     Without weights it equals :func:`torch.nn.functional.mse_loss` for every torch reduction.
     """
-    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
-    values, totals, _ = mse_statistics(predictions, targets, weights, class_weight, class_dim, False)
+    values, totals, _ = mse_statistics(predictions, targets, weights, vector_argument(class_weight), class_dim, False)
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
 def l1_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    class_weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    class_dim: int = 1,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
+    reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Weighted absolute error.
 
@@ -189,20 +137,14 @@ def l1_loss(
     Arguments and reductions as :func:`mse_loss`. Without weights it equals
     :func:`torch.nn.functional.l1_loss`.
     """
-    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
-    values, totals, _ = l1_statistics(predictions, targets, weights, class_weight, class_dim, False)
+    values, totals, _ = l1_statistics(predictions, targets, weights, vector_argument(class_weight), class_dim, False)
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
 def huber_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    delta: float = 1.0,
-    class_weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    class_dim: int = 1,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, delta: float = 1.0,
+    class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Weighted Huber loss (Huber, "Robust Estimation of a Location Parameter", 1964).
 
@@ -214,22 +156,17 @@ def huber_loss(
     Arguments and reductions as :func:`mse_loss`. Without weights it equals
     :func:`torch.nn.functional.huber_loss` with the same ``delta``.
     """
-    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = huber_statistics(
-        predictions, targets, weights, float_hyperparameter(delta, predictions), class_weight, class_dim, False
+        predictions, targets, weights, float_hyperparameter(delta, predictions), vector_argument(class_weight),
+        class_dim, False,
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
 def smooth_l1_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    weights: Optional[Tensor] = None,
-    beta: float = 1.0,
-    class_weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    class_dim: int = 1,
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, beta: float = 1.0,
+    class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Weighted smooth L1 loss (Girshick, "Fast R-CNN", ICCV 2015).
 
@@ -242,10 +179,10 @@ def smooth_l1_loss(
     (value and gradient finite). Arguments and reductions as :func:`mse_loss`. Without weights it
     equals :func:`torch.nn.functional.smooth_l1_loss` with the same ``beta``.
     """
-    class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = smooth_l1_statistics(
-        predictions, targets, weights, float_hyperparameter(beta, predictions), class_weight, class_dim, False
+        predictions, targets, weights, float_hyperparameter(beta, predictions), vector_argument(class_weight),
+        class_dim, False,
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -284,11 +221,7 @@ class HuberLoss(ElementwiseLoss):
     delta: float
 
     def __init__(
-        self,
-        delta: float = 1.0,
-        class_weight: Optional[Tensor] = None,
-        reduction: str = "mean",
-        class_dim: int = 1,
+        self, delta: float = 1.0, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
         self.delta = DELTA_PARAM.validate(delta, "huber")
@@ -298,13 +231,8 @@ class HuberLoss(ElementwiseLoss):
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return huber_statistics(
-            predictions,
-            targets,
-            weights,
-            float_hyperparameter(self.delta, predictions),
-            optional_vector(self.class_weight),
-            self.class_dim,
-            per_sample,
+            predictions, targets, weights, float_hyperparameter(self.delta, predictions),
+            optional_vector(self.class_weight), self.class_dim, per_sample,
         )
 
 
@@ -314,11 +242,7 @@ class SmoothL1Loss(ElementwiseLoss):
     beta: float
 
     def __init__(
-        self,
-        beta: float = 1.0,
-        class_weight: Optional[Tensor] = None,
-        reduction: str = "mean",
-        class_dim: int = 1,
+        self, beta: float = 1.0, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
         self.beta = BETA_PARAM.validate(beta, "smooth_l1")
@@ -328,13 +252,8 @@ class SmoothL1Loss(ElementwiseLoss):
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return smooth_l1_statistics(
-            predictions,
-            targets,
-            weights,
-            float_hyperparameter(self.beta, predictions),
-            optional_vector(self.class_weight),
-            self.class_dim,
-            per_sample,
+            predictions, targets, weights, float_hyperparameter(self.beta, predictions),
+            optional_vector(self.class_weight), self.class_dim, per_sample,
         )
 
 
@@ -352,87 +271,41 @@ def _real_inputs(
 
 _SHAPES = dict(predictions="real", targets="real", prediction_shape="(N, *)", target_shape="same as predictions")
 
-register(
-    LossSpec(
-        name="mse",
-        family="regression",
-        summary="weighted mean squared error",
-        module=MSELoss,
-        function=mse_loss,
-        params=(CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
-        make_inputs=_real_inputs,
-        statistics_kernel=mse_statistics,
-        reductions_kernel=elementwise_reductions,
-        reference="torch.nn.functional.mse_loss",
-        test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0])}),
-        **_SHAPES,
-    )
-)
+register(LossSpec(
+    name="mse", family="regression", summary="weighted mean squared error", module=MSELoss, function=mse_loss,
+    params=(CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM), make_inputs=_real_inputs,
+    statistics_kernel=mse_statistics,
+    reference="torch.nn.functional.mse_loss", test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0])}),
+    **_SHAPES,
+))
 
-register(
-    LossSpec(
-        name="l1",
-        family="regression",
-        summary="weighted mean absolute error",
-        module=L1Loss,
-        function=l1_loss,
-        params=(CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
-        make_inputs=_real_inputs,
-        statistics_kernel=l1_statistics,
-        reductions_kernel=elementwise_reductions,
-        reference="torch.nn.functional.l1_loss",
-        test_params=({}, {"class_weight": torch.tensor([1.0, 0.0, 3.0])}),
-        **_SHAPES,
-    )
-)
+register(LossSpec(
+    name="l1", family="regression", summary="weighted mean absolute error", module=L1Loss, function=l1_loss,
+    params=(CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM), make_inputs=_real_inputs,
+    statistics_kernel=l1_statistics,
+    reference="torch.nn.functional.l1_loss", test_params=({}, {"class_weight": torch.tensor([1.0, 0.0, 3.0])}),
+    **_SHAPES,
+))
 
-register(
-    LossSpec(
-        name="huber",
-        family="regression",
-        summary="weighted Huber loss, quadratic below delta and linear above",
-        module=HuberLoss,
-        function=huber_loss,
-        params=(DELTA_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
-        make_inputs=_real_inputs,
-        statistics_kernel=huber_statistics,
-        reductions_kernel=elementwise_reductions,
-        reference="torch.nn.functional.huber_loss(delta)",
-        test_params=({}, {"delta": 0.5, "class_weight": torch.tensor([0.5, 2.0, 1.0])}, {"delta": 2.5}),
-        paper="Huber, Robust Estimation of a Location Parameter, Ann. Math. Statist. 1964",
-        **_SHAPES,
-    )
-)
+register(LossSpec(
+    name="huber", family="regression", summary="weighted Huber loss, quadratic below delta and linear above",
+    module=HuberLoss, function=huber_loss,
+    params=(DELTA_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM), make_inputs=_real_inputs,
+    statistics_kernel=huber_statistics, reference="torch.nn.functional.huber_loss(delta)",
+    test_params=({}, {"delta": 0.5, "class_weight": torch.tensor([0.5, 2.0, 1.0])}, {"delta": 2.5}),
+    paper="Huber, Robust Estimation of a Location Parameter, Ann. Math. Statist. 1964", **_SHAPES,
+))
 
-register(
-    LossSpec(
-        name="smooth_l1",
-        family="regression",
-        summary="weighted smooth L1 loss (Huber / beta); beta = 0 is L1",
-        module=SmoothL1Loss,
-        function=smooth_l1_loss,
-        params=(BETA_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
-        make_inputs=_real_inputs,
-        statistics_kernel=smooth_l1_statistics,
-        reductions_kernel=elementwise_reductions,
-        reference="torch.nn.functional.smooth_l1_loss(beta), beta = 0 as l1_loss",
-        test_params=({}, {"beta": 0.0}, {"beta": 0.3, "class_weight": torch.tensor([2.0, 1.0, 0.25])}),
-        paper="Girshick, Fast R-CNN, ICCV 2015",
-        **_SHAPES,
-    )
-)
+register(LossSpec(
+    name="smooth_l1", family="regression", summary="weighted smooth L1 loss (Huber / beta); beta = 0 is L1",
+    module=SmoothL1Loss, function=smooth_l1_loss,
+    params=(BETA_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM), make_inputs=_real_inputs,
+    statistics_kernel=smooth_l1_statistics, reference="torch.nn.functional.smooth_l1_loss(beta), beta = 0 as l1_loss",
+    test_params=({}, {"beta": 0.0}, {"beta": 0.3, "class_weight": torch.tensor([2.0, 1.0, 0.25])}),
+    paper="Girshick, Fast R-CNN, ICCV 2015", **_SHAPES,
+))
 
 __all__ = [
-    "MSELoss",
-    "L1Loss",
-    "HuberLoss",
-    "SmoothL1Loss",
-    "mse_loss",
-    "l1_loss",
-    "huber_loss",
-    "smooth_l1_loss",
-    "mse_statistics",
-    "l1_statistics",
-    "huber_statistics",
-    "smooth_l1_statistics",
+    "MSELoss", "L1Loss", "HuberLoss", "SmoothL1Loss", "mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss",
+    "mse_statistics", "l1_statistics", "huber_statistics", "smooth_l1_statistics",
 ]
