@@ -195,14 +195,18 @@ def broadcastable(shape: List[int], target: List[int]) -> bool:
     return True
 
 
+def check_real(weights: Tensor, name: str) -> None:
+    if weights.is_complex() or weights.dtype == torch.bool:
+        raise ValueError("{} must be a real floating-point or integer tensor, got {}".format(name, weights.dtype))
+
+
 def sample_or_element_weights(weights: Tensor, shape: List[int], name: str = "weights") -> Tensor:
     r"""Interpret call-time ``weights`` against the loss's elementwise ``shape``.
 
     Shape ``(N,)`` means one weight per sample, applied along dim 0 whatever the rank; any other
     shape must broadcast to ``shape``. Returns a tensor that broadcasts to ``shape``.
     """
-    if weights.is_complex() or weights.dtype == torch.bool:
-        raise ValueError("{} must be a real floating-point or integer tensor, got {}".format(name, weights.dtype))
+    check_real(weights, name)
     if len(shape) > 1 and weights.dim() == 1 and weights.shape[0] == shape[0]:
         view = [1] * len(shape)
         view[0] = shape[0]

@@ -1,4 +1,5 @@
 r"""Binary cross-entropy on probabilities (``bce``) and on logits (``bce_with_logits``)."""
+import functools
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -219,10 +220,11 @@ class BCEWithLogitsLoss(ElementwiseLoss):
         )
 
 
-def _binary_inputs(
+def binary_inputs(
     batch: int, num_classes: int, spatial: Tuple[int, ...], generator: torch.Generator, dtype: torch.dtype,
-    params: Dict[str, Any], probabilities: bool,
+    params: Dict[str, Any], probabilities: bool = False,
 ) -> Tuple[Tensor, Tensor]:
+    r"""Random logits (or their sigmoid, ``probabilities``) ``(N, C, *)`` and binary masks, 30% positive."""
     shape = (batch, num_classes) + tuple(spatial)
     logits = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
     targets = (torch.rand(shape, generator=generator, dtype=torch.float64) < 0.3).to(dtype)
@@ -230,19 +232,11 @@ def _binary_inputs(
     return predictions.to(dtype), targets
 
 
-def _logit_inputs(batch, num_classes, spatial, generator, dtype, params):
-    return _binary_inputs(batch, num_classes, spatial, generator, dtype, params, probabilities=False)
-
-
-def _probability_inputs(batch, num_classes, spatial, generator, dtype, params):
-    return _binary_inputs(batch, num_classes, spatial, generator, dtype, params, probabilities=True)
-
-
 register(LossSpec(
     name="bce", family="bce", summary="binary cross-entropy on probabilities", module=BCELoss,
     function=binary_cross_entropy, predictions="probabilities", targets="probabilities", prediction_shape="(N, *)",
     target_shape="same as predictions", params=(CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM),
-    make_inputs=_probability_inputs, statistics_kernel=bce_statistics,
+    make_inputs=functools.partial(binary_inputs, probabilities=True), statistics_kernel=bce_statistics,
     reference="torch.nn.functional.binary_cross_entropy, including its log clamp at -100",
     logits_alternative="bce_with_logits", test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0])}),
 ))
@@ -255,7 +249,7 @@ register(LossSpec(
         ParamSpec("pos_weight", "vector", None, "weight of positive examples per class (length C along class_dim)", low=0.0),
         CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
     ),
-    make_inputs=_logit_inputs, statistics_kernel=bce_with_logits_statistics,
+    make_inputs=binary_inputs, statistics_kernel=bce_with_logits_statistics,
     reference="torch.nn.functional.binary_cross_entropy_with_logits",
     test_params=(
         {}, {"pos_weight": torch.tensor([3.0, 0.5, 1.0])},

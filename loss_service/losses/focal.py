@@ -22,6 +22,7 @@ from ._reduction import (
     vector_argument, vector_buffer, weighted_statistics,
 )
 from ._stable import log_sigmoid
+from .bce import binary_inputs
 from .cross_entropy import SOFTMAX_CONTRACT, check_gamma, modulating_factor, softmax_statistics
 
 
@@ -137,21 +138,13 @@ def focal_loss(
     ``class_weight`` :math:`a`, for every reduction.
 
     Args:
-        predictions: logits ``(N, C, *)`` (classes along ``class_dim``).
-        targets: class indices ``(N, *)`` in ``[0, C)`` or ``ignore_index``, or class
-            probabilities of the predictions' shape.
-        weights: ``(N,)`` per-sample, or broadcastable to ``(N, *)``; not part of :math:`d`.
         gamma: focusing parameter :math:`\gamma \ge 0`.
         alpha: ``None`` (no balancing); a per-class vector :math:`\alpha_c` (length ``C``, used
             as given: a normalisation to sum 1 cancels in ``mean``); or a scalar in ``[0, 1]``
             meaning :math:`\alpha` for class ``balance_index`` and :math:`1 - \alpha` for the others.
         balance_index: the class a scalar ``alpha`` applies to.
         class_weight: per-class weight :math:`w_c` (multiplies ``alpha``).
-        ignore_index: class-index target that contributes nothing.
-        label_smoothing: :math:`\varepsilon \in [0, 1]`, torch's smoothed target distribution.
-        reduction: ``none`` | ``mean`` (:math:`\sum \ell / \sum d`, as cross_entropy) | ``sum`` |
-            ``weighted_mean`` (:math:`\sum \ell / \sum w`, :math:`w` = weights × :math:`d`).
-        class_dim: the class dimension (``-1`` for channels-last ``(N, *, C)``).
+        the others: as :func:`~loss_service.losses.cross_entropy.cross_entropy_loss`, reductions included.
     """
     check_reduction(reduction)
     if not torch.jit.is_scripting():
@@ -236,13 +229,6 @@ class FocalLoss(ElementwiseLoss):
         )
 
 
-def _binary_inputs(batch, num_classes, spatial, generator, dtype, params):
-    shape = (batch, num_classes) + tuple(spatial)
-    logits = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
-    targets = (torch.rand(shape, generator=generator, dtype=torch.float64) < 0.3).to(dtype)
-    return logits.to(dtype), targets
-
-
 register(LossSpec(
     name="binary_focal", family="focal",
     summary="sigmoid focal loss from logits (per element, torchvision's convention)", module=BinaryFocalLoss,
@@ -252,7 +238,7 @@ register(LossSpec(
         ParamSpec("alpha", "float", 0.25, "weight α of positives (1-α of negatives); negative disables", high=1.0),
         GAMMA_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
     ),
-    make_inputs=_binary_inputs, statistics_kernel=binary_focal_statistics,
+    make_inputs=binary_inputs, statistics_kernel=binary_focal_statistics,
     reference="torchvision.ops.sigmoid_focal_loss (its documented formula; mean = plain element mean)",
     test_params=(
         {}, {"alpha": -1.0, "gamma": 0.0}, {"alpha": 0.75, "gamma": 0.5},

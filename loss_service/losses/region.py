@@ -41,9 +41,9 @@ from ._params import CLASS_WEIGHT_PARAM as SHARED_CLASS_WEIGHT_PARAM
 from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
-    accumulate, as_float, broadcastable, check_reduction, check_same_shape, compute_dtype, elementwise_reductions,
-    elementwise_statistics, int_hyperparameter, is_exporting, multiclass_mode_hint, optional_vector, safe_divide,
-    sample_or_element_weights, select_reduction, vector_argument, vector_buffer,
+    accumulate, as_float, broadcastable, check_real, check_reduction, check_same_shape, compute_dtype,
+    elementwise_reductions, elementwise_statistics, int_hyperparameter, is_exporting, multiclass_mode_hint,
+    optional_vector, safe_divide, sample_or_element_weights, select_reduction, vector_argument, vector_buffer,
 )
 
 MODES = ("binary", "multilabel", "multiclass")
@@ -127,10 +127,7 @@ def prepare(predictions: Tensor, targets: Tensor, ignore_index: Tensor, mode: st
         # target equals ignore_index in any channel is dropped from every class, as an ignored
         # class index is (the softmax at that position involves every class).
         ignored_entries = targets == ignore_index.to(targets.dtype)
-        t = as_float(targets, dtype, "targets")
-        if not is_exporting() and t.numel() > 0:
-            if bool(((~ignored_entries) & ((t < 0) | (t > 1) | torch.isnan(t))).any()):
-                raise ValueError("multiclass probability targets must be in [0, 1] (or equal ignore_index)")
+        t = _dense_targets(targets, ignored_entries, dtype, "multiclass probability")
         ignored = ignored_entries.any(dim=1, keepdim=True)
         t = torch.where(ignored, torch.zeros_like(t), t)
         probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
@@ -142,16 +139,22 @@ def prepare(predictions: Tensor, targets: Tensor, ignore_index: Tensor, mode: st
             "multilabel predictions must be (N, C, *) logits, got shape {}".format(list(predictions.shape))
         )
     ignored = targets == ignore_index.to(targets.dtype)
-    t = as_float(targets, dtype, "targets")
-    if not is_exporting() and t.numel() > 0:
-        if bool(((~ignored) & ((t < 0) | (t > 1) | torch.isnan(t))).any()):
-            raise ValueError("{} targets must be in [0, 1] (or equal ignore_index)".format(mode))
-    t = torch.where(ignored, torch.zeros_like(t), t)
+    t = torch.where(ignored, 0.0, _dense_targets(targets, ignored, dtype, mode))
     class_channel = mode == "multilabel"
     probabilities = _flatten_spatial(torch.sigmoid(x), class_channel)
     dense = _flatten_spatial(t, class_channel)
     keep = _flatten_spatial((~ignored).to(dtype), class_channel)
     return probabilities, dense, keep
+
+
+def _dense_targets(targets: Tensor, ignored: Tensor, dtype: torch.dtype, what: str) -> Tensor:
+    r"""``targets`` in ``dtype``; ``ValueError`` unless those not ``ignored`` are in ``[0, 1]``
+    (``DENSE_TARGET_RANGE``, which scripted code cannot read)."""
+    t = as_float(targets, dtype, "targets")
+    if not is_exporting() and t.numel() > 0:
+        if bool(((~ignored) & ((t < 0) | (t > 1) | torch.isnan(t))).any()):
+            raise ValueError("{} targets must be in [0, 1] (or equal ignore_index)".format(what))
+    return t
 
 
 def prepare_class_indices(
@@ -264,16 +267,11 @@ def split_weights(weights: Optional[Tensor], predictions: Tensor) -> Tuple[Optio
     return weights, None
 
 
-def _check_real(weights: Tensor, name: str) -> None:
-    if weights.is_complex() or weights.dtype == torch.bool:
-        raise ValueError("{} must be a real floating-point or integer tensor, got {}".format(name, weights.dtype))
-
-
 def _check_split_weights(weights: Optional[Tensor], sample_weights: Optional[Tensor], predictions: Tensor) -> None:
     r"""Pixel ``weights`` must broadcast to the predictions; ``sample_weights`` must be ``(N,)``."""
     shape = list(predictions.shape)
     if weights is not None:
-        _check_real(weights, "weights")
+        check_real(weights, "weights")
         if not broadcastable(list(weights.shape), shape):
             raise ValueError(
                 "weights (pixel weights) of shape {} must broadcast to the predictions' shape {}".format(
@@ -281,7 +279,7 @@ def _check_split_weights(weights: Optional[Tensor], sample_weights: Optional[Ten
                 )
             )
     if sample_weights is not None:
-        _check_real(sample_weights, "sample_weights")
+        check_real(sample_weights, "sample_weights")
         if sample_weights.dim() != 1 or sample_weights.shape[0] != shape[0]:
             raise ValueError(
                 "sample_weights must have shape (N,) = [{}] (one weight per sample of predictions {}), got {}".format(
