@@ -145,8 +145,8 @@ def bce_dice_loss(
     term_weights = (_constant(bce_weight, predictions), _constant(dice_weight, predictions))
     return _region_loss(
         predictions, targets, weights, DiceLoss.constants, smooth_nr, smooth_dr, include_background, squared_pred,
-        log_loss, ignore_index, class_weight, mode, batch, reduction, (bce_dice_statistics, bce_dice_reductions),
-        ((vector_argument(pos_weight),) + term_weights, term_weights),
+        log_loss, ignore_index, class_weight, mode, batch, reduction, bce_dice_statistics, bce_dice_reductions,
+        (vector_argument(pos_weight),) + term_weights, term_weights,
     )
 
 

@@ -26,12 +26,12 @@ dataset scored batch by batch gets exactly the loss of the concatenated dataset.
 
 Call-time weights: ``(N,)`` weights are per-sample weights :math:`s_n` (``batch=False``: the
 ``(n, c)`` losses get weight :math:`s_n w_c`; ``batch=True``: sample ``n``'s sums are scaled by
-:math:`s_n`); any other shape is a pixel weight :math:`w_{nci}` inside the sums. The public
-kernels split them; the ``*_statistics_with_sample_weights`` kernels take both kinds as separate
-arguments (the ONNX graphs feed both, see :mod:`loss_service.layout`).
+:math:`s_n`); any other shape is a pixel weight :math:`w_{nci}` inside the sums. Modules and
+functions split a call's weights (:func:`split_weights`); :func:`region_statistics` takes both
+kinds as separate arguments (the ONNX graphs feed both, see :mod:`loss_service.layout`).
 """
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -80,8 +80,8 @@ ALPHA_PARAM = ParamSpec("alpha", "float", 0.5, "Tversky weight of false positive
 BETA_PARAM = ParamSpec("beta", "float", 0.5, "Tversky weight of false negatives", low=0.0)
 # Abraham & Khan's recommended setting: α = 0.3 on false positives, β = 0.7 on false negatives
 # (their Eq. 3 names them the other way round) and exponent 1/γ = 1/(4/3) = 0.75.
-FOCAL_ALPHA_PARAM = ParamSpec("alpha", "float", 0.3, "Tversky weight of false positives", low=0.0)
-FOCAL_BETA_PARAM = ParamSpec("beta", "float", 0.7, "Tversky weight of false negatives", low=0.0)
+FOCAL_ALPHA_PARAM = dataclasses.replace(ALPHA_PARAM, default=0.3)
+FOCAL_BETA_PARAM = dataclasses.replace(BETA_PARAM, default=0.7)
 GAMMA_PARAM = ParamSpec(
     "gamma", "float", 0.75,
     "exponent applied to the Tversky loss: (1 - TI)^gamma (Abraham & Khan's 1/γ; their γ = 4/3 is gamma = 0.75)",
@@ -400,13 +400,14 @@ def index_arguments(
 def _region_loss(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], index: Dict[str, Any], smooth_nr: float,
     smooth_dr: float, include_background: bool, squared_pred: bool, log_loss: bool, ignore_index: int,
-    class_weight: Optional[Tensor], mode: str, batch: bool, reduction: str, kernels: Tuple[Any, Any] = (None, None),
-    leading: Tuple[Tuple[Any, ...], Tuple[Any, ...]] = ((), ()),
+    class_weight: Optional[Tensor], mode: str, batch: bool, reduction: str,
+    statistics_kernel: Callable[..., Tuple[Tensor, Tensor, Tensor]] = region_statistics,
+    reductions_kernel: Callable[..., Tensor] = region_reductions,
+    statistics_leading: Tuple[Any, ...] = (), reductions_leading: Tuple[Any, ...] = (),
 ) -> Tensor:
     r"""The functional form of a region loss whose overlap index is ``index`` (``overlap_scale``,
     ``alpha``, ``beta``, ``gamma``). A loss built on the region kernels (``bce_dice``) passes its
-    own ``kernels`` and the ``leading`` arguments each takes before the index."""
-    statistics_kernel, reductions_kernel = kernels[0] or region_statistics, kernels[1] or region_reductions
+    own kernels and the arguments each takes before the index."""
     class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     arguments = index_arguments(
@@ -414,11 +415,11 @@ def _region_loss(
         log_loss, include_background,
     )
     values, totals, _ = statistics_kernel(
-        predictions, targets, *split_weights(weights, predictions), *leading[0], *arguments,
+        predictions, targets, *split_weights(weights, predictions), *statistics_leading, *arguments,
         _flag(squared_pred, predictions), int_hyperparameter(ignore_index, predictions), class_weight, mode, batch,
         False,
     )
-    reductions = reductions_kernel(totals, *leading[1], *arguments, class_weight, batch)
+    reductions = reductions_kernel(totals, *reductions_leading, *arguments, class_weight, batch)
     return select_reduction(values, reductions, reduction, predictions.dtype)
 
 
