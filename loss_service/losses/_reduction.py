@@ -243,9 +243,13 @@ def weighted_statistics(
     per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics of the unreduced ``loss`` weighted by :func:`effective_weight`, each element counting 1
-    in the ``mean`` denominator (as torch's elementwise losses)."""
+    in the ``mean`` denominator (as torch's elementwise losses). ``loss`` is the caller's own
+    temporary: outside export and autograd it is weighted in place."""
     weight = effective_weight(list(loss.shape), weights, class_weight, class_dim, dtype)
-    return elementwise_statistics(loss if weight is None else loss * weight, weight, None, per_sample)
+    if weight is not None:
+        recording = torch.is_grad_enabled() and loss.requires_grad
+        loss = loss * weight if is_exporting() or recording else loss.mul_(weight)
+    return elementwise_statistics(loss, weight, None, per_sample)
 
 
 # The hints of shape_mismatch_message, by what a loss makes of targets that look like class indices.

@@ -11,9 +11,9 @@ from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
-    as_float, check_reduction, check_same_shape, compute_dtype, effective_weight, elementwise_reductions,
-    elementwise_statistics, is_exporting, one_target_per_prediction_hint, optional_vector, per_class, select_reduction,
-    vector_argument, vector_buffer,
+    as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, is_exporting,
+    one_target_per_prediction_hint, optional_vector, per_class, select_reduction, vector_argument, vector_buffer,
+    weighted_statistics,
 )
 
 
@@ -49,13 +49,7 @@ def bce_statistics(
             loss = _bce_terms(p, t)
         else:
             loss = _bce_values(p, t)
-    weight = effective_weight(list(p.shape), weights, class_weight, class_dim, dtype)
-    if weight is None:
-        return elementwise_statistics(loss, weight, None, per_sample)
-    if is_exporting():
-        return elementwise_statistics(loss * weight, weight, None, per_sample)
-    # loss is this kernel's own temporary: weight it in place.
-    return elementwise_statistics(loss.mul_(weight), weight, None, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
 
 
 def _bce_terms(p: Tensor, t: Tensor) -> Tensor:
@@ -125,13 +119,7 @@ def bce_with_logits_statistics(
         loss = (1.0 - t) * x - (positive_scale + 1.0 - t) * log_sigmoid_x
     else:
         loss = _fused_bce_with_logits(x, t, positive_weight)
-    weight = effective_weight(list(x.shape), weights, class_weight, class_dim, dtype)
-    if weight is None:
-        return elementwise_statistics(loss, weight, None, per_sample)
-    if is_exporting():
-        return elementwise_statistics(loss * weight, weight, None, per_sample)
-    # loss is this kernel's own temporary: weight it in place.
-    return elementwise_statistics(loss.mul_(weight), weight, None, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
 
 
 def _fused_bce_with_logits(x: Tensor, t: Tensor, positive_weight: Optional[Tensor]) -> Tensor:
