@@ -105,9 +105,7 @@ def variants(spec: LossSpec) -> List[Dict[str, Any]]:
     """
     found = _structural_variants(spec)
     found = found + [
-        dict(v, **{TARGETS_VARIANT: PROBABILITY_TARGETS})
-        for v in found
-        if forms(spec, v).index_targets and PROBABILITY_TARGETS in forms(spec, v).targets
+        dict(v, **{TARGETS_VARIANT: PROBABILITY_TARGETS}) for v in found if forms(spec, v).probabilities_besides_indices
     ]
     for param in scalar_form_params(spec):
         found = found + [dict(v, **{param.name: SCALAR_FORM}) for v in found]
@@ -202,7 +200,7 @@ def variant_of(
         }
         if index_targets == natural_index:
             return dict(base, **scalar_forms)
-        if natural_index and PROBABILITY_TARGETS in base_forms.targets:
+        if base_forms.probabilities_besides_indices:
             return dict(base, **{TARGETS_VARIANT: PROBABILITY_TARGETS}, **scalar_forms)
         if shapes is not None and not natural_index:
             raise ValueError(shape_mismatch(spec, dict(defaults, **params), False, *shapes))

@@ -168,6 +168,11 @@ class Forms:
         r"""Whether the natural targets are class indices."""
         return self.targets[0] == "class_indices"
 
+    @property
+    def probabilities_besides_indices(self) -> bool:
+        r"""Whether class probabilities are taken besides the natural class indices (their own ONNX graph)."""
+        return self.index_targets and "probabilities" in self.targets
+
 
 # The forms of a loss whose forms follow from its ``targets`` kind alone.
 _FORMS_OF_TARGETS = {

@@ -252,6 +252,13 @@ def _overlap_losses(true_positive: Tensor, predicted: Tensor, target: Tensor, in
     return torch.where(positive, powered, torch.zeros_like(powered))
 
 
+def _batch_losses(totals: Tensor, index: OverlapIndex) -> Tensor:
+    r"""The per-class losses of ``batch=True`` totals ``(..., 3C)`` = ``[TP_c…, P_c…, T_c…]``."""
+    num_classes = totals.shape[-1] // 3
+    true_positive, predicted = totals[..., :num_classes], totals[..., num_classes:2 * num_classes]
+    return _overlap_losses(true_positive, predicted, totals[..., 2 * num_classes:], index)
+
+
 def split_weights(weights: Optional[Tensor], predictions: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     r"""Call-time ``weights`` of a region loss as ``(pixel_weights, sample_weights)``.
 
@@ -327,9 +334,7 @@ def region_statistics(
             true_positive, predicted, target = true_positive * scale, predicted * scale, target * scale
         sample_totals = torch.cat([true_positive, predicted, target], dim=1)
         totals = sample_totals.sum(0)
-        values = _overlap_losses(
-            totals[:num_classes], totals[num_classes:2 * num_classes], totals[2 * num_classes:], index
-        )
+        values = _batch_losses(totals, index)
         if not per_sample:
             sample_totals = sample_totals[:0]
         return values * loss_weight, totals, sample_totals
@@ -360,12 +365,8 @@ def region_reductions(
                 totals.shape[-1]
             )
         )
-    num_classes = totals.shape[-1] // 3
-    index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss)
-    losses = _overlap_losses(
-        totals[..., :num_classes], totals[..., num_classes:2 * num_classes], totals[..., 2 * num_classes:], index
-    )
-    kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, totals.device)
+    losses = _batch_losses(totals, (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss))
+    kept, loss_weight = _class_vectors(losses.shape[-1], include_background, class_weight, totals.device)
     loss_sum = (losses * loss_weight).sum(-1)
     return torch.stack(
         [loss_sum, safe_divide(loss_sum, kept.sum()), safe_divide(loss_sum, loss_weight.sum())], dim=-1

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from loss_service import losses, protocol
 from loss_service.codec import TensorError, dtype_name, to_message, to_tensor
-from loss_service.losses import LossSpec
+from loss_service.losses import Forms, LossSpec
 from loss_service.v1 import loss_service_pb2 as pb
 
 from .backends import Backend, BackendUnavailable, Runner, config_key
@@ -105,6 +105,11 @@ class Plan:
     # The backend's runner of (loss, params) when it has one built (looked up once per request;
     # set once a runner built for the plan has served it).
     runner: Optional[Runner] = None
+    # What the loss takes and returns with these params (LossSpec.forms_of), read once per request.
+    forms: Forms = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.forms = self.spec.forms_of(self.params)
 
     def error_fields(self) -> List[Tuple[str, str]]:
         r"""``(name the loss library uses in messages, request field)`` pairs for mapping library errors.
@@ -231,9 +236,9 @@ class Scorer:
         if request.HasField("weights"):
             weights = decode(request.weights, "weights", self.max_elements, parsed.data("weights"))
         check_values(plan.spec, predictions, targets, weights)
-        targets = channel_indices_as_indices(plan.spec, plan.params, predictions, targets)
-        check_class_indices(plan.spec, plan.params, predictions, targets)
-        check_target_range(plan.spec, plan.params, predictions, targets)
+        targets = channel_indices_as_indices(plan, predictions, targets)
+        check_class_indices(plan, predictions, targets)
+        check_target_range(plan, predictions, targets)
         return predictions, targets, weights
 
     # -- compute ----------------------------------------------------------------------------
@@ -306,7 +311,7 @@ def summarize(plan: Plan, totals: Tensor, num_values: int) -> Tuple[float, float
     totals are the per-class sums ``[TP_c, P_c, T_c]`` of the whole dataset). Those report the
     number of loss terms (one per class) as ``num_elements``, ``weight_sum`` and ``denominator``.
     """
-    if not plan.spec.forms_of(plan.params).elementwise_totals:
+    if not plan.forms.elementwise_totals:
         return float(num_values), float(num_values), num_values
     _, weight_sum, denominator, count = totals.tolist()[:4]
     return weight_sum, denominator, int(count)
@@ -347,7 +352,7 @@ def check_values(spec: LossSpec, predictions: Tensor, targets: Tensor, weights: 
             raise invalid("weights", f"must be >= 0, got a minimum of {low}")
 
 
-def channel_indices_as_indices(spec: LossSpec, params: Dict[str, Any], predictions: Tensor, targets: Tensor) -> Tensor:
+def channel_indices_as_indices(plan: Plan, predictions: Tensor, targets: Tensor) -> Tensor:
     r"""Class indices sent as ``(N, 1, *)`` integers, viewed as ``(N, *)``, for a loss that takes both
     forms (``Forms.indices_with_channel``: the region losses, as MONAI's label maps have the channel).
 
@@ -355,8 +360,7 @@ def channel_indices_as_indices(spec: LossSpec, params: Dict[str, Any], predictio
     probabilities by rank. Squeezing here gives every backend the same input and lets
     :func:`check_class_indices` check the indices for all of them.
     """
-    forms = spec.forms_of(params)
-    if "class_indices" not in forms.targets or not forms.indices_with_channel:
+    if "class_indices" not in plan.forms.targets or not plan.forms.indices_with_channel:
         return targets
     if targets.dim() != predictions.dim() or targets.dim() < 2 or targets.shape == predictions.shape:
         return targets
@@ -365,14 +369,14 @@ def channel_indices_as_indices(spec: LossSpec, params: Dict[str, Any], predictio
     return targets.squeeze(1)
 
 
-def check_class_indices(spec: LossSpec, params: Dict[str, Any], predictions: Tensor, targets: Tensor) -> None:
+def check_class_indices(plan: Plan, predictions: Tensor, targets: Tensor) -> None:
     r"""Class-index targets must be integers in ``[0, C)`` or the loss's ``ignore_index``.
 
     Checked here rather than left to the loss so that every backend rejects them the same way:
     the exported ONNX graphs skip value checks (they would need a host sync while tracing).
     Targets with the predictions' rank are dense (probabilities) and are not class indices.
     """
-    if "class_indices" not in spec.forms_of(params).targets:
+    if "class_indices" not in plan.forms.targets:
         return
     if predictions.dim() < 2 or targets.dim() != predictions.dim() - 1:
         return
@@ -384,11 +388,11 @@ def check_class_indices(spec: LossSpec, params: Dict[str, Any], predictions: Ten
         )
     if targets.numel() == 0:
         return
-    class_dim = setting(spec, params, "class_dim", 1)
+    class_dim = setting(plan.spec, plan.params, "class_dim", 1)
     if not -predictions.dim() < class_dim < predictions.dim() or class_dim in (0, -predictions.dim()):
         return  # the loss names the bad class_dim
     num_classes = predictions.shape[class_dim]
-    ignore_index = setting(spec, params, "ignore_index")
+    ignore_index = setting(plan.spec, plan.params, "ignore_index")
     outside = counted_range_outside(targets, ignore_index, lambda low, high: low >= 0 and high < num_classes)
     if outside is None:
         return
@@ -401,7 +405,7 @@ def check_class_indices(spec: LossSpec, params: Dict[str, Any], predictions: Ten
     )
 
 
-def check_target_range(spec: LossSpec, params: Dict[str, Any], predictions: Tensor, targets: Tensor) -> None:
+def check_target_range(plan: Plan, predictions: Tensor, targets: Tensor) -> None:
     r"""Dense targets within the loss's ``target_range``, values equal to its ``ignore_index`` excepted.
 
     The eager kernel checks this too; checking it here makes every backend refuse the same requests
@@ -409,14 +413,15 @@ def check_target_range(spec: LossSpec, params: Dict[str, Any], predictions: Tens
     dimension fewer than the predictions) are :func:`check_class_indices`'s, and targets of another
     size than the predictions the loss's (it names their shape, the first thing to fix).
     """
+    spec = plan.spec
     if spec.target_range is None or targets.dtype == torch.bool or targets.numel() == 0:
         return
     if targets.numel() != predictions.numel():
         return
-    if targets.dim() != predictions.dim() and "class_indices" in spec.forms_of(params).targets:
+    if targets.dim() != predictions.dim() and "class_indices" in plan.forms.targets:
         return
     allowed_low, allowed_high = spec.target_range
-    ignore_index = setting(spec, params, "ignore_index")
+    ignore_index = setting(spec, plan.params, "ignore_index")
     outside = counted_range_outside(
         targets, ignore_index, lambda low, high: low >= allowed_low and high <= allowed_high
     )
@@ -469,20 +474,19 @@ def class_vector(tensor: Tensor, where: str) -> Tensor:
     return tensor.clone()
 
 
-def class_axis(spec: LossSpec, params: Dict[str, Any], predictions: Tensor) -> Optional[Tuple[int, int]]:
+def class_axis(plan: Plan, predictions: Tensor) -> Optional[Tuple[int, int]]:
     r"""``(dimension, size)`` of the classes a batch is scored with; ``None`` when it has no class axis.
 
     Losses with a ``class_dim`` parameter have their classes there (from 2-D predictions on), the
     others along dim 1 unless their :class:`~loss_service.losses.Forms` say there is one channel.
     """
-    names = spec.param_names()
-    if "class_dim" in names:
+    if "class_dim" in plan.spec.param_names():
         if predictions.dim() < 2:
             return None
-        dim = setting(spec, params, "class_dim")
+        dim = setting(plan.spec, plan.params, "class_dim")
         dim = dim + predictions.dim() if dim < 0 else dim
         return (dim, predictions.shape[dim]) if 0 < dim < predictions.dim() else None
-    if spec.forms_of(params).single_channel or predictions.dim() < 2:
+    if plan.forms.single_channel or predictions.dim() < 2:
         return None
     return 1, predictions.shape[1]
 
@@ -536,7 +540,7 @@ class StreamAccumulator:
                 if value is not None and value != self._settings[name]:
                     raise invalid(name, "must be the same in every batch of a stream (or unset); it differs from batch 0")
         predictions, targets, weights = self.scorer.decode_inputs(parsed, plan)
-        classes = class_axis(plan.spec, plan.params, predictions)
+        classes = class_axis(plan, predictions)
         if self.num_batches > 0 and classes != self._classes:
             raise invalid(
                 "predictions.shape",
