@@ -1,18 +1,17 @@
-r"""The bases of the loss modules: what every one of them has, written once.
+r"""The bases of the loss modules: what every one of them has, written once (docs/architecture.md, "Modules").
 
-:class:`Loss` owns ``forward`` (the statistics, their reductions, the chosen one);
-:class:`ElementwiseLoss` adds ``reduction``, ``class_dim``, the ``class_weight`` buffer and
-``reductions``; the region losses' base (:mod:`.region`) adds their shared settings. A loss module
-is its hyperparameters (attributes read at call time, so ``module.setattr("gamma", 3.0)`` from C++
-works on a scripted module) and one ``statistics`` method that calls its kernel. Scripting compiles
-``forward`` for each concrete module, so the base's ``self.statistics`` is the loss's own.
+:class:`Loss` owns ``forward`` (the statistics, their reductions, the chosen one); :class:`ElementwiseLoss`
+adds ``reduction``, ``class_dim``, the ``class_weight`` buffer and ``reductions``. A loss module is its
+hyperparameters (attributes read at call time, so ``module.setattr("gamma", 3.0)`` from C++ works on a
+scripted module) and its kernel. Scripting compiles the base's methods for each concrete module, so the
+base's ``self.statistics`` (and ``self.kernel``) is the loss's own.
 """
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ._reduction import check_reduction, elementwise_reductions, select_reduction, vector_buffer
+from ._reduction import check_reduction, elementwise_reductions, optional_vector, select_reduction, vector_buffer
 
 
 class Loss(nn.Module):
@@ -47,6 +46,15 @@ class ElementwiseLoss(Loss):
         self.class_dim = class_dim
         # A buffer, empty when unset: it follows module.to(device) and C++ can replace it.
         self.register_buffer("class_weight", vector_buffer(class_weight))
+
+    @torch.jit.export
+    def statistics(
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""The class's ``kernel = staticmethod(<loss>_statistics)``, for a loss without hyperparameters of its
+        own; a loss with some overrides ``statistics`` to pass them."""
+        class_weight = optional_vector(self.class_weight)
+        return self.kernel(predictions, targets, weights, class_weight, self.class_dim, per_sample)
 
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:

@@ -1,33 +1,18 @@
-r"""Shared, scriptable machinery for weights, class vectors and reductions.
+r"""Shared, scriptable machinery for weights, class vectors and reductions (docs/architecture.md).
 
-Every loss in :mod:`loss_service.losses` is computed in two steps:
+Every loss is a *statistics kernel*, ``(predictions, targets, weights, hyperparameters)`` to ``values`` (the
+unreduced, weighted losses of ``reduction="none"``), ``totals`` (a float64 vector of *additive* sufficient
+statistics: those of concatenated batches are the sum of theirs, which makes ``ScoreStream`` exact) and
+``sample_totals`` (the same per sample, ``(N, K)``, when asked); and a *reductions kernel*, totals
+``(..., K)`` to ``(..., 3)`` = ``[sum, mean, weighted_mean]`` in float64. Elementwise totals are
+``[Σ w·ℓ, Σ w, Σ d, n]``: the weighted loss sum, the sum of the full effective weights ``w``, of the ``mean``
+denominators ``d`` (1 per counted element, or the target's class weight for CE/NLL/focal, as in torch) and
+the element count.
 
-1. a *statistics kernel* turns ``(predictions, targets, weights, hyperparameters)`` into
-
-   * ``values`` -- the unreduced, already weighted losses (what ``reduction="none"`` returns),
-   * ``totals`` -- a float64 vector of *additive sufficient statistics* for the whole batch,
-   * ``sample_totals`` -- the same statistics per sample, shape ``(N, K)`` (only when asked).
-
-   Because ``totals`` are additive, the statistics of a concatenation of batches are the sum of
-   the batches' statistics: this is what makes dataset-level scoring (``ScoreStream``) exact.
-
-2. a *reductions kernel* maps totals of shape ``(..., K)`` to ``(..., 3)``: the ``sum``,
-   ``mean`` and ``weighted_mean`` reductions, in float64.
-
-For elementwise losses the totals are ``[Σ w·ℓ, Σ w, Σ d, n]``: the weighted loss sum, the sum of
-the full effective weights ``w``, the sum of the ``mean`` denominators ``d`` (1 per counted element,
-or the class weight of the target for CE/NLL/focal, as in torch) and the element count.
-
-Hyperparameters enter kernels as 0-d tensors so the same code is scripted for TorchScript and
-traced (with the hyperparameters as graph inputs) for ONNX; the traced code never branches on
-their values. Outside export (eager and TorchScript, the trainers' and the server's hot path) a
-kernel may read a hyperparameter on the host to skip work it makes zero, use torch's fused ops and
-update its own temporaries in place: ``if is_exporting(): <export form> else: <fast form>``, with
-the same formula and results within the test tolerances. A fast form is kept only where it is at
-least 1.5x faster than its export form on 1e6 elements: ``python bench/bench_kernels.py --forms``
-times each one (the class-index branches of cross_entropy and focal, bce's values, bce_with_logits,
-the statistics sums here, ``power``, and :mod:`._stable`'s logsumexp and log_softmax; the table is
-in docs/benchmarks.md).
+Hyperparameters enter kernels as 0-d tensors: one code is scripted, and traced for ONNX with them as graph
+inputs, never branching on their values. Outside export a kernel may read one on the host, use torch's fused
+ops and update its own temporaries in place (``if is_exporting(): <export form> else: <fast form>``, the same
+formula), where that is at least 1.5x faster on 1e6 elements (``python bench/bench_kernels.py --forms``).
 """
 from typing import List, Optional, Tuple
 
@@ -40,22 +25,16 @@ REDUCTION_COLUMNS: List[str] = ["sum", "mean", "weighted_mean"]
 
 
 def is_exporting() -> bool:
-    r"""True while ``torch.export`` (and so the ONNX exporter) traces the code.
-
-    Value checks that need a host sync (``bool(tensor)``) are skipped then: the exported graph
-    receives inputs that the server has already validated.
-    """
+    r"""True while ``torch.export`` (and so the ONNX exporter) traces the code: value checks that need a host
+    sync are skipped then, as the exported graph receives inputs the server has validated."""
     if not torch.jit.is_scripting():
         return torch.compiler.is_exporting()
     return False
 
 
 def is_compiling() -> bool:
-    r"""True while ``torch.compile`` or ``torch.export`` traces the code.
-
-    A tracer cannot follow a value read on the host into Python (it would have to guard on it),
-    so host-side shortcuts that are not value checks are skipped then, whatever the branch.
-    """
+    r"""True while ``torch.compile`` or ``torch.export`` traces the code, which cannot follow a value read on
+    the host into Python: host-side shortcuts that are not value checks are skipped then."""
     if not torch.jit.is_scripting():
         return torch.compiler.is_compiling()
     return False
@@ -64,19 +43,19 @@ def is_compiling() -> bool:
 def check_reduction(reduction: str) -> str:
     # Spelled out: TorchScript cannot read module-level lists.
     if reduction not in ["none", "mean", "sum", "weighted_mean"]:
-        raise ValueError(
-            "reduction must be one of 'none', 'mean', 'sum', 'weighted_mean', got '{}'".format(reduction)
-        )
+        raise ValueError("reduction must be one of 'none', 'mean', 'sum', 'weighted_mean', got '{}'".format(reduction))
     return reduction
 
 
-def compute_dtype(dtype: torch.dtype, name: str = "predictions") -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     r"""The dtype a loss is computed in: float16/bfloat16 are promoted to float32."""
     if dtype == torch.float16 or dtype == torch.bfloat16:
         return torch.float32
     if dtype == torch.float32 or dtype == torch.float64:
         return dtype
-    raise ValueError("{} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {}".format(name, dtype))
+    raise ValueError(
+        "predictions must be a floating-point tensor (float16, bfloat16, float32 or float64), got {}".format(dtype)
+    )
 
 
 def as_float(x: Tensor, dtype: torch.dtype, name: str) -> Tensor:
@@ -87,11 +66,8 @@ def as_float(x: Tensor, dtype: torch.dtype, name: str) -> Tensor:
 
 
 def float_hyperparameter(value: float, predictions: Tensor) -> Tensor:
-    r"""A float hyperparameter as the 0-d tensor a kernel takes, in the loss's compute dtype.
-
-    The compute dtype (not the predictions' dtype) keeps e.g. ``label_smoothing=0.1`` exact to
-    float32 for float16 inputs.
-    """
+    r"""A float hyperparameter as the 0-d tensor a kernel takes, in the compute dtype (not the predictions':
+    ``label_smoothing=0.1`` stays exact to float32 for float16 inputs)."""
     return torch.full([], value, dtype=compute_dtype(predictions.dtype), device=predictions.device)
 
 
@@ -110,23 +86,16 @@ def vector_argument(value: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def accumulate(x: Tensor, dims: Optional[List[int]] = None) -> Tensor:
-    r"""Sum ``x`` (over ``dims``, or everything) into float64.
-
-    PyTorch's float32 reductions are cascaded (about 1e-8 relative on 1.6e7 elements) and do not
-    need a float64 copy, which costs 20x the sum itself. ONNX Runtime's ReduceSum accumulates
-    naively, so while exporting the values are cast to float64 before the sum.
-    """
+    r"""Sum ``x`` (over ``dims``, or everything) into float64. PyTorch's float32 sums are cascaded (about 1e-8
+    relative on 1.6e7 elements) and cast after, as a float64 copy costs 20x the sum; ONNX Runtime's ReduceSum
+    accumulates naively, so while exporting the values are cast to float64 before the sum."""
     if is_exporting():
         x = x.to(torch.float64)
-        if dims is None:
-            return x.sum()
-        return x.sum(dims)
-    if dims is None:
-        return x.sum().to(torch.float64)
-    return x.sum(dims).to(torch.float64)
+        return x.sum() if dims is None else x.sum(dims)
+    return (x.sum() if dims is None else x.sum(dims)).to(torch.float64)
 
 
-def normalize_class_dim(class_dim: int, ndim: int, name: str = "class_dim") -> int:
+def normalize_class_dim(class_dim: int, ndim: int) -> int:
     if ndim < 2:
         raise ValueError(
             "predictions need a class dimension: expected at least 2 dimensions (N, C, *), got {}".format(ndim)
@@ -134,19 +103,16 @@ def normalize_class_dim(class_dim: int, ndim: int, name: str = "class_dim") -> i
     dim = class_dim + ndim if class_dim < 0 else class_dim
     if dim < 1 or dim >= ndim:
         raise ValueError(
-            "{} must index a non-batch dimension of the {}-d predictions (1..{} or -{}..-1), got {}".format(
-                name, ndim, ndim - 1, ndim - 1, class_dim
+            "class_dim must index a non-batch dimension of the {}-d predictions (1..{} or -{}..-1), got {}".format(
+                ndim, ndim - 1, ndim - 1, class_dim
             )
         )
     return dim
 
 
 def class_vector(vec: Tensor, num_classes: int, ndim: int, class_dim: int, name: str) -> Tensor:
-    r"""Shape a per-class weight so it broadcasts along ``class_dim`` of an ``ndim``-d tensor.
-
-    A 1-d vector of length ``C`` (or a single value) is viewed along ``class_dim``; a tensor that is
-    already shaped to broadcast (e.g. ``(C, 1, 1)``) keeps torch's broadcasting meaning.
-    """
+    r"""A per-class weight, 1-d of length ``C`` (or a single value), viewed along ``class_dim`` of an ``ndim``-d
+    tensor; a tensor already shaped to broadcast (e.g. ``(C, 1, 1)``) keeps torch's broadcasting meaning."""
     if vec.dim() == 0:
         return vec
     if vec.dim() == 1:
@@ -167,10 +133,8 @@ def class_vector(vec: Tensor, num_classes: int, ndim: int, class_dim: int, name:
 
 
 def per_class(vec: Tensor, shape: List[int], class_dim: int, name: str) -> Tensor:
-    r"""A per-class setting (``class_weight``, ``pos_weight``, ``alpha``) shaped for ``shape``.
-
-    Predictions without a class dimension (``(N,)``) take a scalar or a one-element vector.
-    """
+    r"""A per-class setting (``class_weight``, ``pos_weight``, ``alpha``) shaped for ``shape``; predictions
+    without a class dimension (``(N,)``) take a scalar or a one-element vector."""
     if vec.dim() == 0:
         return vec
     if len(shape) < 2:
@@ -200,22 +164,19 @@ def check_real(weights: Tensor, name: str) -> None:
         raise ValueError("{} must be a real floating-point or integer tensor, got {}".format(name, weights.dtype))
 
 
-def sample_or_element_weights(weights: Tensor, shape: List[int], name: str = "weights") -> Tensor:
-    r"""Interpret call-time ``weights`` against the loss's elementwise ``shape``.
-
-    Shape ``(N,)`` means one weight per sample, applied along dim 0 whatever the rank; any other
-    shape must broadcast to ``shape``. Returns a tensor that broadcasts to ``shape``.
-    """
-    check_real(weights, name)
+def sample_or_element_weights(weights: Tensor, shape: List[int]) -> Tensor:
+    r"""Call-time ``weights`` as a tensor that broadcasts to the loss's elementwise ``shape``: ``(N,)`` is one
+    weight per sample, along dim 0 whatever the rank; any other shape must broadcast to ``shape``."""
+    check_real(weights, "weights")
     if len(shape) > 1 and weights.dim() == 1 and weights.shape[0] == shape[0]:
         view = [1] * len(shape)
         view[0] = shape[0]
         return weights.reshape(view)
     if not broadcastable(list(weights.shape), shape):
         raise ValueError(
-            "{} of shape {} cannot be applied to the loss's elementwise shape {}: expected ({},) for one weight "
+            "weights of shape {} cannot be applied to the loss's elementwise shape {}: expected ({},) for one weight "
             "per sample or a shape that broadcasts to {}".format(
-                name, list(weights.shape), shape, shape[0] if len(shape) > 0 else 0, shape
+                list(weights.shape), shape, shape[0] if len(shape) > 0 else 0, shape
             )
         )
     return weights
@@ -224,11 +185,8 @@ def sample_or_element_weights(weights: Tensor, shape: List[int], name: str = "we
 def effective_weight(
     shape: List[int], weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, dtype: torch.dtype,
 ) -> Optional[Tensor]:
-    r"""``weights · class_weight`` shaped to broadcast to ``shape`` (``None`` if neither is set).
-
-    ``weights`` follows :func:`sample_or_element_weights`; ``class_weight`` is laid along
-    ``class_dim`` by :func:`per_class`.
-    """
+    r"""``weights · class_weight`` (:func:`sample_or_element_weights`, :func:`per_class`) shaped to broadcast to
+    ``shape``; ``None`` if neither is set."""
     weight: Optional[Tensor] = None
     if weights is not None:
         weight = sample_or_element_weights(weights, shape).to(dtype)
@@ -296,12 +254,9 @@ def check_same_shape(predictions: Tensor, targets: Tensor, class_dim: int, hint:
 
 
 def power(base: Tensor, exponent: Tensor) -> Tensor:
-    r"""``base ** exponent`` for a 0-d hyperparameter ``exponent`` (e.g. the focal ``γ``).
-
-    ``torch.pow`` with a 0-d tensor exponent runs a generic broadcasting kernel, ~15x slower than
-    with a Python number (which also takes the ``x·x`` shortcut for 2). Outside export the exponent
-    is read on the host; while exporting it stays a tensor, so the graph keeps it as an input.
-    """
+    r"""``base ** exponent`` for a 0-d hyperparameter ``exponent`` (e.g. the focal ``γ``). With a 0-d tensor
+    exponent ``torch.pow`` is ~15x slower than with a Python number (which also takes the ``x·x`` shortcut for
+    2), so the exponent is read on the host, except while exporting (the graph keeps it as an input)."""
     if is_exporting():
         return torch.pow(base, exponent.to(base.dtype))
     return torch.pow(base, float(exponent.item()))
@@ -322,11 +277,8 @@ def _left_padded(x: Tensor, ndim: int) -> Tensor:
 
 
 def total_sum(x: Optional[Tensor], shape: List[int], device: torch.device) -> Tensor:
-    r"""Float64 sum of ``x`` broadcast to ``shape`` (``None`` counts 1 per element).
-
-    Outside export a broadcast ``x`` (per-sample weights, a class vector) is summed as it is and
-    scaled by how many times broadcasting repeats it, instead of summing a full-size expansion.
-    """
+    r"""Float64 sum of ``x`` broadcast to ``shape`` (``None`` counts 1 per element). Outside export a broadcast
+    ``x`` (per-sample weights, a class vector) is summed as it is, times its repetition by broadcasting."""
     if x is None:
         return torch.full([], _element_count(shape), dtype=torch.float64, device=device)
     if is_exporting():
@@ -355,12 +307,9 @@ def per_sample_sum(x: Optional[Tensor], shape: List[int], device: torch.device) 
 def elementwise_statistics(
     weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""``(values, totals, sample_totals)`` of an elementwise loss.
-
-    ``weighted_loss`` is ``w·ℓ`` per element; ``weight`` is the full effective weight ``w`` and
-    ``denominator`` the ``mean`` denominator ``d`` (both broadcastable to ``weighted_loss``;
-    ``None`` means 1 per element). Totals are ``[Σ w·ℓ, Σ w, Σ d, n]`` in float64.
-    """
+    r"""``(values, totals, sample_totals)`` of an elementwise loss: ``weighted_loss`` is ``w·ℓ`` per element,
+    ``weight`` the full effective weight ``w`` and ``denominator`` the ``mean`` denominator ``d`` (both broadcast
+    to ``weighted_loss``; ``None`` is 1 per element). Totals are ``[Σ w·ℓ, Σ w, Σ d, n]`` in float64."""
     shape = list(weighted_loss.shape)
     device = weighted_loss.device
     if per_sample and len(shape) > 0 and not is_exporting():
@@ -387,13 +336,9 @@ def _eager_totals(
     weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], shape: List[int],
     device: torch.device,
 ) -> Tensor:
-    r"""``[Σ w·ℓ, Σ w, Σ d, n]`` outside export: one float64 tensor holding the element count, with
-    the sums written into it.
-
-    On a small batch each op costs more than its arithmetic: the columns that count 1 per element
-    (``None`` weight or denominator, and ``n``) need no op of their own, and a weight that is also
-    the denominator (CE/NLL/focal without call-time weights) is summed once.
-    """
+    r"""``[Σ w·ℓ, Σ w, Σ d, n]`` outside export: the sums written into one float64 tensor of the element count.
+    On a small batch an op costs more than its arithmetic: columns that count 1 per element need no op, and a
+    weight that is also the denominator (CE/NLL/focal without call-time weights) is summed once."""
     totals = torch.full([4], _element_count(shape), dtype=torch.float64, device=device)
     # The copy casts the sum to float64, as accumulate does.
     totals[0] = weighted_loss.sum()
@@ -423,21 +368,16 @@ def _sample_totals(
 
 
 def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
-    r"""``numerator / denominator``, and 0 where the denominator is 0 (no counted elements).
-
-    The denominator is replaced before dividing so that the gradient stays finite as well.
-    """
+    r"""``numerator / denominator``, and 0 where the denominator is 0 (no counted elements); the denominator
+    is replaced before dividing so that the gradient stays finite as well."""
     nonzero = denominator != 0
     safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
     return torch.where(nonzero, numerator / safe, torch.zeros_like(numerator))
 
 
 def elementwise_reductions(totals: Tensor) -> Tensor:
-    r"""``(..., 4)`` elementwise totals to ``(..., 3)`` = ``[sum, mean, weighted_mean]``.
-
-    ``mean`` is ``Σ w·ℓ / Σ d`` and ``weighted_mean`` is ``Σ w·ℓ / Σ w``; both are 0 when nothing is
-    counted (empty batch, every target ignored) instead of torch's NaN.
-    """
+    r"""``(..., 4)`` elementwise totals to ``(..., 3)`` = ``[sum, mean, weighted_mean]``: ``mean`` is
+    ``Σ w·ℓ / Σ d`` and ``weighted_mean`` ``Σ w·ℓ / Σ w``, 0 when nothing is counted (torch's NaN)."""
     if is_exporting():
         loss_sum = totals[..., 0]
         return torch.stack(
@@ -450,18 +390,16 @@ def elementwise_reductions(totals: Tensor) -> Tensor:
         and not (torch.is_grad_enabled() and totals.requires_grad)
         and not is_compiling()
     ):
-        # One request's totals (what the server reduces): the same IEEE float64 divisions on the
-        # host cost one read and one small tensor instead of a chain of tiny tensor ops. (fill_,
-        # not torch.tensor(list) or item assignment: TorchScript passes those through the
-        # default dtype, float32.)
+        # One request's totals (what the server reduces): the same float64 divisions on the host, one read
+        # and one small tensor instead of a chain of tiny ops (fill_: TorchScript passes torch.tensor(list)
+        # and item assignment through the default dtype, float32).
         values: List[float] = totals.tolist()
         reductions = torch.full([3], values[0], dtype=torch.float64, device=totals.device)
         reductions[1].fill_(values[0] / values[2] if values[2] != 0.0 else 0.0)
         reductions[2].fill_(values[0] / values[1] if values[1] != 0.0 else 0.0)
         return reductions
-    # Batched totals (per-sample reductions) and autograd: the same values in half the ops of the
-    # export form, both quotients at once by the [Σ d, Σ w] columns, with safe_divide's guard (the
-    # denominator is replaced first, so that gradients stay finite).
+    # Batched totals (per-sample reductions) and autograd: the export form's values in half its ops, both
+    # quotients at once by the [Σ d, Σ w] columns, with safe_divide's guard (finite gradients).
     sums = totals.narrow(-1, 0, 1)
     denominators = totals.narrow(-1, 1, 2).flip(-1)
     nonzero = denominators != 0
@@ -477,11 +415,8 @@ def select_reduction(values: Tensor, reductions: Tensor, reduction: str, dtype: 
 
 
 def vector_buffer(value: Optional[Tensor]) -> Tensor:
-    r"""A per-class tensor setting as a buffer: an empty tensor stands for "not set".
-
-    An always-present buffer follows ``module.to(device)`` and can be replaced from C++ with
-    ``module.setattr("class_weight", tensor)``, which an ``Optional`` attribute cannot offer.
-    """
+    r"""A per-class tensor setting as a buffer, empty for "not set": unlike an ``Optional`` attribute it follows
+    ``module.to(device)`` and C++ can replace it (``module.setattr("class_weight", tensor)``)."""
     if value is None:
         return torch.empty(0)
     return torch.as_tensor(value)

@@ -139,18 +139,15 @@ VALUES_LAYOUTS = ("NCS", "NS", "NC", "C", "N")
 
 @dataclass(frozen=True)
 class Forms:
-    r"""What a loss takes and returns under one setting of its structural (``graph_input=False``)
-    parameters: declared by the loss, read by the layout, the exporter and the server.
+    r"""What a loss takes and returns under one setting of its structural (``graph_input=False``) parameters,
+    for the layout, the exporter and the server.
 
-    * ``targets`` -- the target forms it takes, its natural form first: ``dense`` (the predictions'
-      shape), ``class_indices`` (the predictions' shape without the class dimension) and
-      ``probabilities`` (class probabilities of the predictions' shape, besides class indices).
-    * ``values`` -- the shape of ``values`` (``reduction="none"``) in the canonical layout of
-      :mod:`loss_service.layout`: ``NCS``, ``NS``, ``NC``, ``C`` (one loss per class) or ``N``.
-    * ``elementwise_totals`` -- whether the totals begin with ``[Σ w·ℓ, Σ w, Σ d, n]``.
-    * ``indices_with_channel`` -- whether class indices may also come as ``(N, 1, *)``.
-    * ``single_channel`` -- the predictions are one channel: every non-batch dimension is spatial,
-      ``(N, *)`` has no class dimension (a binary region loss).
+    * ``targets`` -- the target forms it takes, natural first: ``dense`` (the predictions' shape),
+      ``class_indices`` (without the class dimension), ``probabilities`` (of the predictions' shape).
+    * ``values`` -- the layout of ``values`` (:mod:`loss_service.layout`): ``NCS``, ``NS``, ``NC``, ``C``, ``N``.
+    * ``elementwise_totals`` -- the totals begin with ``[Σ w·ℓ, Σ w, Σ d, n]``;
+      ``indices_with_channel`` -- class indices may also come as ``(N, 1, *)``; ``single_channel`` -- every
+      non-batch dimension is spatial, ``(N, *)`` has no class dimension (a binary region loss).
     """
 
     targets: Tuple[str, ...]
@@ -184,40 +181,31 @@ _DENSE_FORMS = Forms(("dense",), "NCS")
 
 @dataclass(frozen=True)
 class LossSpec:
-    r"""Everything the project knows about one registered loss.
+    r"""Everything the project knows about one registered loss (the fields: docs/architecture.md).
 
-    * ``module`` -- the ``nn.Module`` (constructed with the hyperparameters as keywords);
-      ``forward(predictions, targets, weights=None)``, plus the scriptable methods
-      ``statistics(predictions, targets, weights, per_sample)`` and ``reductions(totals)``.
-    * ``function`` -- the functional form, ``function(predictions, targets, weights=None, **params)``.
-    * ``statistics_kernel(predictions, targets, weights, *, per_sample, **params)`` -- the kernel the
-      module's ``statistics`` calls, with every parameter but ``reduction`` passed by name:
-      float/int/bool parameters as 0-d tensors, vectors as tensors (``None`` is equivalent to all
-      ones), ``graph_input=False`` parameters as Python values. The ONNX exporter traces it with
-      the hyperparameters as graph inputs, so it never branches in Python on their values.
-    * ``reductions_kernel(totals, **params)`` -- ``(..., K)`` totals to ``(..., 3)``
-      ``[sum, mean, weighted_mean]`` (float64); it takes the parameters it needs by name
-      (default :func:`~._reduction.elementwise_reductions`, the rule of every elementwise loss).
-    * ``constants`` -- the kernels' arguments that are no hyperparameters, by name (a region loss's
-      overlap index: ``overlap_scale`` and the fixed ``alpha``, ``beta``, ``gamma``); numbers reach
-      the kernels as 0-d float64 tensors, ``None`` as ``None``.
-    * ``pixel_weights`` -- the call-time weights are pixel weights on the predictions' shape, and
-      ``(N,)`` weights weight a sample's share (region losses): ``statistics_kernel`` then takes
-      ``(predictions, targets, weights, sample_weights, ...)`` with both kinds as separate
-      arguments, and so do the ONNX graphs (a traced graph cannot tell ``(N,)`` from full-shape
-      weights per request). Otherwise ``(N,)`` weights weight every element of their sample.
-    * ``forms(settings)`` -- the :class:`Forms` of a setting of the structural parameters
-      (defaults filled in); ``None`` derives them from ``targets``.
-    * ``make_inputs(batch, num_classes, spatial, generator, dtype, params)`` -- valid random
-      ``(predictions, targets)`` for tests, export and verification.
-    * ``test_params`` -- the hyperparameter settings every generated test and export check covers.
-    * ``variants`` -- settings of the non-graph-input parameters that get their own ONNX graph; the
-      first (``{}``, the defaults) is ``<name>.onnx``.
-    * ``logits_alternative`` -- the registered loss that takes logits for the same targets, named
-      to a caller who sends logits to this loss of probabilities (``bce`` -> ``bce_with_logits``).
-    * ``target_range`` -- the closed interval dense targets must lie in, values equal to the
-      ``ignore_index`` excepted (``None``: any finite value). The eager kernel checks it; the
-      server checks it for every backend, since the exported graphs check no values.
+    * ``module`` -- the ``nn.Module``, built with the hyperparameters as keywords: ``forward(predictions,
+      targets, weights=None)`` and the scriptable ``statistics(predictions, targets, weights, per_sample)``
+      and ``reductions(totals)``; ``function(predictions, targets, weights=None, **params)``.
+    * ``statistics_kernel(predictions, targets, weights, *, per_sample, **params)`` -- what ``statistics``
+      calls, every parameter but ``reduction`` by name: float/int/bool ones as 0-d tensors, vectors as
+      tensors (``None`` is all ones), ``graph_input=False`` ones as Python values. The ONNX exporter traces
+      it with the hyperparameters as graph inputs, so it never branches in Python on their values.
+    * ``reductions_kernel(totals, **params)`` -- ``(..., K)`` totals to ``(..., 3)`` ``[sum, mean,
+      weighted_mean]`` in float64, with the parameters it needs by name (default: the elementwise rule).
+    * ``constants`` -- kernel arguments that are no hyperparameters (a region loss's overlap index:
+      ``overlap_scale`` and fixed ``alpha``, ``beta``, ``gamma``), numbers as 0-d float64 tensors.
+    * ``pixel_weights`` -- call-time weights are pixel weights and ``(N,)`` weights weight a sample's share
+      (region losses): ``statistics_kernel`` and the ONNX graphs take ``(predictions, targets, weights,
+      sample_weights, ...)``, as a traced graph cannot tell them apart per request. Otherwise ``(N,)``
+      weights weight every element of their sample.
+    * ``forms(settings)`` -- the :class:`Forms` of a setting of the structural parameters (defaults filled
+      in); ``None`` derives them from ``targets``.
+    * ``make_inputs(batch, num_classes, spatial, generator, dtype, params)`` -- valid random ``(predictions,
+      targets)``; ``test_params`` -- the settings every generated test and export check covers;
+      ``variants`` -- structural settings with their own ONNX graph, the first (``{}``) ``<name>.onnx``.
+    * ``logits_alternative`` -- the loss on logits for the same targets (``bce`` -> ``bce_with_logits``).
+    * ``target_range`` -- the closed interval dense targets lie in, ``ignore_index`` excepted (``None``: any
+      finite value): checked by the eager kernel, and by the server for every backend.
     """
 
     name: str

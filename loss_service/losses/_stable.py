@@ -1,11 +1,6 @@
-r"""Numerically stable building blocks that stay stable after export.
-
-``torch.nn.functional.logsigmoid`` is stable in eager mode and TorchScript, but the ONNX exporter
-lowers it to ``Log(Sigmoid(x))``, which is ``-inf`` for ``x = -1e4``. The forms here are written
-with operations that every runtime evaluates stably.
-
-:func:`logsumexp` and :func:`log_softmax` are the same formulas as torch's, with a faster eager
-form for inference (see :func:`logsumexp`).
+r"""Numerically stable building blocks that stay stable after export: ``F.logsigmoid`` is stable in eager
+mode and TorchScript, but the ONNX exporter lowers it to ``Log(Sigmoid(x))``, ``-inf`` for ``x = -1e4``.
+:func:`logsumexp` and :func:`log_softmax` are torch's formulas, with a faster eager form for inference.
 """
 import torch
 from torch import Tensor
@@ -24,16 +19,11 @@ def logsumexp(x: Tensor, dim: int) -> Tensor:
     .. math::
         \operatorname{lse}(x) = m + \log \sum_c \exp(x_c - m)
 
-    Two forms of the same value (within the rounding of the result):
-
-    * while exporting or when autograd records ``x``: :func:`torch.logsumexp`;
-    * otherwise (inference, the server) ``x`` is read once on the host for its range: inside
-      ``[-40, 40]`` every ``exp(x_c)`` is a normal number and their sum cannot overflow, so
-      ``m = 0`` and the two full-size passes of the shift (row maximum, subtraction) are skipped;
-      outside it (logits of ±1e4) ``m`` is the row maximum, 0 where that is not finite. The class
-      sum over the last dimension is then a matrix-vector product with ones (see
-      :func:`_class_sum`). This form is never below ``max_c x_c`` by more than its rounding; the
-      other never is.
+    :func:`torch.logsumexp` while exporting or when autograd records ``x``; otherwise (inference) ``x`` is read
+    once on the host for its range: inside ``[-40, 40]`` every ``exp(x_c)`` is normal and their sum cannot
+    overflow, so ``m = 0`` and the shift's two full-size passes are skipped; outside (logits of ±1e4) ``m`` is
+    the row maximum, 0 where not finite; the class sum is :func:`_class_sum`'s. The same value within its
+    rounding, by which (only) it may fall below ``max_c x_c``; torch's form never does.
     """
     num_classes = x.shape[dim]
     if is_exporting() or num_classes == 0 or x.numel() == 0 or (torch.is_grad_enabled() and x.requires_grad):

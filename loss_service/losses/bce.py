@@ -1,4 +1,10 @@
-r"""Binary cross-entropy on probabilities (``bce``) and on logits (``bce_with_logits``)."""
+r"""Binary cross-entropy on probabilities (``bce``) and on logits (``bce_with_logits``).
+
+Their arguments follow docs/losses.md: predictions and targets of one shape ``(N, *)``, targets in
+``[0, 1]``; ``weights`` ``(N,)`` per sample or broadcastable to the predictions; per-class vectors of
+length ``C`` along ``class_dim``; ``mean`` divides by the element count (torch's ``weight`` semantics),
+``weighted_mean`` by ``Σ w``.
+"""
 import functools
 from typing import Any, Dict, Optional, Tuple
 
@@ -83,16 +89,8 @@ def binary_cross_entropy(
     .. math::
         \ell_i = -w_i\,[\,t_i \max(\log p_i, -100) + (1 - t_i) \max(\log(1 - p_i), -100)\,]
 
-    Args:
-        predictions: probabilities in ``[0, 1]``, any shape ``(N, *)``.
-        targets: same shape, values in ``[0, 1]``.
-        weights: ``(N,)`` per-sample or any shape broadcastable to the predictions.
-        class_weight: per-class vector of length ``C`` applied along ``class_dim``.
-        reduction: ``none`` | ``mean`` (divides by the element count, as torch) | ``sum`` |
-            ``weighted_mean`` (divides by ``Σ w``).
-
-    Equals :func:`torch.nn.functional.binary_cross_entropy` (``weight=weights``), including the
-    log clamp at -100.
+    Predictions are probabilities in ``[0, 1]``. Equals :func:`torch.nn.functional.binary_cross_entropy`
+    (``weight=weights``), including the log clamp at -100.
     """
     check_reduction(reduction)
     values, totals, _ = bce_statistics(predictions, targets, weights, vector_argument(class_weight), class_dim, False)
@@ -150,18 +148,10 @@ def binary_cross_entropy_with_logits(
         \ell_i = -w_i\,[\,p_c\, t_i \log\sigma(x_i) + (1 - t_i)\log\sigma(-x_i)\,]
                = w_i\,[\,(1 - t_i)\,x_i - (p_c t_i + 1 - t_i)\log\sigma(x_i)\,]
 
-    with :math:`p_c` the ``pos_weight`` of the element's class and ``log σ`` computed by
-    ``logsigmoid`` (never ``log(sigmoid(x))``, which is ``-inf`` for ``x = -1e4``).
-
-    Args:
-        predictions: logits ``(N, *)``; targets: same shape, values in ``[0, 1]``.
-        weights: ``(N,)`` per-sample or broadcastable to the predictions.
-        pos_weight: weight of positive examples, per class (length ``C`` along ``class_dim``).
-        class_weight: per-class weight of the whole term (length ``C`` along ``class_dim``).
-        reduction: ``none`` | ``mean`` (element count) | ``sum`` | ``weighted_mean`` (``Σ w``).
-
-    Equals :func:`torch.nn.functional.binary_cross_entropy_with_logits` (``weight=weights``;
-    a length-``C`` ``pos_weight`` there broadcasts along the last dim, here along ``class_dim``).
+    with :math:`p_c` the ``pos_weight`` (weight of positive examples) of the element's class and ``log σ``
+    computed stably (never ``log(sigmoid(x))``, which is ``-inf`` for ``x = -1e4``). Equals
+    :func:`torch.nn.functional.binary_cross_entropy_with_logits` (``weight=weights``; a length-``C``
+    ``pos_weight`` there broadcasts along the last dim, here along ``class_dim``).
     """
     class_weight = vector_argument(class_weight)
     check_reduction(reduction)
@@ -174,22 +164,11 @@ def binary_cross_entropy_with_logits(
 class BCELoss(ElementwiseLoss):
     r"""Module form of :func:`binary_cross_entropy`; ``class_weight`` is a buffer."""
 
-
-    def __init__(self, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1) -> None:
-        super().__init__(class_weight, reduction, class_dim)
-
-    @torch.jit.export
-    def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        return bce_statistics(
-            predictions, targets, weights, optional_vector(self.class_weight), self.class_dim, per_sample
-        )
+    kernel = staticmethod(bce_statistics)
 
 
 class BCEWithLogitsLoss(ElementwiseLoss):
     r"""Module form of :func:`binary_cross_entropy_with_logits`; tensor settings are buffers."""
-
 
     def __init__(
         self, pos_weight: Optional[Tensor] = None, class_weight: Optional[Tensor] = None, reduction: str = "mean",

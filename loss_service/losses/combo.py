@@ -17,8 +17,8 @@ from ._reduction import (
 )
 from .bce import bce_with_logits_statistics
 from .region import (
-    DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _constant, _flag, _region_loss, prepare, region_inputs,
-    region_reductions, region_statistics, split_weights,
+    DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _constant, _flag, _region_loss, _weights3, prepare,
+    region_inputs, region_reductions, region_statistics, split_weights,
 )
 
 _BCE = get("bce_with_logits")
@@ -101,9 +101,7 @@ def bce_dice_statistics(
     # Ignored positions have weight 0 and, as for every loss here, do not count in `mean`'s
     # denominator: column 2 becomes the number of positions that are not ignored.
     counted = accumulate(keep.expand(probabilities.shape), [1, 2])
-    bce_sample_totals = torch.cat(
-        [bce_sample_totals[:, :2], counted.unsqueeze(1), bce_sample_totals[:, 3:]], dim=1
-    )
+    bce_sample_totals = torch.cat([bce_sample_totals[:, :2], counted.unsqueeze(1), bce_sample_totals[:, 3:]], dim=1)
     bce_totals = torch.cat([bce_totals[:2], counted.sum().reshape(1), bce_totals[3:]])
     sample_totals = torch.cat([bce_sample_totals, dice_sample_totals], dim=1)
     totals = torch.cat([bce_totals, dice_totals])
@@ -128,19 +126,11 @@ def bce_dice_loss(
         L = \lambda_{bce}\,\mathrm{BCE}(x, t) + \lambda_{dice}\,\mathrm{Dice}(\sigma(x), t)
 
     Each term is reduced by its own rule (:func:`~loss_service.losses.bce.binary_cross_entropy_with_logits`,
-    :func:`~loss_service.losses.region.dice_loss`) and the reduced values are combined, for every
-    reduction. With the defaults this is exactly ``bce_with_logits`` + binary ``dice`` with their
-    defaults.
-
-    Args:
-        predictions: logits, binary ``(N, 1, *)`` or ``(N, *)``; multilabel ``(N, C, *)``.
-        targets: the predictions' shape, values in ``[0, 1]`` or ``ignore_index`` (weight 0 in both
-            terms, not counted in BCE's ``mean`` denominator).
-        weights: ``(N,)`` per sample or pixel weights broadcastable to the predictions (both terms).
-        pos_weight: BCE's positive weight per class; class_weight: weight per class in both terms.
-        include_background, squared_pred, log_loss, smooth_nr, smooth_dr, batch: the Dice term's
-            (``include_background`` does not change the BCE term, as in MONAI's ``DiceCELoss``).
-        reduction: ``none`` returns ``(N,)``: each sample's combined loss alone, ``mean`` rule.
+    :func:`~loss_service.losses.region.dice_loss`), for every reduction: with the defaults this is exactly
+    ``bce_with_logits`` + binary ``dice``. Inputs, ``weights`` and ``class_weight`` serve both terms as
+    :func:`~loss_service.losses.region.dice_loss` reads them (``ignore_index``: weight 0, not counted in BCE's
+    ``mean``); ``pos_weight`` is BCE's, the other settings are Dice's (``include_background`` does not change
+    the BCE term, as in MONAI's ``DiceCELoss``). ``none`` returns ``(N,)``, each sample's loss alone.
     """
     term_weights = (_constant(bce_weight, predictions), _constant(dice_weight, predictions))
     return _region_loss(
@@ -196,10 +186,6 @@ class BCEDiceLoss(RegionLoss):
         )
 
 
-def _vector3(*values: float) -> Tensor:
-    return torch.tensor(values, dtype=torch.float64)
-
-
 register(LossSpec(
     name="bce_dice", family="combo", target_range=DENSE_TARGET_RANGE,
     summary="bce_weight · BCE-with-logits + dice_weight · soft Dice (binary, multilabel)", module=BCEDiceLoss,
@@ -212,7 +198,7 @@ register(LossSpec(
     reference="bce_weight · F.binary_cross_entropy_with_logits + dice_weight · dice, each reduced by its own rule",
     test_params=(
         {},
-        {"mode": "multilabel", "pos_weight": _vector3(2.0, 1.0, 0.5), "class_weight": _vector3(1.0, 0.5, 2.0),
+        {"mode": "multilabel", "pos_weight": _weights3(2.0, 1.0, 0.5), "class_weight": _weights3(1.0, 0.5, 2.0),
          "bce_weight": 0.5, "dice_weight": 2.0, "ignore_index": 255},
         {"mode": "multilabel", "batch": True, "include_background": False, "squared_pred": True,
          "log_loss": True},

@@ -1,11 +1,7 @@
-r"""Softmax cross-entropy (``cross_entropy``) and negative log-likelihood (``nll``).
-
-Both follow :func:`torch.nn.functional.cross_entropy` / :func:`~torch.nn.functional.nll_loss`
-exactly (class weights, ``ignore_index``, label smoothing and torch's ``mean`` denominator), and
-return 0 with zero gradients where torch returns NaN because every target is ignored. The helpers
-for class-index targets here are shared with the softmax focal loss in :mod:`.focal`.
+r"""Softmax cross-entropy (``cross_entropy``) and negative log-likelihood (``nll``), as torch's (class weights,
+``ignore_index``, label smoothing, ``mean`` denominator) but 0 with zero gradients where every target is
+ignored (torch: NaN). The class-index helpers here serve the softmax focal loss (:mod:`.focal`) too.
 """
-import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -22,21 +18,18 @@ from ._reduction import (
 )
 
 
-def check_label_smoothing(label_smoothing: Tensor) -> None:
+def check_range(value: Tensor, name: str, high: float, expected: str) -> None:
+    r"""``ValueError`` unless ``0 <= value <= high``, outside export: one host read and Python comparisons (NaN
+    fails both) rather than a tensor expression."""
     if not is_exporting():
-        # One host read and Python comparisons (NaN fails both) rather than a tensor expression.
-        value = float(label_smoothing.item())
-        if not (value >= 0.0 and value <= 1.0):
-            raise ValueError("label_smoothing must be in [0, 1], got {}".format(value))
+        number = float(value.item())
+        if not (number >= 0.0 and number <= high):
+            raise ValueError("{} must be {}, got {}".format(name, expected, number))
 
 
 def index_tensor(targets: Tensor, shape: List[int], dim: int, probabilities_allowed: bool) -> Tensor:
-    r"""Class-index ``targets`` as int64, their shape and dtype checked.
-
-    ``targets`` must have ``shape`` without its class dimension ``dim`` (``(N, d1..dk)`` for
-    ``(N, C, d1..dk)``) and hold integers in ``[0, C)`` or ``ignore_index``; integer-valued
-    floating-point targets are accepted as indices. Their range is checked by :func:`check_class_range`.
-    """
+    r"""Class-index ``targets`` as int64: ``shape`` without its class dimension ``dim``, integers (or
+    integer-valued floats); their range ``[0, C)`` or ``ignore_index`` is :func:`check_class_range`'s."""
     expected = shape[:dim] + shape[dim + 1:]
     if list(targets.shape) != expected:
         alternative = " or class probabilities of shape {}".format(shape) if probabilities_allowed else ""
@@ -56,10 +49,7 @@ def check_class_range(
     kept_indices: Tensor, indices: Tensor, valid: Tensor, ignore_index: Tensor, num_classes: int
 ) -> None:
     r"""``ValueError`` unless every non-ignored index is in ``[0, C)``; a host check, never while exporting.
-
-    ``kept_indices`` is ``indices`` with the ignored ones replaced by 0 (one ``aminmax`` pass in the
-    common case); the offending value is only looked up to write the message.
-    """
+    ``kept_indices`` has 0 for the ignored ``indices`` (one ``aminmax`` pass in the common case)."""
     if is_exporting() or indices.numel() == 0:
         return
     smallest, largest = torch.aminmax(kept_indices)
@@ -80,13 +70,9 @@ def _raise_out_of_range(indices: Tensor, out_of_range: Tensor, ignore_index: Ten
 def class_index_mask(
     targets: Tensor, ignore_index: Tensor, shape: List[int], dim: int, probabilities_allowed: bool
 ) -> Tuple[Tensor, Tensor]:
-    r"""``(target_mask, valid)`` for class-index ``targets`` of predictions of ``shape``.
-
-    ``targets`` are as in :func:`index_tensor`; ``valid`` is False where they equal ``ignore_index``.
-    The range checks run on the host (never a device-side assert) and are skipped while exporting.
-    ``target_mask`` (bool, ``shape``) is True at each element's target class -- a comparison with
-    ``arange(C)`` rather than ``one_hot``, so the class count stays symbolic in an exported graph.
-    """
+    r"""``(target_mask, valid)`` of class-index ``targets`` (:func:`index_tensor`, range-checked on the host
+    outside export): ``valid`` is False at ``ignore_index``; ``target_mask`` (bool, ``shape``) is True at the
+    target class, by comparison with ``arange(C)`` (not ``one_hot``: the class count stays symbolic in ONNX)."""
     indices = index_tensor(targets, shape, dim, probabilities_allowed)
     valid = indices != ignore_index
     num_classes = shape[dim]
@@ -99,11 +85,8 @@ def class_index_mask(
 
 
 def select_class(values: Tensor, target_mask: Tensor, dim: int) -> Tensor:
-    r"""``values`` at each element's target class (0 where no class is selected).
-
-    ``torch.where`` rather than a product with the mask: a ``-inf`` log-probability of a class that
-    is not the target must not turn into ``0 · inf = NaN``.
-    """
+    r"""``values`` at each element's target class (0 where none): ``torch.where``, as a product with the mask
+    would turn a ``-inf`` log-probability of another class into ``0 · inf = NaN``."""
     return torch.where(target_mask, values, torch.zeros_like(values)).sum(dim)
 
 
@@ -111,13 +94,9 @@ def index_weights(
     weights: Optional[Tensor], class_weight: Optional[Tensor], target_mask: Tensor, valid: Tensor, dim: int,
     dtype: torch.dtype,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    r"""``(w, d, sample_weight)`` of class-index targets.
-
-    ``d`` is the ``mean`` denominator per element, the class weight of the target (1 without
-    class weights) and 0 where ignored, as torch; ``w = weights · d`` is the full effective weight;
-    ``sample_weight`` is the call-time ``weights`` shaped for the elementwise shape (or ``None``).
-    ``class_weight`` is already shaped along ``dim`` (see :func:`per_class`).
-    """
+    r"""``(w, d, sample_weight)`` of class-index targets: ``d``, the ``mean`` denominator, is the target's class
+    weight (1 without) and 0 where ignored, as torch; ``w = weights · d``; ``sample_weight`` is ``weights``
+    shaped for the elementwise shape (or ``None``). ``class_weight`` is shaped along ``dim`` (:func:`per_class`)."""
     valid_weight = valid.to(dtype)
     if class_weight is None:
         denominator = valid_weight
@@ -131,11 +110,8 @@ def index_weights(
 
 
 def class_vector_along(class_weight: Tensor, shape: List[int], dim: int) -> Optional[Tensor]:
-    r"""The ``(C,)`` vector of a per-class weight shaped by :func:`per_class` along ``dim``.
-
-    ``None`` when the weight also varies along another dimension (a tensor that was given already
-    shaped to broadcast): the caller then keeps the general class-mask form.
-    """
+    r"""The ``(C,)`` vector of a per-class weight shaped by :func:`per_class` along ``dim``; ``None`` when it
+    also varies along another dimension (given shaped to broadcast), for the general class-mask form."""
     num_classes = shape[dim]
     if class_weight.dim() == 0:
         return class_weight.expand([num_classes])
@@ -149,13 +125,9 @@ def class_vector_along(class_weight: Tensor, shape: List[int], dim: int) -> Opti
 def eager_index_targets(
     targets: Tensor, ignore_index: Tensor, shape: List[int], dim: int
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    r"""``(indices, valid)`` of class-index ``targets`` outside export, range-checked on the host.
-
-    One ``aminmax`` of the indices, read on the host, serves the range check and tells whether any
-    target can equal ``ignore_index``. When none can, ``valid`` is ``None`` (every element counts)
-    and no mask is built; otherwise ``valid`` is as in :func:`class_index_mask` and the returned
-    indices are 0 where ignored, so that they can be gathered.
-    """
+    r"""``(indices, valid)`` of class-index ``targets`` outside export. One ``aminmax`` read on the host serves
+    the range check and tells whether any target can equal ``ignore_index``: if none can, ``valid`` is ``None``
+    (no mask); else ``valid`` is as in :func:`class_index_mask` and the indices are 0 where ignored."""
     indices = index_tensor(targets, shape, dim, True)
     num_classes = shape[dim]
     if indices.numel() == 0:
@@ -180,12 +152,9 @@ def eager_index_targets(
 def eager_target_nll(
     x: Tensor, lse: Tensor, indices: Tensor, valid: Optional[Tensor], dim: int, keep_lse: bool
 ) -> Tensor:
-    r"""The target's :math:`-\log p_y = \operatorname{lse}(x) - x_y` (0 where ignored), outside export.
-
-    One gather of the target logit instead of a full ``log_softmax``, a class mask and a masked sum
-    over the classes. ``x`` must be contiguous and ``lse`` its :func:`~._stable.logsumexp`, which is
-    updated in place unless autograd records ``x`` or ``keep_lse``.
-    """
+    r"""The target's :math:`-\log p_y = \operatorname{lse}(x) - x_y` (0 where ignored) outside export: one
+    gather instead of a ``log_softmax``, a class mask and a masked sum. ``lse`` is the contiguous ``x``'s
+    :func:`~._stable.logsumexp`, updated in place unless autograd records ``x`` or ``keep_lse``."""
     target_logit = torch.gather(x, dim, indices.unsqueeze(dim)).squeeze(dim)
     if torch.is_grad_enabled() and x.requires_grad:
         # torch.logsumexp (the autograd form) is m + log(Σ exp(x - m)) >= m >= x_y: no clamp needed.
@@ -204,12 +173,9 @@ def eager_index_weights(
     weights: Optional[Tensor], class_vector: Optional[Tensor], indices: Tensor, valid: Optional[Tensor],
     dtype: torch.dtype,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    r"""``(w, d, sample_weight)`` as :func:`index_weights`, from the outputs of :func:`eager_index_targets`.
-
-    ``None`` stands for 1 per element: ``d`` is ``None`` without class weights when no target is
-    ignored, and ``w`` too without call-time ``weights`` (the totals then count these on the host).
-    ``class_vector`` is the ``(C,)`` class weight (or ``None``).
-    """
+    r"""``(w, d, sample_weight)`` as :func:`index_weights` from :func:`eager_index_targets` and the ``(C,)``
+    ``class_vector``; ``None`` is 1 per element: ``d`` without class weights or ignored targets, ``w`` if also
+    without ``weights``."""
     denominator: Optional[Tensor] = None
     if class_vector is not None:
         denominator = class_vector[indices]
@@ -229,12 +195,9 @@ def probability_target_statistics(
     class_losses: Tensor, targets: Tensor, weights: Optional[Tensor], epsilon: Tensor, weight_c: Optional[Tensor],
     dim: int, dtype: torch.dtype, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics of a softmax loss on probability targets ``q`` (shared by ``cross_entropy`` and ``focal``).
-
-    ``class_losses`` holds the per-class term (``-log p_c`` for cross-entropy, the focal term for
-    focal); the loss is ``Σ_c q̃_c · w_c · class_losses_c`` with ``q̃ = (1 - ε) q + ε / C``, and its
-    ``mean`` divides by the element count ``N·d1..dk``, as torch does for probability targets.
-    """
+    r"""Statistics of a softmax loss on probability targets ``q``: ``Σ_c q̃_c · w_c · class_losses_c`` with
+    ``q̃ = (1 - ε) q + ε / C`` and ``class_losses`` ``-log p_c`` or the focal term; ``mean`` divides by the
+    element count ``N·d1..dk``, as torch for probability targets."""
     smoothed = (1.0 - epsilon) * as_float(targets, dtype, "targets") + epsilon / class_losses.shape[dim]
     terms = smoothed * class_losses
     if weight_c is not None:
@@ -255,33 +218,24 @@ def _smallest_normal(dtype: torch.dtype) -> float:
 
 
 def modulating_factor(one_minus_p: Tensor, gamma: Tensor) -> Tensor:
-    r"""``(1 - p)^γ`` with finite gradients for every ``γ >= 0``.
-
-    At ``1 - p = 0`` the derivative ``γ (1 - p)^(γ-1)`` is infinite for ``γ < 1`` (and ``0 · inf``
-    for ``γ = 0``), so the base is clamped at the dtype's smallest normal number: the value changes
-    by at most ``tiny^γ`` and the clamp's zero gradient stops the backward pass there.
-    """
+    r"""``(1 - p)^γ`` with finite gradients for every ``γ >= 0``: the derivative ``γ (1 - p)^(γ-1)`` is infinite
+    at ``1 - p = 0`` for ``γ < 1`` (``0 · inf`` for ``γ = 0``), so the base is clamped at the dtype's smallest
+    normal number, which changes the value by at most ``tiny^γ`` and stops the backward pass there."""
     return power(torch.clamp(one_minus_p, min=_smallest_normal(one_minus_p.dtype)), gamma)
 
 
 def check_gamma(gamma: Tensor) -> None:
-    if not is_exporting():
-        # One host read and Python comparisons (NaN fails both) rather than a tensor expression.
-        value = float(gamma.item())
-        if not (value >= 0.0 and math.isfinite(value)):
-            raise ValueError("gamma must be a finite number >= 0, got {}".format(value))
+    # The bound is float64's largest number: inf is rejected.
+    check_range(gamma, "gamma", 1.7976931348623157e308, "a finite number >= 0")
 
 
 def class_weights(
     alpha: Optional[Tensor], balance_index: Optional[Tensor], class_weight: Optional[Tensor], shape: List[int], dim: int,
     dtype: torch.dtype,
 ) -> Optional[Tensor]:
-    r"""The per-class weight :math:`a_c = \alpha_c\, w_c` of a softmax loss, along ``dim``.
-
-    ``alpha`` is ``None`` (all ones: cross-entropy's :math:`a_c = w_c`), a per-class vector, or a
-    0-d scalar :math:`\alpha` that means :math:`\alpha` for class ``balance_index`` and
-    :math:`1 - \alpha` for every other class (the focal loss's).
-    """
+    r"""The per-class weight :math:`a_c = \alpha_c\, w_c` of a softmax loss, along ``dim``: ``alpha`` is ``None``
+    (cross-entropy's :math:`a_c = w_c`), a per-class vector, or a 0-d :math:`\alpha` for class ``balance_index``
+    and :math:`1 - \alpha` for the others (the focal loss's)."""
     combined: Optional[Tensor] = None
     if alpha is not None:
         if alpha.dim() == 0:
@@ -294,9 +248,7 @@ def class_weights(
                     raise ValueError("a scalar alpha must be in [0, 1], got {}".format(value))
                 balance = int(balance_index.item())
                 if balance < 0 or balance >= num_classes:
-                    raise ValueError(
-                        "balance_index must be a class in [0, {}), got {}".format(num_classes, balance)
-                    )
+                    raise ValueError("balance_index must be a class in [0, {}), got {}".format(num_classes, balance))
             view = [1] * len(shape)
             view[dim] = num_classes
             classes = torch.arange(num_classes, device=alpha.device).reshape(view)
@@ -330,9 +282,7 @@ def softmax_statistics(
     :math:`\ell = (1 - \varepsilon)\, a_y f(p_y) + \frac{\varepsilon}{C} \sum_c a_c f(p_c)` and
     :math:`d = a_y` (both 0 where ignored); one with class probabilities :math:`t` has
     :math:`\ell = \sum_c q_c a_c f(p_c)`, :math:`q = (1 - \varepsilon) t + \varepsilon / C`, :math:`d = 1`.
-    ``gamma``, ``label_smoothing`` (compute dtype), ``balance_index`` and ``ignore_index`` (int64) are
-    0-d tensors; targets with the predictions' rank are class probabilities, with one dimension
-    fewer class indices.
+    Hyperparameters are 0-d tensors; targets of the predictions' rank are class probabilities, else indices.
     """
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype)
@@ -340,7 +290,7 @@ def softmax_statistics(
     dim = normalize_class_dim(class_dim, len(shape))
     if gamma is not None:
         check_gamma(gamma)
-    check_label_smoothing(label_smoothing)
+    check_range(label_smoothing, "label_smoothing", 1.0, "in [0, 1]")
     epsilon = label_smoothing.to(dtype)
     weight_c = class_weights(alpha, balance_index, class_weight, shape, dim, dtype)
     if targets.dim() == len(shape):
@@ -450,21 +400,12 @@ def cross_entropy_loss(
         \ell = -\sum_c w_c\, q_c \log p_c, \quad q_c = (1 - \varepsilon)\, t_c + \varepsilon / C,
         \qquad d = 1.
 
-    Args:
-        predictions: logits ``(N, C, *)`` (classes along ``class_dim``).
-        targets: class indices ``(N, *)`` (integer dtype, or integer-valued floats) in
-            ``[0, C)`` or ``ignore_index``; or class probabilities of the predictions' shape.
-        weights: ``(N,)`` per-sample, or broadcastable to the elementwise shape ``(N, *)``;
-            they multiply :math:`\ell` and :math:`w` but not the ``mean`` denominator :math:`d`.
-        class_weight: per-class weight :math:`w_c`, length ``C`` along ``class_dim``.
-        ignore_index: class-index target that contributes nothing.
-        label_smoothing: :math:`\varepsilon \in [0, 1]`.
-        reduction: ``none`` | ``mean`` (:math:`\sum \ell / \sum d`, as torch) | ``sum`` |
-            ``weighted_mean`` (:math:`\sum \ell / \sum w`, :math:`w` = weights × :math:`d`).
-        class_dim: the class dimension (``-1`` for channels-last ``(N, *, C)``).
-
-    Equals :func:`torch.nn.functional.cross_entropy` wherever torch's result is finite, and is 0
-    (zero gradients) where every target is ignored.
+    Predictions are logits ``(N, C, *)``, classes along ``class_dim`` (``-1`` for channels-last); targets class
+    indices ``(N, *)`` (integer-valued floats too) in ``[0, C)`` or ``ignore_index``, or class probabilities of the
+    predictions' shape; :math:`\varepsilon \in [0, 1]`. ``weights`` (``(N,)`` or broadcastable to ``(N, *)``) multiply
+    :math:`\ell` and :math:`w` = weights × :math:`d` but not :math:`d`: ``mean`` is :math:`\sum \ell / \sum d`
+    (torch's), ``weighted_mean`` :math:`\sum \ell / \sum w`. Equals :func:`torch.nn.functional.cross_entropy` wherever
+    torch's result is finite, and is 0 (zero gradients) where every target is ignored.
     """
     check_reduction(reduction)
     values, totals, _ = cross_entropy_statistics(
@@ -505,15 +446,9 @@ def nll_loss(
     .. math::
         \ell = -w_y\, x_y, \qquad d = w_y \qquad (\ell = d = 0 \text{ where } y = \text{ignore\_index})
 
-    Args:
-        predictions: log-probabilities ``(N, C, *)`` (e.g. ``log_softmax`` output; not checked,
-            as in torch).
-        targets: class indices ``(N, *)`` in ``[0, C)`` or ``ignore_index``.
-        weights: ``(N,)`` per-sample, or broadcastable to ``(N, *)``; not part of :math:`d`.
-        class_weight: per-class weight :math:`w_c`, length ``C`` along ``class_dim``.
-        reduction: ``none`` | ``mean`` (:math:`\sum \ell / \sum d`) | ``sum`` | ``weighted_mean``.
-
-    Equals :func:`torch.nn.functional.nll_loss`, and is 0 where every target is ignored.
+    Predictions are log-probabilities ``(N, C, *)`` (not checked, as in torch); the rest, and ``mean`` =
+    :math:`\sum \ell / \sum d`, as :func:`cross_entropy_loss`'s class indices. Equals
+    :func:`torch.nn.functional.nll_loss`, and is 0 where every target is ignored.
     """
     check_reduction(reduction)
     values, totals, _ = nll_statistics(

@@ -72,17 +72,10 @@ def binary_focal_loss(
     the element's ``class_weight``. ``CE`` uses a stable log-sigmoid, so any finite logit gives a
     finite loss and gradient.
 
-    Args:
-        predictions: logits, any shape ``(N, *)``.
-        targets: same shape, values in ``[0, 1]`` (binary masks or soft labels).
-        weights: ``(N,)`` per-sample, or broadcastable to the predictions.
-        alpha: weight of positives :math:`\alpha \le 1`; negative disables the balancing.
-        gamma: focusing parameter :math:`\gamma \ge 0` (``gamma=0, alpha<0`` is ``bce_with_logits``).
-        class_weight: per-class weight, length ``C`` along ``class_dim``.
-        reduction: ``none`` | ``mean`` (plain mean over elements, as torchvision) | ``sum`` |
-            ``weighted_mean`` (:math:`\sum \ell / \sum w`).
-
-    Equals ``torchvision.ops.sigmoid_focal_loss`` for every ``alpha``, ``gamma`` and reduction.
+    ``alpha`` :math:`\le 1` weights positives (negative disables the balancing), ``gamma`` :math:`\ge 0`
+    (``gamma=0, alpha<0`` is ``bce_with_logits``, whose inputs and weights these are). ``mean`` is the plain
+    element mean (torchvision's), ``weighted_mean`` :math:`\sum \ell / \sum w`. Equals
+    ``torchvision.ops.sigmoid_focal_loss`` for every ``alpha``, ``gamma`` and reduction.
     """
     check_reduction(reduction)
     values, totals, _ = binary_focal_statistics(
@@ -92,17 +85,9 @@ def binary_focal_loss(
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
-def focal_statistics(
-    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], gamma: Tensor, alpha: Optional[Tensor],
-    balance_index: Tensor, class_weight: Optional[Tensor], ignore_index: Tensor, label_smoothing: Tensor,
-    class_dim: int, per_sample: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`focal_loss`: :func:`~.cross_entropy.softmax_statistics` with ``gamma``;
-    ``alpha`` is ``None``, a 0-d tensor or a per-class vector."""
-    return softmax_statistics(
-        predictions, targets, weights, gamma, alpha, balance_index, class_weight, ignore_index, label_smoothing,
-        class_dim, per_sample,
-    )
+# Statistics kernel of focal_loss: the softmax kernel, its arguments named as the focal parameters (gamma a
+# 0-d tensor; alpha None, a 0-d tensor or a per-class vector).
+focal_statistics = softmax_statistics
 
 
 def _number_or_vector(value: Any) -> Union[float, Tensor, None]:
@@ -137,14 +122,9 @@ def focal_loss(
     :math:`\gamma = 0` this is :func:`~loss_service.losses.cross_entropy.cross_entropy_loss` with
     ``class_weight`` :math:`a`, for every reduction.
 
-    Args:
-        gamma: focusing parameter :math:`\gamma \ge 0`.
-        alpha: ``None`` (no balancing); a per-class vector :math:`\alpha_c` (length ``C``, used
-            as given: a normalisation to sum 1 cancels in ``mean``); or a scalar in ``[0, 1]``
-            meaning :math:`\alpha` for class ``balance_index`` and :math:`1 - \alpha` for the others.
-        balance_index: the class a scalar ``alpha`` applies to.
-        class_weight: per-class weight :math:`w_c` (multiplies ``alpha``).
-        the others: as :func:`~loss_service.losses.cross_entropy.cross_entropy_loss`, reductions included.
+    ``alpha`` is ``None`` (no balancing), a per-class vector :math:`\alpha_c` (used as given: a normalisation
+    to sum 1 cancels in ``mean``) or a scalar in ``[0, 1]``: :math:`\alpha` for class ``balance_index``,
+    :math:`1 - \alpha` for the others. The rest as :func:`~loss_service.losses.cross_entropy.cross_entropy_loss`.
     """
     check_reduction(reduction)
     if not torch.jit.is_scripting():
@@ -189,13 +169,9 @@ class BinaryFocalLoss(ElementwiseLoss):
 
 
 class FocalLoss(ElementwiseLoss):
-    r"""Module form of :func:`focal_loss`.
-
-    ``alpha`` is a buffer: empty when unset, 0-d for the scalar (``balance_index``) form, 1-d for a
-    per-class vector. Lists and floats are accepted, as in the blog's
-    ``FocalLoss(num_class, alpha=0.6, gamma=2, balance_index=0)`` (the class count comes from the
-    predictions here).
-    """
+    r"""Module form of :func:`focal_loss`. ``alpha`` is a buffer: empty when unset, 0-d for the scalar
+    (``balance_index``) form, 1-d for a per-class vector; lists and floats are accepted, as in the blog's
+    ``FocalLoss(num_class, alpha=0.6, gamma=2, balance_index=0)`` (the class count comes from the predictions)."""
 
     gamma: float
     balance_index: int

@@ -1,4 +1,4 @@
-r"""Region (overlap) losses on logits: soft Dice, IoU (Jaccard), Tversky and focal Tversky.
+r"""Region (overlap) losses on logits: soft Dice, IoU (Jaccard), Tversky and focal Tversky (docs/losses/region.md).
 
 All four are one kernel family. Per sample ``n`` and class ``c`` the kernel accumulates, over the
 spatial positions ``i`` and in float64,
@@ -14,21 +14,16 @@ spatial positions ``i`` and in float64,
 .. math::
     I = \frac{k\,TP + s_{nr}}{k\,(TP + \alpha\,FP + \beta\,FN) + s_{dr}}
 
-with ``k = 2, α = β = 1/2`` for Dice (``(2TP + s_nr) / (P + T + s_dr)``), ``k = 1, α = β = 1``
-for IoU and ``k = 1`` with the user's ``α``, ``β`` for Tversky; the loss is ``1 - I`` (or
-``-log I`` with ``log_loss``), and ``max(·, 0)^γ`` of that for focal Tversky.
+(Dice: ``k = 2, α = β = 1/2``, ``(2TP + s_nr) / (P + T + s_dr)``; IoU: ``k = 1, α = β = 1``; Tversky:
+``k = 1`` with the user's ``α``, ``β``), as ``1 - I`` (``-log I`` with ``log_loss``), and ``max(·, 0)^γ`` of
+that for focal Tversky.
 
-With ``batch=False`` every ``(n, c)`` has its own index; the totals are the elementwise totals
-``[Σ w·ℓ, Σ w, Σ d, n]`` of that ``(N, C)`` loss matrix. With ``batch=True`` the statistics are
-summed over the batch first: the totals are ``[TP_c…, P_c…, T_c…]`` (length ``3C``) and the
-reductions kernel turns them into the per-class losses. Both are additive over batches, so a
-dataset scored batch by batch gets exactly the loss of the concatenated dataset.
-
-Call-time weights: ``(N,)`` weights are per-sample weights :math:`s_n` (``batch=False``: the
-``(n, c)`` losses get weight :math:`s_n w_c`; ``batch=True``: sample ``n``'s sums are scaled by
-:math:`s_n`); any other shape is a pixel weight :math:`w_{nci}` inside the sums. Modules and
-functions split a call's weights (:func:`split_weights`); :func:`region_statistics` takes both
-kinds as separate arguments (the ONNX graphs feed both, see :mod:`loss_service.layout`).
+``batch=False``: one index per ``(n, c)``, and the totals are the elementwise ``[Σ w·ℓ, Σ w, Σ d, n]`` of
+that ``(N, C)`` loss matrix. ``batch=True``: the sums also run over the batch, and the totals
+``[TP_c…, P_c…, T_c…]`` (length ``3C``) become per-class losses in the reductions kernel. Both are additive
+over batches. ``(N,)`` call-time weights are per-sample weights :math:`s_n` (of the ``(n, c)`` losses, or
+scaling sample ``n``'s sums with ``batch``), any other shape pixel weights :math:`w_{nci}`;
+:func:`split_weights` tells them apart for :func:`region_statistics`, which takes both.
 """
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -102,12 +97,8 @@ def _flatten_spatial(x: Tensor, class_channel: bool) -> Tensor:
 
 def prepare(predictions: Tensor, targets: Tensor, ignore_index: Tensor, mode: str) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Probabilities, dense targets and the not-ignored mask, each ``(N, C, S)`` (mask may be ``(N, 1, S)``).
-
-    binary: every non-batch dimension is spatial and there is one channel (``C = 1``).
-    multiclass: targets ``(N, *)``, or ``(N, 1, *)`` with ``C > 1``, are integer class indices;
-    targets of the predictions' shape are class probabilities (the shape decides, as in the ONNX
-    layout, so a graph and the eager kernel read a request the same way).
-    """
+    binary: every non-batch dimension is spatial, ``C = 1``. multiclass: targets of the predictions' shape
+    are class probabilities, others class indices (the shape decides, as in the ONNX layout)."""
     if mode not in ["binary", "multilabel", "multiclass"]:
         raise ValueError("mode must be one of 'binary', 'multilabel', 'multiclass', got '{}'".format(mode))
     if predictions.dim() == 0:
@@ -185,9 +176,7 @@ def prepare_class_indices(
     ignored = index == ignore_index.to(index.dtype)
     if not is_exporting() and index.numel() > 0:
         if bool(((~ignored) & ((index < 0) | (index >= num_classes))).any()):
-            raise ValueError(
-                "multiclass targets must be in [0, {}) or equal ignore_index".format(num_classes)
-            )
+            raise ValueError("multiclass targets must be in [0, {}) or equal ignore_index".format(num_classes))
     probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
     flat_index = _flatten_spatial(index, False)
     classes = torch.arange(num_classes, device=x.device).reshape(1, num_classes, 1)
@@ -201,11 +190,8 @@ def _class_vectors(
     num_classes: int, include_background: Tensor, class_weight: Optional[Tensor], device: torch.device,
 ) -> Tuple[Tensor, Tensor]:
     r"""``(kept, loss_weight)``, float64 ``(C,)``: 1/0 per kept/dropped class, and ``class_weight · kept``.
-
-    Channel 0 is background only when there are other channels (as MONAI, which ignores
-    ``include_background=False`` for a single channel); it is dropped by a zero in ``kept`` rather
-    than by slicing, so the graph and the output shape do not depend on ``include_background``.
-    """
+    Channel 0 is background only beside other channels (as MONAI); it is dropped by a zero in ``kept``, not by
+    slicing, so the graph and the output shape do not depend on ``include_background``."""
     classes = torch.arange(num_classes, device=device)
     background = (classes == 0) & (classes < num_classes - 1)
     dropped = background & (~include_background.to(torch.bool))
@@ -260,12 +246,9 @@ def _batch_losses(totals: Tensor, index: OverlapIndex) -> Tensor:
 
 
 def split_weights(weights: Optional[Tensor], predictions: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    r"""Call-time ``weights`` of a region loss as ``(pixel_weights, sample_weights)``.
-
-    ``(N,)`` weights of predictions with more than one dimension are per-sample weights (they
-    weight a sample's overlap, which no pixel weight can express); any other shape is a pixel
-    weight broadcastable to the predictions. Shape errors name ``weights`` and both shapes.
-    """
+    r"""Call-time ``weights`` of a region loss as ``(pixel_weights, sample_weights)``: ``(N,)`` weights of
+    predictions with more than one dimension weight a sample's overlap (no pixel weight can); any other shape
+    is a pixel weight broadcastable to the predictions."""
     if weights is None:
         return None, None
     sample_or_element_weights(weights, list(predictions.shape))
@@ -301,17 +284,11 @@ def region_statistics(
     smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, squared_pred: Tensor, ignore_index: Tensor,
     class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""The statistics kernel of every region loss: the overlap index ``k = overlap_scale``, ``α``,
-    ``β`` (and ``γ`` for focal Tversky, else ``None``) of the module docstring.
-
-    ``weights`` are pixel weights :math:`w_{nci}` (broadcastable to the predictions, never read
-    as per-sample) and ``sample_weights`` :math:`s_n` has shape ``(N,)`` (:func:`split_weights`
-    tells a call's ``weights`` apart); ``None`` means ones for either, and both may be given. With
-    ``batch=False`` the loss of ``(n, c)`` gets the weight :math:`s_n\,w_c` (``w_c`` the class
-    weight); with ``batch=True`` the sums become :math:`TP_c = \sum_n s_n \sum_i w_{nci}\,p_{nci}\,t_{nci}`
-    (and so on for ``P``, ``T``). The ONNX graphs feed both (ones for the kind a request does not
-    use), since a traced graph cannot decide per request whether a weight is ``(N,)`` or full-shape.
-    """
+    r"""The statistics kernel of every region loss, of the overlap index ``k = overlap_scale``, ``α``, ``β`` (and
+    ``γ`` for focal Tversky, else ``None``) of the module docstring. Pixel ``weights`` :math:`w_{nci}` (never
+    per-sample) and ``(N,)`` ``sample_weights`` :math:`s_n` may both be given (``None`` is ones; the ONNX graphs
+    feed both): ``batch=False`` weights the loss of ``(n, c)`` by :math:`s_n\,w_c` (``w_c`` the class weight),
+    ``batch=True`` sums :math:`TP_c = \sum_n s_n \sum_i w_{nci}\,p_{nci}\,t_{nci}` (and ``P``, ``T`` alike)."""
     _check_split_weights(weights, sample_weights, predictions)
     probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
     num_classes = probabilities.shape[1]
@@ -351,7 +328,6 @@ def region_reductions(
     smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""The reductions kernel of every region loss: ``(..., K)`` totals to ``[sum, mean, weighted_mean]``.
-
     ``batch=False``: the elementwise rule over the ``(n, c)`` losses (``mean`` divides by ``N·C'``,
     ``C'`` the kept classes, as MONAI's mean). ``batch=True``: per-class losses ``ℓ_c`` from
     ``[TP_c…, P_c…, T_c…]`` and class weights ``w_c``: ``Σ w_c ℓ_c``, ``Σ w_c ℓ_c / C'`` and
@@ -368,9 +344,7 @@ def region_reductions(
     losses = _batch_losses(totals, (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss))
     kept, loss_weight = _class_vectors(losses.shape[-1], include_background, class_weight, totals.device)
     loss_sum = (losses * loss_weight).sum(-1)
-    return torch.stack(
-        [loss_sum, safe_divide(loss_sum, kept.sum()), safe_divide(loss_sum, loss_weight.sum())], dim=-1
-    )
+    return torch.stack([loss_sum, safe_divide(loss_sum, kept.sum()), safe_divide(loss_sum, loss_weight.sum())], dim=-1)
 
 
 def _constant(value: float, like: Tensor) -> Tensor:
@@ -425,10 +399,9 @@ def _region_loss(
 
 
 class RegionLoss(Loss):
-    r"""Base of the region-loss modules: the settings every region loss shares, ``statistics`` and
-    ``reductions``. A loss declares its overlap index: ``constants`` holds the index's fixed values
-    (``overlap_scale`` and, unless they are the loss's hyperparameters, ``alpha``, ``beta`` and
-    ``gamma``); they are TorchScript constants, not attributes C++ could change."""
+    r"""Base of the region-loss modules: the shared settings, ``statistics`` and ``reductions``. A loss declares
+    its overlap index's fixed values in ``constants`` (``overlap_scale`` and those of ``alpha``, ``beta``,
+    ``gamma`` that are no hyperparameters of it), TorchScript constants C++ cannot change."""
 
     constants: Dict[str, Optional[float]] = {}
     smooth_nr: float
@@ -547,23 +520,14 @@ def dice_loss(
         D_{nc} = \frac{2\,TP_{nc} + s_{nr}}{P_{nc} + T_{nc} + s_{dr}},\qquad
         \ell_{nc} = 1 - D_{nc}\ \ (\text{or } -\log\max(D_{nc}, 10^{-7}))
 
-    with :math:`TP = Σ w·p·t`, :math:`P = Σ w·p` (:math:`Σ w·p^2` with ``squared_pred``),
-    :math:`T = Σ w·t` (:math:`Σ w·t^2`) over the spatial positions, ``p`` the sigmoid (binary,
-    multilabel) or softmax over dim 1 (multiclass) of the logits. With ``batch=True`` the sums also
-    run over the batch and there is one :math:`D_c` per class.
-
-    Args:
-        predictions: logits; binary ``(N, 1, *)`` or ``(N, *)``; multilabel/multiclass ``(N, C, *)``.
-        targets: binary/multilabel: the predictions' shape, values in ``[0, 1]`` (soft allowed) or
-            ``ignore_index``; multiclass: integer class indices ``(N, *)`` or ``(N, 1, *)`` (``C > 1``),
-            or class probabilities of the predictions' shape (soft labels; a position with
-            ``ignore_index`` in any channel is ignored).
-        weights: ``(N,)`` per-sample (``batch=False``: weights the sample's losses; ``batch=True``:
-            scales its contributions to the sums) or pixel weights broadcastable to the predictions.
-        class_weight: length ``C`` (1 in binary mode), weight of each class's loss.
-        reduction: ``none`` -> ``(N, C)`` weighted losses (``(C,)`` with ``batch=True``), dropped
-            background column 0; ``sum``; ``mean`` (divides by ``N·C'``, or ``C'`` with ``batch``,
-            ``C'`` the kept classes); ``weighted_mean`` (divides by the sum of the loss weights).
+    with :math:`TP = Σ w·p·t`, :math:`P = Σ w·p` (:math:`Σ w·p^2` with ``squared_pred``), :math:`T = Σ w·t`
+    (:math:`Σ w·t^2`) over the spatial positions (and the batch with ``batch``), ``p`` the sigmoid (binary,
+    multilabel) or the softmax over dim 1 (multiclass) of the logits. Inputs by ``mode`` (the ``MODE_PARAM`` doc):
+    binary ``(N, 1, *)`` or ``(N, *)`` logits; multilabel ``(N, C, *)``; targets of their shape in ``[0, 1]`` or
+    ``ignore_index``; multiclass ``(N, C, *)`` logits with class indices ``(N, *)`` or ``(N, 1, *)``, or class
+    probabilities. ``class_weight`` (length ``C``) weights each class's loss. ``none`` returns the ``(N, C)`` weighted
+    losses (``(C,)`` with ``batch``), a dropped background column 0; ``mean`` divides by ``N·C'`` (``C'`` with
+    ``batch``, ``C'`` the kept classes), ``weighted_mean`` by the sum of the loss weights.
 
     Equals MONAI ``DiceLoss(sigmoid=True | softmax=True, to_onehot_y=...)`` for its settings.
     """
@@ -586,8 +550,8 @@ def iou_loss(
         J_{nc} = \frac{TP_{nc} + s_{nr}}{P_{nc} + T_{nc} - TP_{nc} + s_{dr}},\qquad
         \ell_{nc} = 1 - J_{nc}\ \ (\text{or } -\log\max(J_{nc}, 10^{-7}))
 
-    Statistics, shapes, weights and reductions as :func:`dice_loss`. MONAI's ``jaccard=True``
-    smooths ``(2TP + s_nr) / (2(P + T - TP) + s_dr)``: the same loss when the smoothing is 0.
+    The rest as :func:`dice_loss`. MONAI's ``jaccard=True`` smooths ``(2TP + s_nr) / (2(P + T - TP) + s_dr)``,
+    the same loss without smoothing.
     """
     return _region_loss(
         predictions, targets, weights, IoULoss.constants, smooth_nr, smooth_dr, include_background, squared_pred,
@@ -609,10 +573,8 @@ def tversky_loss(
         TI_{nc} = \frac{TP_{nc} + s_{nr}}{TP_{nc} + \alpha\,FP_{nc} + \beta\,FN_{nc} + s_{dr}},\quad
         FP = P - TP,\ FN = T - TP,\qquad \ell_{nc} = 1 - TI_{nc}\ \ (\text{or } -\log\max(TI_{nc}, 10^{-7}))
 
-    Without smoothing, ``alpha = beta = 0.5`` is :func:`dice_loss` and ``alpha = beta = 1`` is
-    :func:`iou_loss`. Defaults ``alpha = beta = 0.5`` as MONAI and smp (Salehi recommends
-    ``alpha = 0.3, beta = 0.7`` to favour recall). Statistics, shapes, weights and reductions as
-    :func:`dice_loss`; equals MONAI ``TverskyLoss`` for its settings.
+    Without smoothing, ``alpha = beta = 0.5`` (the default, as MONAI and smp) is :func:`dice_loss` and
+    ``alpha = beta = 1`` :func:`iou_loss`. The rest as :func:`dice_loss`; equals MONAI ``TverskyLoss``.
     """
     return _region_loss(
         predictions, targets, weights, dict(TverskyLoss.constants, alpha=alpha, beta=beta), smooth_nr, smooth_dr,
@@ -634,12 +596,10 @@ def focal_tversky_loss(
     .. math::
         \ell_{nc} = \max(1 - TI_{nc}, 0)^{\gamma}\ \ (\text{or } \max(-\log\max(TI_{nc}, 10^{-7}), 0)^{\gamma})
 
-    ``gamma`` is the exponent itself: Abraham & Khan write :math:`(1 - TI)^{1/γ}` with their
-    ``γ = 4/3``, i.e. ``gamma = 0.75`` here (the default, with their ``alpha = 0.3`` on false
-    positives and ``beta = 0.7`` on false negatives). ``gamma = 1`` is :func:`tversky_loss`. At a
-    loss of exactly 0 the gradient is taken as 0 (the derivative of :math:`x^γ` is infinite there
-    for ``gamma < 1``). Unlike smp, which raises the *mean* Tversky loss to the power, the power
-    is applied to each class's loss as in the paper's :math:`\sum_c (1 - TI_c)^{1/γ}`.
+    ``gamma`` is the exponent itself: the paper's :math:`(1 - TI)^{1/γ}` with ``γ = 4/3`` is the default
+    ``gamma = 0.75`` (with its ``alpha = 0.3``, ``beta = 0.7``); ``gamma = 1`` is :func:`tversky_loss`. The power
+    applies to each class's loss, as the paper's :math:`\sum_c (1 - TI_c)^{1/γ}` (smp: to the mean loss); at a
+    loss of 0 the gradient is 0 (docs/losses/region.md).
     """
     return _region_loss(
         predictions, targets, weights, dict(FocalTverskyLoss.constants, alpha=alpha, beta=beta, gamma=gamma),

@@ -1,9 +1,8 @@
 r"""Regression losses on real values: ``mse``, ``l1``, ``huber`` and ``smooth_l1``.
 
-Each equals its :mod:`torch.nn.functional` counterpart and adds what torch lacks: call-time
-``weights`` (``(N,)`` per sample or broadcastable per element), a per-class ``class_weight`` along
-``class_dim`` and the ``weighted_mean`` reduction. ``delta`` and ``beta`` reach the kernels as
-0-d tensors and are only used through tensor operations, so the ONNX graph takes them as inputs.
+Each equals its :mod:`torch.nn.functional` counterpart, with call-time ``weights``, ``class_weight``
+and ``weighted_mean`` added (docs/losses/regression.md). ``delta`` and ``beta`` are 0-d tensors used only
+through tensor operations, so the ONNX graph takes them as inputs.
 """
 from typing import Any, Dict, Optional, Tuple
 
@@ -34,22 +33,28 @@ def _residual(predictions: Tensor, targets: Tensor) -> Tuple[Tensor, torch.dtype
     return predictions.to(dtype) - as_float(targets, dtype, "targets"), dtype
 
 
-def _check_threshold(value: Tensor, loss: str, name: str, allow_zero: bool) -> Tensor:
-    r"""Raise ``ValueError`` unless ``value`` is a 0-d tensor ``> 0`` (``>= 0`` with ``allow_zero``).
-
-    A module attribute can be changed after construction (``setattr`` from C++), so the kernel checks
-    the value it receives; the check needs a host sync and is skipped while exporting.
-    """
-    if value.dim() != 0:
-        raise ValueError("{}: parameter '{}' must be a single number, got shape {}".format(loss, name, list(value.shape)))
+def _split_residual(
+    predictions: Tensor, targets: Tensor, threshold: Tensor, loss: str, name: str, allow_zero: bool
+) -> Tuple[Tensor, Tensor, Tensor, torch.dtype]:
+    r"""``(|r|, m, threshold, dtype)``: ``m = min(|r|, threshold)`` splits ``|r|`` into Huber's and smooth L1's
+    quadratic part ``m`` and linear part ``|r| - m``, with no branch on the threshold and no squared large residual
+    (which would overflow float32 in the branch torch.where discards). The 0-d ``threshold`` is checked here
+    (``> 0``, ``>= 0`` with ``allow_zero``) as C++ may have set it; the host check is skipped while exporting."""
+    residual, dtype = _residual(predictions, targets)
+    threshold = threshold.to(dtype)
+    if threshold.dim() != 0:
+        raise ValueError(
+            "{}: parameter '{}' must be a single number, got shape {}".format(loss, name, list(threshold.shape))
+        )
     if not is_exporting():
         # Written as "not valid" so that NaN is rejected too.
-        valid = bool(value >= 0) if allow_zero else bool(value > 0)
+        valid = bool(threshold >= 0) if allow_zero else bool(threshold > 0)
         if not valid:
-            raise ValueError(
-                "{}: parameter '{}' must be {}, got {}".format(loss, name, ">= 0" if allow_zero else "> 0", float(value))
-            )
-    return value
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError("{}: parameter '{}' must be {}, got {}".format(loss, name, bound, float(threshold)))
+    absolute = residual.abs()
+    quadratic_part = torch.minimum(absolute, threshold)
+    return absolute, quadratic_part, threshold, dtype
 
 
 def mse_statistics(
@@ -74,14 +79,8 @@ def huber_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], delta: Tensor, class_weight: Optional[Tensor],
     class_dim: int, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`huber_loss`; ``delta`` is a 0-d tensor."""
-    residual, dtype = _residual(predictions, targets)
-    delta = _check_threshold(delta.to(dtype), "huber", "delta", False)
-    absolute = residual.abs()
-    # min(|r|, δ) splits |r| into its quadratic and its linear part:
-    # ½m² + δ(|r| - m) is ½r² below δ and δ(|r| - ½δ) above, with no Python branch on δ and no
-    # squared large residual (which would overflow float32 in the branch torch.where discards).
-    quadratic_part = torch.minimum(absolute, delta)
+    r"""Statistics kernel of :func:`huber_loss`: ``½m² + δ(|r| - m)``; ``delta`` is a 0-d tensor."""
+    absolute, quadratic_part, delta, dtype = _split_residual(predictions, targets, delta, "huber", "delta", False)
     loss = 0.5 * quadratic_part * quadratic_part + delta * (absolute - quadratic_part)
     return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
 
@@ -90,11 +89,8 @@ def smooth_l1_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], beta: Tensor, class_weight: Optional[Tensor],
     class_dim: int, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`smooth_l1_loss`; ``beta`` is a 0-d tensor, 0 allowed."""
-    residual, dtype = _residual(predictions, targets)
-    beta = _check_threshold(beta.to(dtype), "smooth_l1", "beta", True)
-    absolute = residual.abs()
-    quadratic_part = torch.minimum(absolute, beta)
+    r"""Statistics kernel of :func:`smooth_l1_loss`: ``½m²/β + (|r| - m)``; ``beta`` is a 0-d tensor, 0 allowed."""
+    absolute, quadratic_part, beta, dtype = _split_residual(predictions, targets, beta, "smooth_l1", "beta", True)
     # With β = 0 the quadratic part is 0 and the loss is |r| (torch's l1_loss); dividing that 0 by 1
     # instead of by β keeps the value and the gradient finite.
     safe_beta = torch.where(beta > 0, beta, torch.ones_like(beta))
@@ -111,14 +107,9 @@ def mse_loss(
     .. math::
         \ell_i = w_i\,(x_i - y_i)^2
 
-    Args:
-        predictions: real values ``(N, *)``; targets: real values of the same shape.
-        weights: ``(N,)`` per-sample (along dim 0 whatever the rank) or broadcastable to the predictions.
-        class_weight: per-class (per-channel) vector of length ``C`` applied along ``class_dim``.
-        reduction: ``none`` | ``mean`` (divides by the element count, as torch) | ``sum`` |
-            ``weighted_mean`` (divides by ``Σ w``).
-
-    Without weights it equals :func:`torch.nn.functional.mse_loss` for every torch reduction.
+    ``predictions`` and ``targets`` are real values of one shape ``(N, *)``; ``weights``, ``class_weight`` and
+    ``reduction`` (``mean`` divides by the element count, as torch; ``weighted_mean`` by ``Σ w``) follow
+    docs/losses.md. Without weights it equals :func:`torch.nn.functional.mse_loss` for every torch reduction.
     """
     check_reduction(reduction)
     values, totals, _ = mse_statistics(predictions, targets, weights, vector_argument(class_weight), class_dim, False)
@@ -134,8 +125,7 @@ def l1_loss(
     .. math::
         \ell_i = w_i\,|x_i - y_i|
 
-    Arguments and reductions as :func:`mse_loss`. Without weights it equals
-    :func:`torch.nn.functional.l1_loss`.
+    Arguments as :func:`mse_loss`; without weights it equals :func:`torch.nn.functional.l1_loss`.
     """
     check_reduction(reduction)
     values, totals, _ = l1_statistics(predictions, targets, weights, vector_argument(class_weight), class_dim, False)
@@ -153,8 +143,7 @@ def huber_loss(
                                    \delta\,(|r_i| - \tfrac12\delta) & \text{otherwise} \end{cases},
         \qquad r_i = x_i - y_i,\ \delta > 0
 
-    Arguments and reductions as :func:`mse_loss`. Without weights it equals
-    :func:`torch.nn.functional.huber_loss` with the same ``delta``.
+    Arguments as :func:`mse_loss`; without weights it equals :func:`torch.nn.functional.huber_loss`.
     """
     check_reduction(reduction)
     values, totals, _ = huber_statistics(
@@ -175,9 +164,8 @@ def smooth_l1_loss(
                                    |r_i| - \tfrac12\beta & \text{otherwise} \end{cases},
         \qquad r_i = x_i - y_i,\ \beta \ge 0
 
-    For ``β > 0`` it is the Huber loss with ``δ = β`` divided by ``β``; ``β = 0`` is the L1 loss
-    (value and gradient finite). Arguments and reductions as :func:`mse_loss`. Without weights it
-    equals :func:`torch.nn.functional.smooth_l1_loss` with the same ``beta``.
+    For ``β > 0`` it is Huber with ``δ = β`` divided by ``β``; ``β = 0`` is L1 (finite gradient). Arguments
+    as :func:`mse_loss`; without weights it equals :func:`torch.nn.functional.smooth_l1_loss`.
     """
     check_reduction(reduction)
     values, totals, _ = smooth_l1_statistics(
@@ -190,33 +178,33 @@ def smooth_l1_loss(
 class MSELoss(ElementwiseLoss):
     r"""Module form of :func:`mse_loss`; ``class_weight`` is a buffer."""
 
-
-    def __init__(self, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1) -> None:
-        super().__init__(class_weight, reduction, class_dim)
-
-    @torch.jit.export
-    def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        return mse_statistics(predictions, targets, weights, optional_vector(self.class_weight), self.class_dim, per_sample)
+    kernel = staticmethod(mse_statistics)
 
 
 class L1Loss(ElementwiseLoss):
     r"""Module form of :func:`l1_loss`; ``class_weight`` is a buffer."""
 
+    kernel = staticmethod(l1_statistics)
 
-    def __init__(self, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1) -> None:
-        super().__init__(class_weight, reduction, class_dim)
+
+class _ThresholdLoss(ElementwiseLoss):
+    r"""Huber (``delta``) and smooth L1 (``beta``): one threshold, read at call time. Scripting decides
+    ``hasattr`` when it compiles ``statistics`` for a subclass, so each keeps only its own branch."""
 
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        return l1_statistics(predictions, targets, weights, optional_vector(self.class_weight), self.class_dim, per_sample)
+        class_weight = optional_vector(self.class_weight)
+        if hasattr(self, "delta"):
+            delta = float_hyperparameter(self.delta, predictions)
+            return huber_statistics(predictions, targets, weights, delta, class_weight, self.class_dim, per_sample)
+        beta = float_hyperparameter(self.beta, predictions)
+        return smooth_l1_statistics(predictions, targets, weights, beta, class_weight, self.class_dim, per_sample)
 
 
-class HuberLoss(ElementwiseLoss):
-    r"""Module form of :func:`huber_loss`; ``delta`` is read at call time (``setattr`` from C++ works)."""
+class HuberLoss(_ThresholdLoss):
+    r"""Module form of :func:`huber_loss`."""
 
     delta: float
 
@@ -226,18 +214,9 @@ class HuberLoss(ElementwiseLoss):
         super().__init__(class_weight, reduction, class_dim)
         self.delta = DELTA_PARAM.validate(delta, "huber")
 
-    @torch.jit.export
-    def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        return huber_statistics(
-            predictions, targets, weights, float_hyperparameter(self.delta, predictions),
-            optional_vector(self.class_weight), self.class_dim, per_sample,
-        )
 
-
-class SmoothL1Loss(ElementwiseLoss):
-    r"""Module form of :func:`smooth_l1_loss`; ``beta`` is read at call time (``setattr`` from C++ works)."""
+class SmoothL1Loss(_ThresholdLoss):
+    r"""Module form of :func:`smooth_l1_loss`."""
 
     beta: float
 
@@ -246,15 +225,6 @@ class SmoothL1Loss(ElementwiseLoss):
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
         self.beta = BETA_PARAM.validate(beta, "smooth_l1")
-
-    @torch.jit.export
-    def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        return smooth_l1_statistics(
-            predictions, targets, weights, float_hyperparameter(self.beta, predictions),
-            optional_vector(self.class_weight), self.class_dim, per_sample,
-        )
 
 
 def _real_inputs(
@@ -269,40 +239,39 @@ def _real_inputs(
     return predictions.to(dtype), targets.to(dtype)
 
 
-_SHAPES = dict(predictions="real", targets="real", prediction_shape="(N, *)", target_shape="same as predictions")
+# What the four regression losses declare alike; their parameters end with _SETTINGS.
+_REGRESSION = dict(
+    family="regression", predictions="real", targets="real", prediction_shape="(N, *)",
+    target_shape="same as predictions", make_inputs=_real_inputs,
+)
+_SETTINGS = (CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM)
 
 register(LossSpec(
-    name="mse", family="regression", summary="weighted mean squared error", module=MSELoss, function=mse_loss,
-    params=(CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM), make_inputs=_real_inputs,
-    statistics_kernel=mse_statistics,
-    reference="torch.nn.functional.mse_loss", test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0])}),
-    **_SHAPES,
+    name="mse", summary="weighted mean squared error", module=MSELoss, function=mse_loss, params=_SETTINGS,
+    statistics_kernel=mse_statistics, reference="torch.nn.functional.mse_loss",
+    test_params=({}, {"class_weight": torch.tensor([0.5, 2.0, 1.0])}), **_REGRESSION,
 ))
 
 register(LossSpec(
-    name="l1", family="regression", summary="weighted mean absolute error", module=L1Loss, function=l1_loss,
-    params=(CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM), make_inputs=_real_inputs,
-    statistics_kernel=l1_statistics,
-    reference="torch.nn.functional.l1_loss", test_params=({}, {"class_weight": torch.tensor([1.0, 0.0, 3.0])}),
-    **_SHAPES,
+    name="l1", summary="weighted mean absolute error", module=L1Loss, function=l1_loss, params=_SETTINGS,
+    statistics_kernel=l1_statistics, reference="torch.nn.functional.l1_loss",
+    test_params=({}, {"class_weight": torch.tensor([1.0, 0.0, 3.0])}), **_REGRESSION,
 ))
 
 register(LossSpec(
-    name="huber", family="regression", summary="weighted Huber loss, quadratic below delta and linear above",
-    module=HuberLoss, function=huber_loss,
-    params=(DELTA_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM), make_inputs=_real_inputs,
-    statistics_kernel=huber_statistics, reference="torch.nn.functional.huber_loss(delta)",
+    name="huber", summary="weighted Huber loss, quadratic below delta and linear above", module=HuberLoss,
+    function=huber_loss, params=(DELTA_PARAM,) + _SETTINGS, statistics_kernel=huber_statistics,
+    reference="torch.nn.functional.huber_loss(delta)",
     test_params=({}, {"delta": 0.5, "class_weight": torch.tensor([0.5, 2.0, 1.0])}, {"delta": 2.5}),
-    paper="Huber, Robust Estimation of a Location Parameter, Ann. Math. Statist. 1964", **_SHAPES,
+    paper="Huber, Robust Estimation of a Location Parameter, Ann. Math. Statist. 1964", **_REGRESSION,
 ))
 
 register(LossSpec(
-    name="smooth_l1", family="regression", summary="weighted smooth L1 loss (Huber / beta); beta = 0 is L1",
-    module=SmoothL1Loss, function=smooth_l1_loss,
-    params=(BETA_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM), make_inputs=_real_inputs,
-    statistics_kernel=smooth_l1_statistics, reference="torch.nn.functional.smooth_l1_loss(beta), beta = 0 as l1_loss",
+    name="smooth_l1", summary="weighted smooth L1 loss (Huber / beta); beta = 0 is L1", module=SmoothL1Loss,
+    function=smooth_l1_loss, params=(BETA_PARAM,) + _SETTINGS, statistics_kernel=smooth_l1_statistics,
+    reference="torch.nn.functional.smooth_l1_loss(beta), beta = 0 as l1_loss",
     test_params=({}, {"beta": 0.0}, {"beta": 0.3, "class_weight": torch.tensor([2.0, 1.0, 0.25])}),
-    paper="Girshick, Fast R-CNN, ICCV 2015", **_SHAPES,
+    paper="Girshick, Fast R-CNN, ICCV 2015", **_REGRESSION,
 ))
 
 __all__ = [
