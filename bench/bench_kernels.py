@@ -25,8 +25,8 @@ about as much as timing it, so each timed sample there is the mean of several co
 ``--no-tune-malloc`` measures with glibc's defaults.
 
 ``--forms`` times instead each place where a kernel keeps an eager form beside its export form
-(``if is_exporting(): <export form> else: <eager form>``): the registered loss that reaches it,
-with the eager form and with the export form forced (``is_exporting`` patched to ``True`` in the
+(``if is_tracing(): <export form> else: <eager form>``): the registered loss that reaches it,
+with the eager form and with the export form forced (``is_tracing`` patched to ``True`` in the
 kernel's module, which also skips the eager form's value checks, in the export form's favour),
 forward without grad and forward+backward, and prints ``export / eager``. A kernel keeps an eager
 form only where this ratio is at least 1.5 in the mode the form serves (docs/benchmarks.md).
@@ -191,7 +191,7 @@ def measure(workload: Workload, repeats: int) -> Dict[str, float]:
 
 @dataclass
 class FormSite:
-    r"""One eager form: the kernel modules whose ``is_exporting`` selects it, the loss that reaches it
+    r"""One eager form: the kernel modules whose ``is_tracing`` selects it, the loss that reaches it
     (or, for a building block, the ``loss_service.losses._stable`` function itself on the logits),
     and whether it serves inference (no grad) or training (forward + backward)."""
 
@@ -269,15 +269,15 @@ def measure_forms(sizes: Sequence[int], repeats: int) -> None:
             with torch.set_grad_enabled(site.training):
                 for _ in range(repeats + 1):
                     for forced in (False, True):
-                        originals = {name: kernels[name].is_exporting for name in site.modules}
+                        originals = {name: kernels[name].is_tracing for name in site.modules}
                         if forced:
                             for name in site.modules:
-                                kernels[name].is_exporting = lambda: True
+                                kernels[name].is_tracing = lambda: True
                         try:
                             times[forced].append(_time_once(call, per_sample))
                         finally:
                             for name, original in originals.items():
-                                kernels[name].is_exporting = original
+                                kernels[name].is_tracing = original
             eager, export = (statistics.median(times[forced][1:]) * 1e3 for forced in (False, True))
             mode = "fwd+bwd" if site.training else "inference"
             print(f"| {site.name:>28} | {mode:>9} | {elements:>8.0e} | {eager:>10.1f} | {export:>10.1f} | "

@@ -263,3 +263,38 @@ def test_kernel_bench_compares_every_loss_with_another_checkout(capsys):
     assert bench_kernels.main(["--against", root, "--repeats", "1", "--no-tune-malloc"]) == 0
     summary = [line for line in capsys.readouterr().out.splitlines() if line.count("|") == 4 and "loss" not in line]
     assert [line.split("|")[1].strip() for line in summary if not line.startswith("|---")] == losses.names()
+
+
+def test_peer_bench_times_every_loss_with_a_peer_after_checking_they_agree(tmp_path, capsys):
+    from bench import bench_peers
+
+    found, missing = bench_peers.cases()
+    assert missing == []  # the test extra installs every peer
+    # focal_tversky has no peer: smp raises the mean Tversky loss to the power, not each class's.
+    assert {case.loss for case in found} == set(losses.names()) - {"focal_tversky"}
+    out = tmp_path / "peers.json"
+    assert bench_peers.main(["--sizes", "4096", "--threads", "1", "--repeats", "1", "--no-compiled", "--no-memory",
+                             "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [row["case"] for row in results] == [case.name for case in found]
+    for row in results:
+        assert set(row["times_ms"]) == {"ours"} | set(next(c for c in found if c.name == row["case"]).peers)
+        assert all(ratio > 0 for ratio in row["ours_over_peer"].values())
+    assert len([line for line in capsys.readouterr().out.splitlines() if "| 4e+03 | 1 |" in line]) == len(found)
+
+
+def test_peer_bench_stops_when_a_peer_computes_something_else():
+    from bench import bench_peers
+
+    case = bench_peers.Case("mse", "mse", {}, bench_peers.real_rows, {"wrong": torch.nn.functional.l1_loss})
+    found, _ = bench_peers.implementations(case, compiled=False)
+    with pytest.raises(SystemExit, match="wrong gives"):
+        bench_peers.check_agreement(case, found, case.inputs(64, torch.Generator().manual_seed(0)))
+
+
+def test_peer_bench_measures_peak_memory_in_a_child_process():
+    from bench import bench_peers
+
+    peak = bench_peers.peak_memory("mse", "ours", 1_000_000)
+    # One forward+backward of mse on 1e6 float32 elements keeps at least its 4 MB gradient.
+    assert peak is not None and 4e6 <= peak < 2e8

@@ -226,7 +226,10 @@ def test_verification_catches_float32_accumulation(tmp_path, monkeypatch):
     r"""The 1e7 trap's cause: a ReduceSum over float32 in the graph fails the float64_accumulation check."""
     from loss_service.losses import _reduction
 
-    monkeypatch.setattr(_reduction, "is_exporting", lambda: False)
+    def float32_sums(x, dims=None):
+        return (x.sum() if dims is None else x.sum(dims)).to(torch.float64)
+
+    monkeypatch.setattr(_reduction, "accumulate", float32_sums)
     spec = losses.get("bce_with_logits")
     path = tmp_path / "float32_sums.onnx"
     artifacts.export_onnx(spec, {}, path)

@@ -11,7 +11,7 @@ the element count.
 
 Hyperparameters enter kernels as 0-d tensors: one code is scripted, and traced for ONNX with them as graph
 inputs, never branching on their values. Outside export a kernel may read one on the host, use torch's fused
-ops and update its own temporaries in place (``if is_exporting(): <export form> else: <fast form>``, the same
+ops and update its own temporaries in place (``if is_tracing(): <export form> else: <fast form>``, the same
 formula), where that is at least 1.5x faster on 1e6 elements (``python bench/bench_kernels.py --forms``).
 """
 from typing import List, Optional, Tuple
@@ -24,17 +24,15 @@ REDUCTIONS: List[str] = ["none", "mean", "sum", "weighted_mean"]
 REDUCTION_COLUMNS: List[str] = ["sum", "mean", "weighted_mean"]
 
 
-def is_exporting() -> bool:
-    r"""True while ``torch.export`` (and so the ONNX exporter) traces the code: value checks that need a host
-    sync are skipped then, as the exported graph receives inputs the server has validated."""
-    if not torch.jit.is_scripting():
-        return torch.compiler.is_exporting()
-    return False
+def is_tracing() -> bool:
+    r"""True while ``torch.export`` (and so the ONNX exporter) or ``torch.compile`` traces the code.
 
-
-def is_compiling() -> bool:
-    r"""True while ``torch.compile`` or ``torch.export`` traces the code, which cannot follow a value read on
-    the host into Python: host-side shortcuts that are not value checks are skipped then."""
+    A tracer cannot follow a value read on the host back into Python without a graph break, so a
+    kernel then takes its traceable form (no ``if`` on a tensor's value, no ``.item()``) and skips the
+    value checks that need a host sync: an exported graph receives inputs the server has validated,
+    and a compiled module is checked by running it eagerly. Never true in TorchScript, whose trainers
+    (``setattr`` from C++) keep every check.
+    """
     if not torch.jit.is_scripting():
         return torch.compiler.is_compiling()
     return False
@@ -89,7 +87,7 @@ def accumulate(x: Tensor, dims: Optional[List[int]] = None) -> Tensor:
     r"""Sum ``x`` (over ``dims``, or everything) into float64. PyTorch's float32 sums are cascaded (about 1e-8
     relative on 1.6e7 elements) and cast after, as a float64 copy costs 20x the sum; ONNX Runtime's ReduceSum
     accumulates naively, so while exporting the values are cast to float64 before the sum."""
-    if is_exporting():
+    if is_tracing():
         x = x.to(torch.float64)
         return x.sum() if dims is None else x.sum(dims)
     return (x.sum() if dims is None else x.sum(dims)).to(torch.float64)
@@ -206,7 +204,7 @@ def weighted_statistics(
     weight = effective_weight(list(loss.shape), weights, class_weight, class_dim, dtype)
     if weight is not None:
         recording = torch.is_grad_enabled() and loss.requires_grad
-        loss = loss * weight if is_exporting() or recording else loss.mul_(weight)
+        loss = loss * weight if is_tracing() or recording else loss.mul_(weight)
     return elementwise_statistics(loss, weight, None, per_sample)
 
 
@@ -257,7 +255,7 @@ def power(base: Tensor, exponent: Tensor) -> Tensor:
     r"""``base ** exponent`` for a 0-d hyperparameter ``exponent`` (e.g. the focal ``γ``). With a 0-d tensor
     exponent ``torch.pow`` is ~15x slower than with a Python number (which also takes the ``x·x`` shortcut for
     2), so the exponent is read on the host, except while exporting (the graph keeps it as an input)."""
-    if is_exporting():
+    if is_tracing():
         return torch.pow(base, exponent.to(base.dtype))
     return torch.pow(base, float(exponent.item()))
 
@@ -281,7 +279,7 @@ def total_sum(x: Optional[Tensor], shape: List[int], device: torch.device) -> Te
     ``x`` (per-sample weights, a class vector) is summed as it is, times its repetition by broadcasting."""
     if x is None:
         return torch.full([], _element_count(shape), dtype=torch.float64, device=device)
-    if is_exporting():
+    if is_tracing():
         return accumulate(x.expand(shape))
     # max(.., 1): an empty x sums to 0 whatever the factor.
     repeats = _element_count(shape) / max(_element_count(list(x.shape)), 1.0)
@@ -296,7 +294,7 @@ def per_sample_sum(x: Optional[Tensor], shape: List[int], device: torch.device) 
         return torch.full([shape[0]], _element_count(shape[1:]), dtype=torch.float64, device=device)
     if len(shape) == 1:
         return x.expand(shape).to(torch.float64)
-    if is_exporting():
+    if is_tracing():
         return accumulate(x.expand(shape), list(range(1, len(shape))))
     # As in total_sum: sum x where it is stored and scale by its repetition over dims 1.. .
     x = _left_padded(x, len(shape))
@@ -312,12 +310,12 @@ def elementwise_statistics(
     to ``weighted_loss``; ``None`` is 1 per element). Totals are ``[Σ w·ℓ, Σ w, Σ d, n]`` in float64."""
     shape = list(weighted_loss.shape)
     device = weighted_loss.device
-    if per_sample and len(shape) > 0 and not is_exporting():
+    if per_sample and len(shape) > 0 and not is_tracing():
         # Each full-size tensor is read once: the batch totals are the (small) per-sample sums'
         # sum, in float64. The exported graph keeps its own ReduceSums (in float64) for totals.
         sample_totals = _sample_totals(weighted_loss, weight, denominator, shape, device)
         return weighted_loss, sample_totals.sum(0), sample_totals
-    if is_exporting():
+    if is_tracing():
         totals = torch.stack(
             [
                 accumulate(weighted_loss), total_sum(weight, shape, device), total_sum(denominator, shape, device),
@@ -378,7 +376,7 @@ def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
 def elementwise_reductions(totals: Tensor) -> Tensor:
     r"""``(..., 4)`` elementwise totals to ``(..., 3)`` = ``[sum, mean, weighted_mean]``: ``mean`` is
     ``Σ w·ℓ / Σ d`` and ``weighted_mean`` ``Σ w·ℓ / Σ w``, 0 when nothing is counted (torch's NaN)."""
-    if is_exporting():
+    if is_tracing():
         loss_sum = totals[..., 0]
         return torch.stack(
             [loss_sum, safe_divide(loss_sum, totals[..., 2]), safe_divide(loss_sum, totals[..., 1])], dim=-1
@@ -388,7 +386,6 @@ def elementwise_reductions(totals: Tensor) -> Tensor:
         and totals.dtype == torch.float64
         and totals.device == torch.device("cpu")
         and not (torch.is_grad_enabled() and totals.requires_grad)
-        and not is_compiling()
     ):
         # One request's totals (what the server reduces): the same float64 divisions on the host, one read
         # and one small tensor instead of a chain of tiny ops (fill_: TorchScript passes torch.tensor(list)

@@ -5,7 +5,7 @@ mode and TorchScript, but the ONNX exporter lowers it to ``Log(Sigmoid(x))``, ``
 import torch
 from torch import Tensor
 
-from ._reduction import is_exporting
+from ._reduction import is_tracing
 
 
 def log_sigmoid(x: Tensor) -> Tensor:
@@ -26,7 +26,7 @@ def logsumexp(x: Tensor, dim: int) -> Tensor:
     rounding, by which (only) it may fall below ``max_c x_c``; torch's form never does.
     """
     num_classes = x.shape[dim]
-    if is_exporting() or num_classes == 0 or x.numel() == 0 or (torch.is_grad_enabled() and x.requires_grad):
+    if is_tracing() or num_classes == 0 or x.numel() == 0 or (torch.is_grad_enabled() and x.requires_grad):
         return torch.logsumexp(x, dim)
     # The vectorised and strided kernels may round differently, and the value must not depend
     # on the memory layout.
@@ -53,6 +53,6 @@ def _class_sum(x: Tensor, dim: int) -> Tensor:
 
 def log_softmax(x: Tensor, dim: int) -> Tensor:
     r"""``log p_c = x_c - \operatorname{lse}(x)`` over ``dim``; :func:`torch.log_softmax` while exporting."""
-    if is_exporting():
+    if is_tracing():
         return torch.log_softmax(x, dim)
     return x - logsumexp(x, dim).unsqueeze(dim)

@@ -17,7 +17,7 @@ from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
-    as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, is_exporting,
+    as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, is_tracing,
     one_target_per_prediction_hint, optional_vector, per_class, select_reduction, vector_argument, vector_buffer,
     weighted_statistics,
 )
@@ -43,7 +43,7 @@ def bce_statistics(
     dtype = compute_dtype(predictions.dtype)
     p = predictions.to(dtype)
     t = as_float(targets, dtype, "targets")
-    if is_exporting():
+    if is_tracing():
         loss = _bce_terms(p, t)
     else:
         if p.numel() > 0:
@@ -109,7 +109,7 @@ def bce_with_logits_statistics(
     positive_weight: Optional[Tensor] = None
     if pos_weight is not None:
         positive_weight = per_class(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
-    if is_exporting():
+    if is_tracing():
         # -log σ(x) = softplus(-x) and -log σ(-x) = softplus(-x) + x: one stable log-sigmoid
         # (log_sigmoid, which the ONNX exporter cannot turn into Log(Sigmoid)).
         log_sigmoid_x = log_sigmoid(x)

@@ -13,7 +13,7 @@ from ._registry import LossSpec, register
 from ._stable import log_softmax, logsumexp
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, elementwise_statistics,
-    float_hyperparameter, int_hyperparameter, is_exporting, label_map_hint, normalize_class_dim, optional_vector,
+    float_hyperparameter, int_hyperparameter, is_tracing, label_map_hint, normalize_class_dim, optional_vector,
     per_class, power, sample_or_element_weights, select_reduction, vector_argument,
 )
 
@@ -21,7 +21,7 @@ from ._reduction import (
 def check_range(value: Tensor, name: str, high: float, expected: str) -> None:
     r"""``ValueError`` unless ``0 <= value <= high``, outside export: one host read and Python comparisons (NaN
     fails both) rather than a tensor expression."""
-    if not is_exporting():
+    if not is_tracing():
         number = float(value.item())
         if not (number >= 0.0 and number <= high):
             raise ValueError("{} must be {}, got {}".format(name, expected, number))
@@ -39,7 +39,7 @@ def index_tensor(targets: Tensor, shape: List[int], dim: int, probabilities_allo
         )
     if targets.dtype == torch.bool or targets.is_complex():
         raise ValueError("targets must be integer class indices, got dtype {}".format(targets.dtype))
-    if targets.is_floating_point() and not is_exporting() and targets.numel() > 0:
+    if targets.is_floating_point() and not is_tracing() and targets.numel() > 0:
         if bool((~torch.isfinite(targets) | (targets != torch.floor(targets))).any()):
             raise ValueError("targets must be integer class indices, got non-integer values of dtype {}".format(targets.dtype))
     return targets.to(torch.int64)
@@ -50,7 +50,7 @@ def check_class_range(
 ) -> None:
     r"""``ValueError`` unless every non-ignored index is in ``[0, C)``; a host check, never while exporting.
     ``kept_indices`` has 0 for the ignored ``indices`` (one ``aminmax`` pass in the common case)."""
-    if is_exporting() or indices.numel() == 0:
+    if is_tracing() or indices.numel() == 0:
         return
     smallest, largest = torch.aminmax(kept_indices)
     if int(smallest.item()) < 0 or int(largest.item()) >= num_classes:
@@ -76,7 +76,7 @@ def class_index_mask(
     indices = index_tensor(targets, shape, dim, probabilities_allowed)
     valid = indices != ignore_index
     num_classes = shape[dim]
-    if not is_exporting():
+    if not is_tracing():
         check_class_range(torch.where(valid, indices, 0), indices, valid, ignore_index, num_classes)
     view = [1] * len(shape)
     view[dim] = num_classes
@@ -242,7 +242,7 @@ def class_weights(
             if balance_index is None:
                 raise ValueError("a scalar alpha needs a balance_index")
             num_classes = shape[dim]
-            if not is_exporting():
+            if not is_tracing():
                 value = float(alpha.item())
                 if value < 0.0 or value > 1.0:
                     raise ValueError("a scalar alpha must be in [0, 1], got {}".format(value))
@@ -299,7 +299,7 @@ def softmax_statistics(
         return probability_target_statistics(
             class_terms(-log_softmax(x, dim), gamma), targets, weights, epsilon, weight_c, dim, dtype, per_sample
         )
-    if not is_exporting():
+    if not is_tracing():
         class_vector: Optional[Tensor] = None
         if weight_c is not None:
             class_vector = class_vector_along(weight_c, shape, dim)

@@ -18,7 +18,7 @@ from ._params import (
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, float_hyperparameter,
-    int_hyperparameter, is_exporting, one_target_per_prediction_hint, optional_vector, select_reduction,
+    int_hyperparameter, is_tracing, one_target_per_prediction_hint, optional_vector, select_reduction,
     vector_argument, vector_buffer, weighted_statistics,
 )
 from ._stable import log_sigmoid
@@ -33,7 +33,7 @@ def binary_focal_statistics(
     r"""Statistics kernel of :func:`binary_focal_loss`; ``alpha`` and ``gamma`` are 0-d tensors."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     check_gamma(gamma)
-    if not is_exporting() and float(alpha.item()) > 1.0:
+    if not is_tracing() and float(alpha.item()) > 1.0:
         raise ValueError("alpha must be <= 1 (a negative alpha disables the balancing), got {}".format(float(alpha)))
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype)

@@ -37,7 +37,7 @@ from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
     accumulate, as_float, broadcastable, check_real, check_reduction, check_same_shape, compute_dtype,
-    elementwise_reductions, elementwise_statistics, int_hyperparameter, is_exporting, multiclass_mode_hint,
+    elementwise_reductions, elementwise_statistics, int_hyperparameter, is_tracing, multiclass_mode_hint,
     optional_vector, safe_divide, sample_or_element_weights, select_reduction, vector_argument, vector_buffer,
 )
 
@@ -142,7 +142,7 @@ def _dense_targets(targets: Tensor, ignored: Tensor, dtype: torch.dtype, what: s
     r"""``targets`` in ``dtype``; ``ValueError`` unless those not ``ignored`` are in ``[0, 1]``
     (``DENSE_TARGET_RANGE``, which scripted code cannot read)."""
     t = as_float(targets, dtype, "targets")
-    if not is_exporting() and t.numel() > 0:
+    if not is_tracing() and t.numel() > 0:
         if bool(((~ignored) & ((t < 0) | (t > 1) | torch.isnan(t))).any()):
             raise ValueError("{} targets must be in [0, 1] (or equal ignore_index)".format(what))
     return t
@@ -174,7 +174,7 @@ def prepare_class_indices(
         )
     num_classes = x.shape[1]
     ignored = index == ignore_index.to(index.dtype)
-    if not is_exporting() and index.numel() > 0:
+    if not is_tracing() and index.numel() > 0:
         if bool(((~ignored) & ((index < 0) | (index >= num_classes))).any()):
             raise ValueError("multiclass targets must be in [0, {}) or equal ignore_index".format(num_classes))
     probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)

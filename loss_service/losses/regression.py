@@ -14,7 +14,7 @@ from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, float_hyperparameter,
-    is_exporting, one_target_per_prediction_hint, optional_vector, select_reduction, vector_argument, weighted_statistics,
+    is_tracing, one_target_per_prediction_hint, optional_vector, select_reduction, vector_argument, weighted_statistics,
 )
 
 DELTA_PARAM = ParamSpec(
@@ -46,7 +46,7 @@ def _split_residual(
         raise ValueError(
             "{}: parameter '{}' must be a single number, got shape {}".format(loss, name, list(threshold.shape))
         )
-    if not is_exporting():
+    if not is_tracing():
         # Written as "not valid" so that NaN is rejected too.
         valid = bool(threshold >= 0) if allow_zero else bool(threshold > 0)
         if not valid:

@@ -1,0 +1,435 @@
+r"""Every loss that has a peer equivalent, timed against that peer in one process and one run.
+
+Usage (from the repository root, venv active, ``pip install -e .[bench]`` for kornia and smp)::
+
+    python bench/bench_peers.py                                  # 1e4, 1e6, 1e7 elements; 1 and 2 threads
+    python bench/bench_peers.py --sizes 1e6 --threads 1 --repeats 7 --cases dice-monai focal-kornia
+    python bench/bench_peers.py --json peers.json                # also every number as JSON
+
+The peers are what a user would pick instead: ``torch.nn.functional``, torchvision's
+``sigmoid_focal_loss`` formula written out (so torchvision is not needed), MONAI, kornia and
+segmentation_models_pytorch (smp's losses are loaded without its encoders, whose torchvision
+import needs the CUDA build on a CPU-only torch). A peer that is not installed is left out and
+named in the output.
+
+Each case is one of our losses, configured to a peer's convention, and the peers that compute the
+same number. Before timing, every peer's value must agree with ours (relative difference ≤ 1e-4
+in float32), else the run stops: the table compares equal computations. Then, per size and thread
+count, the implementations are timed round by round, interleaved, forward without grad and
+forward+backward (``torch.autograd.grad`` of the loss with respect to the predictions), and the
+table prints medians and ``ours ÷ fastest peer``. A call on fewer than 1e5 elements is too short to
+time alone: one sample there is the mean of ``1e5 / elements`` calls.
+
+``ours compiled`` is our module under ``torch.compile(module, fullgraph=True, dynamic=True)``
+(compiled once per case, outside the timed rounds); a graph break fails the compile and the column
+says so. ``--no-compiled`` skips it.
+
+Peak extra memory (``--memory``, on by default at the largest size): for each implementation a
+fresh child process builds the inputs, resets its peak RSS (``/proc/self/clear_refs``), runs one
+forward+backward and reports ``VmHWM - VmRSS``: everything the call allocated at its peak
+(``tracemalloc`` cannot see torch's allocations).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loss_service import losses  # noqa: E402
+
+CLASSES = 4
+SIDE = 64
+GAMMA = 2.0
+BATCHED_BELOW = 100_000
+AGREEMENT = 1e-4
+Inputs = Tuple[torch.Tensor, torch.Tensor]
+LossCall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def rows(elements: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Logits ``(E/4, 4)`` (classes along the last dim, as the service benchmark) and a 0/1 mask."""
+    shape = (elements // CLASSES, CLASSES)
+    return torch.randn(shape, generator=generator) * 3, (torch.rand(shape, generator=generator) < 0.3).float()
+
+
+def image_shape(elements: int) -> Tuple[int, int, int, int]:
+    r"""``(N, 4, S, S)`` with about ``elements`` entries: ``S = 64`` from 1e5 up, smaller below."""
+    side = min(SIDE, int(math.sqrt(elements / CLASSES)))
+    return max(1, elements // (CLASSES * side * side)), CLASSES, side, side
+
+
+def binary_rows(elements: int, generator: torch.Generator) -> Inputs:
+    return rows(elements, generator)
+
+
+def probability_rows(elements: int, generator: torch.Generator) -> Inputs:
+    logits, mask = rows(elements, generator)
+    return torch.sigmoid(logits), mask
+
+
+def real_rows(elements: int, generator: torch.Generator) -> Inputs:
+    shape = (elements // CLASSES, CLASSES)
+    return torch.randn(shape, generator=generator) * 2, torch.randn(shape, generator=generator) * 2
+
+
+def class_images(elements: int, generator: torch.Generator) -> Inputs:
+    r"""Logits ``(N, 4, S, S)`` and class indices ``(N, S, S)``: every class present in every image."""
+    n, c, side, _ = image_shape(elements)
+    return (torch.randn((n, c, side, side), generator=generator) * 2,
+            torch.randint(0, c, (n, side, side), generator=generator))
+
+
+def log_probability_images(elements: int, generator: torch.Generator) -> Inputs:
+    logits, targets = class_images(elements, generator)
+    return torch.log_softmax(logits, dim=1), targets
+
+
+def binary_images(elements: int, generator: torch.Generator) -> Inputs:
+    n, c, side, _ = image_shape(elements)
+    logits = torch.randn((n * c, 1, side, side), generator=generator) * 2
+    return logits, (torch.rand(logits.shape, generator=generator) < 0.3).float()
+
+
+def torchvision_sigmoid_focal(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
+                              gamma: float = GAMMA) -> torch.Tensor:
+    r"""torchvision.ops.sigmoid_focal_loss(reduction="mean"), its published formula written out."""
+    p = torch.sigmoid(inputs)
+    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * loss).mean()
+
+
+def smp_losses() -> Optional[types.ModuleType]:
+    r"""``segmentation_models_pytorch.losses``, imported without the package's encoders when those fail."""
+    try:
+        return importlib.import_module("segmentation_models_pytorch.losses")
+    except ImportError:
+        return None
+    except Exception:  # noqa: BLE001 - smp's encoders import torchvision, which fails without CUDA here
+        for name in [key for key in sys.modules if key.startswith("segmentation_models_pytorch")]:
+            del sys.modules[name]
+    spec = importlib.util.find_spec("segmentation_models_pytorch")
+    package = types.ModuleType("segmentation_models_pytorch")
+    package.__path__ = list(spec.submodule_search_locations or [])
+    sys.modules["segmentation_models_pytorch"] = package
+    return importlib.import_module("segmentation_models_pytorch.losses")
+
+
+def optional(name: str) -> Optional[types.ModuleType]:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+@dataclass
+class Case:
+    r"""One row: our loss in a peer's convention, the inputs, and the peers that compute the same number."""
+
+    name: str
+    loss: str
+    params: Dict[str, object]
+    inputs: Callable[[int, torch.Generator], Inputs]
+    peers: Dict[str, LossCall]
+
+
+def cases() -> Tuple[List[Case], List[str]]:
+    r"""The cases whose peers are installed, and the peers that are not."""
+    monai_losses, kornia_losses, smp = optional("monai.losses"), optional("kornia.losses"), smp_losses()
+    missing = [name for name, module in (("monai", monai_losses), ("kornia", kornia_losses), ("smp", smp))
+               if module is None]
+    pos_weight = torch.tensor([3.0, 0.5, 1.0, 2.0])
+    class_weight = torch.tensor([0.5, 2.0, 1.0, 1.5])
+    found: List[Case] = [
+        Case("bce_with_logits+pos_weight", "bce_with_logits", {"pos_weight": pos_weight}, binary_rows, {
+            "F": lambda p, t: F.binary_cross_entropy_with_logits(p, t, pos_weight=pos_weight),
+        }),
+        Case("bce", "bce", {}, probability_rows, {"F": F.binary_cross_entropy}),
+        Case("binary_focal", "binary_focal", {"alpha": 0.25, "gamma": GAMMA}, binary_rows, {
+            "torchvision formula": torchvision_sigmoid_focal,
+        }),
+        Case("cross_entropy+class_weight", "cross_entropy", {"class_weight": class_weight}, class_images, {
+            "F": lambda p, t: F.cross_entropy(p, t, weight=class_weight),
+        }),
+        Case("nll", "nll", {}, log_probability_images, {"F": F.nll_loss}),
+        Case("mse", "mse", {}, real_rows, {"F": F.mse_loss}),
+        Case("l1", "l1", {}, real_rows, {"F": F.l1_loss}),
+        Case("huber", "huber", {"delta": 0.5}, real_rows, {"F": lambda p, t: F.huber_loss(p, t, delta=0.5)}),
+        Case("smooth_l1", "smooth_l1", {"beta": 0.5}, real_rows,
+             {"F": lambda p, t: F.smooth_l1_loss(p, t, beta=0.5)}),
+    ]
+    multiclass = {"mode": "multiclass"}
+    unsmoothed = dict(multiclass, smooth_nr=0.0, smooth_dr=0.0)
+    if monai_losses is not None:
+        m = monai_losses
+        dice = m.DiceLoss(softmax=True, to_onehot_y=True)
+        jaccard = m.DiceLoss(softmax=True, to_onehot_y=True, jaccard=True, smooth_nr=0.0, smooth_dr=0.0)
+        tversky = m.TverskyLoss(softmax=True, to_onehot_y=True, alpha=0.3, beta=0.7)
+        dice_ce = m.DiceCELoss(sigmoid=True)
+        monai_focal = m.FocalLoss(use_softmax=True, to_onehot_y=True, gamma=GAMMA)
+        found += [
+            Case("dice multiclass (MONAI)", "dice", multiclass, class_images,
+                 {"MONAI": lambda p, t: dice(p, t.unsqueeze(1))}),
+            Case("iou multiclass (MONAI)", "iou", unsmoothed, class_images,
+                 {"MONAI": lambda p, t: jaccard(p, t.unsqueeze(1))}),
+            Case("tversky multiclass (MONAI)", "tversky", dict(multiclass, alpha=0.3, beta=0.7), class_images,
+                 {"MONAI": lambda p, t: tversky(p, t.unsqueeze(1))}),
+            Case("bce_dice binary (MONAI)", "bce_dice", {}, binary_images, {"MONAI": dice_ce}),
+            # MONAI's mean runs over every (n, c, position), the zero entries of other classes included.
+            Case("focal (MONAI)", "focal", {"gamma": GAMMA}, class_images,
+                 {"MONAI": lambda p, t: monai_focal(p, t.unsqueeze(1)) * CLASSES}),
+        ]
+    if kornia_losses is not None:
+        k = kornia_losses
+        found[2].peers["kornia"] = lambda p, t: k.binary_focal_loss_with_logits(p, t, 0.25, GAMMA, "mean")
+        found += [
+            # kornia's mean, like MONAI's, runs over the classes too.
+            Case("focal (kornia)", "focal", {"gamma": GAMMA}, class_images,
+                 {"kornia": lambda p, t: k.focal_loss(p, t, None, GAMMA, "mean") * CLASSES}),
+            Case("dice multiclass eps (kornia)", "dice", dict(multiclass, smooth_nr=0.0, smooth_dr=1e-8),
+                 class_images, {"kornia": lambda p, t: k.dice_loss(p, t, average="macro")}),
+        ]
+    if smp is not None:
+        smp_dice = smp.DiceLoss("multiclass", smooth=0.0, eps=0.0)
+        smp_jaccard = smp.JaccardLoss("multiclass", smooth=0.0, eps=0.0)
+        smp_focal = smp.FocalLoss("binary", alpha=0.25, gamma=GAMMA)
+        found[2].peers["smp"] = smp_focal
+        found[0].peers["smp"] = smp.SoftBCEWithLogitsLoss(pos_weight=pos_weight)
+        batch = dict(unsmoothed, batch=True)
+        found += [
+            Case("dice multiclass batch (smp)", "dice", batch, class_images, {"smp": smp_dice}),
+            Case("iou multiclass batch (smp)", "iou", batch, class_images, {"smp": smp_jaccard}),
+        ]
+    return found, missing
+
+
+@dataclass
+class Implementation:
+    name: str
+    call: LossCall
+    is_ours: bool
+
+
+def implementations(case: Case, compiled: bool) -> Tuple[List[Implementation], str]:
+    r"""Ours, ours compiled (or why not), then the peers."""
+    module = losses.build(case.loss, **case.params)
+    # Every loss module shares Loss.forward: without a reset, dynamo's per-code recompile limit
+    # would count the cases before this one.
+    torch._dynamo.reset()
+    found = [Implementation("ours", module, True)]
+    note = ""
+    if compiled:
+        candidate = torch.compile(module, fullgraph=True, dynamic=True)
+        try:
+            candidate(*case.inputs(4 * 64, torch.Generator().manual_seed(1)))
+            found.append(Implementation("ours compiled", candidate, True))
+        except Exception as error:  # noqa: BLE001 - the table reports why the compile failed
+            note = compile_failure(error)
+    found += [Implementation(name, call, False) for name, call in case.peers.items()]
+    return found, note
+
+
+def check_agreement(case: Case, found: List[Implementation], inputs: Inputs) -> str:
+    r"""Stop unless every implementation gives our value; drop ``ours compiled`` (returning why) if it fails."""
+    values: Dict[str, float] = {}
+    note = ""
+    with torch.no_grad():
+        for impl in list(found):
+            try:
+                values[impl.name] = float(impl.call(*inputs))
+            except Exception as error:  # noqa: BLE001 - only a compiled module's failure is reported, not raised
+                if impl.name != "ours compiled":
+                    raise
+                found.remove(impl)
+                note = compile_failure(error)
+    ours = values["ours"]
+    for name, value in values.items():
+        if not abs(value - ours) <= AGREEMENT * max(abs(ours), 1e-12):
+            raise SystemExit(f"{case.name}: {name} gives {value!r}, ours {ours!r}: not the same computation")
+    return note
+
+
+def compile_failure(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+
+
+def _timed(call: LossCall, inputs: Inputs, backward: bool, calls: int) -> float:
+    predictions, targets = inputs
+    start = time.perf_counter()
+    for _ in range(calls):
+        if backward:
+            torch.autograd.grad(call(predictions, targets), predictions)
+        else:
+            with torch.no_grad():
+                call(predictions, targets)
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def time_case(found: Sequence[Implementation], inputs: Inputs, repeats: int) -> Dict[str, Dict[str, float]]:
+    r"""Median ms per call of each implementation, ``{"fwd": ..., "fwd+bwd": ...}``, interleaved."""
+    leaf = inputs[0].detach().clone().requires_grad_(True)
+    per_sample = max(1, BATCHED_BELOW // inputs[0].numel())
+    times: Dict[str, Dict[str, List[float]]] = {impl.name: {"fwd": [], "fwd+bwd": []} for impl in found}
+    for round_index in range(repeats + 1):
+        order = found if round_index % 2 else list(reversed(found))
+        for mode, backward, data in (("fwd", False, inputs), ("fwd+bwd", True, (leaf, inputs[1]))):
+            for impl in order:
+                times[impl.name][mode].append(_timed(impl.call, data, backward, per_sample))
+    # Round 0 is the warm-up.
+    return {name: {mode: statistics.median(values[1:]) for mode, values in by_mode.items()}
+            for name, by_mode in times.items()}
+
+
+def peak_memory(case_name: str, implementation: str, elements: int) -> Optional[int]:
+    r"""Peak extra RSS of one forward+backward of ``implementation`` in a fresh child process, in bytes."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-child", case_name, implementation,
+               str(elements)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        print(f"  memory of {implementation} on {case_name} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    return int(done.stdout.split()[-1])
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def memory_child(case_name: str, implementation: str, elements: int) -> int:
+    torch.set_num_threads(1)
+    case = {case.name: case for case in cases()[0]}[case_name]
+    found = {impl.name: impl for impl in implementations(case, implementation == "ours compiled")[0]}
+    predictions, targets = case.inputs(elements, torch.Generator().manual_seed(0))
+    leaf = predictions.requires_grad_(True)
+    call = found[implementation].call
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    torch.autograd.grad(call(leaf, targets), leaf)
+    return _status("VmHWM") - before
+
+
+def parse_size(text: str) -> int:
+    value = int(float(text))
+    if value < 4 * CLASSES:
+        raise argparse.ArgumentTypeError(f"a size must be at least {4 * CLASSES} elements, got {text}")
+    return value
+
+
+def run(args: argparse.Namespace) -> List[Dict[str, object]]:
+    found_cases, missing = cases()
+    if args.cases:
+        unknown = sorted(set(args.cases) - {case.name for case in found_cases})
+        if unknown:
+            raise SystemExit(f"unknown case(s) {unknown}; these exist: {[case.name for case in found_cases]}")
+        found_cases = [case for case in found_cases if case.name in args.cases]
+    print(f"torch {torch.__version__}; peers not installed: {', '.join(missing) or 'none'}; median of "
+          f"{args.repeats} interleaved rounds; float32; ms per call")
+    results: List[Dict[str, object]] = []
+    header = ("| case | elements | threads | ours fwd | ours fwd+bwd | fastest peer (fwd / fwd+bwd) | peer fwd "
+              "| peer fwd+bwd | ours÷peer fwd | ours÷peer fwd+bwd | compiled÷peer fwd | compiled÷peer fwd+bwd |")
+    print(header + "\n|" + "---|" * (header.count("|") - 1), flush=True)
+    for case in found_cases:
+        found, compile_note = implementations(case, args.compiled)
+        for elements in args.sizes:
+            inputs = case.inputs(elements, torch.Generator().manual_seed(elements))
+            compile_note = check_agreement(case, found, inputs) or compile_note
+            if compile_note and not any(impl.name == "ours compiled" for impl in found):
+                print(f"  {case.name}: torch.compile(fullgraph=True) fails: {compile_note}", flush=True)
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                times = time_case(found, inputs, args.repeats)
+                results.append(row(case, elements, inputs[0].numel(), threads, times, found, compile_note))
+    if args.memory:
+        largest = max(args.sizes)
+        print(f"\nPeak extra memory of one forward+backward at {largest:.0e} elements, fresh process, MB:")
+        print("| case | " + " | ".join(["ours", "ours compiled", "peers"]) + " | ours÷smallest peer |\n|---|---|---|---|---|")
+        for case in found_cases:
+            names = ["ours"] + (["ours compiled"] if args.compiled else []) + list(case.peers)
+            peaks = {name: peak_memory(case.name, name, largest) for name in names}
+            memory_row(case, peaks, results, largest)
+    torch.set_num_threads(args.threads[0])
+    return results
+
+
+def _ratio(numerator: Optional[float], denominator: float) -> str:
+    return "-" if numerator is None else f"{numerator / denominator:.2f}"
+
+
+def row(case: Case, elements: int, actual: int, threads: int, times: Dict[str, Dict[str, float]],
+        found: Sequence[Implementation], compile_note: str) -> Dict[str, object]:
+    peers = {impl.name: times[impl.name] for impl in found if not impl.is_ours}
+    fastest = {mode: min(peers, key=lambda name: peers[name][mode]) for mode in ("fwd", "fwd+bwd")}
+    peer = {mode: peers[fastest[mode]][mode] for mode in fastest}
+    ours = times["ours"]
+    compiled = times.get("ours compiled", {})
+    print(f"| {case.name} | {actual:.0e} | {threads} | {ours['fwd']:.3f} | {ours['fwd+bwd']:.3f} | "
+          f"{fastest['fwd']} / {fastest['fwd+bwd']} | {peer['fwd']:.3f} | {peer['fwd+bwd']:.3f} | "
+          f"{ours['fwd'] / peer['fwd']:.2f} | {ours['fwd+bwd'] / peer['fwd+bwd']:.2f} | "
+          f"{_ratio(compiled.get('fwd'), peer['fwd'])} | {_ratio(compiled.get('fwd+bwd'), peer['fwd+bwd'])} |",
+          flush=True)
+    return {"case": case.name, "elements": actual, "requested": elements, "threads": threads, "times_ms": times,
+            "fastest_peer": fastest, "ours_over_peer": {mode: ours[mode] / peer[mode] for mode in peer},
+            "compile_error": compile_note}
+
+
+def memory_row(case: Case, peaks: Dict[str, Optional[int]], results: List[Dict[str, object]], elements: int) -> None:
+    def megabytes(name: str) -> str:
+        value = peaks.get(name)
+        return "-" if value is None else f"{value / 2**20:.0f}"
+
+    peer_peaks = {name: value for name, value in peaks.items() if name in case.peers and value is not None}
+    smallest = min(peer_peaks.values()) if peer_peaks else None
+    ratio = "-" if smallest is None or peaks["ours"] is None else f"{peaks['ours'] / smallest:.2f}"
+    peer_text = ", ".join(f"{name} {megabytes(name)}" for name in case.peers)
+    print(f"| {case.name} | {megabytes('ours')} | {megabytes('ours compiled')} | {peer_text} | {ratio} |", flush=True)
+    results.append({"case": case.name, "memory_elements": elements, "peak_bytes": peaks})
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[10_000, 1_000_000, 10_000_000],
+                        help="prediction elements per call (e.g. 1e4 1e6 1e7)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to time")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement (median)")
+    parser.add_argument("--cases", nargs="*", default=None, help="case names to run (default: all)")
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false", help="skip ours under torch.compile")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory table")
+    parser.add_argument("--json", metavar="FILE", help="also write every number as JSON")
+    parser.add_argument("--memory-child", nargs=3, metavar=("CASE", "IMPLEMENTATION", "ELEMENTS"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(list(argv))
+    if args.memory_child:
+        case_name, implementation, elements = args.memory_child
+        print(memory_child(case_name, implementation, int(elements)))
+        return 0
+    results = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
