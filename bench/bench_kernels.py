@@ -202,6 +202,8 @@ class FormSite:
     index_targets: bool
     training: bool
     function: str = ""
+    # Images (N, 4, 64, 64) rather than rows (E/4, 4): the region losses' spatial sums.
+    images: bool = False
 
 
 FORM_SITES = [
@@ -210,9 +212,18 @@ FORM_SITES = [
     FormSite("focal class indices", ["focal", "cross_entropy"], "focal", {"gamma": GAMMA}, True, False),
     FormSite("focal class indices", ["focal", "cross_entropy"], "focal", {"gamma": GAMMA}, True, True),
     FormSite("bce values", ["bce"], "bce", {}, False, False),
+    FormSite("bce closed-form backward", ["bce"], "bce", {}, False, True),
     FormSite("bce_with_logits fused", ["bce"], "bce_with_logits", {}, False, False),
     FormSite("bce_with_logits fused", ["bce"], "bce_with_logits", {}, False, True),
+    FormSite("binary_focal closed-form backward", ["focal"], "binary_focal", {"gamma": GAMMA}, False, False),
+    FormSite("binary_focal closed-form backward", ["focal"], "binary_focal", {"gamma": GAMMA}, False, True),
+    FormSite("region class-index sums", ["region"], "dice", {"mode": "multiclass"}, True, False, images=True),
+    FormSite("region class-index sums", ["region"], "dice", {"mode": "multiclass"}, True, True, images=True),
+    FormSite("region dense, nothing ignored", ["region"], "dice", {}, False, False, images=True),
+    FormSite("region dense, nothing ignored", ["region"], "dice", {}, False, True, images=True),
     FormSite("statistics sums", ["_reduction"], "mse", {}, False, False),
+    FormSite("huber fused", ["regression"], "huber", {}, False, False),
+    FormSite("huber fused", ["regression"], "huber", {}, False, True),
     FormSite("logsumexp", ["_stable"], "", {}, False, False, "logsumexp"),
     FormSite("log_softmax", ["_stable"], "", {}, False, False, "log_softmax"),
     FormSite("log_softmax", ["_stable"], "", {}, False, True, "log_softmax"),
@@ -230,6 +241,17 @@ BUILDING_BLOCKS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def _form_call(site: FormSite, elements: int, generator: torch.Generator) -> Callable[[], object]:
     rows = elements // NUM_CLASSES
     logits = torch.randn((rows, NUM_CLASSES), generator=generator) * 3
+    if site.images:
+        side = min(64, int((elements / NUM_CLASSES) ** 0.5))
+        images = max(1, elements // (NUM_CLASSES * side * side))
+        logits = torch.randn((images, NUM_CLASSES, side, side), generator=generator) * 2
+        module = losses.build(site.loss, **site.params)
+        if site.index_targets:
+            targets = torch.randint(0, NUM_CLASSES, (images, side, side), generator=generator)
+        else:
+            logits = logits.reshape(images * NUM_CLASSES, 1, side, side)
+            targets = (torch.rand(logits.shape, generator=generator) < 0.3).float()
+        return _step(module, logits, targets, site.training)
     if site.function:
         block = BUILDING_BLOCKS[site.function]
         module: Callable[..., torch.Tensor] = lambda p, t: block(p).sum()
@@ -241,7 +263,12 @@ def _form_call(site: FormSite, elements: int, generator: torch.Generator) -> Cal
         targets = (torch.rand((rows, NUM_CLASSES), generator=generator) < 0.3).float()
     if site.loss == "bce":
         logits = torch.sigmoid(logits)
-    if not site.training:
+    return _step(module, logits, targets, site.training)
+
+
+def _step(module: Callable[..., torch.Tensor], logits: torch.Tensor, targets: torch.Tensor,
+          training: bool) -> Callable[[], object]:
+    if not training:
         return lambda: module(logits, targets)
     leaf = logits.clone().requires_grad_(True)
 
@@ -254,9 +281,10 @@ def _form_call(site: FormSite, elements: int, generator: torch.Generator) -> Cal
 
 def measure_forms(sizes: Sequence[int], repeats: int) -> None:
     r"""Print ``export / eager`` per form site and size, the two forms timed alternately in one run."""
-    from loss_service.losses import bce, cross_entropy, focal
+    from loss_service.losses import bce, cross_entropy, focal, region, regression
 
-    kernels = {"_reduction": _reduction, "_stable": _stable, "bce": bce, "cross_entropy": cross_entropy, "focal": focal}
+    kernels = {"_reduction": _reduction, "_stable": _stable, "bce": bce, "cross_entropy": cross_entropy, "focal": focal,
+               "region": region, "regression": regression}
     print(f"| {'eager form':>28} | {'mode':>9} | {'elements':>8} | {'eager µs':>10} | {'export µs':>10} | "
           f"{'export/eager':>12} |")
     print("|" + "|".join(["---:"] * 6) + "|")

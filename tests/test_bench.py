@@ -280,6 +280,7 @@ def test_peer_bench_times_every_loss_with_a_peer_after_checking_they_agree(tmp_p
     for row in results:
         assert set(row["times_ms"]) == {"ours"} | set(next(c for c in found if c.name == row["case"]).peers)
         assert all(ratio > 0 for ratio in row["ours_over_peer"].values())
+        assert row["float32_relative_error"]["ours"] < 1e-5
     assert len([line for line in capsys.readouterr().out.splitlines() if "| 4e+03 | 1 |" in line]) == len(found)
 
 
@@ -288,7 +289,7 @@ def test_peer_bench_stops_when_a_peer_computes_something_else():
 
     case = bench_peers.Case("mse", "mse", {}, bench_peers.real_rows, {"wrong": torch.nn.functional.l1_loss})
     found, _ = bench_peers.implementations(case, compiled=False)
-    with pytest.raises(SystemExit, match="wrong gives"):
+    with pytest.raises(SystemExit, match="wrong gives .* in float64"):
         bench_peers.check_agreement(case, found, case.inputs(64, torch.Generator().manual_seed(0)))
 
 

@@ -458,3 +458,51 @@ def test_modules_are_typed_and_scriptable_with_settable_attributes():
     binary = torch.jit.script(BinaryFocalLoss(alpha=-1.0, gamma=0.0))
     p, t = binary_inputs((2, 3))
     torch.testing.assert_close(binary(p, t), F.binary_cross_entropy_with_logits(p, t), **TIGHT)
+
+
+def _backward_nodes(output):
+    r"""Names of every node of ``output``'s autograd graph."""
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("name, params, closed_form", [
+    ("bce", {}, "BinaryCrossEntropyBackward"),
+    ("binary_focal", {}, "BinaryFocalBackward"),
+    ("focal", {"gamma": 2.0, "ignore_index": -100}, "SoftmaxTargetTermBackward"),
+    ("cross_entropy", {"class_weight": torch.tensor([0.5, 2.0, 1.0])}, "SoftmaxTargetTermBackward"),
+])
+def test_eager_training_takes_the_closed_form_backward_with_the_formulas_gradient(name, params, closed_form):
+    r"""Eager autograd runs losses/_autograd.py's closed-form backward; TorchScript keeps the formula and
+    autograd's derivative of it: the two gradients agree in float64, for finite and extreme logits."""
+    spec = losses.get(name)
+    predictions, targets = spec.make_inputs(4, 3, (5,), generator(), torch.float64, params)
+    # Extremes: logits of ±1e4, or probabilities of exactly 0 and 1.
+    extreme = predictions.round() if spec.predictions == "probabilities" else predictions.sign() * 1e4
+    predictions = torch.cat([predictions, extreme], dim=0)
+    targets = torch.cat([targets, targets], dim=0)
+    module = losses.build(name, **params)
+    leaf = predictions.clone().requires_grad_(True)
+    loss = module(leaf, targets, torch.rand(8, generator=generator(3), dtype=torch.float64))
+    assert closed_form in _backward_nodes(loss)
+    (eager_grad,) = torch.autograd.grad(loss, leaf)
+    scripted_leaf = predictions.clone().requires_grad_(True)
+    scripted = torch.jit.script(module)(scripted_leaf, targets, torch.rand(8, generator=generator(3), dtype=torch.float64))
+    assert closed_form not in _backward_nodes(scripted)
+    (scripted_grad,) = torch.autograd.grad(scripted, scripted_leaf)
+    assert torch.isfinite(eager_grad).all()
+    torch.testing.assert_close(eager_grad, scripted_grad, **TIGHT)
+
+
+def test_binary_focal_keeps_the_gradient_of_soft_targets():
+    r"""Soft targets that require a gradient (distillation) take the formula, which differentiates them."""
+    x = logits(6, 3)
+    soft = torch.rand(6, 3, generator=generator(2), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: binary_focal_loss(x, t, gamma=1.5), (soft,))

@@ -349,3 +349,27 @@ def test_scripted_module_reads_hyperparameters_at_call_time():
     scripted.include_background = False
     expected = losses.build("focal_tversky", mode="multiclass", gamma=2.0, include_background=False)(logits, indices)
     torch.testing.assert_close(scripted(logits, indices), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode, ignore", [("multiclass", False), ("multiclass", True), ("binary", False),
+                                          ("multilabel", True)])
+@pytest.mark.parametrize("squared_pred", [False, True])
+def test_eager_sums_equal_the_traced_form(monkeypatch, mode, ignore, squared_pred):
+    r"""The eager class-index sums (gather and scatter_add, no one-hot) and the dense sums without a mask
+    when nothing is ignored give the traced form's values and gradients, with per-class pixel weights."""
+    from loss_service.losses import region
+
+    spec = losses.get("dice")
+    params = {"mode": mode, "squared_pred": squared_pred, "batch": False}
+    if ignore:
+        params["ignore_index"] = 255
+    predictions, targets = spec.make_inputs(3, 3, (4, 5), torch.Generator().manual_seed(1), torch.float64, params)
+    pixel_weights = torch.rand(predictions.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    results = []
+    for traced in (False, True):
+        monkeypatch.setattr(region, "is_tracing", lambda: traced)
+        leaf = predictions.clone().requires_grad_(True)
+        values = losses.build("dice", **params, reduction="none")(leaf, targets, pixel_weights)
+        results.append((values, torch.autograd.grad(values.sum(), leaf)[0]))
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(eager, traced, rtol=1e-12, atol=1e-14)

@@ -12,7 +12,8 @@ the element count.
 Hyperparameters enter kernels as 0-d tensors: one code is scripted, and traced for ONNX with them as graph
 inputs, never branching on their values. Outside export a kernel may read one on the host, use torch's fused
 ops and update its own temporaries in place (``if is_tracing(): <export form> else: <fast form>``, the same
-formula), where that is at least 1.5x faster on 1e6 elements (``python bench/bench_kernels.py --forms``).
+formula), where that is at least 1.5x faster on 1e6 elements (``python bench/bench_kernels.py --forms``);
+in eager Python, :mod:`._autograd` adds closed-form backward passes under the same rule.
 """
 from typing import List, Optional, Tuple
 

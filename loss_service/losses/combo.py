@@ -17,8 +17,8 @@ from ._reduction import (
 )
 from .bce import bce_with_logits_statistics
 from .region import (
-    DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _constant, _flag, _region_loss, _weights3, prepare,
-    region_inputs, region_reductions, region_statistics, split_weights,
+    DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _constant, _flag, _region_loss, _weights3, check_split_weights,
+    dense_sums, masked_pixel_weight, overlap_statistics, prepare, region_inputs, region_reductions, split_weights,
 )
 
 _BCE = get("bce_with_logits")
@@ -82,27 +82,32 @@ def bce_dice_statistics(
     # Checked before the Dice kernel does, whose hint would point at a multiclass mode bce_dice lacks.
     check_same_shape(predictions, targets, 1, one_target_per_prediction_hint())
     index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background)
-    # The Dice kernel validates the inputs and the weights; the BCE term reuses its view.
-    _, dice_totals, dice_sample_totals = region_statistics(
-        predictions, targets, weights, sample_weights, *index, squared_pred, ignore_index, class_weight, mode, batch,
+    check_split_weights(weights, sample_weights, predictions)
+    # One view of the inputs for both terms: the Dice sums and the BCE's weights (pixel weights times
+    # the not-ignored mask, and the sample weights).
+    probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
+    pixel_weight = masked_pixel_weight(keep, weights, predictions, mode)
+    _, dice_totals, dice_sample_totals = overlap_statistics(
+        dense_sums(probabilities, dense, pixel_weight, squared_pred), sample_weights, *index, class_weight, batch,
         True,
     )
-    probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
     logits = predictions.to(probabilities.dtype).reshape(probabilities.shape)
     batch_size = probabilities.shape[0]
-    bce_weights = keep
-    if weights is not None:
-        bce_weights = bce_weights * weights.to(keep.dtype).expand(predictions.shape).reshape(probabilities.shape)
+    bce_weights = pixel_weight
     if sample_weights is not None:
-        bce_weights = bce_weights * sample_weights.to(keep.dtype).reshape(batch_size, 1, 1)
+        sample_scale = sample_weights.to(probabilities.dtype).reshape(batch_size, 1, 1)
+        bce_weights = sample_scale if bce_weights is None else bce_weights * sample_scale
     _, bce_totals, bce_sample_totals = bce_with_logits_statistics(
         logits, dense, bce_weights, pos_weight, class_weight, 1, True
     )
-    # Ignored positions have weight 0 and, as for every loss here, do not count in `mean`'s
-    # denominator: column 2 becomes the number of positions that are not ignored.
-    counted = accumulate(keep.expand(probabilities.shape), [1, 2])
-    bce_sample_totals = torch.cat([bce_sample_totals[:, :2], counted.unsqueeze(1), bce_sample_totals[:, 3:]], dim=1)
-    bce_totals = torch.cat([bce_totals[:2], counted.sum().reshape(1), bce_totals[3:]])
+    if keep is not None:
+        # Ignored positions have weight 0 and, as for every loss here, do not count in `mean`'s
+        # denominator: column 2 becomes the number of positions that are not ignored.
+        counted = accumulate(keep.expand(probabilities.shape), [1, 2])
+        bce_sample_totals = torch.cat(
+            [bce_sample_totals[:, :2], counted.unsqueeze(1), bce_sample_totals[:, 3:]], dim=1
+        )
+        bce_totals = torch.cat([bce_totals[:2], counted.sum().reshape(1), bce_totals[3:]])
     sample_totals = torch.cat([bce_sample_totals, dice_sample_totals], dim=1)
     totals = torch.cat([bce_totals, dice_totals])
     values = bce_dice_reductions(sample_totals, bce_weight, dice_weight, *index, class_weight, batch)[:, 1]

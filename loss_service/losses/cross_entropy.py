@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _autograd
 from ._base import ElementwiseLoss
 from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, IGNORE_INDEX_PARAM, LABEL_SMOOTHING_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, register
@@ -123,12 +124,12 @@ def class_vector_along(class_weight: Tensor, shape: List[int], dim: int) -> Opti
 
 
 def eager_index_targets(
-    targets: Tensor, ignore_index: Tensor, shape: List[int], dim: int
+    targets: Tensor, ignore_index: Tensor, shape: List[int], dim: int, probabilities_allowed: bool
 ) -> Tuple[Tensor, Optional[Tensor]]:
     r"""``(indices, valid)`` of class-index ``targets`` outside export. One ``aminmax`` read on the host serves
     the range check and tells whether any target can equal ``ignore_index``: if none can, ``valid`` is ``None``
     (no mask); else ``valid`` is as in :func:`class_index_mask` and the indices are 0 where ignored."""
-    indices = index_tensor(targets, shape, dim, True)
+    indices = index_tensor(targets, shape, dim, probabilities_allowed)
     num_classes = shape[dim]
     if indices.numel() == 0:
         return indices, None
@@ -178,7 +179,8 @@ def eager_index_weights(
     without ``weights``."""
     denominator: Optional[Tensor] = None
     if class_vector is not None:
-        denominator = class_vector[indices]
+        # index_select, not class_vector[indices]: advanced indexing is several times slower.
+        denominator = class_vector.index_select(0, indices.reshape(-1)).reshape(indices.shape)
         if valid is not None:
             denominator = torch.where(valid, denominator, 0.0)
     elif valid is not None:
@@ -335,25 +337,28 @@ def _eager_index_statistics(
     ``label_smoothing > 0`` (read on the host), no mask is built when no target is ignored, and the
     temporaries of the elementwise shape are updated in place unless autograd records ``x``.
     """
-    indices, valid = eager_index_targets(targets, ignore_index, shape, dim)
+    indices, valid = eager_index_targets(targets, ignore_index, shape, dim, True)
     x = x.contiguous()
     smoothing = float(epsilon.item()) > 0.0
-    lse = logsumexp(x, dim)
-    target_nll = eager_target_nll(x, lse, indices, valid, dim, smoothing)
     weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
     recording = torch.is_grad_enabled() and x.requires_grad
-    loss = target_nll
-    if gamma is not None:
-        if recording:
-            loss = modulating_factor(-torch.expm1(-target_nll), gamma).mul_(target_nll)
-        else:
-            # No clamp at the smallest normal (it is there for the gradient): target_nll >= 0, so the
-            # base is >= 0, and a base below it means -log p_y below it too, a product of ~0 either way.
-            loss = torch.neg(target_nll).expm1_().neg_().pow_(float(gamma.item())).mul_(target_nll)
-    # target_nll is 0 where ignored and denominator = a_y (0 where ignored, None for 1), so ignored
-    # elements give 0 without a mask.
+    lse = x  # read only with smoothing, which the closed-form branch excludes
+    if not smoothing and not torch.jit.is_scripting():
+        loss = _autograd.softmax_target_term(x, indices, dim, None if gamma is None else float(gamma.item()))
+    else:
+        lse = logsumexp(x, dim)
+        target_nll = eager_target_nll(x, lse, indices, valid, dim, smoothing)
+        loss = target_nll
+        if gamma is not None:
+            if recording:
+                loss = modulating_factor(-torch.expm1(-target_nll), gamma).mul_(target_nll)
+            else:
+                # No clamp at the smallest normal (it is there for the gradient): target_nll >= 0, so the
+                # base is >= 0, and a base below it means -log p_y below it too, a product of ~0 either way.
+                loss = torch.neg(target_nll).expm1_().neg_().pow_(float(gamma.item())).mul_(target_nll)
+    # denominator = a_y (0 where ignored, None for 1): ignored elements give 0 without a mask.
     if denominator is not None:
-        loss = loss * denominator if recording and gamma is None else loss.mul_(denominator)
+        loss = loss * denominator if recording else loss.mul_(denominator)
     if smoothing:
         smoothing_terms = class_terms(lse.unsqueeze(dim) - x, gamma)
         if weight_c is not None:
@@ -424,14 +429,26 @@ def nll_statistics(
     log_p = predictions.to(dtype)
     shape = list(log_p.shape)
     dim = normalize_class_dim(class_dim, len(shape))
-    target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, False)
     weight_c: Optional[Tensor] = None
     if class_weight is not None:
         weight_c = per_class(class_weight.to(dtype), shape, dim, "class_weight")
-    weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
+    class_vector: Optional[Tensor] = None
+    if weight_c is not None and not is_tracing():
+        class_vector = class_vector_along(weight_c, shape, dim)
+    valid: Optional[Tensor] = None
+    if not is_tracing() and (weight_c is None or class_vector is not None):
+        # One gather of the target's entry instead of a class mask and a masked sum over the classes.
+        indices, valid = eager_index_targets(targets, ignore_index, shape, dim, False)
+        weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
+        target_log_p = torch.gather(log_p, dim, indices.unsqueeze(dim)).squeeze(dim)
+    else:
+        target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, False)
+        weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
+        target_log_p = select_class(log_p, target_mask, dim)
     # denominator = w_y (0 where ignored); torch.where keeps a -inf ignored entry out of the value.
-    loss = denominator * -select_class(log_p, target_mask, dim)
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    loss = target_log_p.neg() if denominator is None else denominator * -target_log_p
+    if valid is not None:
+        loss = torch.where(valid, loss, 0.0)
     if sample_weight is not None:
         loss = loss * sample_weight
     return elementwise_statistics(loss, weight, denominator, per_sample)

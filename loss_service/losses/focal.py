@@ -11,6 +11,7 @@ from typing import Any, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _autograd
 from ._base import ElementwiseLoss
 from ._params import (
     CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, GAMMA_PARAM, IGNORE_INDEX_PARAM, LABEL_SMOOTHING_PARAM, REDUCTION_PARAM,
@@ -38,6 +39,9 @@ def binary_focal_statistics(
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype)
     t = as_float(targets, dtype, "targets")
+    if not torch.jit.is_scripting() and not is_tracing() and not t.requires_grad:
+        loss = _autograd.binary_focal(x, t, float(alpha.item()), float(gamma.item()))
+        return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
     alpha = alpha.to(dtype)
     log_p = log_sigmoid(x)
     # BCE with logits, -[t log σ(x) + (1 - t) log σ(-x)] = (1 - t) x - log σ(x).

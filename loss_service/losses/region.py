@@ -95,10 +95,13 @@ def _flatten_spatial(x: Tensor, class_channel: bool) -> Tensor:
     return x.flatten(2)
 
 
-def prepare(predictions: Tensor, targets: Tensor, ignore_index: Tensor, mode: str) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Probabilities, dense targets and the not-ignored mask, each ``(N, C, S)`` (mask may be ``(N, 1, S)``).
-    binary: every non-batch dimension is spatial, ``C = 1``. multiclass: targets of the predictions' shape
-    are class probabilities, others class indices (the shape decides, as in the ONNX layout)."""
+def prepare(
+    predictions: Tensor, targets: Tensor, ignore_index: Tensor, mode: str
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    r"""Probabilities, dense targets and the not-ignored mask, each ``(N, C, S)`` (mask may be ``(N, 1, S)``;
+    ``None`` outside tracing when no target is ignored). binary: every non-batch dimension is spatial,
+    ``C = 1``. multiclass: targets of the predictions' shape are class probabilities, others class
+    indices (the shape decides, as in the ONNX layout)."""
     if mode not in ["binary", "multilabel", "multiclass"]:
         raise ValueError("mode must be one of 'binary', 'multilabel', 'multiclass', got '{}'".format(mode))
     if predictions.dim() == 0:
@@ -129,13 +132,24 @@ def prepare(predictions: Tensor, targets: Tensor, ignore_index: Tensor, mode: st
         raise ValueError(
             "multilabel predictions must be (N, C, *) logits, got shape {}".format(list(predictions.shape))
         )
-    ignored = targets == ignore_index.to(targets.dtype)
-    t = torch.where(ignored, 0.0, _dense_targets(targets, ignored, dtype, mode))
     class_channel = mode == "multilabel"
     probabilities = _flatten_spatial(torch.sigmoid(x), class_channel)
-    dense = _flatten_spatial(t, class_channel)
-    keep = _flatten_spatial((~ignored).to(dtype), class_channel)
-    return probabilities, dense, keep
+    if not is_tracing() and _plainly_dense(targets, ignore_index):
+        return probabilities, _flatten_spatial(targets.to(dtype), class_channel), None
+    ignored = targets == ignore_index.to(targets.dtype)
+    t = torch.where(ignored, 0.0, _dense_targets(targets, ignored, dtype, mode))
+    return probabilities, _flatten_spatial(t, class_channel), _flatten_spatial((~ignored).to(dtype), class_channel)
+
+
+def _plainly_dense(targets: Tensor, ignore_index: Tensor) -> bool:
+    r"""True when one ``aminmax`` read on the host shows every target in ``[0, 1]`` and none equal to
+    ``ignore_index``: then no mask is needed and the element-by-element check can be skipped."""
+    if targets.numel() == 0 or targets.is_complex() or targets.dtype == torch.bool:
+        return False
+    smallest, largest = torch.aminmax(targets)
+    low, high, ignored = float(smallest.item()), float(largest.item()), float(ignore_index.item())
+    # NaN fails every comparison: such targets take the checked path, which names them.
+    return low >= 0.0 and high <= 1.0 and not (low <= ignored and ignored <= high)
 
 
 def _dense_targets(targets: Tensor, ignored: Tensor, dtype: torch.dtype, what: str) -> Tensor:
@@ -148,12 +162,9 @@ def _dense_targets(targets: Tensor, ignored: Tensor, dtype: torch.dtype, what: s
     return t
 
 
-def prepare_class_indices(
-    x: Tensor, predictions: Tensor, targets: Tensor, ignore_index: Tensor
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r""":func:`prepare` for multiclass class-index targets ``(N, *)`` or ``(N, 1, *)``; ``x`` is the
-    contiguous compute-dtype view of ``predictions``."""
-    dtype = x.dtype
+def class_index_view(x: Tensor, predictions: Tensor, targets: Tensor) -> Tensor:
+    r"""Multiclass class-index ``targets`` ``(N, *)`` or ``(N, 1, *)`` as ``(N, *)``, their dtype and shape
+    checked; ``x`` is the compute-dtype view of ``predictions``."""
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(
             "multiclass targets must be integer class indices (N, *) or (N, 1, *), or class probabilities of the "
@@ -172,18 +183,123 @@ def prepare_class_indices(
                 list(predictions.shape), list(targets.shape)
             )
         )
-    num_classes = x.shape[1]
-    ignored = index == ignore_index.to(index.dtype)
+    return index
+
+
+def check_class_indices(index: Tensor, ignored: Tensor, num_classes: int) -> None:
+    r"""``ValueError`` unless every index that is not ``ignored`` is in ``[0, C)``; a host check, not while tracing."""
     if not is_tracing() and index.numel() > 0:
         if bool(((~ignored) & ((index < 0) | (index >= num_classes))).any()):
             raise ValueError("multiclass targets must be in [0, {}) or equal ignore_index".format(num_classes))
+
+
+def prepare_class_indices(
+    x: Tensor, predictions: Tensor, targets: Tensor, ignore_index: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r""":func:`prepare` for multiclass class-index targets (:func:`class_index_view`)."""
+    index = class_index_view(x, predictions, targets)
+    num_classes = x.shape[1]
+    ignored = index == ignore_index.to(index.dtype)
+    check_class_indices(index, ignored, num_classes)
     probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
     flat_index = _flatten_spatial(index, False)
     classes = torch.arange(num_classes, device=x.device).reshape(1, num_classes, 1)
     # Comparing with arange (not F.one_hot) exports to ONNX; ignored positions match no class.
-    dense = (flat_index == classes).to(dtype)
-    keep = (~_flatten_spatial(ignored, False)).to(dtype)
+    dense = (flat_index == classes).to(x.dtype)
+    keep = (~_flatten_spatial(ignored, False)).to(x.dtype)
     return probabilities, dense, keep
+
+
+def _eager_index_sums(
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], ignore_index: Tensor, squared: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""``(TP, P, T)`` of multiclass class-index targets outside tracing, same sums as :func:`region_sums`.
+
+    No one-hot targets: ``TP_c`` and ``T_c`` are the (weighted) probabilities and weights *at the
+    target class*, gathered once and added into their class (``scatter_add``, in float64), and the
+    not-ignored mask is applied only when some target is ignored.
+    """
+    dtype = compute_dtype(predictions.dtype)
+    x = predictions.to(dtype).contiguous()
+    index = class_index_view(x, predictions, targets.contiguous())
+    num_classes = x.shape[1]
+    probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
+    pixel_weight: Optional[Tensor] = None
+    if weights is not None:
+        pixel_weight = _flatten_spatial(weights.to(dtype).expand(predictions.shape), True)
+    # One aminmax read on the host: when every index is in [0, C) and none can equal ignore_index,
+    # no mask is built and no element-by-element check runs.
+    low, high, ignored_index = 0, -1, int(ignore_index.item())
+    if index.numel() > 0:
+        smallest, largest = torch.aminmax(index)
+        low, high = int(smallest.item()), int(largest.item())
+    if not (low >= 0 and high < num_classes and (ignored_index < low or ignored_index > high)):
+        ignored = index == ignored_index
+        check_class_indices(index, ignored, num_classes)
+        # Ignored positions point at class 0 with a zero weight.
+        index = torch.where(ignored, 0, index)
+        keep = (~_flatten_spatial(ignored, False)).to(dtype)
+        pixel_weight = keep if pixel_weight is None else pixel_weight * keep
+    flat_index = _flatten_spatial(index, False)
+    weighted = probabilities if pixel_weight is None else probabilities * pixel_weight
+    predicted = accumulate(weighted * probabilities if squared else weighted, [2])
+    shape = [probabilities.shape[0], probabilities.shape[1]]
+    at_target = weighted.gather(1, flat_index).squeeze(1).to(torch.float64)
+    flat_index = flat_index.squeeze(1)
+    true_positive = torch.zeros(shape, dtype=torch.float64, device=x.device).scatter_add(1, flat_index, at_target)
+    if pixel_weight is None:
+        target_weight = torch.ones_like(at_target)
+    else:
+        target_weight = pixel_weight.expand(probabilities.shape).gather(1, flat_index.unsqueeze(1)).squeeze(1)
+    target = torch.zeros(shape, dtype=torch.float64, device=x.device).scatter_add(
+        1, flat_index, target_weight.to(torch.float64)
+    )
+    return true_positive, predicted, target
+
+
+def region_sums(
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], ignore_index: Tensor, squared_pred: Tensor,
+    mode: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""``(TP, P, T)``, float64 ``(N, C)``: the sums of the module docstring over the spatial positions,
+    with the pixel ``weights`` (broadcastable to the predictions) and the ignored positions' zero weight."""
+    if not is_tracing() and mode == "multiclass" and predictions.dim() >= 2 and targets.shape != predictions.shape:
+        return _eager_index_sums(predictions, targets, weights, ignore_index, bool(squared_pred.item()))
+    probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
+    return dense_sums(probabilities, dense, masked_pixel_weight(keep, weights, predictions, mode), squared_pred)
+
+
+def masked_pixel_weight(
+    keep: Optional[Tensor], weights: Optional[Tensor], predictions: Tensor, mode: str
+) -> Optional[Tensor]:
+    r"""The not-ignored mask of :func:`prepare` times the pixel ``weights``, ``(N, C, S)`` or ``(N, 1, S)``
+    (``None``: every weight is 1)."""
+    if weights is None:
+        return keep
+    pixel_weight = _flatten_spatial(weights.to(compute_dtype(predictions.dtype)).expand(predictions.shape), mode != "binary")
+    return pixel_weight if keep is None else keep * pixel_weight
+
+
+def dense_sums(
+    probabilities: Tensor, dense: Tensor, pixel_weight: Optional[Tensor], squared_pred: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""``(TP, P, T)`` of the outputs of :func:`prepare` and :func:`masked_pixel_weight`."""
+    if is_tracing():
+        squared = squared_pred.to(torch.bool)
+        predicted_term = torch.where(squared, probabilities * probabilities, probabilities)
+        target_term = torch.where(squared, dense * dense, dense)
+    elif bool(squared_pred.item()):
+        predicted_term, target_term = probabilities * probabilities, dense * dense
+    else:
+        predicted_term, target_term = probabilities, dense
+    if pixel_weight is None:
+        return (
+            accumulate(probabilities * dense, [2]), accumulate(predicted_term, [2]), accumulate(target_term, [2])
+        )
+    weighted = pixel_weight * probabilities
+    true_positive = accumulate(weighted * dense, [2])
+    predicted = accumulate(weighted if predicted_term is probabilities else pixel_weight * predicted_term, [2])
+    return true_positive, predicted, accumulate(pixel_weight * target_term, [2])
 
 
 def _class_vectors(
@@ -257,7 +373,7 @@ def split_weights(weights: Optional[Tensor], predictions: Tensor) -> Tuple[Optio
     return weights, None
 
 
-def _check_split_weights(weights: Optional[Tensor], sample_weights: Optional[Tensor], predictions: Tensor) -> None:
+def check_split_weights(weights: Optional[Tensor], sample_weights: Optional[Tensor], predictions: Tensor) -> None:
     r"""Pixel ``weights`` must broadcast to the predictions; ``sample_weights`` must be ``(N,)``."""
     shape = list(predictions.shape)
     if weights is not None:
@@ -289,20 +405,22 @@ def region_statistics(
     per-sample) and ``(N,)`` ``sample_weights`` :math:`s_n` may both be given (``None`` is ones; the ONNX graphs
     feed both): ``batch=False`` weights the loss of ``(n, c)`` by :math:`s_n\,w_c` (``w_c`` the class weight),
     ``batch=True`` sums :math:`TP_c = \sum_n s_n \sum_i w_{nci}\,p_{nci}\,t_{nci}` (and ``P``, ``T`` alike)."""
-    _check_split_weights(weights, sample_weights, predictions)
-    probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
-    num_classes = probabilities.shape[1]
-    dtype = probabilities.dtype
-    pixel_weight = keep
-    if weights is not None:
-        pixel_weight = keep * _flatten_spatial(weights.to(dtype).expand(predictions.shape), mode != "binary")
-    squared = squared_pred.to(torch.bool)
-    predicted_term = torch.where(squared, probabilities * probabilities, probabilities)
-    target_term = torch.where(squared, dense * dense, dense)
-    true_positive = accumulate(pixel_weight * probabilities * dense, [2])
-    predicted = accumulate(pixel_weight * predicted_term, [2])
-    target = accumulate(pixel_weight * target_term, [2])
-    kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, probabilities.device)
+    check_split_weights(weights, sample_weights, predictions)
+    return overlap_statistics(
+        region_sums(predictions, targets, weights, ignore_index, squared_pred, mode), sample_weights, overlap_scale,
+        alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background, class_weight, batch, per_sample,
+    )
+
+
+def overlap_statistics(
+    sums: Tuple[Tensor, Tensor, Tensor], sample_weights: Optional[Tensor], overlap_scale: Tensor, alpha: Tensor,
+    beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor,
+    include_background: Tensor, class_weight: Optional[Tensor], batch: bool, per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The statistics of the region kernel from the ``(TP, P, T)`` sums of :func:`region_sums`."""
+    true_positive, predicted, target = sums
+    num_classes = true_positive.shape[1]
+    kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, true_positive.device)
     index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss)
     if batch:
         if sample_weights is not None:

@@ -7,6 +7,7 @@ through tensor operations, so the ONNX graph takes them as inputs.
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._base import ElementwiseLoss
@@ -26,11 +27,17 @@ BETA_PARAM = ParamSpec(
 )
 
 
-def _residual(predictions: Tensor, targets: Tensor) -> Tuple[Tensor, torch.dtype]:
-    r"""``predictions - targets`` in the compute dtype, and that dtype."""
+def _in_compute_dtype(predictions: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor, torch.dtype]:
+    r"""``predictions`` and ``targets`` in the compute dtype, their shapes checked, and that dtype."""
     check_same_shape(predictions, targets, 1, one_target_per_prediction_hint())
     dtype = compute_dtype(predictions.dtype)
-    return predictions.to(dtype) - as_float(targets, dtype, "targets"), dtype
+    return predictions.to(dtype), as_float(targets, dtype, "targets"), dtype
+
+
+def _residual(predictions: Tensor, targets: Tensor) -> Tuple[Tensor, torch.dtype]:
+    r"""``predictions - targets`` in the compute dtype, and that dtype."""
+    p, t, dtype = _in_compute_dtype(predictions, targets)
+    return p - t, dtype
 
 
 def _split_residual(
@@ -41,7 +48,14 @@ def _split_residual(
     (which would overflow float32 in the branch torch.where discards). The 0-d ``threshold`` is checked here
     (``> 0``, ``>= 0`` with ``allow_zero``) as C++ may have set it; the host check is skipped while exporting."""
     residual, dtype = _residual(predictions, targets)
-    threshold = threshold.to(dtype)
+    threshold = checked_threshold(threshold.to(dtype), loss, name, allow_zero)
+    absolute = residual.abs()
+    quadratic_part = torch.minimum(absolute, threshold)
+    return absolute, quadratic_part, threshold, dtype
+
+
+def checked_threshold(threshold: Tensor, loss: str, name: str, allow_zero: bool) -> Tensor:
+    r"""``ValueError`` unless the 0-d ``threshold`` is ``> 0`` (``>= 0`` with ``allow_zero``); not while tracing."""
     if threshold.dim() != 0:
         raise ValueError(
             "{}: parameter '{}' must be a single number, got shape {}".format(loss, name, list(threshold.shape))
@@ -52,9 +66,7 @@ def _split_residual(
         if not valid:
             bound = ">= 0" if allow_zero else "> 0"
             raise ValueError("{}: parameter '{}' must be {}, got {}".format(loss, name, bound, float(threshold)))
-    absolute = residual.abs()
-    quadratic_part = torch.minimum(absolute, threshold)
-    return absolute, quadratic_part, threshold, dtype
+    return threshold
 
 
 def mse_statistics(
@@ -79,9 +91,15 @@ def huber_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], delta: Tensor, class_weight: Optional[Tensor],
     class_dim: int, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`huber_loss`: ``½m² + δ(|r| - m)``; ``delta`` is a 0-d tensor."""
-    absolute, quadratic_part, delta, dtype = _split_residual(predictions, targets, delta, "huber", "delta", False)
-    loss = 0.5 * quadratic_part * quadratic_part + delta * (absolute - quadratic_part)
+    r"""Statistics kernel of :func:`huber_loss`: ``½m² + δ(|r| - m)``; ``delta`` is a 0-d tensor. Outside tracing
+    torch's fused kernel of the same loss."""
+    if is_tracing():
+        absolute, quadratic_part, delta, dtype = _split_residual(predictions, targets, delta, "huber", "delta", False)
+        loss = 0.5 * quadratic_part * quadratic_part + delta * (absolute - quadratic_part)
+    else:
+        p, t, dtype = _in_compute_dtype(predictions, targets)
+        value = float(checked_threshold(delta.to(dtype), "huber", "delta", False).item())
+        loss = F.huber_loss(p, t, reduction="none", delta=value)
     return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
 
 
@@ -89,12 +107,18 @@ def smooth_l1_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], beta: Tensor, class_weight: Optional[Tensor],
     class_dim: int, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`smooth_l1_loss`: ``½m²/β + (|r| - m)``; ``beta`` is a 0-d tensor, 0 allowed."""
-    absolute, quadratic_part, beta, dtype = _split_residual(predictions, targets, beta, "smooth_l1", "beta", True)
-    # With β = 0 the quadratic part is 0 and the loss is |r| (torch's l1_loss); dividing that 0 by 1
-    # instead of by β keeps the value and the gradient finite.
-    safe_beta = torch.where(beta > 0, beta, torch.ones_like(beta))
-    loss = 0.5 * quadratic_part * quadratic_part / safe_beta + (absolute - quadratic_part)
+    r"""Statistics kernel of :func:`smooth_l1_loss`: ``½m²/β + (|r| - m)``; ``beta`` is a 0-d tensor, 0 allowed.
+    Outside tracing torch's fused kernel of the same loss (which is ``l1_loss`` for ``β = 0``)."""
+    if is_tracing():
+        absolute, quadratic_part, beta, dtype = _split_residual(predictions, targets, beta, "smooth_l1", "beta", True)
+        # With β = 0 the quadratic part is 0 and the loss is |r| (torch's l1_loss); dividing that 0 by 1
+        # instead of by β keeps the value and the gradient finite.
+        safe_beta = torch.where(beta > 0, beta, torch.ones_like(beta))
+        loss = 0.5 * quadratic_part * quadratic_part / safe_beta + (absolute - quadratic_part)
+    else:
+        p, t, dtype = _in_compute_dtype(predictions, targets)
+        value = float(checked_threshold(beta.to(dtype), "smooth_l1", "beta", True).item())
+        loss = F.smooth_l1_loss(p, t, reduction="none", beta=value)
     return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
 
 

@@ -1,0 +1,181 @@
+r"""Hand-written backward passes for the eager kernels whose autograd graph is the cost.
+
+Autograd records every elementwise step of a formula and replays each one backwards, saving its
+inputs: a focal loss becomes some forty passes over memory and as many saved tensors. Here the
+forward runs the kernel's formula without recording it, saves a handful of tensors, and the backward
+is the closed-form derivative. These run only in eager mode outside tracing (not in TorchScript,
+``torch.compile`` or export, which keep the formula in the kernel and autograd's derivative of it)
+and only where ``python bench/bench_peers.py`` shows the gain (the table is in docs/benchmarks.md);
+the parity tests compare both against the same references and gradients.
+"""
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._stable import logsumexp
+
+
+class BinaryFocal(torch.autograd.Function):
+    r"""The sigmoid focal term :math:`\ell = \alpha_t\,q^\gamma\,\mathrm{CE}` of
+    :func:`~loss_service.losses.focal.binary_focal_statistics`, with :math:`s = \sigma(x)`,
+    :math:`\bar s = \sigma(-x)`, :math:`q = 1 - p_t = s\,(1 - t) + \bar s\,t` and
+    :math:`\mathrm{CE} = (1 - t)\,x - \log s`.
+
+    .. math::
+        \frac{\partial \ell}{\partial x} = \alpha_t\,q^\gamma
+            \Big[\gamma\,\frac{s\,\bar s}{q}\,(1 - 2t)\,\mathrm{CE} + s - t\Big]
+
+    since :math:`\partial q / \partial x = s\,\bar s\,(1 - 2t)` and
+    :math:`\partial\,\mathrm{CE} / \partial x = s - t`. For targets in ``[0, 1]``,
+    :math:`q \ge \min(s, \bar s) \ge s\,\bar s`, so the ratio is at most 1; where :math:`q` underflows
+    to 0 its numerator is 0 too and the ratio is taken as 0 (finite for every ``γ >= 0``).
+    ``alpha < 0`` means :math:`\alpha_t = 1`. No gradient flows to the targets.
+    """
+
+    @staticmethod
+    def compute(x: Tensor, t: Tensor, alpha: float, gamma: float) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        r"""The loss, and what the backward reads: ``(t, s, s_bar, q, CE, alpha_t q^gamma)``."""
+        log_s = F.logsigmoid(x)
+        not_t = 1.0 - t
+        cross_entropy = torch.addcmul(-log_s, not_t, x)
+        s = log_s.exp()
+        # σ(-x) = exp(log σ(x) - x), not 1 - σ(x), which cancels to 0 for x >> 0.
+        s_bar = log_s.sub_(x).exp_()
+        q = torch.addcmul(not_t.mul_(s), s_bar, t)
+        focal_weight = q.pow(gamma)
+        if alpha >= 0:
+            focal_weight.mul_(t * (2.0 * alpha - 1.0) + (1.0 - alpha))
+        return cross_entropy * focal_weight, (t, s, s_bar, q, cross_entropy, focal_weight)
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, t: Tensor, alpha: float, gamma: float) -> Tensor:
+        loss, saved = BinaryFocal.compute(x, t, alpha, gamma)
+        ctx.save_for_backward(*saved)
+        ctx.gamma = gamma
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None]:
+        t, s, s_bar, q, cross_entropy, focal_weight = ctx.saved_tensors
+        ratio = (s * s_bar).div_(q.clamp_min(torch.finfo(q.dtype).tiny)).mul_(torch.rsub(t, 1.0, alpha=2.0))
+        inner = torch.addcmul(s - t, ratio, cross_entropy, value=ctx.gamma)
+        return inner.mul_(focal_weight).mul_(grad), None, None, None
+
+
+def _recording(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+@torch.jit.unused
+def binary_focal(x: Tensor, t: Tensor, alpha: float, gamma: float) -> Tensor:
+    r""":class:`BinaryFocal` of logits ``x`` and targets ``t`` (same shape and dtype); without autograd
+    recording ``x``, the forward alone."""
+    if _recording(x):
+        return BinaryFocal.apply(x, t, alpha, gamma)
+    return BinaryFocal.compute(x, t, alpha, gamma)[0]
+
+
+class SoftmaxTargetTerm(torch.autograd.Function):
+    r"""The target's term :math:`f(p_y)` of the softmax losses for class indices ``y`` (already valid
+    classes), :math:`f(p) = -\log p` (cross-entropy, ``gamma`` ``None``) or
+    :math:`(1 - p)^\gamma (-\log p)` (focal). With :math:`h = p\,f'(p)`,
+
+    .. math::
+        \frac{\partial f(p_y)}{\partial x_c} = h_y\,(\delta_{cy} - p_c),\qquad
+        h = -1\ \text{(cross-entropy)},\quad
+        h = -(1 - p)^\gamma \Big[\frac{\gamma\,p\,(-\log p)}{1 - p} + 1\Big]\ \text{(focal)},
+
+    where :math:`(-\log p) / (1 - p) \to 1` as :math:`p \to 1` (the ratio is taken at
+    :math:`1 - p` no smaller than the dtype's smallest normal number, where :math:`-\log p` is 0 in
+    that dtype: finite for every ``γ >= 0``). The forward saves the logsumexp beside the logits;
+    the backward is one shifted exponential, one product and a scatter.
+    """
+
+    @staticmethod
+    def compute(x: Tensor, index: Tensor, dim: int, gamma: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""``(f(p_y), lse, log p_y)`` for ``index`` of shape ``x`` without its classes but with ``dim``: one
+        logsumexp and a gather, no full-size log-probabilities (a log-softmax over a short last
+        dimension is several times slower)."""
+        lse = logsumexp(x, dim)
+        # The unshifted logsumexp may round an ulp below a dominant x_y: log p_y <= 0.
+        log_p_y = torch.sub(x.gather(dim, index).squeeze(dim), lse).clamp_(max=0.0)
+        term = log_p_y.neg()
+        if gamma is not None:
+            term = torch.expm1(log_p_y).neg_().pow_(gamma).mul_(term)
+        return term, lse, log_p_y
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, indices: Tensor, dim: int, gamma: Optional[float]) -> Tensor:
+        index = indices.unsqueeze(dim)
+        term, lse, log_p_y = SoftmaxTargetTerm.compute(x, index, dim, gamma)
+        ctx.save_for_backward(x, index, lse, log_p_y)
+        ctx.dim, ctx.gamma = dim, gamma
+        return term
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None]:
+        x, index, lse, log_p_y = ctx.saved_tensors
+        dim, gamma = ctx.dim, ctx.gamma
+        if gamma is None:
+            coefficient = grad.neg()
+        else:
+            one_minus_p = torch.expm1(log_p_y).neg_()
+            ratio = log_p_y.neg().div_(one_minus_p.clamp_min(torch.finfo(one_minus_p.dtype).tiny))
+            coefficient = ratio.mul_(log_p_y.exp()).mul_(gamma).add_(1.0).mul_(one_minus_p.pow_(gamma)).mul_(grad).neg_()
+        coefficient = coefficient.unsqueeze(dim)
+        probabilities = torch.sub(x, lse.unsqueeze(dim)).exp_()
+        return probabilities.mul_(coefficient.neg()).scatter_add_(dim, index, coefficient), None, None, None
+
+
+@torch.jit.unused
+def softmax_target_term(x: Tensor, indices: Tensor, dim: int, gamma: Optional[float]) -> Tensor:
+    r""":class:`SoftmaxTargetTerm` of logits ``x`` and in-range class ``indices`` along ``dim``; without
+    autograd recording ``x``, the forward alone."""
+    if _recording(x):
+        return SoftmaxTargetTerm.apply(x, indices, dim, gamma)
+    return SoftmaxTargetTerm.compute(x, indices.unsqueeze(dim), dim, gamma)[0]
+
+
+# exp(-100): below it torch's (and our) clamped log is the constant -100, whose derivative is 0.
+_LOG_FLOOR = 3.720075976020836e-44
+
+
+class BinaryCrossEntropy(torch.autograd.Function):
+    r"""``bce``'s :math:`\ell = -[t \max(\log p, -100) + (1 - t) \max(\log(1 - p), -100)]` of probabilities.
+
+    .. math::
+        \frac{\partial \ell}{\partial p} = \frac{1 - t}{1 - p}\,[1 - p > e^{-100}] - \frac{t}{p}\,[p > e^{-100}]
+
+    (the clamped logs are constant below :math:`e^{-100}`, so those terms have no gradient, as the
+    formula's guarded form gives). No gradient flows to the targets.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, t: Tensor) -> Tensor:
+        ctx.save_for_backward(p, t)
+        return bce_values(p, t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None]:
+        p, t = ctx.saved_tensors
+        not_p = 1.0 - p
+        positive = torch.where(p > _LOG_FLOOR, t / p, 0.0)
+        negative = torch.where(not_p > _LOG_FLOOR, torch.rsub(t, 1.0).div_(not_p), 0.0)
+        return negative.sub_(positive).mul_(grad), None
+
+
+def bce_values(p: Tensor, t: Tensor) -> Tensor:
+    r"""The value of :class:`BinaryCrossEntropy` in 7 cheap passes (scriptable: TorchScript's inference
+    form too). ``log 0 = -inf`` is clamped to -100 directly and ``-[(1 - t) a + t b]`` is one ``lerp``,
+    exact at ``t`` in {0, 1}. Contiguous inputs: the result must not depend on the memory layout."""
+    log_p = torch.log(p).clamp_(min=-100.0)
+    log_not_p = torch.log1p(-p).clamp_(min=-100.0)
+    return torch.lerp(log_not_p, log_p, t).neg_()
+
+
+@torch.jit.unused
+def binary_cross_entropy(p: Tensor, t: Tensor) -> Tensor:
+    r""":class:`BinaryCrossEntropy` of contiguous probabilities ``p`` and targets ``t``."""
+    return BinaryCrossEntropy.apply(p, t)
