@@ -14,7 +14,7 @@ named in the output.
 
 Each case is one of our losses, configured to a peer's convention, and the peers that compute the
 same number. Before timing, every peer's value must equal ours in float64 (relative difference
-≤ 1e-7), else the run stops: the table compares equal computations. Each float32 value's error
+≤ 1e-6), else the run stops: the table compares equal computations. Each float32 value's error
 against that float64 reference is stored, and printed where it exceeds 1e-5. Then, per size and thread
 count, the implementations are timed round by round, interleaved, forward without grad and
 forward+backward (``torch.autograd.grad`` of the loss with respect to the predictions), and the
@@ -59,8 +59,9 @@ CLASSES = 4
 SIDE = 64
 GAMMA = 2.0
 BATCHED_BELOW = 100_000
-# Relative difference of float64 values under which two implementations compute the same loss.
-SAME_IN_FLOAT64 = 1e-7
+# Relative difference of float64 values under which two implementations compute the same loss; not
+# tighter, as some peers compute in float32 whatever the input (MONAI's FocalLoss casts to float).
+SAME_IN_FLOAT64 = 1e-6
 # The accuracy bar for a float32 result against the float64 reference.
 FLOAT32_ACCURACY = 1e-5
 Inputs = Tuple[torch.Tensor, torch.Tensor]

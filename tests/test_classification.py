@@ -479,11 +479,13 @@ def _backward_nodes(output):
     ("focal", {"gamma": 2.0, "ignore_index": -100}, "SoftmaxTargetTermBackward"),
     ("cross_entropy", {"class_weight": torch.tensor([0.5, 2.0, 1.0])}, "SoftmaxTargetTermBackward"),
 ])
-def test_eager_training_takes_the_closed_form_backward_with_the_formulas_gradient(name, params, closed_form):
+@pytest.mark.parametrize("spatial", [(5,), ()], ids=["classes-not-last", "classes-last"])
+def test_eager_training_takes_the_closed_form_backward_with_the_formulas_gradient(name, params, closed_form, spatial):
     r"""Eager autograd runs losses/_autograd.py's closed-form backward; TorchScript keeps the formula and
-    autograd's derivative of it: the two gradients agree in float64, for finite and extreme logits."""
+    autograd's derivative of it: the two gradients agree in float64, for finite and extreme logits, with
+    the classes along an inner dimension (log-softmax form) and along the last (logsumexp form)."""
     spec = losses.get(name)
-    predictions, targets = spec.make_inputs(4, 3, (5,), generator(), torch.float64, params)
+    predictions, targets = spec.make_inputs(4, 3, spatial, generator(), torch.float64, params)
     # Extremes: logits of ±1e4, or probabilities of exactly 0 and 1.
     extreme = predictions.round() if spec.predictions == "probabilities" else predictions.sign() * 1e4
     predictions = torch.cat([predictions, extreme], dim=0)

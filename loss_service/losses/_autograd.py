@@ -89,34 +89,44 @@ class SoftmaxTargetTerm(torch.autograd.Function):
 
     where :math:`(-\log p) / (1 - p) \to 1` as :math:`p \to 1` (the ratio is taken at
     :math:`1 - p` no smaller than the dtype's smallest normal number, where :math:`-\log p` is 0 in
-    that dtype: finite for every ``γ >= 0``). The forward saves the logsumexp beside the logits;
-    the backward is one shifted exponential, one product and a scatter.
+    that dtype: finite for every ``γ >= 0``). The forward saves what :math:`\log p` is recomputed
+    from (see :meth:`compute`); the backward is one exponential, one product and a scatter.
     """
 
     @staticmethod
-    def compute(x: Tensor, index: Tensor, dim: int, gamma: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
-        r"""``(f(p_y), lse, log p_y)`` for ``index`` of shape ``x`` without its classes but with ``dim``: one
-        logsumexp and a gather, no full-size log-probabilities (a log-softmax over a short last
-        dimension is several times slower)."""
-        lse = logsumexp(x, dim)
-        # The unshifted logsumexp may round an ulp below a dominant x_y: log p_y <= 0.
-        log_p_y = torch.sub(x.gather(dim, index).squeeze(dim), lse).clamp_(max=0.0)
+    def compute(
+        x: Tensor, index: Tensor, dim: int, gamma: Optional[float]
+    ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        r"""``(f(p_y), log p_y, source, offset)`` for ``index`` of shape ``x`` without its classes but with
+        ``dim``; :math:`\log p = source - offset` (``offset`` ``None``: 0). Classes along the last,
+        short, dimension: one logsumexp and a gather (``source = x``, ``offset = lse``), as a log-softmax
+        there is several times slower; along an inner dimension torch's log-softmax is the faster
+        (``source = log p``)."""
+        offset: Optional[Tensor] = None
+        if dim == x.dim() - 1:
+            offset = logsumexp(x, dim)
+            source = x
+            # The unshifted logsumexp may round an ulp below a dominant x_y: log p_y <= 0.
+            log_p_y = torch.sub(x.gather(dim, index).squeeze(dim), offset).clamp_(max=0.0)
+        else:
+            source = torch.log_softmax(x, dim)
+            log_p_y = source.gather(dim, index).squeeze(dim)
         term = log_p_y.neg()
         if gamma is not None:
             term = torch.expm1(log_p_y).neg_().pow_(gamma).mul_(term)
-        return term, lse, log_p_y
+        return term, log_p_y, source, offset
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, indices: Tensor, dim: int, gamma: Optional[float]) -> Tensor:
         index = indices.unsqueeze(dim)
-        term, lse, log_p_y = SoftmaxTargetTerm.compute(x, index, dim, gamma)
-        ctx.save_for_backward(x, index, lse, log_p_y)
-        ctx.dim, ctx.gamma = dim, gamma
+        term, log_p_y, source, offset = SoftmaxTargetTerm.compute(x, index, dim, gamma)
+        ctx.save_for_backward(index, log_p_y, source, source.new_empty(0) if offset is None else offset)
+        ctx.dim, ctx.gamma, ctx.has_offset = dim, gamma, offset is not None
         return term
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None]:
-        x, index, lse, log_p_y = ctx.saved_tensors
+        index, log_p_y, source, offset = ctx.saved_tensors
         dim, gamma = ctx.dim, ctx.gamma
         if gamma is None:
             coefficient = grad.neg()
@@ -125,7 +135,7 @@ class SoftmaxTargetTerm(torch.autograd.Function):
             ratio = log_p_y.neg().div_(one_minus_p.clamp_min(torch.finfo(one_minus_p.dtype).tiny))
             coefficient = ratio.mul_(log_p_y.exp()).mul_(gamma).add_(1.0).mul_(one_minus_p.pow_(gamma)).mul_(grad).neg_()
         coefficient = coefficient.unsqueeze(dim)
-        probabilities = torch.sub(x, lse.unsqueeze(dim)).exp_()
+        probabilities = torch.sub(source, offset.unsqueeze(dim)).exp_() if ctx.has_offset else source.exp()
         return probabilities.mul_(coefficient.neg()).scatter_add_(dim, index, coefficient), None, None, None
 
 
