@@ -58,15 +58,15 @@ if __package__ in (None, ""):
     # Run as a script (python bench/bench_kernels.py): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import bench_peers  # noqa: E402
 from loss_service import losses  # noqa: E402
 from loss_service.losses import _reduction, _stable  # noqa: E402
 from loss_service.server import tune_malloc  # noqa: E402
 
-NUM_CLASSES = 4
+# The peer benchmark's layout and settings (classes, focal gamma, the size below which one sample is
+# the mean of several calls).
+NUM_CLASSES, GAMMA, BATCHED_BELOW = bench_peers.CLASSES, bench_peers.GAMMA, bench_peers.BATCHED_BELOW
 IGNORE_INDEX = -100
-GAMMA = 2.0
-# Below this many elements one call is too short to time alone (see the module docstring).
-BATCHED_BELOW = 100_000
 
 
 @dataclass
@@ -242,16 +242,9 @@ def _form_call(site: FormSite, elements: int, generator: torch.Generator) -> Cal
     rows = elements // NUM_CLASSES
     logits = torch.randn((rows, NUM_CLASSES), generator=generator) * 3
     if site.images:
-        side = min(64, int((elements / NUM_CLASSES) ** 0.5))
-        images = max(1, elements // (NUM_CLASSES * side * side))
-        logits = torch.randn((images, NUM_CLASSES, side, side), generator=generator) * 2
-        module = losses.build(site.loss, **site.params)
-        if site.index_targets:
-            targets = torch.randint(0, NUM_CLASSES, (images, side, side), generator=generator)
-        else:
-            logits = logits.reshape(images * NUM_CLASSES, 1, side, side)
-            targets = (torch.rand(logits.shape, generator=generator) < 0.3).float()
-        return _step(module, logits, targets, site.training)
+        # The peer benchmark's images: class indices (N, 4, S, S) or binary masks (4N, 1, S, S).
+        make_images = bench_peers.class_images if site.index_targets else bench_peers.binary_images
+        return _step(losses.build(site.loss, **site.params), *make_images(elements, generator), site.training)
     if site.function:
         block = BUILDING_BLOCKS[site.function]
         module: Callable[..., torch.Tensor] = lambda p, t: block(p).sum()

@@ -58,6 +58,7 @@ from loss_service import losses  # noqa: E402
 CLASSES = 4
 SIDE = 64
 GAMMA = 2.0
+# Below this many elements one call is too short to time alone (see the module docstring).
 BATCHED_BELOW = 100_000
 # Relative difference of float64 values under which two implementations compute the same loss; not
 # tighter, as some peers compute in float32 whatever the input (MONAI's FocalLoss casts to float).
@@ -68,7 +69,7 @@ Inputs = Tuple[torch.Tensor, torch.Tensor]
 LossCall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def rows(elements: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+def binary_rows(elements: int, generator: torch.Generator) -> Inputs:
     r"""Logits ``(E/4, 4)`` (classes along the last dim, as the service benchmark) and a 0/1 mask."""
     shape = (elements // CLASSES, CLASSES)
     return torch.randn(shape, generator=generator) * 3, (torch.rand(shape, generator=generator) < 0.3).float()
@@ -80,12 +81,8 @@ def image_shape(elements: int) -> Tuple[int, int, int, int]:
     return max(1, elements // (CLASSES * side * side)), CLASSES, side, side
 
 
-def binary_rows(elements: int, generator: torch.Generator) -> Inputs:
-    return rows(elements, generator)
-
-
 def probability_rows(elements: int, generator: torch.Generator) -> Inputs:
-    logits, mask = rows(elements, generator)
+    logits, mask = binary_rows(elements, generator)
     return torch.sigmoid(logits), mask
 
 
@@ -103,7 +100,7 @@ def class_images(elements: int, generator: torch.Generator) -> Inputs:
 
 def class_rows(elements: int, generator: torch.Generator) -> Inputs:
     r"""Logits ``(E/4, 4)`` and class indices ``(E/4,)``."""
-    logits, _ = rows(elements, generator)
+    logits, _ = binary_rows(elements, generator)
     return logits, torch.randint(0, CLASSES, (logits.shape[0],), generator=generator)
 
 
@@ -426,8 +423,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
                     compile_note = compile_failure(error)
                     print(f"  {case.name}: torch.compile(fullgraph=True) fails: {compile_note}", flush=True)
                     times = time_case(found, inputs, args.repeats)
-                results.append(row(case, elements, inputs[0].numel(), threads, times, found, compile_note))
-                results[-1]["float32_relative_error"] = errors
+                results.append(row(case, elements, inputs[0].numel(), threads, times, found, compile_note, errors))
     if args.memory:
         largest = max(args.sizes)
         print(f"\nPeak extra memory of one forward+backward at {largest:.0e} elements, fresh process, MB:")
@@ -445,7 +441,7 @@ def _ratio(numerator: Optional[float], denominator: float) -> str:
 
 
 def row(case: Case, elements: int, actual: int, threads: int, times: Dict[str, Dict[str, float]],
-        found: Sequence[Implementation], compile_note: str) -> Dict[str, object]:
+        found: Sequence[Implementation], compile_note: str, errors: Dict[str, float]) -> Dict[str, object]:
     peers = {impl.name: times[impl.name] for impl in found if not impl.is_ours}
     fastest = {mode: min(peers, key=lambda name: peers[name][mode]) for mode in ("fwd", "fwd+bwd")}
     peer = {mode: peers[fastest[mode]][mode] for mode in fastest}
@@ -458,7 +454,7 @@ def row(case: Case, elements: int, actual: int, threads: int, times: Dict[str, D
           flush=True)
     return {"case": case.name, "elements": actual, "requested": elements, "threads": threads, "times_ms": times,
             "fastest_peer": fastest, "ours_over_peer": {mode: ours[mode] / peer[mode] for mode in peer},
-            "compile_error": compile_note}
+            "compile_error": compile_note, "float32_relative_error": errors}
 
 
 def memory_row(case: Case, peaks: Dict[str, Optional[int]], results: List[Dict[str, object]], elements: int) -> None:

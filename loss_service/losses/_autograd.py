@@ -5,7 +5,8 @@ inputs: a focal loss becomes some forty passes over memory and as many saved ten
 forward runs the kernel's formula without recording it, saves a handful of tensors, and the backward
 is the closed-form derivative. These run only in eager mode outside tracing (not in TorchScript,
 ``torch.compile`` or export, which keep the formula in the kernel and autograd's derivative of it)
-and only where ``python bench/bench_peers.py`` shows the gain (the table is in docs/benchmarks.md);
+and only where ``python bench/bench_kernels.py --forms`` measures them at least 1.5x faster than the
+formula (the table is in docs/benchmarks.md);
 the parity tests compare both against the same references and gradients.
 """
 from typing import Any, Optional, Tuple

@@ -334,8 +334,11 @@ def _eager_index_statistics(
     r"""The class-index branch of :func:`softmax_statistics` outside export, same formula.
 
     Only :math:`-\log p_y` (and the target's focal term from it) is computed unless
-    ``label_smoothing > 0`` (read on the host), no mask is built when no target is ignored, and the
-    temporaries of the elementwise shape are updated in place unless autograd records ``x``.
+    ``label_smoothing > 0`` (read on the host): in eager Python by
+    :func:`~._autograd.softmax_target_term` (its closed-form backward when autograd records ``x``),
+    in TorchScript and with smoothing from :func:`~._stable.logsumexp` and a gather. No mask is built
+    when no target is ignored, and the temporaries of the elementwise shape are updated in place
+    unless autograd records ``x``.
     """
     indices, valid = eager_index_targets(targets, ignore_index, shape, dim, True)
     x = x.contiguous()

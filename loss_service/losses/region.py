@@ -224,22 +224,20 @@ def _eager_index_sums(
     index = class_index_view(x, predictions, targets.contiguous())
     num_classes = x.shape[1]
     probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
-    pixel_weight: Optional[Tensor] = None
-    if weights is not None:
-        pixel_weight = _flatten_spatial(weights.to(dtype).expand(predictions.shape), True)
     # One aminmax read on the host: when every index is in [0, C) and none can equal ignore_index,
     # no mask is built and no element-by-element check runs.
     low, high, ignored_index = 0, -1, int(ignore_index.item())
     if index.numel() > 0:
         smallest, largest = torch.aminmax(index)
         low, high = int(smallest.item()), int(largest.item())
+    keep: Optional[Tensor] = None
     if not (low >= 0 and high < num_classes and (ignored_index < low or ignored_index > high)):
         ignored = index == ignored_index
         check_class_indices(index, ignored, num_classes)
         # Ignored positions point at class 0 with a zero weight.
         index = torch.where(ignored, 0, index)
         keep = (~_flatten_spatial(ignored, False)).to(dtype)
-        pixel_weight = keep if pixel_weight is None else pixel_weight * keep
+    pixel_weight = masked_pixel_weight(keep, weights, predictions, "multiclass")
     flat_index = _flatten_spatial(index, False)
     weighted = probabilities if pixel_weight is None else probabilities * pixel_weight
     predicted = accumulate(weighted * probabilities if squared else weighted, [2])
@@ -276,7 +274,8 @@ def masked_pixel_weight(
     (``None``: every weight is 1)."""
     if weights is None:
         return keep
-    pixel_weight = _flatten_spatial(weights.to(compute_dtype(predictions.dtype)).expand(predictions.shape), mode != "binary")
+    dtype = compute_dtype(predictions.dtype)
+    pixel_weight = _flatten_spatial(weights.to(dtype).expand(predictions.shape), mode != "binary")
     return pixel_weight if keep is None else keep * pixel_weight
 
 
