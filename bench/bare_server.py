@@ -100,7 +100,7 @@ def _reductions(
 ) -> List[float]:
     r"""``[sum, mean, weighted_mean]`` of the loss, from the module's statistics in inference mode."""
     with torch.inference_mode():
-        _, totals, _ = module.statistics(predictions, targets, weights, False)
+        _, totals, _ = module.statistics(predictions, targets, weights, False, False)
         return module.reductions(totals).tolist()
 
 

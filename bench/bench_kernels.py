@@ -31,6 +31,12 @@ kernel's module, which also skips the eager form's value checks, in the export f
 forward without grad and forward+backward, and prints ``export / eager``. A kernel keeps an eager
 form only where this ratio is at least 1.5 in the mode the form serves (docs/benchmarks.md).
 
+``--sums`` times the kernels that, asked for their totals alone (``statistics(..., values=False)``, what
+``forward`` asks for a scalar reduction), sum the loss with torch's fused kernel instead of writing their
+values: ``reductions(statistics(p, t, None, False, values)[1])`` with ``values=True`` and ``False``, on the
+peer benchmark's inputs, forward without grad and forward+backward, and prints ``values / sums``.
+Their peak memory is the peer benchmark's table (docs/benchmarks.md, "values=False").
+
 ``--against DIR`` times every registered loss's module (``forward``, no grad) on its own inputs
 (``make_inputs``, the first two ``test_params`` settings, ``(8, 3, S)`` for two sizes ``S``) side by
 side with the same loss of another checkout's ``loss_service/losses`` in ``DIR``, loaded into the
@@ -272,6 +278,43 @@ def _step(module: Callable[..., torch.Tensor], logits: torch.Tensor, targets: to
     return step
 
 
+# The kernels with a fused sum for values=False, on the peer benchmark's inputs for them.
+SUMS_SITES = [
+    ("mse", bench_peers.real_rows), ("bce_with_logits", bench_peers.binary_rows),
+    ("nll", bench_peers.log_probability_images), ("cross_entropy", bench_peers.class_images),
+]
+
+
+def _mean_from_totals(module: torch.nn.Module, values: bool) -> Callable[..., torch.Tensor]:
+    def mean(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return module.reductions(module.statistics(predictions, targets, None, False, values)[1])[1]
+
+    return mean
+
+
+def measure_sums(sizes: Sequence[int], repeats: int) -> None:
+    r"""Print ``values / sums`` per kernel of :data:`SUMS_SITES`, size and mode, both timed alternately."""
+    print(f"| {'loss':>16} | {'mode':>9} | {'elements':>8} | {'values µs':>10} | {'sums µs':>10} | {'values/sums':>11} |")
+    print("|" + "|".join(["---:"] * 6) + "|")
+    generator = torch.Generator().manual_seed(0)
+    for loss, make_inputs in SUMS_SITES:
+        module = losses.build(loss)
+        for elements in sizes:
+            inputs = make_inputs(elements, generator)
+            per_sample = max(1, BATCHED_BELOW // elements)
+            for training in (False, True):
+                calls = {values: _step(_mean_from_totals(module, values), *inputs, training) for values in (True, False)}
+                times: Dict[bool, List[float]] = {True: [], False: []}
+                with torch.set_grad_enabled(training):
+                    for _ in range(repeats + 1):
+                        for values, call in calls.items():
+                            times[values].append(_time_once(call, per_sample))
+                with_values, sums = (statistics.median(times[values][1:]) * 1e3 for values in (True, False))
+                mode = "fwd+bwd" if training else "inference"
+                print(f"| {loss:>16} | {mode:>9} | {elements:>8.0e} | {with_values:>10.1f} | {sums:>10.1f} | "
+                      f"{with_values / sums:>11.2f} |", flush=True)
+
+
 def measure_forms(sizes: Sequence[int], repeats: int) -> None:
     r"""Print ``export / eager`` per form site and size, the two forms timed alternately in one run."""
     from loss_service.losses import bce, cross_entropy, focal, region, regression
@@ -359,6 +402,7 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement (median)")
     parser.add_argument("--only", nargs="*", default=None, help="workload names to run (default: all)")
     parser.add_argument("--forms", action="store_true", help="time each kernel's eager form against its export form")
+    parser.add_argument("--sums", action="store_true", help="time the fused sums of values=False against the values")
     parser.add_argument("--against", metavar="DIR", help="time every loss side by side with another checkout's")
     parser.add_argument("--no-tune-malloc", action="store_true",
                         help="keep glibc's default malloc thresholds (the server tunes them at start)")
@@ -377,6 +421,9 @@ def main(argv: Sequence[str] = ()) -> int:
           f"{args.repeats}, predictions (E/4, {NUM_CLASSES}) float32, reduction=mean, no grad")
     if args.forms:
         measure_forms(args.sizes, args.repeats)
+        return 0
+    if args.sums:
+        measure_sums(args.sizes, args.repeats)
         return 0
     if args.against:
         measure_against(args.against, args.repeats)

@@ -267,6 +267,27 @@ def test_statistics_are_additive_over_samples(name, index):
         torch.testing.assert_close(module.reductions(sample_totals)[1, column], alone, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean", "weighted_mean"])
+@pytest.mark.parametrize("name,index", CASES)
+def test_totals_alone_equal_the_totals_of_the_values(name, index, reduction):
+    r"""``statistics(..., values=False)`` -- what ``forward`` asks for a scalar reduction -- may sum the loss
+    with torch's fused kernel instead of writing the values: the same totals, loss and gradient."""
+    spec, params, predictions, targets = make(name, index)
+    module = losses.build(name, **params, reduction=reduction)
+    column = ["sum", "mean", "weighted_mean"].index(reduction)
+    for label, weights in weight_cases(spec, module, predictions, targets).items():
+        results = []
+        for values in (True, False):
+            leaf = predictions.detach().clone().requires_grad_(True)
+            _, totals, _ = module.statistics(leaf, targets, weights, False, values)
+            loss = module.reductions(totals)[column]
+            (gradient,) = torch.autograd.grad(loss, leaf)
+            results.append((totals.detach(), loss.detach(), gradient))
+        for what, with_values, alone in zip(("totals", "loss", "gradient"), *results):
+            torch.testing.assert_close(alone, with_values, rtol=1e-12, atol=1e-12, msg=f"{label}: {what}")
+        torch.testing.assert_close(module(predictions, targets, weights), results[0][1], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_empty_batch_is_finite(name, reduction):

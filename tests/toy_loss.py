@@ -54,7 +54,8 @@ class LogCoshLoss(ElementwiseLoss):
 
     @torch.jit.export
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
+        values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return log_cosh_statistics(predictions, targets, weights, float_hyperparameter(self.scale, predictions),
                                    optional_vector(self.class_weight), self.class_dim, per_sample)

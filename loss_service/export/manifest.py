@@ -241,7 +241,7 @@ def torchscript_entry(spec: LossSpec, path: Path) -> Dict[str, Any]:
         "variant_key": "",
         "methods": {
             "forward": "forward(predictions, targets, weights=None) -> loss",
-            "statistics": "statistics(predictions, targets, weights, per_sample) -> (values, totals, sample_totals)",
+            "statistics": "statistics(predictions, targets, weights, per_sample, values=True) -> (values, totals, sample_totals)",
             "reductions": "reductions(totals) -> [sum, mean, weighted_mean]",
         },
         "inputs": [

@@ -21,14 +21,16 @@ class Loss(nn.Module):
     def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         # The reduction is read at call time: C++ may have set it since construction.
         check_reduction(self.reduction)
-        values, totals, _ = self.statistics(predictions, targets, weights, False)
+        values, totals, _ = self.statistics(predictions, targets, weights, False, self.reduction == "none")
         return select_reduction(values, self.reductions(totals), self.reduction, predictions.dtype)
 
     @torch.jit.export
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
+        values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        r"""``(values, totals, sample_totals)`` of the loss's statistics kernel (see :mod:`._reduction`)."""
+        r"""``(values, totals, sample_totals)`` of the loss's statistics kernel (see :mod:`._reduction`);
+        with ``values=False`` the values may be empty (a caller that reads only the totals)."""
         raise NotImplementedError("a loss module implements statistics")
 
     @torch.jit.export
@@ -49,12 +51,13 @@ class ElementwiseLoss(Loss):
 
     @torch.jit.export
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
+        values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         r"""The class's ``kernel = staticmethod(<loss>_statistics)``, for a loss without hyperparameters of its
         own; a loss with some overrides ``statistics`` to pass them."""
         class_weight = optional_vector(self.class_weight)
-        return self.kernel(predictions, targets, weights, class_weight, self.class_dim, per_sample)
+        return self.kernel(predictions, targets, weights, class_weight, self.class_dim, per_sample, values)
 
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:

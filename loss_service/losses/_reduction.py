@@ -3,7 +3,8 @@ r"""Shared, scriptable machinery for weights, class vectors and reductions (docs
 Every loss is a *statistics kernel*, ``(predictions, targets, weights, hyperparameters)`` to ``values`` (the
 unreduced, weighted losses of ``reduction="none"``), ``totals`` (a float64 vector of *additive* sufficient
 statistics: those of concatenated batches are the sum of theirs, which makes ``ScoreStream`` exact) and
-``sample_totals`` (the same per sample, ``(N, K)``, when asked); and a *reductions kernel*, totals
+``sample_totals`` (the same per sample, ``(N, K)``, when asked; with ``values=False`` a caller reads the
+totals alone, and a kernel may return empty values: :func:`sums_only`); and a *reductions kernel*, totals
 ``(..., K)`` to ``(..., 3)`` = ``[sum, mean, weighted_mean]`` in float64. Elementwise totals are
 ``[Σ w·ℓ, Σ w, Σ d, n]``: the weighted loss sum, the sum of the full effective weights ``w``, of the ``mean``
 denominators ``d`` (1 per counted element, or the target's class weight for CE/NLL/focal, as in torch) and
@@ -13,7 +14,9 @@ Hyperparameters enter kernels as 0-d tensors: one code is scripted, and traced f
 inputs, never branching on their values. Outside export a kernel may read one on the host, use torch's fused
 ops and update its own temporaries in place (``if is_tracing(): <export form> else: <fast form>``, the same
 formula), where that is at least 1.5x faster on 1e6 elements (``python bench/bench_kernels.py --forms``);
-in eager Python, :mod:`._autograd` adds closed-form backward passes under the same rule.
+in eager Python, :mod:`._autograd` adds closed-form backward passes under the same rule. A kernel sums its
+totals alone with torch's fused kernel (:func:`sums_only`) where that is faster or, within 10 % of the
+time, holds less memory (``python bench/bench_kernels.py --sums``; docs/benchmarks.md, "values=False").
 """
 from typing import List, Optional, Tuple
 
@@ -331,11 +334,28 @@ def elementwise_statistics(
     return weighted_loss, totals, _sample_totals(weighted_loss, weight, denominator, shape, device)
 
 
+def sums_only(values: bool, per_sample: bool) -> bool:
+    r"""Whether a kernel may return its totals alone, summed by a fused torch kernel that writes no values:
+    the caller reads only the totals (``values=False``: ``forward`` with a scalar reduction), not per sample,
+    and the code is not being traced (the export form keeps the formula)."""
+    return not values and not per_sample and not is_tracing()
+
+
+def summed_statistics(
+    loss_sum: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], shape: List[int],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The statistics of :func:`sums_only`: no values, the totals of :func:`elementwise_statistics` from
+    ``loss_sum`` = :math:`\sum w\ell` over an elementwise ``shape``, no sample totals."""
+    totals = _eager_totals(loss_sum, weight, denominator, shape, loss_sum.device)
+    return loss_sum.new_empty([0]), totals, totals.new_zeros([0, totals.shape[0]])
+
+
 def _eager_totals(
     weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], shape: List[int],
     device: torch.device,
 ) -> Tensor:
-    r"""``[Σ w·ℓ, Σ w, Σ d, n]`` outside export: the sums written into one float64 tensor of the element count.
+    r"""``[Σ w·ℓ, Σ w, Σ d, n]`` outside export (``weighted_loss`` may be its 0-d sum already): the sums
+    written into one float64 tensor of the element count.
     On a small batch an op costs more than its arithmetic: columns that count 1 per element need no op, and a
     weight that is also the denominator (CE/NLL/focal without call-time weights) is summed once."""
     totals = torch.full([4], _element_count(shape), dtype=torch.float64, device=device)

@@ -184,8 +184,8 @@ class LossSpec:
     r"""Everything the project knows about one registered loss (the fields: docs/architecture.md).
 
     * ``module`` -- the ``nn.Module``, built with the hyperparameters as keywords: ``forward(predictions,
-      targets, weights=None)`` and the scriptable ``statistics(predictions, targets, weights, per_sample)``
-      and ``reductions(totals)``; ``function(predictions, targets, weights=None, **params)``.
+      targets, weights=None)`` and the scriptable ``statistics(predictions, targets, weights, per_sample,
+      values=True)`` and ``reductions(totals)``; ``function(predictions, targets, weights=None, **params)``.
     * ``statistics_kernel(predictions, targets, weights, *, per_sample, **params)`` -- what ``statistics``
       calls, every parameter but ``reduction`` by name: float/int/bool ones as 0-d tensors, vectors as
       tensors (``None`` is all ones), ``graph_input=False`` ones as Python values. The ONNX exporter traces

@@ -19,8 +19,8 @@ from ._registry import LossSpec, ParamSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, is_tracing,
-    one_target_per_prediction_hint, optional_vector, per_class, select_reduction, vector_argument, vector_buffer,
-    weighted_statistics,
+    effective_weight, one_target_per_prediction_hint, optional_vector, per_class, select_reduction, summed_statistics,
+    sums_only, vector_argument, vector_buffer, weighted_statistics,
 )
 
 
@@ -37,9 +37,10 @@ def _clamped_log(p: Tensor, complement: bool) -> Tensor:
 
 def bce_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
-    per_sample: bool,
+    per_sample: bool, values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`binary_cross_entropy` (see :mod:`._reduction`)."""
+    r"""Statistics kernel of :func:`binary_cross_entropy` (see :mod:`._reduction`). It writes its values whatever
+    ``values`` says: its eager form is faster than torch's fused kernel."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     dtype = compute_dtype(predictions.dtype)
     p = predictions.to(dtype)
@@ -84,15 +85,18 @@ def binary_cross_entropy(
     (``weight=weights``), including the log clamp at -100.
     """
     check_reduction(reduction)
-    values, totals, _ = bce_statistics(predictions, targets, weights, vector_argument(class_weight), class_dim, False)
+    values, totals, _ = bce_statistics(
+        predictions, targets, weights, vector_argument(class_weight), class_dim, False, reduction == "none"
+    )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
 def bce_with_logits_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], pos_weight: Optional[Tensor],
-    class_weight: Optional[Tensor], class_dim: int, per_sample: bool,
+    class_weight: Optional[Tensor], class_dim: int, per_sample: bool, values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`binary_cross_entropy_with_logits`."""
+    r"""Statistics kernel of :func:`binary_cross_entropy_with_logits`; for the totals alone
+    (:func:`sums_only`) torch's fused kernel sums the weighted loss."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype)
@@ -106,6 +110,13 @@ def bce_with_logits_statistics(
         log_sigmoid_x = log_sigmoid(x)
         positive_scale = t if positive_weight is None else positive_weight * t
         loss = (1.0 - t) * x - (positive_scale + 1.0 - t) * log_sigmoid_x
+    elif sums_only(values, per_sample):
+        shape = list(x.shape)
+        weight = effective_weight(shape, weights, class_weight, class_dim, dtype)
+        loss_sum = F.binary_cross_entropy_with_logits(
+            x.contiguous(), t.contiguous(), weight, reduction="sum", pos_weight=positive_weight
+        )
+        return summed_statistics(loss_sum, weight, None, shape)
     else:
         loss = _fused_bce_with_logits(x, t, positive_weight)
     return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
@@ -147,7 +158,7 @@ def binary_cross_entropy_with_logits(
     class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = bce_with_logits_statistics(
-        predictions, targets, weights, vector_argument(pos_weight), class_weight, class_dim, False
+        predictions, targets, weights, vector_argument(pos_weight), class_weight, class_dim, False, reduction == "none"
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -170,11 +181,12 @@ class BCEWithLogitsLoss(ElementwiseLoss):
 
     @torch.jit.export
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
+        values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return bce_with_logits_statistics(
             predictions, targets, weights, optional_vector(self.pos_weight), optional_vector(self.class_weight),
-            self.class_dim, per_sample,
+            self.class_dim, per_sample, values,
         )
 
 

@@ -173,7 +173,8 @@ class BCEDiceLoss(RegionLoss):
 
     @torch.jit.export
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
+        values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return bce_dice_statistics(
             predictions, targets, *split_weights(weights, predictions), optional_vector(self.pos_weight),

@@ -5,6 +5,7 @@ ignored (torch: NaN). The class-index helpers here serve the softmax focal loss 
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _autograd
@@ -15,7 +16,7 @@ from ._stable import log_softmax, logsumexp
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, elementwise_statistics,
     float_hyperparameter, int_hyperparameter, is_tracing, label_map_hint, normalize_class_dim, optional_vector,
-    per_class, power, sample_or_element_weights, select_reduction, vector_argument,
+    per_class, power, sample_or_element_weights, select_reduction, summed_statistics, sums_only, vector_argument,
 )
 
 
@@ -150,6 +151,20 @@ def eager_index_targets(
     return safe_indices, valid
 
 
+def _ignored_as(indices: Tensor, valid: Optional[Tensor], ignored: int) -> Tensor:
+    r"""The class indices of :func:`eager_index_targets` for torch's losses: ``ignored`` where not ``valid``."""
+    if valid is None:
+        return indices
+    return torch.where(valid, indices, ignored)
+
+
+def _contiguous(vector: Optional[Tensor]) -> Optional[Tensor]:
+    r"""A ``(C,)`` class vector (maybe expanded from one value) as torch's losses take it."""
+    if vector is None:
+        return None
+    return vector.contiguous()
+
+
 def eager_target_nll(
     x: Tensor, lse: Tensor, indices: Tensor, valid: Optional[Tensor], dim: int, keep_lse: bool
 ) -> Tensor:
@@ -275,7 +290,7 @@ def class_terms(nll: Tensor, gamma: Optional[Tensor]) -> Tensor:
 def softmax_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], gamma: Optional[Tensor], alpha: Optional[Tensor],
     balance_index: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: Tensor, label_smoothing: Tensor,
-    class_dim: int, per_sample: bool,
+    class_dim: int, per_sample: bool, values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The one kernel of the softmax losses: cross-entropy (``gamma`` ``None``) and the focal loss.
 
@@ -307,7 +322,8 @@ def softmax_statistics(
             class_vector = class_vector_along(weight_c, shape, dim)
         if weight_c is None or class_vector is not None:
             return _eager_index_statistics(
-                x, targets, weights, gamma, weight_c, class_vector, ignore_index, epsilon, shape, dim, dtype, per_sample
+                x, targets, weights, gamma, weight_c, class_vector, ignore_index, epsilon, shape, dim, dtype, per_sample,
+                values,
             )
     target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, True)
     weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
@@ -329,9 +345,13 @@ def softmax_statistics(
 def _eager_index_statistics(
     x: Tensor, targets: Tensor, weights: Optional[Tensor], gamma: Optional[Tensor], weight_c: Optional[Tensor],
     class_vector: Optional[Tensor], ignore_index: Tensor, epsilon: Tensor, shape: List[int], dim: int,
-    dtype: torch.dtype, per_sample: bool,
+    dtype: torch.dtype, per_sample: bool, values: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The class-index branch of :func:`softmax_statistics` outside export, same formula.
+
+    Cross-entropy's totals alone (:func:`sums_only`, no call-time ``weights``) with the classes along an inner
+    dimension are summed by :func:`torch.nn.functional.cross_entropy`, which keeps no values (on rows the
+    target term below is the faster).
 
     Only :math:`-\log p_y` (and the target's focal term from it) is computed unless
     ``label_smoothing > 0`` (read on the host): in eager Python by
@@ -344,6 +364,12 @@ def _eager_index_statistics(
     x = x.contiguous()
     smoothing = float(epsilon.item()) > 0.0
     weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
+    if gamma is None and weights is None and dim == 1 and len(shape) > 2 and sums_only(values, per_sample):
+        loss_sum = F.cross_entropy(
+            x, _ignored_as(indices, valid, -1), _contiguous(class_vector), ignore_index=-1, reduction="sum",
+            label_smoothing=float(epsilon.item()),
+        )
+        return summed_statistics(loss_sum, weight, denominator, list(indices.shape))
     recording = torch.is_grad_enabled() and x.requires_grad
     lse = x  # read only with smoothing, which the closed-form branch excludes
     if not smoothing and not torch.jit.is_scripting():
@@ -376,13 +402,13 @@ def _eager_index_statistics(
 
 def cross_entropy_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor],
-    ignore_index: Tensor, label_smoothing: Tensor, class_dim: int, per_sample: bool,
+    ignore_index: Tensor, label_smoothing: Tensor, class_dim: int, per_sample: bool, values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`cross_entropy_loss`: :func:`softmax_statistics` without ``gamma``
     and ``alpha``. ``ignore_index`` (int64) and ``label_smoothing`` are 0-d tensors."""
     return softmax_statistics(
         predictions, targets, weights, None, None, None, class_weight, ignore_index, label_smoothing, class_dim,
-        per_sample,
+        per_sample, values,
     )
 
 
@@ -418,16 +444,18 @@ def cross_entropy_loss(
     check_reduction(reduction)
     values, totals, _ = cross_entropy_statistics(
         predictions, targets, weights, vector_argument(class_weight), int_hyperparameter(ignore_index, predictions),
-        float_hyperparameter(label_smoothing, predictions), class_dim, False,
+        float_hyperparameter(label_smoothing, predictions), class_dim, False, reduction == "none",
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
 def nll_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor],
-    ignore_index: Tensor, class_dim: int, per_sample: bool,
+    ignore_index: Tensor, class_dim: int, per_sample: bool, values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`nll_loss`; ``ignore_index`` is a 0-d int64 tensor."""
+    r"""Statistics kernel of :func:`nll_loss`; ``ignore_index`` is a 0-d int64 tensor. Its totals alone
+    (:func:`sums_only`, no call-time ``weights``, classes along dim 1) are summed by
+    :func:`torch.nn.functional.nll_loss`."""
     dtype = compute_dtype(predictions.dtype)
     log_p = predictions.to(dtype)
     shape = list(log_p.shape)
@@ -443,6 +471,11 @@ def nll_statistics(
         # One gather of the target's entry instead of a class mask and a masked sum over the classes.
         indices, valid = eager_index_targets(targets, ignore_index, shape, dim, False)
         weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
+        if weights is None and dim == 1 and sums_only(values, per_sample):
+            loss_sum = F.nll_loss(
+                log_p, _ignored_as(indices, valid, -1), _contiguous(class_vector), ignore_index=-1, reduction="sum"
+            )
+            return summed_statistics(loss_sum, weight, denominator, list(indices.shape))
         target_log_p = torch.gather(log_p, dim, indices.unsqueeze(dim)).squeeze(dim)
     else:
         target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, False)
@@ -473,7 +506,7 @@ def nll_loss(
     check_reduction(reduction)
     values, totals, _ = nll_statistics(
         predictions, targets, weights, vector_argument(class_weight), int_hyperparameter(ignore_index, predictions),
-        class_dim, False,
+        class_dim, False, reduction == "none",
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -494,12 +527,13 @@ class CrossEntropyLoss(ElementwiseLoss):
 
     @torch.jit.export
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
+        values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return cross_entropy_statistics(
             predictions, targets, weights, optional_vector(self.class_weight),
             int_hyperparameter(self.ignore_index, predictions), float_hyperparameter(self.label_smoothing, predictions),
-            self.class_dim, per_sample,
+            self.class_dim, per_sample, values,
         )
 
 
@@ -517,11 +551,12 @@ class NLLLoss(ElementwiseLoss):
 
     @torch.jit.export
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
+        values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return nll_statistics(
             predictions, targets, weights, optional_vector(self.class_weight),
-            int_hyperparameter(self.ignore_index, predictions), self.class_dim, per_sample,
+            int_hyperparameter(self.ignore_index, predictions), self.class_dim, per_sample, values,
         )
 
 

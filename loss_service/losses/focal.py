@@ -163,7 +163,8 @@ class BinaryFocalLoss(ElementwiseLoss):
 
     @torch.jit.export
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
+        values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return binary_focal_statistics(
             predictions, targets, weights, float_hyperparameter(self.alpha, predictions),
@@ -199,13 +200,14 @@ class FocalLoss(ElementwiseLoss):
 
     @torch.jit.export
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
+        values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return focal_statistics(
             predictions, targets, weights, float_hyperparameter(self.gamma, predictions), optional_vector(self.alpha),
             int_hyperparameter(self.balance_index, predictions), optional_vector(self.class_weight),
             int_hyperparameter(self.ignore_index, predictions), float_hyperparameter(self.label_smoothing, predictions),
-            self.class_dim, per_sample,
+            self.class_dim, per_sample, values,
         )
 
 

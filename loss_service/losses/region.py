@@ -566,7 +566,8 @@ class RegionLoss(Loss):
 
     @torch.jit.export
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
+        values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return region_statistics(
             predictions, targets, *split_weights(weights, predictions), *self.index_arguments(predictions),

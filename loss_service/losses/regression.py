@@ -15,7 +15,8 @@ from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, float_hyperparameter,
-    is_tracing, one_target_per_prediction_hint, optional_vector, select_reduction, vector_argument, weighted_statistics,
+    is_tracing, one_target_per_prediction_hint, optional_vector, select_reduction, summed_statistics, sums_only,
+    vector_argument, weighted_statistics,
 )
 
 DELTA_PARAM = ParamSpec(
@@ -71,28 +72,34 @@ def checked_threshold(threshold: Tensor, loss: str, name: str, allow_zero: bool)
 
 def mse_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
-    per_sample: bool,
+    per_sample: bool, values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`mse_loss` (see :mod:`._reduction`)."""
+    r"""Statistics kernel of :func:`mse_loss` (see :mod:`._reduction`). Unweighted, its totals alone
+    (:func:`sums_only`) are torch's fused sum."""
+    if weights is None and class_weight is None and sums_only(values, per_sample):
+        p, t, _ = _in_compute_dtype(predictions, targets)
+        return summed_statistics(F.mse_loss(p, t, reduction="sum"), None, None, list(p.shape))
     residual, dtype = _residual(predictions, targets)
     return weighted_statistics(residual * residual, weights, class_weight, class_dim, dtype, per_sample)
 
 
 def l1_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
-    per_sample: bool,
+    per_sample: bool, values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`l1_loss`."""
+    r"""Statistics kernel of :func:`l1_loss`; its values are written whatever ``values`` says (torch's fused
+    sum saves neither time nor memory here)."""
     residual, dtype = _residual(predictions, targets)
     return weighted_statistics(residual.abs(), weights, class_weight, class_dim, dtype, per_sample)
 
 
 def huber_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], delta: Tensor, class_weight: Optional[Tensor],
-    class_dim: int, per_sample: bool,
+    class_dim: int, per_sample: bool, values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`huber_loss`: ``½m² + δ(|r| - m)``; ``delta`` is a 0-d tensor. Outside tracing
-    torch's fused kernel of the same loss."""
+    torch's fused kernel of the same loss, with its values whatever ``values`` says (its fused sum holds more
+    memory through the backward pass)."""
     if is_tracing():
         absolute, quadratic_part, delta, dtype = _split_residual(predictions, targets, delta, "huber", "delta", False)
         loss = 0.5 * quadratic_part * quadratic_part + delta * (absolute - quadratic_part)
@@ -105,10 +112,11 @@ def huber_statistics(
 
 def smooth_l1_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], beta: Tensor, class_weight: Optional[Tensor],
-    class_dim: int, per_sample: bool,
+    class_dim: int, per_sample: bool, values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`smooth_l1_loss`: ``½m²/β + (|r| - m)``; ``beta`` is a 0-d tensor, 0 allowed.
-    Outside tracing torch's fused kernel of the same loss (which is ``l1_loss`` for ``β = 0``)."""
+    Outside tracing torch's fused kernel of the same loss (which is ``l1_loss`` for ``β = 0``), with its values
+    as :func:`huber_statistics`."""
     if is_tracing():
         absolute, quadratic_part, beta, dtype = _split_residual(predictions, targets, beta, "smooth_l1", "beta", True)
         # With β = 0 the quadratic part is 0 and the loss is |r| (torch's l1_loss); dividing that 0 by 1
@@ -136,7 +144,9 @@ def mse_loss(
     docs/losses.md. Without weights it equals :func:`torch.nn.functional.mse_loss` for every torch reduction.
     """
     check_reduction(reduction)
-    values, totals, _ = mse_statistics(predictions, targets, weights, vector_argument(class_weight), class_dim, False)
+    values, totals, _ = mse_statistics(
+        predictions, targets, weights, vector_argument(class_weight), class_dim, False, reduction == "none"
+    )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
@@ -152,7 +162,9 @@ def l1_loss(
     Arguments as :func:`mse_loss`; without weights it equals :func:`torch.nn.functional.l1_loss`.
     """
     check_reduction(reduction)
-    values, totals, _ = l1_statistics(predictions, targets, weights, vector_argument(class_weight), class_dim, False)
+    values, totals, _ = l1_statistics(
+        predictions, targets, weights, vector_argument(class_weight), class_dim, False, reduction == "none"
+    )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
@@ -172,7 +184,7 @@ def huber_loss(
     check_reduction(reduction)
     values, totals, _ = huber_statistics(
         predictions, targets, weights, float_hyperparameter(delta, predictions), vector_argument(class_weight),
-        class_dim, False,
+        class_dim, False, reduction == "none",
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -194,7 +206,7 @@ def smooth_l1_loss(
     check_reduction(reduction)
     values, totals, _ = smooth_l1_statistics(
         predictions, targets, weights, float_hyperparameter(beta, predictions), vector_argument(class_weight),
-        class_dim, False,
+        class_dim, False, reduction == "none",
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -217,14 +229,17 @@ class _ThresholdLoss(ElementwiseLoss):
 
     @torch.jit.export
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
+        values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         class_weight = optional_vector(self.class_weight)
         if hasattr(self, "delta"):
             delta = float_hyperparameter(self.delta, predictions)
-            return huber_statistics(predictions, targets, weights, delta, class_weight, self.class_dim, per_sample)
+            return huber_statistics(
+                predictions, targets, weights, delta, class_weight, self.class_dim, per_sample, values
+            )
         beta = float_hyperparameter(self.beta, predictions)
-        return smooth_l1_statistics(predictions, targets, weights, beta, class_weight, self.class_dim, per_sample)
+        return smooth_l1_statistics(predictions, targets, weights, beta, class_weight, self.class_dim, per_sample, values)
 
 
 class HuberLoss(_ThresholdLoss):

@@ -223,7 +223,7 @@ def smoke_check(backends: Dict[str, Backend]) -> None:
         predictions, targets = predictions.to(reference.torch_device), targets.to(reference.torch_device)
         with torch.inference_mode():
             runner = reference.build(spec, {})
-            _, expected, _ = runner.statistics(predictions, targets, None, False)
+            _, expected, _ = runner.statistics(predictions, targets, None, False, True)
         reference.keep(config_key(spec.name, {}), runner, {})
         for backend in backends.values():
             if backend is reference:
@@ -234,7 +234,7 @@ def smoke_check(backends: Dict[str, Backend]) -> None:
             try:
                 runner = backend.build(spec, {})
                 with torch.inference_mode():
-                    _, totals, _ = runner.statistics(predictions, targets, None, False)
+                    _, totals, _ = runner.statistics(predictions, targets, None, False, True)
                     runner.reductions(totals)
                 torch.testing.assert_close(totals.cpu(), expected.cpu(), rtol=1e-4, atol=1e-5, check_dtype=False)
             except export.ArtifactError:

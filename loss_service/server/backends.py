@@ -3,8 +3,10 @@ r"""The compute backends: eager PyTorch, TorchScript and ONNX Runtime.
 A backend turns ``(loss spec, validated hyperparameters)`` into a *runner*, an object with the two
 methods every loss module has::
 
-    statistics(predictions, targets, weights, per_sample) -> (values, totals, sample_totals)
+    statistics(predictions, targets, weights, per_sample, values) -> (values, totals, sample_totals)
     reductions(totals) -> (..., 3)   # [sum, mean, weighted_mean], float64
+
+(``values=False``: the values may be empty, the caller reads the totals only).
 
 Runners are built once per hyperparameter configuration and kept in a small LRU cache with a byte
 budget -- but only once they have served a valid request, so a rejected request leaves nothing
@@ -37,7 +39,7 @@ RUNNER_BYTES = 4096
 
 class Runner(Protocol):
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool, values: bool
     ) -> Tuple[Tensor, Tensor, Tensor]: ...
 
     def reductions(self, totals: Tensor) -> Tensor: ...
@@ -234,8 +236,9 @@ class OnnxRunner:
         self._reductions = losses.build(spec.name, **params)
 
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool, values: bool
     ) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""The graph's statistics; it writes the values whatever ``values`` says."""
         try:
             variant = layout.request_variant(self._spec, self._params, predictions.shape, targets.shape)
         except layout.NoExportedGraph as exc:

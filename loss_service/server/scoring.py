@@ -243,8 +243,11 @@ class Scorer:
 
     # -- compute ----------------------------------------------------------------------------
     def compute(
-        self, plan: Plan, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool
+        self, plan: Plan, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool,
+        want_values: bool,
     ) -> BatchResult:
+        r"""The statistics of one batch; the values when ``want_values`` (or when the totals do not count the
+        elements: :func:`summarize` counts the values)."""
         backend = plan.backend
         device = backend.torch_device
         if device.type != "cpu":
@@ -253,7 +256,9 @@ class Scorer:
         runner = plan.runner or backend.build(plan.spec, plan.params)
         try:
             with torch.inference_mode():
-                values, totals, sample_totals = runner.statistics(predictions, targets, weights, per_sample)
+                values, totals, sample_totals = runner.statistics(
+                    predictions, targets, weights, per_sample, want_values or not plan.forms.elementwise_totals
+                )
                 reductions = runner.reductions(totals)
                 sample_reductions = runner.reductions(sample_totals) if per_sample else None
         except BackendUnavailable as exc:
@@ -280,7 +285,7 @@ class Scorer:
         r"""The answer to one request whose settings :meth:`plan` has validated."""
         request = parsed.message
         predictions, targets, weights = self.decode_inputs(parsed, plan)
-        result = self.compute(plan, predictions, targets, weights, request.return_per_sample)
+        result = self.compute(plan, predictions, targets, weights, request.return_per_sample, plan.reduction == "none")
         column = REDUCTION_COLUMN[plan.reduction]
         weight_sum, denominator, num_elements = summarize(plan, result.totals, result.num_values)
         response = pb.ScoreBatchResponse(
@@ -547,7 +552,7 @@ class StreamAccumulator:
                 f"has {classes_text(classes)}, batch 0 had {classes_text(self._classes)}: every batch of a stream "
                 f"must have the same classes (shape {list(predictions.shape)})",
             )
-        result = self.scorer.compute(plan, predictions, targets, weights, False)
+        result = self.scorer.compute(plan, predictions, targets, weights, False, False)
         if self.plan is None:
             self.plan, self._settings, self._classes = plan, settings, classes
         self.totals = result.totals if self.totals is None else self.totals + result.totals
