@@ -123,6 +123,18 @@ def test_binary_focal_with_gamma_zero_and_no_alpha_is_bce_with_logits(reduction)
     )
 
 
+def test_binary_focal_with_gamma_zero_and_no_alpha_in_float32_is_bce_with_logits_as_documented():
+    r"""docs/losses/classification.md: bitwise equal values in eager PyTorch; within 1e-6 absolute when
+    scripted, where the two modules take different stable forms of log σ."""
+    predictions = torch.cat([logits(256, 4, seed=3, scale=8.0).float(), torch.linspace(-100, 100, 1024).reshape(-1, 4)])
+    targets = (torch.rand(predictions.shape, generator=generator(4)) < 0.5).float()
+    focal = losses.build("binary_focal", alpha=-1.0, gamma=0.0, reduction="none")
+    bce = losses.build("bce_with_logits", reduction="none")
+    assert torch.equal(focal(predictions, targets), bce(predictions, targets))
+    scripted = torch.jit.script(focal)(predictions, targets) - torch.jit.script(bce)(predictions, targets)
+    assert float(scripted.abs().max()) <= 1e-6
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 0.0), (0.9, 0.7), (-1.0, 3.0), (0.0, 1.0), (1.0, 2.5)])
 def test_binary_focal_matches_torchvision_formula(alpha, gamma, reduction):

@@ -313,6 +313,31 @@ def test_all_targets_ignored_gives_zero(name, reduction):
     assert torch.isfinite(predictions.grad).all()
 
 
+@pytest.mark.parametrize("garbage", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", [s.name for s in losses.specs() if "ignore_index" in s.param_names()])
+def test_ignored_positions_do_not_poison_the_loss_or_its_gradient(name, reduction, garbage):
+    r"""Padding often holds garbage: NaN or ±inf predictions at every class of ignored positions leave the
+    loss as it is with zeros there, and the gradient finite and 0 at those positions; scripted too."""
+    spec, params, predictions, targets = make(name)
+    positions = torch.zeros((predictions.shape[0],) + tuple(predictions.shape[2:]), dtype=torch.bool)
+    positions.view(-1)[::3] = True
+    garbage_at = positions.unsqueeze(1).expand(predictions.shape)
+    ignored = garbage_at if targets.shape == predictions.shape else positions.reshape(targets.shape)
+    targets = torch.where(ignored, torch.full_like(targets, -100), targets)
+    clean = torch.where(garbage_at, 0.0, predictions)
+    dirty = torch.where(garbage_at, garbage, predictions)
+    scripted = _scripted_and_reloaded(name, 0)
+    scripted.ignore_index, scripted.reduction = -100, reduction
+    for label, module in (("eager", losses.build(name, ignore_index=-100, reduction=reduction)), ("scripted", scripted)):
+        leaf = dirty.clone().requires_grad_(True)
+        result = module(leaf, targets)
+        torch.testing.assert_close(result, module(clean, targets), rtol=1e-12, atol=1e-12, msg=label)
+        (gradient,) = torch.autograd.grad(result.sum(), leaf)
+        assert torch.isfinite(gradient).all(), label
+        assert (gradient[garbage_at] == 0).all(), label
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name,index", [c for c in CASES if losses.get(c.values[0]).predictions == "logits"])
 def test_extreme_logits_are_finite(name, index, reduction):

@@ -386,6 +386,15 @@ def _sample_totals(
     )
 
 
+def unless_ignored(x: Tensor, kept: Optional[Tensor]) -> Tensor:
+    r"""``x`` with 0 wherever ``kept`` (bool, broadcast to ``x``; ``None``: everywhere) is False: whatever an
+    ignored position holds (padding often holds garbage, NaN or inf), it then adds nothing to the loss, and
+    neither NaN nor inf to the gradient, which is 0 there (kornia masks its inputs so too)."""
+    if kept is None:
+        return x
+    return torch.where(kept, x, torch.zeros_like(x))
+
+
 def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     r"""``numerator / denominator``, and 0 where the denominator is 0 (no counted elements); the denominator
     is replaced before dividing so that the gradient stays finite as well."""

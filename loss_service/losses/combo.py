@@ -85,13 +85,12 @@ def bce_dice_statistics(
     check_split_weights(weights, sample_weights, predictions)
     # One view of the inputs for both terms: the Dice sums and the BCE's weights (pixel weights times
     # the not-ignored mask, and the sample weights).
-    probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
+    logits, probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
     pixel_weight = masked_pixel_weight(keep, weights, predictions, mode)
     _, dice_totals, dice_sample_totals = overlap_statistics(
         dense_sums(probabilities, dense, pixel_weight, squared_pred), sample_weights, *index, class_weight, batch,
         True,
     )
-    logits = predictions.to(probabilities.dtype).reshape(probabilities.shape)
     batch_size = probabilities.shape[0]
     bce_weights = pixel_weight
     if sample_weights is not None:

@@ -16,7 +16,8 @@ from ._stable import log_softmax, logsumexp
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, elementwise_statistics,
     float_hyperparameter, int_hyperparameter, is_tracing, label_map_hint, normalize_class_dim, optional_vector,
-    per_class, power, sample_or_element_weights, select_reduction, summed_statistics, sums_only, vector_argument,
+    per_class, power, sample_or_element_weights, select_reduction, summed_statistics, sums_only, unless_ignored,
+    vector_argument,
 )
 
 
@@ -327,7 +328,7 @@ def softmax_statistics(
             )
     target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, True)
     weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
-    log_p = log_softmax(x, dim)
+    log_p = log_softmax(unless_ignored(x, valid.unsqueeze(dim)), dim)
     target_term = class_terms(-select_class(log_p, target_mask, dim), gamma)
     # The smoothing term reads every class; with label_smoothing = 0 it is masked out before use,
     # so a -inf logit of a non-target class stays finite (as in torch) in value and gradient.
@@ -361,7 +362,7 @@ def _eager_index_statistics(
     unless autograd records ``x``.
     """
     indices, valid = eager_index_targets(targets, ignore_index, shape, dim, True)
-    x = x.contiguous()
+    x = unless_ignored(x, None if valid is None else valid.unsqueeze(dim)).contiguous()
     smoothing = float(epsilon.item()) > 0.0
     weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
     if gamma is None and weights is None and dim == 1 and len(shape) > 2 and sums_only(values, per_sample):

@@ -38,7 +38,8 @@ from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
     accumulate, as_float, broadcastable, check_real, check_reduction, check_same_shape, compute_dtype,
     elementwise_reductions, elementwise_statistics, int_hyperparameter, is_tracing, multiclass_mode_hint,
-    optional_vector, safe_divide, sample_or_element_weights, select_reduction, vector_argument, vector_buffer,
+    optional_vector, safe_divide, sample_or_element_weights, select_reduction, unless_ignored, vector_argument,
+    vector_buffer,
 )
 
 MODES = ("binary", "multilabel", "multiclass")
@@ -97,11 +98,12 @@ def _flatten_spatial(x: Tensor, class_channel: bool) -> Tensor:
 
 def prepare(
     predictions: Tensor, targets: Tensor, ignore_index: Tensor, mode: str
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    r"""Probabilities, dense targets and the not-ignored mask, each ``(N, C, S)`` (mask may be ``(N, 1, S)``;
-    ``None`` outside tracing when no target is ignored). binary: every non-batch dimension is spatial,
-    ``C = 1``. multiclass: targets of the predictions' shape are class probabilities, others class
-    indices (the shape decides, as in the ONNX layout)."""
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    r"""Logits, probabilities, dense targets and the not-ignored mask, each ``(N, C, S)`` (mask may be
+    ``(N, 1, S)``; ``None`` outside tracing when no target is ignored). binary: every non-batch dimension is
+    spatial, ``C = 1``. multiclass: targets of the predictions' shape are class probabilities, others class
+    indices (the shape decides, as in the ONNX layout). The logits of ignored positions are 0
+    (:func:`~._reduction.unless_ignored`)."""
     if mode not in ["binary", "multilabel", "multiclass"]:
         raise ValueError("mode must be one of 'binary', 'multilabel', 'multiclass', got '{}'".format(mode))
     if predictions.dim() == 0:
@@ -124,21 +126,26 @@ def prepare(
         t = _dense_targets(targets, ignored_entries, dtype, "multiclass probability")
         ignored = ignored_entries.any(dim=1, keepdim=True)
         t = torch.where(ignored, torch.zeros_like(t), t)
-        probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
-        keep = _flatten_spatial((~ignored).to(dtype), True)
-        return probabilities, _flatten_spatial(t, True), keep
+        kept = ~ignored
+        flat = _flatten_spatial(unless_ignored(x, kept), True)
+        keep = _flatten_spatial(kept.to(dtype), True)
+        return flat, torch.softmax(flat, dim=1), _flatten_spatial(t, True), keep
     check_same_shape(predictions, targets, 1, multiclass_mode_hint())
     if mode == "multilabel" and x.dim() < 2:
         raise ValueError(
             "multilabel predictions must be (N, C, *) logits, got shape {}".format(list(predictions.shape))
         )
     class_channel = mode == "multilabel"
-    probabilities = _flatten_spatial(torch.sigmoid(x), class_channel)
     if not is_tracing() and _plainly_dense(targets, ignore_index):
-        return probabilities, _flatten_spatial(targets.to(dtype), class_channel), None
+        flat = _flatten_spatial(x, class_channel)
+        return flat, torch.sigmoid(flat), _flatten_spatial(targets.to(dtype), class_channel), None
     ignored = targets == ignore_index.to(targets.dtype)
     t = torch.where(ignored, 0.0, _dense_targets(targets, ignored, dtype, mode))
-    return probabilities, _flatten_spatial(t, class_channel), _flatten_spatial((~ignored).to(dtype), class_channel)
+    kept = ~ignored
+    flat = _flatten_spatial(unless_ignored(x, kept), class_channel)
+    keep = _flatten_spatial(kept.to(dtype), class_channel)
+    return flat, torch.sigmoid(flat), _flatten_spatial(t, class_channel), keep
+
 
 
 def _plainly_dense(targets: Tensor, ignore_index: Tensor) -> bool:
@@ -195,19 +202,21 @@ def check_class_indices(index: Tensor, ignored: Tensor, num_classes: int) -> Non
 
 def prepare_class_indices(
     x: Tensor, predictions: Tensor, targets: Tensor, ignore_index: Tensor
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     r""":func:`prepare` for multiclass class-index targets (:func:`class_index_view`)."""
     index = class_index_view(x, predictions, targets)
     num_classes = x.shape[1]
     ignored = index == ignore_index.to(index.dtype)
     check_class_indices(index, ignored, num_classes)
+    kept = ~ignored
+    x = unless_ignored(x, kept.unsqueeze(1))
     probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
     flat_index = _flatten_spatial(index, False)
     classes = torch.arange(num_classes, device=x.device).reshape(1, num_classes, 1)
     # Comparing with arange (not F.one_hot) exports to ONNX; ignored positions match no class.
     dense = (flat_index == classes).to(x.dtype)
-    keep = (~_flatten_spatial(ignored, False)).to(x.dtype)
-    return probabilities, dense, keep
+    keep = _flatten_spatial(kept, False).to(x.dtype)
+    return _flatten_spatial(x, True), probabilities, dense, keep
 
 
 def _eager_index_sums(
@@ -223,7 +232,6 @@ def _eager_index_sums(
     x = predictions.to(dtype).contiguous()
     index = class_index_view(x, predictions, targets.contiguous())
     num_classes = x.shape[1]
-    probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
     # One aminmax read on the host: when every index is in [0, C) and none can equal ignore_index,
     # no mask is built and no element-by-element check runs.
     low, high, ignored_index = 0, -1, int(ignore_index.item())
@@ -236,7 +244,10 @@ def _eager_index_sums(
         check_class_indices(index, ignored, num_classes)
         # Ignored positions point at class 0 with a zero weight.
         index = torch.where(ignored, 0, index)
-        keep = (~_flatten_spatial(ignored, False)).to(dtype)
+        kept = ~ignored
+        keep = _flatten_spatial(kept, False).to(dtype)
+        x = unless_ignored(x, kept.unsqueeze(1))
+    probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
     pixel_weight = masked_pixel_weight(keep, weights, predictions, "multiclass")
     flat_index = _flatten_spatial(index, False)
     weighted = probabilities if pixel_weight is None else probabilities * pixel_weight
@@ -263,7 +274,7 @@ def region_sums(
     with the pixel ``weights`` (broadcastable to the predictions) and the ignored positions' zero weight."""
     if not is_tracing() and mode == "multiclass" and predictions.dim() >= 2 and targets.shape != predictions.shape:
         return _eager_index_sums(predictions, targets, weights, ignore_index, bool(squared_pred.item()))
-    probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
+    _, probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
     return dense_sums(probabilities, dense, masked_pixel_weight(keep, weights, predictions, mode), squared_pred)
 
 
