@@ -147,7 +147,6 @@ def prepare(
     return flat, torch.sigmoid(flat), _flatten_spatial(t, class_channel), keep
 
 
-
 def _plainly_dense(targets: Tensor, ignore_index: Tensor) -> bool:
     r"""True when one ``aminmax`` read on the host shows every target in ``[0, 1]`` and none equal to
     ``ignore_index``: then no mask is needed and the element-by-element check can be skipped."""
