@@ -490,6 +490,8 @@ def _backward_nodes(output):
     ("binary_focal", {}, "BinaryFocalBackward"),
     ("focal", {"gamma": 2.0, "ignore_index": -100}, "SoftmaxTargetTermBackward"),
     ("cross_entropy", {"class_weight": torch.tensor([0.5, 2.0, 1.0])}, "SoftmaxTargetTermBackward"),
+    ("dice", {"mode": "multiclass", "ignore_index": 255}, "ClassIndexOverlapBackward"),
+    ("tversky", {"mode": "multiclass", "alpha": 0.3, "beta": 0.7, "squared_pred": True}, "ClassIndexOverlapBackward"),
 ])
 @pytest.mark.parametrize("spatial", [(5,), ()], ids=["classes-not-last", "classes-last"])
 def test_eager_training_takes_the_closed_form_backward_with_the_formulas_gradient(name, params, closed_form, spatial):

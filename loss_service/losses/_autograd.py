@@ -149,6 +149,65 @@ def softmax_target_term(x: Tensor, indices: Tensor, dim: int, gamma: Optional[fl
     return SoftmaxTargetTerm.compute(x, indices.unsqueeze(dim), dim, gamma)[0]
 
 
+class ClassIndexOverlap(torch.autograd.Function):
+    r"""The region losses' sums over the spatial positions :math:`s` of the softmax probabilities
+    :math:`p = \operatorname{softmax}(x)` (over the classes, dim 1 of ``(N, C, S)`` logits) with class
+    indices :math:`y` and pixel weights :math:`w`, in float64:
+
+    .. math::
+        TP_{nc} = \sum_s w\,p_c\,[y = c], \qquad P_{nc} = \sum_s w\,p_c^k \quad (k = 2 \text{ if squared, else } 1).
+
+    With :math:`h_c = w\,(k\,p_c^{k-1}\,\bar g_{P,c} + [y = c]\,\bar g_{TP,c})` the gradient with respect to
+    :math:`p`, the softmax's gives :math:`\partial / \partial x_c = p_c\,(h_c - \sum_j p_j h_j)`: one buffer of
+    the logits' size and one product, where autograd keeps a buffer for each of the two sums' paths. The
+    forward saves :math:`p` and the indices. No gradient flows to the weights.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, index: Tensor, weight: Optional[Tensor], squared: bool) -> Tuple[Tensor, Tensor]:
+        true_positive, predicted, probabilities = class_index_sums(x, index, weight, squared)
+        ctx.save_for_backward(probabilities, index, probabilities.new_empty(0) if weight is None else weight)
+        ctx.squared, ctx.weighted = squared, weight is not None
+        return true_positive, predicted
+
+    @staticmethod
+    def backward(ctx: Any, grad_tp: Tensor, grad_p: Tensor) -> Tuple[Optional[Tensor], None, None, None]:
+        probabilities, index, weight = ctx.saved_tensors
+        dtype = probabilities.dtype
+        per_class = grad_p.to(dtype).unsqueeze(2)
+        if ctx.squared:
+            h = probabilities * per_class.mul(2.0)
+        else:
+            h = per_class.expand(probabilities.shape).clone()
+        h.scatter_add_(1, index, grad_tp.to(dtype).gather(1, index.squeeze(1)).unsqueeze(1))
+        if ctx.weighted:
+            h.mul_(weight)
+        # torch's fused softmax backward: p ⊙ (h - Σ_c p h).
+        return torch._softmax_backward_data(h, probabilities, 1, dtype), None, None, None
+
+
+def class_index_sums(x: Tensor, index: Tensor, weight: Optional[Tensor], squared: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""``(TP, P, p)`` of :class:`ClassIndexOverlap` for logits ``x`` ``(N, C, S)``, class indices ``(N, 1, S)``
+    and ``weight`` broadcastable to ``x`` (``None``: 1); scriptable, the form TorchScript and inference run."""
+    probabilities = torch.softmax(x, 1)
+    weighted = probabilities if weight is None else probabilities * weight
+    # Summed in the compute dtype and cast, as _reduction.accumulate outside tracing.
+    predicted = (weighted * probabilities if squared else weighted).sum(2).to(torch.float64)
+    at_target = weighted.gather(1, index).squeeze(1).to(torch.float64)
+    true_positive = torch.zeros([x.shape[0], x.shape[1]], dtype=torch.float64, device=x.device)
+    return true_positive.scatter_add_(1, index.squeeze(1), at_target), predicted, probabilities
+
+
+@torch.jit.unused
+def class_index_overlap(x: Tensor, index: Tensor, weight: Optional[Tensor], squared: bool) -> Tuple[Tensor, Tensor]:
+    r""":class:`ClassIndexOverlap`'s ``(TP, P)`` when autograd records ``x`` (and the weights need no gradient of
+    their own); otherwise :func:`class_index_sums`, recorded by autograd as it is."""
+    if _recording(x) and (weight is None or not weight.requires_grad):
+        return ClassIndexOverlap.apply(x, index, weight, squared)
+    true_positive, predicted, _ = class_index_sums(x, index, weight, squared)
+    return true_positive, predicted
+
+
 # exp(-100): below it torch's (and our) clamped log is the constant -100, whose derivative is 0.
 _LOG_FLOOR = 3.720075976020836e-44
 

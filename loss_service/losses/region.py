@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _autograd
 from ._base import Loss
 from ._params import CLASS_WEIGHT_PARAM as SHARED_CLASS_WEIGHT_PARAM
 from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
@@ -225,7 +226,8 @@ def _eager_index_sums(
 
     No one-hot targets: ``TP_c`` and ``T_c`` are the (weighted) probabilities and weights *at the
     target class*, gathered once and added into their class (``scatter_add``, in float64), and the
-    not-ignored mask is applied only when some target is ignored.
+    not-ignored mask is applied only when some target is ignored. In eager Python the gradient of
+    ``TP`` and ``P`` is :class:`~._autograd.ClassIndexOverlap`'s closed form.
     """
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype).contiguous()
@@ -246,23 +248,19 @@ def _eager_index_sums(
         kept = ~ignored
         keep = _flatten_spatial(kept, False).to(dtype)
         x = unless_ignored(x, kept.unsqueeze(1))
-    probabilities = _flatten_spatial(torch.softmax(x, dim=1), True)
     pixel_weight = masked_pixel_weight(keep, weights, predictions, "multiclass")
+    flat_x = _flatten_spatial(x, True)
     flat_index = _flatten_spatial(index, False)
-    weighted = probabilities if pixel_weight is None else probabilities * pixel_weight
-    predicted = accumulate(weighted * probabilities if squared else weighted, [2])
-    shape = [probabilities.shape[0], probabilities.shape[1]]
-    at_target = weighted.gather(1, flat_index).squeeze(1).to(torch.float64)
-    flat_index = flat_index.squeeze(1)
-    true_positive = torch.zeros(shape, dtype=torch.float64, device=x.device).scatter_add(1, flat_index, at_target)
-    if pixel_weight is None:
-        target_weight = torch.ones_like(at_target)
+    if torch.jit.is_scripting():
+        true_positive, predicted, _ = _autograd.class_index_sums(flat_x, flat_index, pixel_weight, squared)
     else:
-        target_weight = pixel_weight.expand(probabilities.shape).gather(1, flat_index.unsqueeze(1)).squeeze(1)
-    target = torch.zeros(shape, dtype=torch.float64, device=x.device).scatter_add(
-        1, flat_index, target_weight.to(torch.float64)
-    )
-    return true_positive, predicted, target
+        true_positive, predicted = _autograd.class_index_overlap(flat_x, flat_index, pixel_weight, squared)
+    if pixel_weight is None:
+        target_weight = torch.ones(flat_index.shape, dtype=torch.float64, device=x.device)
+    else:
+        target_weight = pixel_weight.expand(flat_x.shape).gather(1, flat_index).to(torch.float64)
+    target = torch.zeros(true_positive.shape, dtype=torch.float64, device=x.device)
+    return true_positive, predicted, target.scatter_add_(1, flat_index.squeeze(1), target_weight.squeeze(1))
 
 
 def region_sums(
