@@ -363,12 +363,13 @@ def _eager_index_statistics(
     """
     indices, valid = eager_index_targets(targets, ignore_index, shape, dim, True)
     x = unless_ignored(x, None if valid is None else valid.unsqueeze(dim)).contiguous()
-    smoothing = float(epsilon.item()) > 0.0
+    smoothing_value = float(epsilon.item())
+    smoothing = smoothing_value > 0.0
     weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
     if gamma is None and weights is None and dim == 1 and len(shape) > 2 and sums_only(values, per_sample):
         loss_sum = F.cross_entropy(
             x, _ignored_as(indices, valid, -1), _contiguous(class_vector), ignore_index=-1, reduction="sum",
-            label_smoothing=float(epsilon.item()),
+            label_smoothing=smoothing_value,
         )
         return summed_statistics(loss_sum, weight, denominator, list(indices.shape))
     recording = torch.is_grad_enabled() and x.requires_grad
