@@ -18,6 +18,12 @@ replica is unavailable (docs/service.md, Replicas)::
     LossClient(["10.0.0.5:50051", "10.0.0.6:50051"])     # addresses
     LossClient("dns:///loss-service-headless.ml.svc.cluster.local:50051")   # every address of a name
 
+Per group, and merged across workers (docs/evaluation.md)::
+
+    part = client.score("dice", logits, labels, group_ids=site, return_statistics=True, mode="multiclass")
+    part.group_ids, part.group_losses          # the loss of each site's samples
+    total = client.merge([part.statistics, other_worker_statistics])   # as one score on all the data
+
 Inputs may be numpy arrays or torch tensors of any supported dtype (torch's bfloat16 included).
 Every failure is a :class:`LossServiceError` with the gRPC status code and the server's
 ``google.rpc.BadRequest`` field violations.
@@ -39,8 +45,9 @@ import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from loss_service.codec import to_message, to_numpy
+from loss_service.codec import read_statistics, statistics_message, to_message, to_numpy
 from loss_service.protocol import BACKENDS, DEFAULT_MAX_MESSAGE_BYTES, REDUCTIONS, SERVICE_NAME, bearer_metadata
+from loss_service.statistics import Statistics, merge
 from loss_service.v1 import loss_service_pb2 as pb
 from loss_service.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -70,7 +77,8 @@ class LossServiceError(Exception):
 
 @dataclass
 class ScoreResult:
-    r"""The answer of :meth:`LossClient.score` (``values`` for ``reduction="none"`` only)."""
+    r"""The answer of :meth:`LossClient.score` (``values`` for ``reduction="none"`` only; ``group_ids`` and
+    ``group_losses`` with ``group_ids``; ``statistics`` with ``return_statistics=True``)."""
 
     loss: float
     values: Optional[np.ndarray]
@@ -81,11 +89,14 @@ class ScoreResult:
     backend: str
     device: str
     request_id: str
+    group_ids: Optional[np.ndarray] = None
+    group_losses: Optional[np.ndarray] = None
+    statistics: Optional[Statistics] = None
 
 
 @dataclass
 class StreamResult:
-    r"""The dataset-level answer of :meth:`LossClient.score_stream`."""
+    r"""The dataset-level answer of :meth:`LossClient.score_stream` and :meth:`LossClient.merge`."""
 
     loss: float
     weight_sum: float
@@ -94,6 +105,9 @@ class StreamResult:
     num_batches: int
     backend: str
     device: str
+    group_ids: Optional[np.ndarray] = None
+    group_losses: Optional[np.ndarray] = None
+    statistics: Optional[Statistics] = None
 
 
 @dataclass
@@ -150,6 +164,8 @@ def build_request(
     return_per_sample: bool = False,
     request_id: Optional[str] = None,
     labels: Optional[Mapping[str, str]] = None,
+    group_ids: Any = None,
+    return_statistics: bool = False,
     **params: Any,
 ) -> pb.ScoreBatchRequest:
     r"""The ``ScoreBatchRequest`` of :meth:`LossClient.score` (array-valued params go to ``tensor_params``).
@@ -168,6 +184,7 @@ def build_request(
         return_per_sample=return_per_sample,
         request_id=request_id or "",
         labels=dict(labels or {}),
+        return_statistics=return_statistics,
     )
     request.predictions.CopyFrom(to_message(predictions, "predictions"))
     request.targets.CopyFrom(to_message(targets, "targets"))
@@ -177,6 +194,8 @@ def build_request(
         request.class_weights.CopyFrom(to_message(class_weights, "class_weights"))
     if pos_weight is not None:
         request.pos_weight.CopyFrom(to_message(pos_weight, "pos_weight"))
+    if group_ids is not None:
+        request.group_ids.CopyFrom(to_message(group_ids, "group_ids"))
     for name, value in params.items():
         if _is_array(value) and np.ndim(value) == 0:
             value = value.item() if hasattr(value, "item") else value
@@ -300,17 +319,31 @@ def _settings(
     return channel_target(target), credentials, options, bearer_metadata(token) if token else None
 
 
+def _optional_array(response: Any, name: str) -> Optional[np.ndarray]:
+    return to_numpy(getattr(response, name), name) if response.HasField(name) else None
+
+
+def _group_fields(response: Any) -> Dict[str, Any]:
+    r"""The group and statistics fields of a ScoreBatch or ScoreStream response."""
+    statistics = read_statistics(response.statistics) if response.HasField("statistics") else None
+    return dict(
+        group_ids=_optional_array(response, "group_ids"), group_losses=_optional_array(response, "group_losses"),
+        statistics=statistics,
+    )
+
+
 def score_result(response: pb.ScoreBatchResponse) -> ScoreResult:
     return ScoreResult(
         loss=response.loss,
-        values=to_numpy(response.values, "values") if response.HasField("values") else None,
-        per_sample=to_numpy(response.per_sample, "per_sample") if response.HasField("per_sample") else None,
+        values=_optional_array(response, "values"),
+        per_sample=_optional_array(response, "per_sample"),
         weight_sum=response.weight_sum,
         denominator=response.denominator,
         num_elements=response.num_elements,
         backend=response.backend,
         device=response.device,
         request_id=response.request_id,
+        **_group_fields(response),
     )
 
 
@@ -323,7 +356,15 @@ def stream_result(response: pb.ScoreStreamResponse) -> StreamResult:
         num_batches=response.num_batches,
         backend=response.backend,
         device=response.device,
+        **_group_fields(response),
     )
+
+
+def merge_request(statistics: Iterable[Statistics]) -> pb.MergeStatisticsRequest:
+    r"""The ``MergeStatisticsRequest`` of :meth:`LossClient.merge`: ``statistics`` merged here first
+    (:func:`loss_service.statistics.merge`: statistics of different settings raise ``ValueError`` before
+    any call), sent as one message."""
+    return pb.MergeStatisticsRequest(statistics=[statistics_message(merge(statistics))])
 
 
 def loss_infos(response: pb.ListLossesResponse) -> List[LossInfo]:
@@ -504,8 +545,10 @@ class LossClient(_Client):
 
     def score(self, loss: str, predictions: Any, targets: Any, weights: Any = None, **options: Any) -> ScoreResult:
         r"""Score one batch; ``options`` are those of :func:`build_request` (``reduction``, ``backend``,
-        ``class_weights``, ``pos_weight``, ``return_per_sample``, ``request_id``, ``labels``, and the
-        loss's hyperparameters by name, e.g. ``gamma=2.0``)."""
+        ``class_weights``, ``pos_weight``, ``return_per_sample``, ``request_id``, ``labels``,
+        ``group_ids`` (``(N,)`` integer labels: the loss of each group too), ``return_statistics``
+        (the batch's mergeable :class:`~loss_service.statistics.Statistics`), and the loss's
+        hyperparameters by name, e.g. ``gamma=2.0``)."""
         return self.score_request(build_request(loss, predictions, targets, weights, **options))
 
     def score_request(self, request: pb.ScoreBatchRequest) -> ScoreResult:
@@ -514,12 +557,19 @@ class LossClient(_Client):
     def score_stream(self, batches: Iterable[Batch], loss: Optional[str] = None, **options: Any) -> StreamResult:
         r"""Score a dataset sent as batches; the answer equals :meth:`score` on their concatenation.
 
-        Each batch is a tuple ``(predictions, targets[, weights])`` or a dict with those keys.
+        Each batch is a tuple ``(predictions, targets[, weights])`` or a dict with those keys (and
+        ``group_ids``, in every batch or in none).
         ``loss`` and ``options`` (reduction, backend, parameters) are sent with the first batch;
         a dict batch may also carry them itself.
         """
         requests = StreamRequests(batches, loss, options)
         return stream_result(self._call(self._stub.ScoreStream, iter(requests), self.stream_timeout))
+
+    def merge(self, statistics: Iterable[Statistics]) -> StreamResult:
+        r"""The value of the union of the data whose ``statistics`` (``ScoreResult.statistics``,
+        ``StreamResult.statistics``, from any number of calls, workers or replicas) are given: exactly
+        :meth:`score` on all of it, per group too; ``result.statistics`` are the merged statistics."""
+        return stream_result(self._call(self._stub.MergeStatistics, merge_request(statistics), self.timeout))
 
     def list_losses(self) -> List[LossInfo]:
         return loss_infos(self._call(self._stub.ListLosses, pb.ListLossesRequest(), self.timeout))
@@ -563,6 +613,10 @@ class AsyncLossClient(_Client):
         async iterable too."""
         requests = StreamRequests(batches, loss, options)
         return stream_result(await self._call(self._stub.ScoreStream, requests.__aiter__(), self.stream_timeout))
+
+    async def merge(self, statistics: Iterable[Statistics]) -> StreamResult:
+        r"""The value of merged statistics (:meth:`LossClient.merge`)."""
+        return stream_result(await self._call(self._stub.MergeStatistics, merge_request(statistics), self.timeout))
 
     async def list_losses(self) -> List[LossInfo]:
         return loss_infos(await self._call(self._stub.ListLosses, pb.ListLossesRequest(), self.timeout))

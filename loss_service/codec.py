@@ -12,6 +12,9 @@ bfloat16: its bytes are viewed as ``uint16``).
   copies that view into a writable array (a client's results); :func:`to_tensor` wraps it in a
   read-only torch tensor without copying (a server's requests).
 
+:func:`statistics_message` and :func:`read_statistics` convert :class:`~loss_service.statistics.Statistics`
+(mergeable results) to and from their ``Statistics`` message, checking everything a reader relies on.
+
 torch is imported only by the functions that are given or asked for torch tensors, so that a
 client needs only grpcio, protobuf and numpy.
 """
@@ -24,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from loss_service.protocol import REDUCTIONS
+from loss_service.statistics import MAX_GROUPS, STATISTICS_VERSION, Statistics
 from loss_service.v1 import loss_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -56,7 +61,7 @@ _NOT_WRITABLE_WARNING = "The given NumPy array is not writable"
 
 
 class TensorError(ValueError):
-    r"""A ``Tensor`` message that cannot be read: ``field`` (``<name>.dtype``, ``.shape`` or ``.data``)
+    r"""A message that cannot be read: ``field`` (of a ``Tensor``: ``<name>.dtype``, ``.shape`` or ``.data``)
     and what is wrong with it; ``too_large`` when it is over the element limit."""
 
     def __init__(self, field: str, description: str, too_large: bool = False) -> None:
@@ -194,3 +199,101 @@ def _first_from_numpy(array: np.ndarray) -> "torch.Tensor":
             result = torch.from_numpy(array)
         _warned_once = True
         return result
+
+
+_REDUCTION_NAMES = {wire: name for name, wire in REDUCTIONS.items()}
+
+
+def _param_message(value: Any) -> pb.NamedParam:
+    if isinstance(value, np.ndarray):
+        return pb.NamedParam(tensor=to_message(value))
+    if isinstance(value, (bool, np.bool_)):
+        return pb.NamedParam(value=pb.Param(bool_value=bool(value)))
+    if isinstance(value, (int, np.integer)):
+        return pb.NamedParam(value=pb.Param(int_value=int(value)))
+    if isinstance(value, str):
+        return pb.NamedParam(value=pb.Param(string_value=value))
+    return pb.NamedParam(value=pb.Param(double_value=float(value)))
+
+
+def statistics_message(stats: Statistics) -> pb.Statistics:
+    r"""The ``Statistics`` message of ``stats`` (parameters sorted by name)."""
+    message = pb.Statistics(
+        version=stats.version, loss=stats.loss, reduction=REDUCTIONS[stats.reduction], layout=list(stats.layout),
+        num_batches=stats.num_batches,
+    )
+    for name in sorted(stats.params):
+        entry = message.params.add()
+        entry.CopyFrom(_param_message(stats.params[name]))
+        entry.name = name
+    message.totals.CopyFrom(to_message(np.asarray(stats.totals, dtype=np.float64)))
+    if stats.grouped:
+        message.group_ids.CopyFrom(to_message(np.asarray(stats.group_ids, dtype=np.int64)))
+        message.group_totals.CopyFrom(to_message(np.asarray(stats.group_totals, dtype=np.float64)))
+    return message
+
+
+def _float64_array(tensor: pb.Tensor, field: str, shape: Tuple[int, ...], max_elements: float) -> np.ndarray:
+    r"""A finite float64 array of ``shape`` from ``tensor``."""
+    array = checked_view(tensor, field, max_elements)
+    if tensor.dtype != pb.DTYPE_FLOAT64:
+        raise TensorError(f"{field}.dtype", f"must be DTYPE_FLOAT64, got {pb.DType.Name(tensor.dtype)}")
+    if array.shape != shape:
+        raise TensorError(f"{field}.shape", f"must be {list(shape)}, got {list(array.shape)}")
+    if not np.isfinite(array).all():
+        raise TensorError(field, "must be finite, found NaN or Inf")
+    return array.astype(np.float64)
+
+
+def _param_value(entry: pb.NamedParam, field: str, max_elements: float) -> Any:
+    has_tensor, which = entry.HasField("tensor"), entry.value.WhichOneof("value")
+    if has_tensor == (which is not None):
+        raise TensorError(field, "must hold either a scalar `value` or a vector `tensor`")
+    if which is not None:
+        return getattr(entry.value, which)
+    vector = checked_view(entry.tensor, f"{field}.tensor", max_elements)
+    if entry.tensor.dtype not in (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64) or vector.ndim != 1:
+        raise TensorError(f"{field}.tensor", "must be a 1-D DTYPE_FLOAT32 or DTYPE_FLOAT64 per-class vector")
+    return vector.astype(vector.dtype.newbyteorder("="))
+
+
+def read_statistics(message: pb.Statistics, field: str = "statistics", max_elements: float = math.inf) -> Statistics:
+    r"""The :class:`Statistics` of ``message``; :class:`TensorError` naming the field that cannot be read: a
+    version other than :data:`STATISTICS_VERSION`, no loss, a parameter twice or without a value, a layout
+    whose length is not the totals', totals that are not finite float64, group labels that are not distinct
+    ascending int64 (at most :data:`MAX_GROUPS`) or group totals that are not ``(G, K)``. Whether the loss,
+    its parameters and the layout agree is the reader's library's to say."""
+    if message.version != STATISTICS_VERSION:
+        raise TensorError(f"{field}.version", f"must be {STATISTICS_VERSION} (this reader's version), got {message.version}")
+    if not message.loss:
+        raise TensorError(f"{field}.loss", "must be set")
+    params: Dict[str, Any] = {}
+    for index, entry in enumerate(message.params):
+        where = f"{field}.params[{index}]"
+        if not entry.name or entry.name in params:
+            raise TensorError(f"{where}.name", f"must be a parameter's name, each given once, got '{entry.name[:64]}'")
+        params[entry.name] = _param_value(entry, where, max_elements)
+    reduction = _REDUCTION_NAMES.get(message.reduction)
+    if reduction is None:
+        raise TensorError(f"{field}.reduction", f"must be one of {', '.join(pb.Reduction.keys()[1:])}, got {message.reduction}")
+    if not message.HasField("totals"):
+        raise TensorError(f"{field}.totals", "must be set")
+    layout = tuple(message.layout)
+    totals = _float64_array(message.totals, f"{field}.totals", (len(layout),), max_elements)
+    group_ids = group_totals = None
+    if message.HasField("group_ids") or message.HasField("group_totals"):
+        group_ids = checked_view(message.group_ids, f"{field}.group_ids", MAX_GROUPS)
+        if message.group_ids.dtype != pb.DTYPE_INT64 or group_ids.ndim != 1:
+            raise TensorError(f"{field}.group_ids", "must be a 1-D DTYPE_INT64 tensor of group labels")
+        if group_ids.size > 1 and not (np.diff(group_ids) > 0).all():
+            raise TensorError(f"{field}.group_ids", "must hold distinct labels in ascending order")
+        group_totals = _float64_array(
+            message.group_totals, f"{field}.group_totals", (group_ids.size, len(layout)), max_elements
+        )
+        group_ids = group_ids.astype(np.int64)
+    if message.num_batches < 1:
+        raise TensorError(f"{field}.num_batches", f"must be at least 1, got {message.num_batches}")
+    return Statistics(
+        loss=message.loss, params=params, reduction=reduction, layout=layout, totals=totals, group_ids=group_ids,
+        group_totals=group_totals, num_batches=message.num_batches,
+    )

@@ -4,7 +4,9 @@ Three sources of requests, each sent unary (``ScoreBatch``) and as streams (``Sc
 three messages): random bytes, valid requests of every loss with random mutations (bit flips,
 overwrites, truncations, insertions, splices), and structured requests whose every field hypothesis
 chooses (names, enum values, dtypes, shapes up to huge dimensions, data of the right or wrong
-length, extreme values, parameters of every kind). Every answer must be OK or a client status
+length, extreme values, parameters of every kind, group labels). ``MergeStatistics`` gets the same
+three: random bytes, mutated valid merges of every loss's statistics, and structured statistics
+with a fault here and there (versions, losses, parameters, layouts, totals, group labels). Every answer must be OK or a client status
 (:data:`CLIENT_STATUSES`: never UNKNOWN or INTERNAL), name no Python class or traceback, and stay
 far below gRPC's 8 KiB metadata budget; after every example the server answers a valid request
 with the right value. The runs are seeded (``derandomize``) and bounded by their example counts;
@@ -20,9 +22,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loss_service import losses
+from loss_service import evaluation, losses
 from loss_service.client import build_request
-from loss_service.codec import WIRE_DTYPES
+from loss_service.codec import WIRE_DTYPES, statistics_message
 from loss_service.protocol import SERVICE_NAME
 from loss_service.server import BackgroundServer, ServerConfig
 from loss_service.server import service, wire
@@ -31,6 +33,7 @@ from tests.test_server_units import TORCH_DTYPES
 
 SCORE_BATCH = f"/{SERVICE_NAME}/ScoreBatch"
 SCORE_STREAM = f"/{SERVICE_NAME}/ScoreStream"
+MERGE_STATISTICS = f"/{SERVICE_NAME}/MergeStatistics"
 MAX_ELEMENTS = 100_000
 CLIENT_STATUSES = {
     grpc.StatusCode.OK,
@@ -73,6 +76,7 @@ class Probe:
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 16 << 20)])
         self.unary = self.channel.unary_unary(SCORE_BATCH)
         self.stream = self.channel.stream_unary(SCORE_STREAM)
+        self.merge = self.channel.unary_unary(MERGE_STATISTICS)
         spec = losses.get("focal")
         predictions, targets = spec.make_inputs(3, 4, (5,), torch.Generator().manual_seed(0), torch.float32, {})
         self.valid = build_request("focal", predictions, targets, gamma=2.0).SerializeToString()
@@ -99,6 +103,10 @@ class Probe:
         r"""The first body unary, all of them as one stream; both answers checked."""
         self.answer(lambda: self.unary(bodies[0], timeout=30))
         self.answer(lambda: self.stream(iter(bodies), timeout=30))
+        self.still_serving()
+
+    def send_merge(self, body):
+        self.answer(lambda: self.merge(body, timeout=30))
         self.still_serving()
 
 
@@ -130,9 +138,27 @@ def _valid_bodies():
 VALID_BODIES = _valid_bodies()
 
 
+def _valid_statistics():
+    r"""Statistics messages of every loss and setting, with and without groups."""
+    messages = []
+    generator = torch.Generator().manual_seed(2)
+    for spec in losses.specs():
+        for params in spec.test_params:
+            predictions, targets = spec.make_inputs(3, 3, (4,), generator, torch.float32, dict(params))
+            for group_ids in (None, [5, -1, 5]):
+                messages.append(statistics_message(
+                    evaluation.statistics(spec.name, predictions, targets, group_ids=group_ids, **params)))
+    return messages
+
+
+VALID_STATISTICS = _valid_statistics()
+VALID_MERGES = [pb.MergeStatisticsRequest(statistics=[message] * count).SerializeToString()
+                for message in VALID_STATISTICS for count in (1, 2)]
+
+
 @st.composite
-def mutated(draw, body=None):
-    data = bytearray(draw(st.sampled_from(VALID_BODIES)) if body is None else body)
+def mutated(draw, body=None, pool=VALID_BODIES):
+    data = bytearray(draw(st.sampled_from(pool)) if body is None else body)
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(["flip", "overwrite", "truncate", "insert", "splice", "varint"]))
         position = draw(st.integers(0, max(len(data) - 1, 0)))
@@ -145,7 +171,7 @@ def mutated(draw, body=None):
         elif kind == "insert":
             data[position:position] = draw(st.binary(min_size=1, max_size=16))
         elif kind == "splice":
-            other = draw(st.sampled_from(VALID_BODIES))
+            other = draw(st.sampled_from(pool))
             cut = draw(st.integers(0, len(other)))
             data[position:] = other[cut:]
         elif kind == "varint":  # a long or overlong varint where a length or tag may stand
@@ -269,7 +295,65 @@ def structured(draw):
                 draw(tensors(draw(st.sampled_from([[classes], [], [0], [2, 2]])), FLOAT_DTYPES, [0.25, 0.5, 1.0])))
     for _ in range(draw(st.integers(0, 2))):
         request.labels[draw(st.text(max_size=6))] = draw(st.text(max_size=6))
+    if draw(st.integers(0, 3)) == 0:
+        group_shape = shape[:1] if not rarely(draw) else draw(shapes())
+        request.group_ids.CopyFrom(draw(tensors(group_shape, INT_DTYPES, [0, 1, -1, 7, 2 ** 40])))
+    request.return_statistics = draw(st.booleans())
     return request.SerializeToString()
+
+
+@st.composite
+def structured_statistics(draw):
+    r"""A statistics message of a real loss with, here and there, a fault in one of its fields."""
+    message = pb.Statistics()
+    message.CopyFrom(draw(st.sampled_from(VALID_STATISTICS)))
+    if rarely(draw):
+        message.version = draw(st.sampled_from([0, 2, 2 ** 32 - 1]))
+    if rarely(draw):
+        message.loss = draw(st.one_of(st.text(max_size=12), st.sampled_from(losses.names())))
+    if rarely(draw):
+        message.reduction = draw(st.sampled_from([0, 3, 42]))
+    if message.params and rarely(draw):
+        param = message.params[draw(st.integers(0, len(message.params) - 1))]
+        change = draw(st.sampled_from(["name", "value", "tensor", "both", "empty"]))
+        if change == "name":
+            param.name = draw(st.sampled_from(["", "gamma", "nope", message.params[0].name]))
+        elif change == "value":
+            param.value.CopyFrom(draw(params_for(None)).get("gama", pb.Param(double_value=draw(st.sampled_from(FINITE + SPECIAL)))))
+        elif change in ("tensor", "both"):
+            if change == "tensor":
+                param.ClearField("value")
+            param.tensor.CopyFrom(draw(tensors(draw(st.sampled_from([[3], [2], [], [0], [2, 2]])), FLOAT_DTYPES, [0.0, 0.5, 1.0, -1.0])))
+        else:
+            param.Clear()
+    if rarely(draw):
+        layout = list(message.layout)
+        edit = draw(st.sampled_from(["drop", "add", "rename", "shuffle"]))
+        if edit == "drop" and layout:
+            layout.pop()
+        elif edit == "add":
+            layout.append(draw(st.text(max_size=8)))
+        elif edit == "rename" and layout:
+            layout[0] = draw(st.text(max_size=8))
+        else:
+            layout = layout[::-1]
+        message.ClearField("layout")
+        message.layout.extend(layout)
+    if rarely(draw):
+        message.totals.CopyFrom(draw(tensors([len(message.layout)], [pb.DTYPE_FLOAT64], FINITE)))
+    if rarely(draw):
+        count = draw(st.integers(0, 3))
+        message.group_ids.CopyFrom(draw(tensors([count], [pb.DTYPE_INT64], [0, 1, -1, 2 ** 40])))
+        message.group_totals.CopyFrom(draw(tensors([count, len(message.layout)], [pb.DTYPE_FLOAT64], FINITE)))
+    if rarely(draw):
+        message.num_batches = draw(st.sampled_from([0, -1, 2 ** 62]))
+    return message
+
+
+@st.composite
+def structured_merges(draw):
+    count = draw(st.integers(0, 3))
+    return pb.MergeStatisticsRequest(statistics=[draw(structured_statistics()) for _ in range(count)]).SerializeToString()
 
 
 BODIES = st.one_of(st.binary(max_size=512), mutated(), structured())
@@ -299,3 +383,15 @@ def test_structured_requests_get_a_client_status(probe, body):
 @given(bodies=st.lists(st.one_of(BODIES, st.sampled_from(VALID_BODIES)), min_size=1, max_size=3))
 def test_streams_of_any_batches_get_a_client_status(probe, bodies):
     probe.send(bodies)
+
+
+@fuzz_settings(300)
+@given(body=st.one_of(st.binary(max_size=1024), mutated(pool=VALID_MERGES)))
+def test_merges_of_any_bytes_get_a_client_status(probe, body):
+    probe.send_merge(body)
+
+
+@fuzz_settings(600)
+@given(body=structured_merges())
+def test_structured_merges_get_a_client_status(probe, body):
+    probe.send_merge(body)

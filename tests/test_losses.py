@@ -113,10 +113,11 @@ def test_declared_forms_are_what_the_module_does(name, variant):
     expected = {"NCS": (batch, channels, size), "NS": (batch, size), "NC": (batch, channels), "C": (channels,),
                 "N": (batch,)}[forms.values]
     assert tuple(values.shape) == expected
+    names = forms.totals_layout(channels)
+    assert totals.shape == (len(names),)
+    assert forms.classes_of_layout(names) == (channels if any(b.endswith("overlap") for b in forms.totals) else 0)
     if forms.elementwise_totals:
         assert int(totals[3]) >= values.numel()
-    else:
-        assert totals.numel() == 3 * channels
     probabilities = torch.softmax(torch.randn(predictions.shape, dtype=torch.float64), dim=1)
     if "probabilities" in forms.targets:
         module.statistics(predictions, probabilities, None, False)

@@ -163,14 +163,22 @@ def test_request_id_is_echoed_and_labels_accepted(client):
     assert result.request_id == "abc-123"
 
 
-def test_empty_batch_has_a_defined_result(client):
-    for name in losses.names():
-        spec, params, predictions, targets = inputs(name, batch=0)
+@pytest.mark.parametrize("name,index", PARITY_CASES)
+def test_empty_batch_has_a_defined_result(client, name, index):
+    r"""The eager module's result on every backend; one loss term per class for a batch=True region
+    loss (its index of empty sums), none for the others."""
+    spec, params, predictions, targets = inputs(name, index, batch=0)
+    forms = spec.forms_of(params)
+    terms = 0 if forms.elementwise_totals else predictions.shape[1]
+    for backend in BACKENDS:
+        what = (name, params, backend)
         for reduction in ("mean", "sum", "weighted_mean"):
-            result = client.score(name, predictions, targets, reduction=reduction)
-            assert result.loss == 0.0 and result.num_elements == 0, (name, reduction)
-        none = client.score(name, predictions, targets, reduction="none", return_per_sample=True)
-        assert none.loss == 0.0 and none.values.shape[0] == 0 and none.per_sample.shape == (0,), name
+            result = client.score(name, predictions, targets, reduction=reduction, backend=backend, **_send_params(params))
+            assert result.loss == float(eager_value(name, params, predictions, targets, None, reduction)), what
+            assert result.num_elements == terms, what
+        none = client.score(name, predictions, targets, reduction="none", return_per_sample=True, backend=backend,
+                            **_send_params(params))
+        assert none.values.shape[0] == terms and none.per_sample.shape == (0,), what
 
 
 # -- ScoreStream: the dataset value equals ScoreBatch on the concatenation --------------------------

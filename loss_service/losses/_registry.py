@@ -135,6 +135,11 @@ def _fmt(x: float) -> str:
 InputMaker = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 TARGET_FORMS = ("dense", "class_indices", "probabilities")
 VALUES_LAYOUTS = ("NCS", "NS", "NC", "C", "N")
+# The blocks totals are made of, by the names of their entries (docs/architecture.md): an elementwise
+# block is [Σ w·ℓ, Σ w, Σ d, n]; an overlap block (a region loss with batch=True) [TP_c…, P_c…, T_c…].
+ELEMENTWISE_TOTALS = ("loss_sum", "weight_sum", "denominator", "count")
+OVERLAP_TOTALS = ("true_positive", "predicted", "target")
+TOTALS_BLOCKS = ("elementwise", "overlap")
 
 
 @dataclass(frozen=True)
@@ -145,20 +150,60 @@ class Forms:
     * ``targets`` -- the target forms it takes, natural first: ``dense`` (the predictions' shape),
       ``class_indices`` (without the class dimension), ``probabilities`` (of the predictions' shape).
     * ``values`` -- the layout of ``values`` (:mod:`loss_service.layout`): ``NCS``, ``NS``, ``NC``, ``C``, ``N``.
-    * ``elementwise_totals`` -- the totals begin with ``[Σ w·ℓ, Σ w, Σ d, n]``;
-      ``indices_with_channel`` -- class indices may also come as ``(N, 1, *)``; ``single_channel`` -- every
+    * ``totals`` -- the blocks the totals are made of, in order: ``elementwise`` (``[Σ w·ℓ, Σ w, Σ d, n]``)
+      or ``overlap`` (``[TP_c…, P_c…, T_c…]``), as ``"<term>:<block>"`` when a loss combines terms
+      (:meth:`totals_layout` names the entries); ``indices_with_channel`` -- class indices may also come as ``(N, 1, *)``; ``single_channel`` -- every
       non-batch dimension is spatial, ``(N, *)`` has no class dimension (a binary region loss).
     """
 
     targets: Tuple[str, ...]
     values: str
-    elementwise_totals: bool = True
+    totals: Tuple[str, ...] = ("elementwise",)
     indices_with_channel: bool = False
     single_channel: bool = False
 
     def __post_init__(self) -> None:
         if not self.targets or not set(self.targets) <= set(TARGET_FORMS) or self.values not in VALUES_LAYOUTS:
             raise ValueError(f"Forms: targets {self.targets} must be among {TARGET_FORMS}, values in {VALUES_LAYOUTS}")
+        if not self.totals or any(block.rpartition(":")[2] not in TOTALS_BLOCKS for block in self.totals):
+            raise ValueError(f"Forms: totals {self.totals} must be blocks among {TOTALS_BLOCKS}")
+
+    @property
+    def elementwise_totals(self) -> bool:
+        r"""Whether the totals begin with ``[Σ w·ℓ, Σ w, Σ d, n]``."""
+        return self.totals[0].rpartition(":")[2] == "elementwise"
+
+    def totals_layout(self, num_classes: int) -> Tuple[str, ...]:
+        r"""The name of each entry of the totals with ``num_classes`` classes, e.g. ``("loss_sum", "weight_sum",
+        "denominator", "count")`` or ``("true_positive[0]", …, "target[C-1]")``; ``term.`` in front for a term."""
+        names: List[str] = []
+        for block in self.totals:
+            term, _, kind = block.rpartition(":")
+            prefix = f"{term}." if term else ""
+            if kind == "elementwise":
+                names += [prefix + name for name in ELEMENTWISE_TOTALS]
+            else:
+                names += [f"{prefix}{name}[{c}]" for name in OVERLAP_TOTALS for c in range(num_classes)]
+        return tuple(names)
+
+    def classes_of(self, length: int) -> Optional[int]:
+        r"""The number of classes of totals of ``length`` entries (0 without an overlap block); ``None`` if
+        no number of classes gives that length."""
+        overlap_blocks = sum(block.endswith("overlap") for block in self.totals)
+        elementwise_entries = len(ELEMENTWISE_TOTALS) * (len(self.totals) - overlap_blocks)
+        per_class = len(OVERLAP_TOTALS) * overlap_blocks
+        if per_class == 0:
+            return 0 if length == elementwise_entries else None
+        if length <= elementwise_entries or (length - elementwise_entries) % per_class:
+            return None
+        return (length - elementwise_entries) // per_class
+
+    def classes_of_layout(self, layout: Tuple[str, ...]) -> Optional[int]:
+        r"""The number of classes whose :meth:`totals_layout` is ``layout``; ``None`` if none is."""
+        num_classes = self.classes_of(len(layout))
+        if num_classes is None or self.totals_layout(num_classes) != tuple(layout):
+            return None
+        return num_classes
 
     @property
     def index_targets(self) -> bool:

@@ -199,7 +199,10 @@ register(LossSpec(
     target_shape="same as predictions, values in [0, 1] or ignore_index", params=BCE_DICE_PARAMS,
     make_inputs=region_inputs, statistics_kernel=bce_dice_statistics, reductions_kernel=bce_dice_reductions,
     constants=BCEDiceLoss.constants, pixel_weights=True,
-    forms=lambda settings: Forms(("dense",), "N", single_channel=settings["mode"] == "binary"),
+    forms=lambda settings: Forms(
+        ("dense",), "N", totals=("bce:elementwise", "dice:overlap" if settings["batch"] else "dice:elementwise"),
+        single_channel=settings["mode"] == "binary",
+    ),
     reference="bce_weight · F.binary_cross_entropy_with_logits + dice_weight · dice, each reduced by its own rule",
     test_params=(
         {},

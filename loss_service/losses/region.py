@@ -785,7 +785,7 @@ def region_forms(settings: Dict[str, Any]) -> Forms:
     batch = bool(settings["batch"])
     targets = ("class_indices", "probabilities") if settings["mode"] == "multiclass" else ("dense",)
     return Forms(
-        targets, "C" if batch else "NC", elementwise_totals=not batch, indices_with_channel=True,
+        targets, "C" if batch else "NC", totals=("overlap" if batch else "elementwise",), indices_with_channel=True,
         single_channel=settings["mode"] == "binary",
     )
 

@@ -226,19 +226,23 @@ class OnnxRunner:
 
     The graph computes the statistics on the canonical layout (:mod:`loss_service.layout`);
     ``reductions`` of (possibly accumulated) totals is the library's float64 reductions kernel, a
-    handful of divisions that need no graph of their own.
+    handful of divisions that need no graph of their own. An empty batch holds no data to compute
+    with, and ONNX Runtime cannot run every graph on zero-sized inputs (it reuses buffers across
+    shapes that differ only when a dimension is 0): its statistics are the library's.
     """
 
     def __init__(self, backend: "OnnxBackend", spec: LossSpec, params: Dict[str, Any]) -> None:
         self._backend = backend
         self._spec = spec
         self._params = params
-        self._reductions = losses.build(spec.name, **params)
+        self._library = losses.build(spec.name, **params)
 
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool, values: bool
     ) -> Tuple[Tensor, Tensor, Tensor]:
         r"""The graph's statistics; it writes the values whatever ``values`` says."""
+        if predictions.numel() == 0:
+            return self._library.statistics(predictions, targets, weights, per_sample, values)
         try:
             variant = layout.request_variant(self._spec, self._params, predictions.shape, targets.shape)
         except layout.NoExportedGraph as exc:
@@ -249,7 +253,7 @@ class OnnxRunner:
         return torch.from_numpy(restore(values)), torch.from_numpy(totals), torch.from_numpy(sample_totals)
 
     def reductions(self, totals: Tensor) -> Tensor:
-        return self._reductions.reductions(totals.cpu())
+        return self._library.reductions(totals.cpu())
 
 
 class BackendUnavailable(Exception):

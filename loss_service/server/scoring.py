@@ -16,12 +16,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from loss_service import losses, protocol
-from loss_service.codec import TensorError, dtype_name, to_message, to_tensor
+from loss_service import evaluation, losses, protocol
+from loss_service.codec import TensorError, dtype_name, read_statistics, statistics_message, to_message, to_tensor
+from loss_service.evaluation import REDUCTION_COLUMN, summarize
 from loss_service.losses import Forms, LossSpec
+from loss_service.statistics import Statistics, merge
 from loss_service.v1 import loss_service_pb2 as pb
 
 from .backends import Backend, BackendUnavailable, Runner, config_key
@@ -40,9 +43,6 @@ from .wire import ParsedRequest
 REDUCTIONS: Dict[int, str] = {
     pb.REDUCTION_UNSPECIFIED: "mean", **{wire: name for name, wire in protocol.REDUCTIONS.items()}}
 BACKEND_NAMES: Dict[int, str] = {wire: name for name, wire in protocol.BACKENDS.items()}
-# Column of each reduction in a reductions kernel's output; for "none" the per-sample values and a
-# stream's loss use the "sum" column.
-REDUCTION_COLUMN = {"sum": 0, "mean": 1, "weighted_mean": 2, "none": 0}
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # What a request may carry for the log line (request_id, labels): enough for ids and job names,
 # bounded so that no request makes the log (or the event loop writing it) pay for its size.
@@ -126,7 +126,8 @@ class BatchResult:
     totals: Tensor
     reductions: List[float]
     sample_reductions: Optional[Tensor]
-    num_values: int
+    # With group_ids: the group labels and the (N, K) sample totals they sum.
+    groups: Optional[Tuple[np.ndarray, Tensor]] = None
 
 
 class Scorer:
@@ -241,13 +242,23 @@ class Scorer:
         check_target_range(plan, predictions, targets)
         return predictions, targets, weights
 
+    def decode_groups(self, parsed: ParsedRequest, predictions: Tensor) -> Optional[np.ndarray]:
+        r"""The request's ``group_ids`` as int64 labels ``(N,)``, ``None`` when it has none."""
+        if not parsed.message.HasField("group_ids"):
+            return None
+        group_ids = decode(parsed.message.group_ids, "group_ids", self.max_elements)
+        try:
+            return evaluation.group_labels(group_ids, predictions.shape[0])
+        except ValueError as exc:
+            raise invalid("group_ids", protocol_dtype_names(str(exc)).removeprefix("group_ids ")) from None
+
     # -- compute ----------------------------------------------------------------------------
     def compute(
         self, plan: Plan, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool,
-        want_values: bool,
+        want_values: bool, group_labels: Optional[np.ndarray] = None,
     ) -> BatchResult:
-        r"""The statistics of one batch; the values when ``want_values`` (or when the totals do not count the
-        elements: :func:`summarize` counts the values)."""
+        r"""The statistics of one batch (per sample too with ``per_sample``; per group with ``group_labels``);
+        the values when ``want_values``."""
         backend = plan.backend
         device = backend.torch_device
         if device.type != "cpu":
@@ -257,7 +268,7 @@ class Scorer:
         try:
             with torch.inference_mode():
                 values, totals, sample_totals = runner.statistics(
-                    predictions, targets, weights, per_sample, want_values or not plan.forms.elementwise_totals
+                    predictions, targets, weights, per_sample or group_labels is not None, want_values
                 )
                 reductions = runner.reductions(totals)
                 sample_reductions = runner.reductions(sample_totals) if per_sample else None
@@ -278,16 +289,19 @@ class Scorer:
             totals=totals.to("cpu", torch.float64),
             reductions=reductions.tolist(),
             sample_reductions=None if sample_reductions is None else sample_reductions.cpu(),
-            num_values=values.numel(),
+            groups=None if group_labels is None else (group_labels, sample_totals),
         )
 
     def score_batch(self, parsed: ParsedRequest, plan: Plan) -> pb.ScoreBatchResponse:
         r"""The answer to one request whose settings :meth:`plan` has validated."""
         request = parsed.message
         predictions, targets, weights = self.decode_inputs(parsed, plan)
-        result = self.compute(plan, predictions, targets, weights, request.return_per_sample, plan.reduction == "none")
+        group_labels = self.decode_groups(parsed, predictions)
+        result = self.compute(
+            plan, predictions, targets, weights, request.return_per_sample, plan.reduction == "none", group_labels
+        )
         column = REDUCTION_COLUMN[plan.reduction]
-        weight_sum, denominator, num_elements = summarize(plan, result.totals, result.num_values)
+        weight_sum, denominator, num_elements = summarize(plan.forms, result.totals)
         response = pb.ScoreBatchResponse(
             loss=result.reductions[column],
             weight_sum=weight_sum,
@@ -305,21 +319,50 @@ class Scorer:
             response.loss = float(result.values.sum(dtype=torch.float64))
         if result.sample_reductions is not None:
             response.per_sample.CopyFrom(to_message(result.sample_reductions[:, column]))
+        if result.groups is not None or request.return_statistics:
+            stats = evaluation.make_statistics(plan.spec, plan.params, plan.reduction, plan.forms, result.totals, result.groups)
+            set_statistics_fields(response, stats, request.return_statistics)
+        return response
+
+    def merge(self, request: pb.MergeStatisticsRequest) -> pb.ScoreStreamResponse:
+        r"""The answer to ``MergeStatistics``: the value of the merged statistics, with them."""
+        if not request.statistics:
+            raise invalid("statistics", "must hold at least one Statistics message")
+        items = []
+        for index, message in enumerate(request.statistics):
+            try:
+                items.append(read_statistics(message, f"statistics[{index}]", self.max_elements))
+            except TensorError as error:
+                raise (too_large if error.too_large else invalid)(error.field, error.description) from None
+        try:
+            merged = merge(items)
+        except ValueError as exc:
+            field, _, description = str(exc).partition(": ")
+            raise invalid(field, description) from None
+        if merged.loss not in losses.names():
+            raise invalid("statistics[0].loss", f"unknown loss '{echo(merged.loss)}'; expected one of {', '.join(losses.names())}")
+        response = pb.ScoreStreamResponse(num_batches=merged.num_batches, backend="eager", device="cpu")
+        try:
+            evaluated = set_statistics_fields(response, merged, True)
+        except ValueError as exc:
+            raise invalid("statistics[0]", protocol_dtype_names(str(exc))) from None
+        response.loss = evaluated.loss
+        response.weight_sum, response.denominator = evaluated.weight_sum, evaluated.denominator
+        response.num_elements = evaluated.num_elements
         return response
 
 
-def summarize(plan: Plan, totals: Tensor, num_values: int) -> Tuple[float, float, int]:
-    r"""``(weight_sum, denominator, num_elements)`` of (possibly accumulated) totals.
-
-    Totals begin with the elementwise block ``[Σ w·ℓ, Σ w, Σ d, n]`` unless the loss's
-    :class:`~loss_service.losses.Forms` say otherwise (region losses with ``batch=True``, whose
-    totals are the per-class sums ``[TP_c, P_c, T_c]`` of the whole dataset). Those report the
-    number of loss terms (one per class) as ``num_elements``, ``weight_sum`` and ``denominator``.
-    """
-    if not plan.forms.elementwise_totals:
-        return float(num_values), float(num_values), num_values
-    _, weight_sum, denominator, count = totals.tolist()[:4]
-    return weight_sum, denominator, int(count)
+def set_statistics_fields(response: Any, stats: Statistics, with_statistics: bool) -> evaluation.Evaluation:
+    r"""The group fields of a response from ``stats``, and ``statistics`` itself when asked; their
+    :class:`~loss_service.evaluation.Evaluation`. Groups and merges are reduced by the library
+    (:func:`loss_service.evaluation.evaluate`, float64 on the host), a batch or stream by its backend."""
+    evaluated = evaluation.evaluate(stats)
+    if stats.grouped:
+        response.group_ids.CopyFrom(to_message(stats.group_ids))
+        response.group_losses.CopyFrom(to_message(evaluated.group_losses))
+    if with_statistics:
+        response.statistics.CopyFrom(statistics_message(stats))
+    return evaluated
 
 
 def setting(spec: LossSpec, params: Dict[str, Any], name: str, fallback: Any = None) -> Any:
@@ -516,16 +559,17 @@ class StreamAccumulator:
 
     Batch 0 fixes the settings (loss, params, tensor parameters, reduction, backend). A later batch
     may leave any of them unset, which means "as in batch 0", or repeat them unchanged; a different
-    value is an error. Totals are summed in float64; the answer is ``reductions(Σ totals)``, which
-    equals ``ScoreBatch`` on the concatenated batches for every loss, Dice-like ones included.
+    value is an error. The batches' :class:`~loss_service.statistics.Statistics` are merged (totals summed in
+    float64, groups label by label); the answer is ``reductions(Σ totals)``, which equals ``ScoreBatch`` on
+    the concatenated batches for every loss, Dice-like ones included. ``group_ids`` are sent with every
+    batch or with none.
     """
 
     def __init__(self, scorer: Scorer) -> None:
         self.scorer = scorer
         self.plan: Optional[Plan] = None
         self._settings: Dict[str, Any] = {}
-        self.totals: Optional[Tensor] = None
-        self.num_values = 0
+        self.statistics: Optional[Statistics] = None
         self.num_batches = 0
         # The class axis of batch 0: every later batch must have the same classes.
         self._classes: Optional[Tuple[int, int]] = None
@@ -544,7 +588,13 @@ class StreamAccumulator:
             for name, value in settings.items():
                 if value is not None and value != self._settings[name]:
                     raise invalid(name, "must be the same in every batch of a stream (or unset); it differs from batch 0")
+        if self.statistics is not None and request.HasField("group_ids") != self.statistics.grouped:
+            raise invalid(
+                "group_ids",
+                f"must be sent with every batch of a stream or with none; batch 0 {'had' if self.statistics.grouped else 'had none'}",
+            )
         predictions, targets, weights = self.scorer.decode_inputs(parsed, plan)
+        group_labels = self.scorer.decode_groups(parsed, predictions)
         classes = class_axis(plan, predictions)
         if self.num_batches > 0 and classes != self._classes:
             raise invalid(
@@ -552,22 +602,26 @@ class StreamAccumulator:
                 f"has {classes_text(classes)}, batch 0 had {classes_text(self._classes)}: every batch of a stream "
                 f"must have the same classes (shape {list(predictions.shape)})",
             )
-        result = self.scorer.compute(plan, predictions, targets, weights, False, False)
+        result = self.scorer.compute(plan, predictions, targets, weights, False, False, group_labels)
+        try:
+            batch = evaluation.make_statistics(plan.spec, plan.params, plan.reduction, plan.forms, result.totals, result.groups)
+            statistics = batch if self.statistics is None else merge([self.statistics, batch])
+        except ValueError as exc:  # the stream's distinct groups over the bound
+            raise invalid("group_ids", str(exc).removeprefix("group_ids: ")) from None
         if self.plan is None:
             self.plan, self._settings, self._classes = plan, settings, classes
-        self.totals = result.totals if self.totals is None else self.totals + result.totals
-        # Only read for batch=True region losses, whose values (one per class) do not grow with N.
-        self.num_values = result.num_values
+        self.statistics = statistics
         self.num_batches += 1
 
     def response(self) -> pb.ScoreStreamResponse:
-        if self.plan is None:
+        if self.plan is None or self.statistics is None:
             raise invalid("batches", "a stream needs at least one batch (which names the loss)")
         plan = self.plan
+        totals = torch.from_numpy(self.statistics.totals)
         with torch.inference_mode():
-            reductions = plan.runner.reductions(self.totals.to(plan.backend.torch_device)).cpu().tolist()
-        weight_sum, denominator, num_elements = summarize(plan, self.totals, self.num_values)
-        return pb.ScoreStreamResponse(
+            reductions = plan.runner.reductions(totals.to(plan.backend.torch_device)).cpu().tolist()
+        weight_sum, denominator, num_elements = summarize(plan.forms, totals)
+        response = pb.ScoreStreamResponse(
             loss=reductions[REDUCTION_COLUMN[plan.reduction]],
             weight_sum=weight_sum,
             denominator=denominator,
@@ -576,6 +630,9 @@ class StreamAccumulator:
             backend=plan.backend.name,
             device=plan.backend.device_of(plan.spec, plan.params),
         )
+        if self.statistics.grouped or self._settings["return_statistics"]:
+            set_statistics_fields(response, self.statistics, bool(self._settings["return_statistics"]))
+        return response
 
 
 def classes_text(classes: Optional[Tuple[int, int]]) -> str:
@@ -597,4 +654,5 @@ def stream_settings(parsed: ParsedRequest) -> Dict[str, Any]:
         "pos_weight": request.pos_weight.SerializeToString(deterministic=True) if request.HasField("pos_weight") else None,
         "reduction": request.reduction or None,
         "backend": request.backend or None,
+        "return_statistics": request.return_statistics or None,
     }

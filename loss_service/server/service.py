@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from loss_service import losses
 from loss_service.protocol import BACKENDS, SERVICE_NAME
@@ -42,7 +43,7 @@ from .metrics import ServerMetrics
 from .scoring import (
     MAX_REQUEST_ID_CHARACTERS, Plan, Scorer, StreamAccumulator, check_metadata, request_field,
 )
-from .wire import ParsedRequest, parse_request
+from .wire import ParsedRequest, malformed, parse_request
 
 log = logging.getLogger(f"{LOGGER_NAME}.calls")
 T = TypeVar("T")
@@ -71,6 +72,10 @@ def add_to_server(servicer: "LossServiceServicer", server: grpc.aio.Server) -> N
         ),
         "ScoreStream": grpc.stream_unary_rpc_method_handler(
             servicer.tracked(servicer.ScoreStream),
+            response_serializer=pb.ScoreStreamResponse.SerializeToString,
+        ),
+        "MergeStatistics": grpc.unary_unary_rpc_method_handler(
+            servicer.tracked(servicer.MergeStatistics),
             response_serializer=pb.ScoreStreamResponse.SerializeToString,
         ),
         "ListLosses": grpc.unary_unary_rpc_method_handler(
@@ -195,7 +200,7 @@ class CallRecord:
 
 
 class LossServiceServicer(pb_grpc.LossServiceServicer):
-    r"""Serves ScoreBatch, ScoreStream and ListLosses once :meth:`attach` has given it a scorer."""
+    r"""Serves ScoreBatch, ScoreStream, MergeStatistics and ListLosses once :meth:`attach` has given it a scorer."""
 
     def __init__(self, executor: Executor, inline_elements: int, threads: IntraOpThreads, budget: RequestBudget,
                  metrics: Optional[ServerMetrics] = None) -> None:
@@ -263,31 +268,37 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
         whose runner is built (building one may take long)."""
         return plan is not None and plan.runner is not None and elements <= self._inline_elements
 
-    async def ScoreBatch(self, body: bytes, context: grpc.aio.ServicerContext) -> Optional[pb.ScoreBatchResponse]:
-        call = CallRecord("ScoreBatch", request_bytes=len(body))
+    async def _answer(self, context: grpc.aio.ServicerContext, call: CallRecord, work: Awaitable[T]) -> Optional[T]:
+        r"""The response ``work`` computes, logged and counted; a refused call's status is set on ``context``
+        (the handler then returns ``None``). Every call ends here or in :meth:`_log_cancelled`."""
         try:
-            scorer = self._ready()
-            with self.budget.holding(len(body)):
-                if len(body) < INLINE_MAX_BYTES:
-                    parsed = parse_request(body)
-                    call.elements = call.identify(parsed)
-                    plan = scorer.plan(parsed)
-                    if self._inline(plan, call.elements):
-                        response = await self._run(True, scorer.score_batch, parsed, plan)
-                    else:
-                        response = await self._run(False, self._threads.run, call.elements, scorer.score_batch, parsed, plan)
-                else:
-                    response = await self._run(False, self._parse_and_score, scorer, body, call)
+            response = await work
         except ServiceError as error:
             return self._refuse(context, call, error)
         except asyncio.CancelledError:
             self._log_cancelled(context, call)
             raise
         except Exception as error:  # a bug, not a bad request: keep the server up and say so
-            log.exception("ScoreBatch failed", extra={"fields": {"loss": call.loss, "request_id": call.request_id}})
+            log.exception(f"{call.method} failed", extra={"fields": {"loss": call.loss, "request_id": call.request_id}})
             return self._refuse(context, call, error)
         self._log(call, "OK", backend=response.backend, device=response.device)
         return response
+
+    async def ScoreBatch(self, body: bytes, context: grpc.aio.ServicerContext) -> Optional[pb.ScoreBatchResponse]:
+        call = CallRecord("ScoreBatch", request_bytes=len(body))
+        return await self._answer(context, call, self._score_batch(body, call))
+
+    async def _score_batch(self, body: bytes, call: CallRecord) -> pb.ScoreBatchResponse:
+        scorer = self._ready()
+        with self.budget.holding(len(body)):
+            if len(body) >= INLINE_MAX_BYTES:
+                return await self._run(False, self._parse_and_score, scorer, body, call)
+            parsed = parse_request(body)
+            call.elements = call.identify(parsed)
+            plan = scorer.plan(parsed)
+            if self._inline(plan, call.elements):
+                return await self._run(True, scorer.score_batch, parsed, plan)
+            return await self._run(False, self._threads.run, call.elements, scorer.score_batch, parsed, plan)
 
     def _parse_and_score(self, scorer: Scorer, body: bytes, call: CallRecord) -> pb.ScoreBatchResponse:
         parsed = parse_request(body)
@@ -298,27 +309,19 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> Optional[pb.ScoreStreamResponse]:
         call = CallRecord("ScoreStream", batches=0)
-        try:
-            accumulator = StreamAccumulator(self._ready())
-            async for body in request_iterator:
-                call.request_bytes += len(body)
-                try:
-                    with self.budget.holding(len(body)):
-                        call.elements += await self._add_batch(accumulator, body, call)
-                except ServiceError as error:
-                    raise error.in_batch(accumulator.num_batches) from None
-                call.batches = accumulator.num_batches
-            response = accumulator.response()
-        except ServiceError as error:
-            return self._refuse(context, call, error)
-        except asyncio.CancelledError:
-            self._log_cancelled(context, call)
-            raise
-        except Exception as error:
-            log.exception("ScoreStream failed", extra={"fields": {"loss": call.loss, "request_id": call.request_id}})
-            return self._refuse(context, call, error)
-        self._log(call, "OK", backend=response.backend, device=response.device)
-        return response
+        return await self._answer(context, call, self._score_stream(request_iterator, call))
+
+    async def _score_stream(self, request_iterator: AsyncIterator[bytes], call: CallRecord) -> pb.ScoreStreamResponse:
+        accumulator = StreamAccumulator(self._ready())
+        async for body in request_iterator:
+            call.request_bytes += len(body)
+            try:
+                with self.budget.holding(len(body)):
+                    call.elements += await self._add_batch(accumulator, body, call)
+            except ServiceError as error:
+                raise error.in_batch(accumulator.num_batches) from None
+            call.batches = accumulator.num_batches
+        return accumulator.response()
 
     async def _add_batch(self, accumulator: StreamAccumulator, body: bytes, call: CallRecord) -> int:
         r"""Add one batch to ``accumulator``; its element count."""
@@ -337,6 +340,25 @@ class LossServiceServicer(pb_grpc.LossServiceServicer):
         elements = call.identify(parsed)
         self._threads.run(elements, accumulator.add, parsed)
         return elements
+
+    async def MergeStatistics(self, body: bytes, context: grpc.aio.ServicerContext) -> Optional[pb.ScoreStreamResponse]:
+        call = CallRecord("MergeStatistics", request_bytes=len(body))
+        return await self._answer(context, call, self._merge(body, call))
+
+    async def _merge(self, body: bytes, call: CallRecord) -> pb.ScoreStreamResponse:
+        scorer = self._ready()
+        with self.budget.holding(len(body)):
+            return await self._run(len(body) < INLINE_MAX_BYTES, self._parse_and_merge, scorer, body, call)
+
+    def _parse_and_merge(self, scorer: Scorer, body: bytes, call: CallRecord) -> pb.ScoreStreamResponse:
+        try:
+            request = pb.MergeStatisticsRequest.FromString(body)
+        except DecodeError:
+            raise malformed(f"not a valid {pb.MergeStatisticsRequest.DESCRIPTOR.full_name} in protobuf's wire format") from None
+        if request.statistics:
+            call.loss = echo(request.statistics[0].loss)
+        call.batches = len(request.statistics)
+        return scorer.merge(request)
 
     async def ListLosses(self, request: pb.ListLossesRequest, context: grpc.aio.ServicerContext) -> Optional[pb.ListLossesResponse]:
         try:

@@ -44,6 +44,11 @@ class LossServiceStub:
                 request_serializer=loss__service_dot_v1_dot_loss__service__pb2.ScoreBatchRequest.SerializeToString,
                 response_deserializer=loss__service_dot_v1_dot_loss__service__pb2.ScoreStreamResponse.FromString,
                 _registered_method=True)
+        self.MergeStatistics = channel.unary_unary(
+                '/loss_service.v1.LossService/MergeStatistics',
+                request_serializer=loss__service_dot_v1_dot_loss__service__pb2.MergeStatisticsRequest.SerializeToString,
+                response_deserializer=loss__service_dot_v1_dot_loss__service__pb2.ScoreStreamResponse.FromString,
+                _registered_method=True)
         self.ListLosses = channel.unary_unary(
                 '/loss_service.v1.LossService/ListLosses',
                 request_serializer=loss__service_dot_v1_dot_loss__service__pb2.ListLossesRequest.SerializeToString,
@@ -69,6 +74,14 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeStatistics(self, request, context):
+        """The value of the union of the data that `statistics` were computed from, exactly as one
+        ScoreBatch (or ScoreStream) on all of it; refuses statistics of different losses or settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListLosses(self, request, context):
         """Every loss with its parameters, input contract and the backends that can run it.
         """
@@ -87,6 +100,11 @@ def add_LossServiceServicer_to_server(servicer, server):
             'ScoreStream': grpc.stream_unary_rpc_method_handler(
                     servicer.ScoreStream,
                     request_deserializer=loss__service_dot_v1_dot_loss__service__pb2.ScoreBatchRequest.FromString,
+                    response_serializer=loss__service_dot_v1_dot_loss__service__pb2.ScoreStreamResponse.SerializeToString,
+            ),
+            'MergeStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeStatistics,
+                    request_deserializer=loss__service_dot_v1_dot_loss__service__pb2.MergeStatisticsRequest.FromString,
                     response_serializer=loss__service_dot_v1_dot_loss__service__pb2.ScoreStreamResponse.SerializeToString,
             ),
             'ListLosses': grpc.unary_unary_rpc_method_handler(
@@ -148,6 +166,33 @@ class LossService:
             target,
             '/loss_service.v1.LossService/ScoreStream',
             loss__service_dot_v1_dot_loss__service__pb2.ScoreBatchRequest.SerializeToString,
+            loss__service_dot_v1_dot_loss__service__pb2.ScoreStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loss_service.v1.LossService/MergeStatistics',
+            loss__service_dot_v1_dot_loss__service__pb2.MergeStatisticsRequest.SerializeToString,
             loss__service_dot_v1_dot_loss__service__pb2.ScoreStreamResponse.FromString,
             options,
             channel_credentials,
