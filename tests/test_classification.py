@@ -136,6 +136,34 @@ def test_binary_focal_with_gamma_zero_and_no_alpha_in_float32_is_bce_with_logits
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("smooth_factor", [0.0, 0.05, 0.25, 0.5])
+def test_bce_with_logits_label_smoothing_is_smp_soft_bce_at_twice_its_smooth_factor(smooth_factor, reduction):
+    r"""segmentation_models_pytorch's SoftBCEWithLogitsLoss(smooth_factor=s) (its own code, pos_weight
+    along the last dim as torch's) is label_smoothing = 2s, values and gradients."""
+    from bench.bench_peers import smp_losses
+
+    predictions, targets = binary_inputs((3, 5, 4))
+    pos_weight = torch.tensor([2.0, 1.0, 0.5, 3.0], dtype=torch.float64)
+    smp = smp_losses().SoftBCEWithLogitsLoss(smooth_factor=smooth_factor, pos_weight=pos_weight, reduction=reduction)
+    ours = losses.build("bce_with_logits", label_smoothing=2 * smooth_factor, pos_weight=pos_weight, class_dim=-1,
+                        reduction=reduction)
+    assert_same_value_and_grad(lambda p: ours(p, targets), lambda p: smp(p, targets), predictions)
+
+
+def test_bce_with_logits_label_smoothing_is_checked_and_settable_from_torchscript():
+    predictions, targets = binary_inputs()
+    with pytest.raises(ValueError, match=r"label_smoothing.* must be in \[0, 1\]"):
+        losses.build("bce_with_logits", label_smoothing=1.5)
+    scripted = torch.jit.script(losses.build("bce_with_logits"))
+    scripted.label_smoothing = 0.3
+    expected = F.binary_cross_entropy_with_logits(predictions, targets * 0.7 + 0.15)
+    assert torch.allclose(scripted(predictions, targets), expected, rtol=1e-12)
+    scripted.label_smoothing = -0.1
+    with pytest.raises(torch.jit.Error, match=r"label_smoothing must be in \[0, 1\], got -0.1"):
+        scripted(predictions, targets)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 0.0), (0.9, 0.7), (-1.0, 3.0), (0.0, 1.0), (1.0, 2.5)])
 def test_binary_focal_matches_torchvision_formula(alpha, gamma, reduction):
     predictions, targets = binary_inputs()

@@ -54,6 +54,7 @@ def test_the_extras_install_what_each_use_needs():
     assert "onnxruntime-gpu" in _resolved("gpu") and "onnxruntime" not in _resolved("gpu")
     assert _resolved("server") - {"onnxruntime"} == _resolved("gpu") - {"onnxruntime-gpu"}
     assert _resolved("server") <= _resolved("test")
+    assert {"ray", "torch", "grpcio"} <= _resolved("ray") <= _resolved("test") and "ray" not in _resolved("server")
     constraints = {line.split("==")[0] for line in (ROOT / "constraints.txt").read_text().split() if "==" in line}
     for extra in _extras():
         unpinned = _resolved(extra) - constraints

@@ -60,6 +60,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     )
 
 
+def check_range(value: Tensor, name: str, high: float, expected: str) -> Optional[float]:
+    r"""``ValueError`` unless ``0 <= value <= high``, outside export: one host read and Python comparisons (NaN
+    fails both) rather than a tensor expression. The number read (``None`` while tracing)."""
+    if is_tracing():
+        return None
+    number = float(value.item())
+    if not (number >= 0.0 and number <= high):
+        raise ValueError("{} must be {}, got {}".format(name, expected, number))
+    return number
+
+
 def as_float(x: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     r"""``x`` converted to the compute dtype; integer and bool tensors are accepted as values."""
     if x.is_complex():
@@ -384,6 +395,19 @@ def _sample_totals(
         ],
         dim=1,
     )
+
+
+def smoothed_binary_targets(targets: Tensor, label_smoothing: Optional[Tensor]) -> Tensor:
+    r"""Binary targets smoothed towards 1/2: :math:`t\,(1 - \varepsilon) + \varepsilon / 2`, torch's label smoothing of
+    two outcomes (``cross_entropy``'s :math:`(1 - \varepsilon)\,t + \varepsilon / C` with ``C = 2``). ``targets`` unchanged
+    without smoothing (``None``), and for ``ε = 0`` outside export (read on the host: no full-size pass)."""
+    if label_smoothing is None:
+        return targets
+    read = check_range(label_smoothing, "label_smoothing", 1.0, "in [0, 1]")
+    if read is not None and read == 0.0:
+        return targets
+    epsilon = label_smoothing.to(targets.dtype)
+    return targets * (1.0 - epsilon) + 0.5 * epsilon
 
 
 def unless_ignored(x: Tensor, kept: Optional[Tensor]) -> Tensor:

@@ -5,6 +5,7 @@ Their arguments follow docs/losses.md: predictions and targets of one shape ``(N
 length ``C`` along ``class_dim``; ``mean`` divides by the element count (torch's ``weight`` semantics),
 ``weighted_mean`` by ``Σ w``.
 """
+import dataclasses
 import functools
 from typing import Any, Dict, Optional, Tuple
 
@@ -15,12 +16,20 @@ from torch import Tensor
 from . import _autograd
 from ._base import ElementwiseLoss
 from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
+from ._params import LABEL_SMOOTHING_PARAM as CATEGORICAL_LABEL_SMOOTHING_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, is_tracing,
-    effective_weight, one_target_per_prediction_hint, optional_vector, per_class, select_reduction, summed_statistics,
-    sums_only, vector_argument, vector_buffer, weighted_statistics,
+    effective_weight, float_hyperparameter, one_target_per_prediction_hint, optional_vector, per_class,
+    select_reduction, smoothed_binary_targets, summed_statistics, sums_only, vector_argument, vector_buffer,
+    weighted_statistics,
+)
+
+# Binary targets smoothed towards 1/2; segmentation_models_pytorch's smooth_factor s is label_smoothing 2s.
+LABEL_SMOOTHING_PARAM = dataclasses.replace(
+    CATEGORICAL_LABEL_SMOOTHING_PARAM,
+    doc="targets t(1-ε) + ε/2 (torch's label smoothing of two outcomes; smp's smooth_factor s is ε = 2s)",
 )
 
 
@@ -93,14 +102,15 @@ def binary_cross_entropy(
 
 def bce_with_logits_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], pos_weight: Optional[Tensor],
-    class_weight: Optional[Tensor], class_dim: int, per_sample: bool, values: bool = True,
+    label_smoothing: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, per_sample: bool,
+    values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_cross_entropy_with_logits`; for the totals alone
     (:func:`sums_only`) torch's fused kernel sums the weighted loss."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype)
-    t = as_float(targets, dtype, "targets")
+    t = smoothed_binary_targets(as_float(targets, dtype, "targets"), label_smoothing)
     positive_weight: Optional[Tensor] = None
     if pos_weight is not None:
         positive_weight = per_class(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
@@ -142,7 +152,7 @@ def _fused_bce_with_logits(x: Tensor, t: Tensor, positive_weight: Optional[Tenso
 
 def binary_cross_entropy_with_logits(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, pos_weight: Optional[Tensor] = None,
-    class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
+    label_smoothing: float = 0.0, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Binary cross-entropy on logits, stable for any finite logit.
 
@@ -153,12 +163,15 @@ def binary_cross_entropy_with_logits(
     with :math:`p_c` the ``pos_weight`` (weight of positive examples) of the element's class and ``log σ``
     computed stably (never ``log(sigmoid(x))``, which is ``-inf`` for ``x = -1e4``). Equals
     :func:`torch.nn.functional.binary_cross_entropy_with_logits` (``weight=weights``; a length-``C``
-    ``pos_weight`` there broadcasts along the last dim, here along ``class_dim``).
+    ``pos_weight`` there broadcasts along the last dim, here along ``class_dim``). ``label_smoothing`` ε
+    replaces the targets by :math:`t_i (1 - \varepsilon) + \varepsilon / 2` first (torch's label smoothing of
+    two outcomes; segmentation_models_pytorch's ``SoftBCEWithLogitsLoss(smooth_factor=s)`` is ``ε = 2s``).
     """
     class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = bce_with_logits_statistics(
-        predictions, targets, weights, vector_argument(pos_weight), class_weight, class_dim, False, reduction == "none"
+        predictions, targets, weights, vector_argument(pos_weight), float_hyperparameter(label_smoothing, predictions),
+        class_weight, class_dim, False, reduction == "none",
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -172,12 +185,15 @@ class BCELoss(ElementwiseLoss):
 class BCEWithLogitsLoss(ElementwiseLoss):
     r"""Module form of :func:`binary_cross_entropy_with_logits`; tensor settings are buffers."""
 
+    label_smoothing: float
+
     def __init__(
-        self, pos_weight: Optional[Tensor] = None, class_weight: Optional[Tensor] = None, reduction: str = "mean",
-        class_dim: int = 1,
+        self, pos_weight: Optional[Tensor] = None, label_smoothing: float = 0.0, class_weight: Optional[Tensor] = None,
+        reduction: str = "mean", class_dim: int = 1,
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
         self.register_buffer("pos_weight", vector_buffer(pos_weight))
+        self.label_smoothing = float(LABEL_SMOOTHING_PARAM.validate(label_smoothing))
 
     @torch.jit.export
     def statistics(
@@ -185,7 +201,8 @@ class BCEWithLogitsLoss(ElementwiseLoss):
         values: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return bce_with_logits_statistics(
-            predictions, targets, weights, optional_vector(self.pos_weight), optional_vector(self.class_weight),
+            predictions, targets, weights, optional_vector(self.pos_weight),
+            float_hyperparameter(self.label_smoothing, predictions), optional_vector(self.class_weight),
             self.class_dim, per_sample, values,
         )
 
@@ -217,13 +234,14 @@ register(LossSpec(
     targets="probabilities", prediction_shape="(N, *)", target_shape="same as predictions",
     params=(
         ParamSpec("pos_weight", "vector", None, "weight of positive examples per class (length C along class_dim)", low=0.0),
-        CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
+        LABEL_SMOOTHING_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
     ),
     make_inputs=binary_inputs, statistics_kernel=bce_with_logits_statistics,
     reference="torch.nn.functional.binary_cross_entropy_with_logits",
     test_params=(
         {}, {"pos_weight": torch.tensor([3.0, 0.5, 1.0])},
         {"pos_weight": torch.tensor([2.0, 1.0, 0.25]), "class_weight": torch.tensor([1.0, 0.0, 4.0])},
+        {"label_smoothing": 0.2, "pos_weight": torch.tensor([2.0, 1.0, 0.5])},
     ),
 ))
 

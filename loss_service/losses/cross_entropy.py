@@ -14,20 +14,11 @@ from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, IGNORE_INDEX_PARAM, LA
 from ._registry import LossSpec, register
 from ._stable import log_softmax, logsumexp
 from ._reduction import (
-    as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, elementwise_statistics,
+    as_float, check_range, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, elementwise_statistics,
     float_hyperparameter, int_hyperparameter, is_tracing, label_map_hint, normalize_class_dim, optional_vector,
     per_class, power, sample_or_element_weights, select_reduction, summed_statistics, sums_only, unless_ignored,
     vector_argument,
 )
-
-
-def check_range(value: Tensor, name: str, high: float, expected: str) -> None:
-    r"""``ValueError`` unless ``0 <= value <= high``, outside export: one host read and Python comparisons (NaN
-    fails both) rather than a tensor expression."""
-    if not is_tracing():
-        number = float(value.item())
-        if not (number >= 0.0 and number <= high):
-            raise ValueError("{} must be {}, got {}".format(name, expected, number))
 
 
 def index_tensor(targets: Tensor, shape: List[int], dim: int, probabilities_allowed: bool) -> Tensor:

@@ -39,6 +39,10 @@ def bce_reference(predictions, targets, weights, params, reduction):
 @reference("bce_with_logits")
 def bce_with_logits_reference(predictions, targets, weights, params, reduction):
     weight = _full_weight(predictions, weights, params)
+    # Label smoothing as segmentation_models_pytorch's SoftBCEWithLogitsLoss writes it, whose
+    # smooth_factor is half of torch's (two-outcome) label_smoothing.
+    smooth_factor = params.get("label_smoothing", 0.0) / 2
+    targets = (1 - targets) * smooth_factor + targets * (1 - smooth_factor)
     pos_weight = params.get("pos_weight")
     if pos_weight is not None:
         pos_weight = _along_dim1(pos_weight, predictions)[0]
