@@ -150,6 +150,42 @@ def test_bce_with_logits_label_smoothing_is_smp_soft_bce_at_twice_its_smooth_fac
     assert_same_value_and_grad(lambda p: ours(p, targets), lambda p: smp(p, targets), predictions)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.75, 0.5), (-1.0, 1.5)])
+def test_binary_focal_pos_weight_is_kornias_for_hard_targets(alpha, gamma, reduction):
+    r"""kornia's binary_focal_loss_with_logits (its own code) scales the positive term by pos_weight[c] along
+    dim 1; for 0/1 targets that is this loss's pos_weight (kornia's alpha=None is alpha < 0 here)."""
+    from kornia.losses import binary_focal_loss_with_logits
+
+    predictions, targets = binary_inputs((3, 4, 5))
+    pos_weight = torch.tensor([2.0, 1.0, 0.5, 3.0], dtype=torch.float64)
+    assert_same_value_and_grad(
+        lambda p: binary_focal_loss(p, targets, alpha=alpha, gamma=gamma, pos_weight=pos_weight, reduction=reduction),
+        lambda p: binary_focal_loss_with_logits(p, targets, alpha=None if alpha < 0 else alpha, gamma=gamma,
+                                                pos_weight=pos_weight, reduction=reduction),
+        predictions,
+    )
+
+
+@pytest.mark.parametrize("targets_require_grad", [False, True])
+def test_binary_focal_pos_weight_closed_form_backward_is_the_formulas(targets_require_grad):
+    r"""Eager training takes the closed-form backward (targets without gradient); the formula with autograd
+    (targets with gradient) gives the same loss and logit gradient, pos_weight included."""
+    predictions, targets = binary_inputs((4, 3, 6))
+    pos_weight = torch.tensor([3.0, 0.5, 1.0], dtype=torch.float64)
+    soft = (targets * 0.7 + 0.1).requires_grad_(targets_require_grad)
+    closed = predictions.clone().requires_grad_()
+    loss = binary_focal_loss(closed, soft.detach(), alpha=0.4, gamma=1.5, pos_weight=pos_weight)
+    loss.backward()
+    formula = predictions.clone().requires_grad_()
+    reference = binary_focal_loss(formula, soft, alpha=0.4, gamma=1.5, pos_weight=pos_weight)
+    reference.backward()
+    assert torch.allclose(loss, reference, rtol=1e-12) and torch.allclose(closed.grad, formula.grad, rtol=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda p: binary_focal_loss(p, soft.detach(), alpha=0.4, gamma=1.5, pos_weight=pos_weight), (closed.detach().requires_grad_(),)
+    )
+
+
 def test_bce_with_logits_label_smoothing_is_checked_and_settable_from_torchscript():
     predictions, targets = binary_inputs()
     with pytest.raises(ValueError, match=r"label_smoothing.* must be in \[0, 1\]"):

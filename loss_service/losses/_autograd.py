@@ -21,26 +21,35 @@ from ._stable import logsumexp
 class BinaryFocal(torch.autograd.Function):
     r"""The sigmoid focal term :math:`\ell = \alpha_t\,q^\gamma\,\mathrm{CE}` of
     :func:`~loss_service.losses.focal.binary_focal_statistics`, with :math:`s = \sigma(x)`,
-    :math:`\bar s = \sigma(-x)`, :math:`q = 1 - p_t = s\,(1 - t) + \bar s\,t` and
-    :math:`\mathrm{CE} = (1 - t)\,x - \log s`.
+    :math:`\bar s = \sigma(-x)`, :math:`q = 1 - p_t = s\,(1 - t) + \bar s\,t`, the positive weight :math:`w_+`
+    (1 without ``pos_weight``), :math:`a = w_+ t + 1 - t` and :math:`\mathrm{CE} = (1 - t)\,x - a \log s`.
 
     .. math::
         \frac{\partial \ell}{\partial x} = \alpha_t\,q^\gamma
-            \Big[\gamma\,\frac{s\,\bar s}{q}\,(1 - 2t)\,\mathrm{CE} + s - t\Big]
+            \Big[\gamma\,\frac{s\,\bar s}{q}\,(1 - 2t)\,\mathrm{CE} + a\,s - w_+ t\Big]
 
     since :math:`\partial q / \partial x = s\,\bar s\,(1 - 2t)` and
-    :math:`\partial\,\mathrm{CE} / \partial x = s - t`. For targets in ``[0, 1]``,
-    :math:`q \ge \min(s, \bar s) \ge s\,\bar s`, so the ratio is at most 1; where :math:`q` underflows
+    :math:`\partial\,\mathrm{CE} / \partial x = a\,s - w_+ t` (:math:`s - t` without ``pos_weight``). For targets in
+    ``[0, 1]``, :math:`q \ge \min(s, \bar s) \ge s\,\bar s`, so the ratio is at most 1; where :math:`q` underflows
     to 0 its numerator is 0 too and the ratio is taken as 0 (finite for every ``γ >= 0``).
-    ``alpha < 0`` means :math:`\alpha_t = 1`. No gradient flows to the targets.
+    ``alpha < 0`` means :math:`\alpha_t = 1`. No gradient flows to the targets or ``pos_weight``.
     """
 
     @staticmethod
-    def compute(x: Tensor, t: Tensor, alpha: float, gamma: float) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-        r"""The loss, and what the backward reads: ``(t, s, s_bar, q, CE, alpha_t q^gamma)``."""
+    def compute(
+        x: Tensor, t: Tensor, alpha: float, gamma: float, positive_weight: Optional[Tensor]
+    ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        r"""The loss, and what the backward reads: ``(t, s, s_bar, q, CE, alpha_t q^gamma, a, w_+ t)`` (the last
+        two empty without ``pos_weight``)."""
         log_s = F.logsigmoid(x)
         not_t = 1.0 - t
-        cross_entropy = torch.addcmul(-log_s, not_t, x)
+        if positive_weight is None:
+            cross_entropy = torch.addcmul(-log_s, not_t, x)
+            scale = weighted_t = x.new_empty(0)
+        else:
+            weighted_t = positive_weight * t
+            scale = not_t + weighted_t
+            cross_entropy = torch.addcmul(not_t * x, scale, log_s, value=-1.0)
         s = log_s.exp()
         # σ(-x) = exp(log σ(x) - x), not 1 - σ(x), which cancels to 0 for x >> 0.
         s_bar = log_s.sub_(x).exp_()
@@ -48,34 +57,35 @@ class BinaryFocal(torch.autograd.Function):
         focal_weight = q.pow(gamma)
         if alpha >= 0:
             focal_weight.mul_(t * (2.0 * alpha - 1.0) + (1.0 - alpha))
-        return cross_entropy * focal_weight, (t, s, s_bar, q, cross_entropy, focal_weight)
+        return cross_entropy * focal_weight, (t, s, s_bar, q, cross_entropy, focal_weight, scale, weighted_t)
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, t: Tensor, alpha: float, gamma: float) -> Tensor:
-        loss, saved = BinaryFocal.compute(x, t, alpha, gamma)
+    def forward(ctx: Any, x: Tensor, t: Tensor, alpha: float, gamma: float, positive_weight: Optional[Tensor]) -> Tensor:
+        loss, saved = BinaryFocal.compute(x, t, alpha, gamma, positive_weight)
         ctx.save_for_backward(*saved)
         ctx.gamma = gamma
         return loss
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None]:
-        t, s, s_bar, q, cross_entropy, focal_weight = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None, None]:
+        t, s, s_bar, q, cross_entropy, focal_weight, scale, weighted_t = ctx.saved_tensors
         ratio = (s * s_bar).div_(q.clamp_min(torch.finfo(q.dtype).tiny)).mul_(torch.rsub(t, 1.0, alpha=2.0))
-        inner = torch.addcmul(s - t, ratio, cross_entropy, value=ctx.gamma)
-        return inner.mul_(focal_weight).mul_(grad), None, None, None
+        d_cross_entropy = s - t if scale.numel() == 0 else (s * scale).sub_(weighted_t)
+        inner = torch.addcmul(d_cross_entropy, ratio, cross_entropy, value=ctx.gamma)
+        return inner.mul_(focal_weight).mul_(grad), None, None, None, None
+
+
+@torch.jit.unused
+def binary_focal(x: Tensor, t: Tensor, alpha: float, gamma: float, positive_weight: Optional[Tensor]) -> Tensor:
+    r""":class:`BinaryFocal` of logits ``x`` and targets ``t`` (same shape and dtype; ``positive_weight`` broadcast
+    to them or ``None``); without autograd recording ``x``, the forward alone."""
+    if _recording(x):
+        return BinaryFocal.apply(x, t, alpha, gamma, positive_weight)
+    return BinaryFocal.compute(x, t, alpha, gamma, positive_weight)[0]
 
 
 def _recording(x: Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
-
-
-@torch.jit.unused
-def binary_focal(x: Tensor, t: Tensor, alpha: float, gamma: float) -> Tensor:
-    r""":class:`BinaryFocal` of logits ``x`` and targets ``t`` (same shape and dtype); without autograd
-    recording ``x``, the forward alone."""
-    if _recording(x):
-        return BinaryFocal.apply(x, t, alpha, gamma)
-    return BinaryFocal.compute(x, t, alpha, gamma)[0]
 
 
 class SoftmaxTargetTerm(torch.autograd.Function):

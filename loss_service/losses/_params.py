@@ -19,6 +19,9 @@ CLASS_DIM_PARAM = ParamSpec(
 CLASS_WEIGHT_PARAM = ParamSpec(
     "class_weight", "vector", None, "per-class weight, length C, applied along class_dim", low=0.0
 )
+POS_WEIGHT_PARAM = ParamSpec(
+    "pos_weight", "vector", None, "weight of positive examples per class (length C along class_dim)", low=0.0
+)
 IGNORE_INDEX_PARAM = ParamSpec(
     "ignore_index", "int", -100,
     "target value that contributes nothing, neither loss nor mean denominator: a class index, or a mask "

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from . import _autograd
 from ._base import ElementwiseLoss
-from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
+from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, POS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._params import LABEL_SMOOTHING_PARAM as CATEGORICAL_LABEL_SMOOTHING_PARAM
-from ._registry import LossSpec, ParamSpec, register
+from ._registry import LossSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, is_tracing,
@@ -233,8 +233,7 @@ register(LossSpec(
     module=BCEWithLogitsLoss, function=binary_cross_entropy_with_logits, predictions="logits",
     targets="probabilities", prediction_shape="(N, *)", target_shape="same as predictions",
     params=(
-        ParamSpec("pos_weight", "vector", None, "weight of positive examples per class (length C along class_dim)", low=0.0),
-        LABEL_SMOOTHING_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
+        POS_WEIGHT_PARAM, LABEL_SMOOTHING_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
     ),
     make_inputs=binary_inputs, statistics_kernel=bce_with_logits_statistics,
     reference="torch.nn.functional.binary_cross_entropy_with_logits",

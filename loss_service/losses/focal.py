@@ -14,12 +14,13 @@ from torch import Tensor
 from . import _autograd
 from ._base import ElementwiseLoss
 from ._params import (
-    CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, GAMMA_PARAM, IGNORE_INDEX_PARAM, LABEL_SMOOTHING_PARAM, REDUCTION_PARAM,
+    CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, GAMMA_PARAM, IGNORE_INDEX_PARAM, LABEL_SMOOTHING_PARAM, POS_WEIGHT_PARAM,
+    REDUCTION_PARAM,
 )
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, float_hyperparameter,
-    int_hyperparameter, is_tracing, one_target_per_prediction_hint, optional_vector, select_reduction,
+    int_hyperparameter, is_tracing, one_target_per_prediction_hint, optional_vector, per_class, select_reduction,
     vector_argument, vector_buffer, weighted_statistics,
 )
 from ._stable import log_sigmoid
@@ -29,7 +30,7 @@ from .cross_entropy import SOFTMAX_CONTRACT, check_gamma, modulating_factor, sof
 
 def binary_focal_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], alpha: Tensor, gamma: Tensor,
-    class_weight: Optional[Tensor], class_dim: int, per_sample: bool,
+    pos_weight: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_focal_loss`; ``alpha`` and ``gamma`` are 0-d tensors."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
@@ -39,13 +40,17 @@ def binary_focal_statistics(
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype)
     t = as_float(targets, dtype, "targets")
+    positive_weight: Optional[Tensor] = None
+    if pos_weight is not None:
+        positive_weight = per_class(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
     if not torch.jit.is_scripting() and not is_tracing() and not t.requires_grad:
-        loss = _autograd.binary_focal(x, t, float(alpha.item()), float(gamma.item()))
+        loss = _autograd.binary_focal(x, t, float(alpha.item()), float(gamma.item()), positive_weight)
         return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
     alpha = alpha.to(dtype)
     log_p = log_sigmoid(x)
-    # BCE with logits, -[t log σ(x) + (1 - t) log σ(-x)] = (1 - t) x - log σ(x).
-    cross_entropy = (1.0 - t) * x - log_p
+    # BCE with logits, -[w₊ t log σ(x) + (1 - t) log σ(-x)] = (1 - t) x - (w₊ t + 1 - t) log σ(x).
+    positive_scale = t if positive_weight is None else positive_weight * t
+    cross_entropy = (1.0 - t) * x - (positive_scale + 1.0 - t) * log_p
     # 1 - p_t = σ(x)(1 - t) + σ(-x) t. σ(-x) is computed, not 1 - σ(x), which cancels to 0 for
     # x >> 0; exp(log σ) rather than torch.sigmoid, whose vectorised and strided CPU kernels differ
     # in the last bit (the result must not depend on the memory layout).
@@ -58,22 +63,24 @@ def binary_focal_statistics(
 
 def binary_focal_loss(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, alpha: float = 0.25, gamma: float = 2.0,
-    class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
+    pos_weight: Optional[Tensor] = None, class_weight: Optional[Tensor] = None, reduction: str = "mean",
+    class_dim: int = 1,
 ) -> Tensor:
     r"""Sigmoid focal loss from logits (Lin et al. 2017, eq. 5), per element.
 
     With :math:`p = \sigma(x)`,
 
     .. math::
-        \mathrm{CE} = -[t \log p + (1 - t)\log(1 - p)], \quad
+        \mathrm{CE} = -[w_+ t \log p + (1 - t)\log(1 - p)], \quad
         p_t = p\,t + (1 - p)(1 - t), \quad
         \alpha_t = \alpha\,t + (1 - \alpha)(1 - t)
 
     .. math::
         \ell = w\,\alpha_t\,(1 - p_t)^\gamma\,\mathrm{CE}
 
-    where :math:`\alpha_t = 1` when :math:`\alpha < 0` and :math:`w` is the call-time weight times
-    the element's ``class_weight``. ``CE`` uses a stable log-sigmoid, so any finite logit gives a
+    where :math:`\alpha_t = 1` when :math:`\alpha < 0`, :math:`w_+` is the ``pos_weight`` of the element's class
+    (1 unset; torch's ``pos_weight`` of ``binary_cross_entropy_with_logits``, kornia's of
+    ``binary_focal_loss_with_logits``) and :math:`w` is the call-time weight times the element's ``class_weight``. ``CE`` uses a stable log-sigmoid, so any finite logit gives a
     finite loss and gradient.
 
     ``alpha`` :math:`\le 1` weights positives (negative disables the balancing), ``gamma`` :math:`\ge 0`
@@ -84,7 +91,8 @@ def binary_focal_loss(
     check_reduction(reduction)
     values, totals, _ = binary_focal_statistics(
         predictions, targets, weights, float_hyperparameter(alpha, predictions),
-        float_hyperparameter(gamma, predictions), vector_argument(class_weight), class_dim, False,
+        float_hyperparameter(gamma, predictions), vector_argument(pos_weight), vector_argument(class_weight),
+        class_dim, False,
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -148,18 +156,19 @@ def focal_loss(
 
 
 class BinaryFocalLoss(ElementwiseLoss):
-    r"""Module form of :func:`binary_focal_loss`; ``class_weight`` is a buffer."""
+    r"""Module form of :func:`binary_focal_loss`; ``pos_weight`` and ``class_weight`` are buffers."""
 
     alpha: float
     gamma: float
 
     def __init__(
-        self, alpha: float = 0.25, gamma: float = 2.0, class_weight: Optional[Tensor] = None, reduction: str = "mean",
-        class_dim: int = 1,
+        self, alpha: float = 0.25, gamma: float = 2.0, pos_weight: Optional[Tensor] = None,
+        class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
         self.alpha = float(alpha)
         self.gamma = float(gamma)
+        self.register_buffer("pos_weight", vector_buffer(pos_weight))
 
     @torch.jit.export
     def statistics(
@@ -168,8 +177,8 @@ class BinaryFocalLoss(ElementwiseLoss):
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return binary_focal_statistics(
             predictions, targets, weights, float_hyperparameter(self.alpha, predictions),
-            float_hyperparameter(self.gamma, predictions), optional_vector(self.class_weight), self.class_dim,
-            per_sample,
+            float_hyperparameter(self.gamma, predictions), optional_vector(self.pos_weight),
+            optional_vector(self.class_weight), self.class_dim, per_sample,
         )
 
 
@@ -218,13 +227,14 @@ register(LossSpec(
     target_shape="same as predictions",
     params=(
         ParamSpec("alpha", "float", 0.25, "weight α of positives (1-α of negatives); negative disables", high=1.0),
-        GAMMA_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
+        GAMMA_PARAM, POS_WEIGHT_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
     ),
     make_inputs=binary_inputs, statistics_kernel=binary_focal_statistics,
     reference="torchvision.ops.sigmoid_focal_loss (its documented formula; mean = plain element mean)",
     test_params=(
         {}, {"alpha": -1.0, "gamma": 0.0}, {"alpha": 0.75, "gamma": 0.5},
         {"alpha": 0.25, "gamma": 1.5, "class_weight": torch.tensor([0.5, 2.0, 1.0])},
+        {"alpha": 0.6, "gamma": 2.0, "pos_weight": torch.tensor([3.0, 0.5, 1.0])},
     ),
     paper="Lin et al., Focal Loss for Dense Object Detection, ICCV 2017 (arXiv:1708.02002)",
 ))

@@ -74,7 +74,11 @@ def binary_focal_reference(predictions, targets, weights, params, reduction):
     alpha = params.get("alpha", 0.25)
     gamma = params.get("gamma", 2.0)
     p = torch.sigmoid(predictions)
-    ce = F.binary_cross_entropy_with_logits(predictions, targets, reduction="none")
+    # pos_weight as torch's binary_cross_entropy_with_logits weighs the positive term (along dim 1 here).
+    pos_weight = params.get("pos_weight")
+    if pos_weight is not None:
+        pos_weight = pos_weight.to(predictions.dtype).reshape([-1] + [1] * (predictions.dim() - 2))
+    ce = F.binary_cross_entropy_with_logits(predictions, targets, reduction="none", pos_weight=pos_weight)
     p_t = p * targets + (1 - p) * (1 - targets)
     loss = ce * ((1 - p_t) ** gamma)
     if alpha >= 0:
