@@ -213,6 +213,7 @@ def cases() -> Tuple[List[Case], List[str]]:
         jaccard = m.DiceLoss(softmax=True, to_onehot_y=True, jaccard=True, smooth_nr=0.0, smooth_dr=0.0)
         tversky = m.TverskyLoss(softmax=True, to_onehot_y=True, alpha=0.3, beta=0.7)
         dice_ce = m.DiceCELoss(sigmoid=True)
+        generalized_dice = m.GeneralizedDiceLoss(softmax=True, to_onehot_y=True)
         monai_focal = m.FocalLoss(use_softmax=True, to_onehot_y=True, gamma=GAMMA)
         found += [
             Case("dice multiclass (MONAI)", "dice", multiclass, class_images,
@@ -222,6 +223,8 @@ def cases() -> Tuple[List[Case], List[str]]:
             Case("tversky multiclass (MONAI)", "tversky", dict(multiclass, alpha=0.3, beta=0.7), class_images,
                  {"MONAI": lambda p, t: tversky(p, t.unsqueeze(1))}),
             Case("bce_dice binary (MONAI)", "bce_dice", {}, binary_images, {"MONAI": dice_ce}),
+            Case("generalized_dice multiclass (MONAI)", "generalized_dice", multiclass, class_images,
+                 {"MONAI": lambda p, t: generalized_dice(p, t.unsqueeze(1))}),
             # MONAI's mean runs over every (n, c, position), the zero entries of other classes included.
             Case("focal (MONAI)", "focal", {"gamma": GAMMA}, class_images,
                  {"MONAI": lambda p, t: monai_focal(p, t.unsqueeze(1)) * CLASSES}),

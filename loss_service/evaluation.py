@@ -46,11 +46,11 @@ def summarize(forms: Forms, totals: Tensor) -> Tuple[float, float, int]:
 
     Totals that begin with the elementwise block ``[Σ w·ℓ, Σ w, Σ d, n]`` give its entries; totals of an
     overlap block alone (region losses with ``batch=True``: ``[TP_c, P_c, T_c]`` of the whole data) give
-    the number of loss terms, one per class, for all three.
+    the number of loss terms for all three: one per class, or one (``Forms.values`` ``"1"``).
     """
     if not forms.elementwise_totals:
-        num_classes = forms.classes_of(totals.shape[-1]) or 0
-        return float(num_classes), float(num_classes), num_classes
+        terms = 1 if forms.values == "1" else forms.classes_of(totals.shape[-1]) or 0
+        return float(terms), float(terms), terms
     _, weight_sum, denominator, count = totals.tolist()[:4]
     return weight_sum, denominator, int(count)
 

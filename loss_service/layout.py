@@ -260,7 +260,8 @@ def example_inputs(
 
 
 def values_layout(spec: LossSpec, variant: Dict[str, Any]) -> str:
-    r"""Shape of the ``values`` output in the canonical layout: ``"NCS"``, ``"NS"``, ``"NC"``, ``"C"`` or ``"N"``."""
+    r"""Shape of the ``values`` output in the canonical layout: ``"NCS"``, ``"NS"``, ``"NC"``, ``"C"``, ``"N"`` or
+    ``"1"``."""
     return forms(spec, variant).values
 
 
@@ -409,7 +410,7 @@ class _Grid:
         self.size = math.prod(self.spatial)
         index_shape = (self.batch,) + tuple(s for i, s in enumerate(p.shape) if i not in (0, self.dim))
         self.shapes = {"NCS": tuple(p.shape), "NS": index_shape, "NC": (self.batch, self.num_classes),
-                       "N": (self.batch,), "C": (self.num_classes,), "": ()}
+                       "N": (self.batch,), "C": (self.num_classes,), "1": (1,), "": ()}
 
     def forward(self, x: np.ndarray, layout: str) -> np.ndarray:
         r"""``x`` of the request's ``layout`` shape in the canonical layout."""

@@ -111,7 +111,7 @@ def test_declared_forms_are_what_the_module_does(name, variant):
     values, totals, _ = module.statistics(predictions, targets, None, False)
     channels = predictions.shape[1]
     expected = {"NCS": (batch, channels, size), "NS": (batch, size), "NC": (batch, channels), "C": (channels,),
-                "N": (batch,)}[forms.values]
+                "N": (batch,), "1": (1,)}[forms.values]
     assert tuple(values.shape) == expected
     names = forms.totals_layout(channels)
     assert totals.shape == (len(names),)

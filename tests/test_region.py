@@ -11,6 +11,7 @@ from monai.losses import DiceLoss as MonaiDiceLoss
 from monai.losses import TverskyLoss as MonaiTverskyLoss
 
 from loss_service import losses
+from loss_service.losses import MONAI_WEIGHT_TYPES
 
 SEED = 0
 
@@ -373,3 +374,67 @@ def test_eager_sums_equal_the_traced_form(monkeypatch, mode, ignore, squared_pre
         results.append((values, torch.autograd.grad(values.sum(), leaf)[0]))
     for eager, traced in zip(*results):
         torch.testing.assert_close(eager, traced, rtol=1e-12, atol=1e-14)
+
+
+# -- generalized_dice: MONAI's GeneralizedDiceLoss -------------------------------------------------
+
+# MONAI's fixed-number cases (tests/losses/test_generalized_dice_loss.py) that map onto logits: sigmoid
+# (binary, or multilabel of its one-hot targets) and softmax with to_onehot_y (multiclass). The others
+# feed probabilities without an activation, or tanh / log_softmax.
+MONAI_GENERALIZED_DICE_CASES = [
+    ("binary", {"smooth_nr": 1e-6, "smooth_dr": 1e-6}, [[[[1.0, -1.0], [-1.0, 1.0]]]], [[[[1.0, 0.0], [1.0, 1.0]]]],
+     0.307576),
+    ("binary", {"smooth_nr": 1e-4, "smooth_dr": 1e-4}, [[[[1.0, -1.0], [-1.0, 1.0]]], [[[1.0, -1.0], [-1.0, 1.0]]]],
+     [[[[1.0, 1.0], [1.0, 1.0]]], [[[1.0, 0.0], [1.0, 0.0]]]], 0.416597),
+    ("multilabel", {"smooth_nr": 1e-4, "smooth_dr": 1e-4}, [[[-1.0, 0.0, 1.0], [1.0, 0.0, -1.0]], [[0.0] * 3, [0.0] * 3]],
+     [[[1, 0, 0]], [[1, 1, 0]]], 0.469964),
+    ("multiclass", {"smooth_nr": 1e-4, "smooth_dr": 1e-4}, [[[-1.0, 0.0, 1.0], [1.0, 0.0, -1.0]], [[0.0] * 3, [0.0] * 3]],
+     [[[1, 0, 0]], [[1, 1, 0]]], 0.414507),
+    ("multiclass", {"smooth_nr": 1e-4, "smooth_dr": 1e-4, "reduction": "sum"},
+     [[[-1.0, 0.0, 1.0], [1.0, 0.0, -1.0]], [[0.0] * 3, [0.0] * 3]], [[[1, 0, 0]], [[1, 1, 0]]], 0.829015),
+    ("multiclass", {"smooth_nr": 1e-4, "smooth_dr": 1e-4, "reduction": "none"},
+     [[[-1.0, 0.0, 1.0], [1.0, 0.0, -1.0]], [[0.0] * 3, [0.0] * 3]], [[[1, 0, 0]], [[1, 1, 0]]], [0.273476, 0.555539]),
+    ("multiclass", {"weight_exponent": 1.0, "smooth_nr": 0.0, "smooth_dr": 0.0},  # w_type="simple"
+     [[[0.0, 10.0, 10.0, 10.0], [10.0, 0.0, 0.0, 0.0]]], [[[1, 1, 0, 0]]], 0.250023),
+]
+
+
+@pytest.mark.parametrize("mode,params,logits,targets,expected", MONAI_GENERALIZED_DICE_CASES)
+def test_generalized_dice_matches_monai_test_numbers(mode, params, logits, targets, expected):
+    logits = torch.tensor(logits)
+    targets = torch.tensor(targets)
+    if mode == "multilabel":  # MONAI's to_onehot_y with sigmoid: one-hot masks, one channel per class
+        targets = F.one_hot(targets[:, 0], logits.shape[1]).movedim(-1, 1).float()
+    result = losses.build("generalized_dice", mode=mode, **params)(logits, targets)
+    torch.testing.assert_close(result, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:single channel prediction")  # MONAI's note on include_background, binary
+@pytest.mark.parametrize("weight_type", list(MONAI_WEIGHT_TYPES))
+@pytest.mark.parametrize("mode", ["binary", "multilabel", "multiclass"])
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("include_background", [True, False])
+def test_generalized_dice_matches_monai_with_gradients(weight_type, mode, batch, include_background):
+    from monai.losses import GeneralizedDiceLoss as MonaiGeneralizedDiceLoss
+
+    if mode == "multiclass":
+        logits, targets = logits_and_indices(3, 4, (5, 6))
+        targets[0][targets[0] == 2] = 1  # a class absent from a sample: its weight is replaced
+        monai_targets = F.one_hot(targets, 4).movedim(-1, 1).double()
+        activation = {"softmax": True}
+    else:
+        logits, targets = logits_and_masks((3, 1 if mode == "binary" else 4, 5, 6))
+        targets[1] = 0.0  # a sample without any positive
+        monai_targets, activation = targets, {"sigmoid": True}
+    for reduction in ("mean", "sum"):
+        ours_input = logits.clone().requires_grad_(True)
+        monai_input = logits.clone().requires_grad_(True)
+        ours = losses.build("generalized_dice", weight_exponent=MONAI_WEIGHT_TYPES[weight_type], mode=mode, batch=batch,
+                            include_background=include_background, reduction=reduction)(ours_input, targets)
+        monai = MonaiGeneralizedDiceLoss(w_type=weight_type, batch=batch, include_background=include_background,
+                                         reduction=reduction, **activation)(monai_input, monai_targets)
+        # MONAI takes the class weights from float32 target sums.
+        torch.testing.assert_close(ours, monai, rtol=1e-6, atol=1e-9)
+        ours.backward()
+        monai.backward()
+        torch.testing.assert_close(ours_input.grad, monai_input.grad, rtol=1e-5, atol=1e-9)

@@ -12,16 +12,18 @@ from . import bce  # noqa: F401,I001  (each import registers its losses)
 from . import cross_entropy  # noqa: F401
 from . import focal  # noqa: F401
 from . import region  # noqa: F401
+from . import generalized_dice  # noqa: F401
 from . import combo  # noqa: F401
 from . import regression  # noqa: F401
 from .bce import *  # noqa: F401,F403
 from .combo import *  # noqa: F401,F403
 from .cross_entropy import *  # noqa: F401,F403
 from .focal import *  # noqa: F401,F403
+from .generalized_dice import *  # noqa: F401,F403
 from .region import *  # noqa: F401,F403
 from .regression import *  # noqa: F401,F403
 
 # Everything each family module exports: its modules, functions and statistics kernels.
 __all__ = ["Forms", "LossSpec", "ParamSpec", "REDUCTIONS", "build", "get", "names", "specs"] + [
-    name for family in (bce, cross_entropy, focal, region, combo, regression) for name in family.__all__
+    name for family in (bce, cross_entropy, focal, region, generalized_dice, combo, regression) for name in family.__all__
 ]

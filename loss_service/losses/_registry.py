@@ -134,7 +134,7 @@ def _fmt(x: float) -> str:
 
 InputMaker = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 TARGET_FORMS = ("dense", "class_indices", "probabilities")
-VALUES_LAYOUTS = ("NCS", "NS", "NC", "C", "N")
+VALUES_LAYOUTS = ("NCS", "NS", "NC", "C", "N", "1")
 # The blocks totals are made of, by the names of their entries (docs/architecture.md): an elementwise
 # block is [Σ w·ℓ, Σ w, Σ d, n]; an overlap block (a region loss with batch=True) [TP_c…, P_c…, T_c…].
 ELEMENTWISE_TOTALS = ("loss_sum", "weight_sum", "denominator", "count")
@@ -149,7 +149,8 @@ class Forms:
 
     * ``targets`` -- the target forms it takes, natural first: ``dense`` (the predictions' shape),
       ``class_indices`` (without the class dimension), ``probabilities`` (of the predictions' shape).
-    * ``values`` -- the layout of ``values`` (:mod:`loss_service.layout`): ``NCS``, ``NS``, ``NC``, ``C``, ``N``.
+    * ``values`` -- the layout of ``values`` (:mod:`loss_service.layout`): ``NCS``, ``NS``, ``NC``, ``C``, ``N``,
+      or ``1`` (one value for the whole batch).
     * ``totals`` -- the blocks the totals are made of, in order: ``elementwise`` (``[Σ w·ℓ, Σ w, Σ d, n]``)
       or ``overlap`` (``[TP_c…, P_c…, T_c…]``), as ``"<term>:<block>"`` when a loss combines terms
       (:meth:`totals_layout` names the entries); ``indices_with_channel`` -- class indices may also come as ``(N, 1, *)``; ``single_channel`` -- every

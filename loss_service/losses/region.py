@@ -419,6 +419,20 @@ def region_statistics(
     )
 
 
+def batch_totals(
+    sums: Tuple[Tensor, Tensor, Tensor], sample_weights: Optional[Tensor], per_sample: bool
+) -> Tuple[Tensor, Tensor]:
+    r"""``(totals, sample_totals)`` of ``batch=True``: the ``(N, C)`` sums ``(TP, P, T)`` as ``[TP_c…, P_c…, T_c…]``
+    summed over the batch, a sample weight scaling that sample's contributions; the sample totals ``(N, 3C)``
+    with ``per_sample``, else ``(0, 3C)``."""
+    true_positive, predicted, target = sums
+    if sample_weights is not None:
+        scale = sample_weights.to(torch.float64).unsqueeze(1)
+        true_positive, predicted, target = true_positive * scale, predicted * scale, target * scale
+    sample_totals = torch.cat([true_positive, predicted, target], dim=1)
+    return sample_totals.sum(0), sample_totals if per_sample else sample_totals[:0]
+
+
 def overlap_statistics(
     sums: Tuple[Tensor, Tensor, Tensor], sample_weights: Optional[Tensor], overlap_scale: Tensor, alpha: Tensor,
     beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor,
@@ -430,16 +444,8 @@ def overlap_statistics(
     kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, true_positive.device)
     index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss)
     if batch:
-        if sample_weights is not None:
-            # batch=True: a sample weight scales that sample's contributions to the sums.
-            scale = sample_weights.to(torch.float64).unsqueeze(1)
-            true_positive, predicted, target = true_positive * scale, predicted * scale, target * scale
-        sample_totals = torch.cat([true_positive, predicted, target], dim=1)
-        totals = sample_totals.sum(0)
-        values = _batch_losses(totals, index)
-        if not per_sample:
-            sample_totals = sample_totals[:0]
-        return values * loss_weight, totals, sample_totals
+        totals, sample_totals = batch_totals(sums, sample_weights, per_sample)
+        return _batch_losses(totals, index) * loss_weight, totals, sample_totals
     losses = _overlap_losses(true_positive, predicted, target, index)
     weight = loss_weight.unsqueeze(0)
     if sample_weights is not None:
@@ -523,6 +529,22 @@ def _region_loss(
     return select_reduction(values, reductions, reduction, predictions.dtype)
 
 
+def set_region_settings(
+    module: Loss, smooth_nr: float, smooth_dr: float, include_background: bool, ignore_index: int, mode: str,
+    batch: bool, reduction: str,
+) -> None:
+    r"""The settings every region loss module has (``generalized_dice`` too), checked and set on ``module``."""
+    if mode not in MODES:
+        raise ValueError("mode must be one of 'binary', 'multilabel', 'multiclass', got {!r}".format(mode))
+    module.smooth_nr = float(smooth_nr)
+    module.smooth_dr = float(smooth_dr)
+    module.include_background = bool(include_background)
+    module.ignore_index = int(ignore_index)
+    module.mode = mode
+    module.batch = bool(batch)
+    module.reduction = check_reduction(reduction)
+
+
 class RegionLoss(Loss):
     r"""Base of the region-loss modules: the shared settings, ``statistics`` and ``reductions``. A loss declares
     its overlap index's fixed values in ``constants`` (``overlap_scale`` and those of ``alpha``, ``beta``,
@@ -551,19 +573,11 @@ class RegionLoss(Loss):
         reduction: str = REDUCTION_PARAM.default,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError("mode must be one of 'binary', 'multilabel', 'multiclass', got {!r}".format(mode))
         for name, value in self.constants.items():
             setattr(self, name, value)
-        self.smooth_nr = float(smooth_nr)
-        self.smooth_dr = float(smooth_dr)
-        self.include_background = bool(include_background)
+        set_region_settings(self, smooth_nr, smooth_dr, include_background, ignore_index, mode, batch, reduction)
         self.squared_pred = bool(squared_pred)
         self.log_loss = bool(log_loss)
-        self.ignore_index = int(ignore_index)
-        self.mode = mode
-        self.batch = bool(batch)
-        self.reduction = check_reduction(reduction)
         self.register_buffer("class_weight", vector_buffer(class_weight))
 
     def index_arguments(self, like: Tensor) -> IndexArguments:

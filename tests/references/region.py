@@ -126,6 +126,45 @@ def focal_tversky_reference(predictions, targets, weights, params, reduction):
     )
 
 
+def _generalized_dice(tp, p, t, kept, exponent, s):
+    r"""Sudre et al.'s index over the kept classes, written class by class: w = 1/T^k, an absent class
+    taking the largest weight of the present ones (MONAI)."""
+    weights = []
+    for k in range(len(tp)):
+        if not kept[k]:
+            weights.append(0.0)
+        elif t[k] > 0 or exponent == 0:
+            weights.append(1.0 / t[k] ** exponent)
+        else:
+            weights.append(None)
+    largest = max([w for w in weights if w is not None] or [0.0])
+    weights = [largest if w is None else w for w in weights]
+    numerator = 2 * sum(w * a for w, a in zip(weights, tp)) + s["smooth_nr"]
+    denominator = sum(w * (a + b) for w, a, b in zip(weights, p, t)) + s["smooth_dr"]
+    return 1.0 - (1.0 if denominator == 0 else numerator / denominator)
+
+
+@reference("generalized_dice")
+def generalized_dice_reference(predictions, targets, weights, params, reduction):
+    s = _setting(params, weight_exponent=2.0)
+    probabilities, dense, pixel, sample = _dense(predictions, targets, weights, s)
+    n, c, _ = probabilities.shape
+    kept, _ = _class_weights(c, s)
+
+    def sums(i):
+        return ([float((pixel[i, k] * probabilities[i, k] * dense[i, k]).sum()) for k in range(c)],
+                [float((pixel[i, k] * probabilities[i, k]).sum()) for k in range(c)],
+                [float((pixel[i, k] * dense[i, k]).sum()) for k in range(c)])
+
+    if s["batch"]:
+        per_sample = [sums(i) for i in range(n)]
+        pooled = [[sum(float(sample[i]) * per_sample[i][j][k] for i in range(n)) for k in range(c)] for j in range(3)]
+        loss = torch.tensor([_generalized_dice(*pooled, kept, s["weight_exponent"], s)], dtype=torch.float64)
+        return reduce(loss, reduction, torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    losses = torch.tensor([_generalized_dice(*sums(i), kept, s["weight_exponent"], s) for i in range(n)], dtype=torch.float64)
+    return reduce(losses * sample, reduction, torch.tensor(float(n), dtype=torch.float64), sample.sum())
+
+
 def _bce_part(predictions, targets, weights, params, reduction):
     r"""torch's BCE-with-logits on the ``(N, C, S)`` view, ignored positions weighted 0 and not counted."""
     s = _setting(params)
