@@ -238,6 +238,10 @@ def cases() -> Tuple[List[Case], List[str]]:
                  {"kornia": lambda p, t: k.focal_loss(p, t, None, GAMMA, "mean") * CLASSES}),
             Case("dice multiclass eps (kornia)", "dice", dict(multiclass, smooth_nr=0.0, smooth_dr=1e-8),
                  class_images, {"kornia": lambda p, t: k.dice_loss(p, t, average="macro")}),
+            # kornia's default, micro: one Dice per sample over every class, uniform weights.
+            Case("dice micro (kornia)", "generalized_dice",
+                 dict(multiclass, weight_exponent=0.0, smooth_nr=0.0, smooth_dr=1e-8), class_images,
+                 {"kornia": lambda p, t: k.dice_loss(p, t, average="micro")}),
         ]
     if smp is not None:
         smp_dice = smp.DiceLoss("multiclass", smooth=0.0, eps=0.0)

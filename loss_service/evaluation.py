@@ -122,7 +122,11 @@ def evaluate(stats: Statistics) -> Evaluation:
     params = spec.validate(dict(stats.params, reduction=stats.reduction))
     forms = spec.forms_of(params)
     if forms.classes_of_layout(tuple(stats.layout)) is None:
-        raise ValueError(f"statistics of loss '{stats.loss}' with these settings have another layout, got {list(stats.layout)}")
+        expected = forms.totals_layout(1)
+        raise ValueError(
+            f"layout of {len(stats.layout)} entries is not the totals of loss '{stats.loss}' with these parameters "
+            f"(e.g. {', '.join(expected[:4])}{', ...' if len(expected) > 4 else ''} for one class)"
+        )
     module = spec.module(**params)
     column = REDUCTION_COLUMN[stats.reduction]
     totals = torch.from_numpy(np.asarray(stats.totals, dtype=np.float64))

@@ -438,3 +438,24 @@ def test_generalized_dice_matches_monai_with_gradients(weight_type, mode, batch,
         ours.backward()
         monai.backward()
         torch.testing.assert_close(ours_input.grad, monai_input.grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.0, 0.5])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_generalized_dice_with_uniform_weights_is_kornias_micro_dice(eps, weighted):
+    r"""kornia's dice_loss(average="micro"): one Dice per sample over all classes and pixels, eps in the
+    denominator only, ignored pixels out of both sums, class weights scaling each class's terms."""
+    from kornia.losses import dice_loss
+
+    logits, targets = logits_and_indices(3, 4, (5, 6))
+    targets[0, 0, :3] = -100
+    class_weight = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64) if weighted else None
+    ours_input = logits.clone().requires_grad_(True)
+    kornia_input = logits.clone().requires_grad_(True)
+    ours = losses.build("generalized_dice", mode="multiclass", weight_exponent=0.0, smooth_nr=0.0, smooth_dr=eps,
+                        class_weight=class_weight)(ours_input, targets)
+    kornia = dice_loss(kornia_input, targets, average="micro", eps=eps, weight=class_weight)
+    torch.testing.assert_close(ours, kornia, rtol=1e-10, atol=1e-12)
+    ours.backward()
+    kornia.backward()
+    torch.testing.assert_close(ours_input.grad, kornia_input.grad, rtol=1e-8, atol=1e-12)

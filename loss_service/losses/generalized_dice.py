@@ -8,13 +8,15 @@ sums (:func:`~loss_service.losses.region.region_sums`, no squares) per sample ``
     \ell_n = 1 - \frac{2 \sum_c w_{nc}\,TP_{nc} + s_{nr}}{\sum_c w_{nc}\,(P_{nc} + T_{nc}) + s_{dr}},\qquad
     w_{nc} = T_{nc}^{-k}
 
-with the ``weight_exponent`` :math:`k`: 2 is Sudre et al.'s (MONAI's ``w_type="square"``), 1 ``"simple"``, 0
-``"uniform"``
-over the kept classes (``include_background=False`` drops channel 0 beside others); a class absent from the
-targets (:math:`T = 0`, an infinite weight for :math:`k > 0`) takes the largest finite weight of its row, as MONAI. One loss per
-sample (``batch=False``: the elementwise totals of that ``(N,)`` vector), or one for the whole data
-(``batch=True``: the sums run over the batch too, the totals are ``[TP_c…, P_c…, T_c…]`` and the weights come
-from the data's :math:`T_c`; exact across batches and merges). ``(N,)`` call-time weights are sample weights
+with the ``weight_exponent`` :math:`k` (2 is Sudre et al.'s, MONAI's ``w_type="square"``; 1 ``"simple"``; 0
+``"uniform"``) over the kept classes: ``include_background=False`` drops channel 0 beside others, and
+``class_weight`` multiplies :math:`w_{nc}` (as kornia's ``weight``). A class absent from the targets
+(:math:`T = 0`, an infinite weight for :math:`k > 0`) takes the largest finite weight of its row, as MONAI.
+With :math:`k = 0`, ``smooth_nr = 0`` and ``smooth_dr = ε`` this is kornia's ``dice_loss(average="micro", eps=ε)``,
+one Dice per sample over all classes. One loss per sample (``batch=False``: the elementwise totals of that ``(N,)``
+vector), or one for the whole data (``batch=True``: the sums run over the batch too, the totals are
+``[TP_c…, P_c…, T_c…]`` and the weights come from the data's :math:`T_c`; exact across batches and merges).
+``(N,)`` call-time weights are sample weights
 (of the per-sample losses, or scaling a sample's sums with ``batch``), other shapes pixel weights.
 """
 from typing import Any, Dict, Optional, Tuple
@@ -26,12 +28,12 @@ from ._base import Loss
 from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
-    check_range, check_reduction, elementwise_reductions, elementwise_statistics, int_hyperparameter, power,
-    select_reduction,
+    check_range, check_reduction, elementwise_reductions, elementwise_statistics, int_hyperparameter, optional_vector,
+    power, select_reduction, vector_argument, vector_buffer,
 )
 from .region import (
-    BATCH_PARAM, DENSE_TARGET_RANGE, INCLUDE_BACKGROUND_PARAM, MODE_PARAM, SMOOTH_DR_PARAM, SMOOTH_NR_PARAM, VARIANTS,
-    _SHAPES, batch_totals, check_split_weights, region_forms, region_inputs, region_sums, set_region_settings, split_weights,
+    BATCH_PARAM, CLASS_WEIGHT_PARAM, DENSE_TARGET_RANGE, INCLUDE_BACKGROUND_PARAM, MODE_PARAM, SMOOTH_DR_PARAM,
+    SMOOTH_NR_PARAM, VARIANTS, _SHAPES, _class_vectors, batch_totals, check_split_weights, region_forms, region_inputs, region_sums, set_region_settings, split_weights,
 )
 
 WEIGHT_EXPONENT_PARAM = ParamSpec(
@@ -44,24 +46,20 @@ WEIGHT_EXPONENT_PARAM = ParamSpec(
 MONAI_WEIGHT_TYPES = {"square": 2.0, "simple": 1.0, "uniform": 0.0}
 
 
-def _kept_classes(num_classes: int, include_background: Tensor, device: torch.device) -> Tensor:
-    r"""Bool ``(C,)``: every class, but channel 0 beside others when ``include_background`` is False."""
-    classes = torch.arange(num_classes, device=device)
-    return ~((classes == 0) & (classes < num_classes - 1) & ~include_background.to(torch.bool))
-
-
 def _generalized_dice_losses(
     true_positive: Tensor, predicted: Tensor, target: Tensor, weight_exponent: Tensor, smooth_nr: Tensor,
-    smooth_dr: Tensor, include_background: Tensor,
+    smooth_dr: Tensor, include_background: Tensor, class_weight: Optional[Tensor],
 ) -> Tensor:
     r"""The loss of each row of ``(..., C)`` float64 sums (the module docstring's :math:`\ell`)."""
-    kept = _kept_classes(true_positive.shape[-1], include_background, true_positive.device)
+    kept_classes, class_factor = _class_vectors(
+        true_positive.shape[-1], include_background, class_weight, true_positive.device
+    )
+    kept = kept_classes > 0
     # T^-k is infinite for an absent class (T = 0) unless k = 0, where every weight is 1 (0^0 = 1, MONAI's uniform).
     present = (target > 0) | (weight_exponent == 0.0)
     inverse = 1.0 / power(torch.where(present, target, torch.ones_like(target)), weight_exponent)
     finite = torch.where(present & kept, inverse, torch.zeros_like(inverse))
-    weight = torch.where(present, inverse, finite.amax(-1, keepdim=True).expand_as(inverse))
-    weight = torch.where(kept, weight, torch.zeros_like(weight))
+    weight = torch.where(present, inverse, finite.amax(-1, keepdim=True).expand_as(inverse)) * class_factor
     numerator = 2.0 * (weight * true_positive).sum(-1) + smooth_nr.to(torch.float64)
     denominator = (weight * (predicted + target)).sum(-1) + smooth_dr.to(torch.float64)
     # 0/0 (smooth_dr = 0, nothing predicted nor present) is a perfect overlap, as for the region losses.
@@ -74,7 +72,7 @@ def _generalized_dice_losses(
 def generalized_dice_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], sample_weights: Optional[Tensor],
     weight_exponent: Tensor, smooth_nr: Tensor, smooth_dr: Tensor, include_background: Tensor, ignore_index: Tensor,
-    mode: str, batch: bool, per_sample: bool,
+    class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The statistics kernel of :func:`generalized_dice_loss`, with pixel ``weights`` and ``(N,)``
     ``sample_weights`` apart (as :func:`~loss_service.losses.region.region_statistics`). Values: the
@@ -87,12 +85,12 @@ def generalized_dice_statistics(
     if batch:
         totals, sample_totals = batch_totals(sums, sample_weights, per_sample)
         values = generalized_dice_reductions(
-            totals.unsqueeze(0), weight_exponent, smooth_nr, smooth_dr, include_background, batch
+            totals.unsqueeze(0), weight_exponent, smooth_nr, smooth_dr, include_background, class_weight, batch
         )[:, 0]
         return values, totals, sample_totals
     true_positive, predicted, target = sums
     losses = _generalized_dice_losses(
-        true_positive, predicted, target, weight_exponent, smooth_nr, smooth_dr, include_background
+        true_positive, predicted, target, weight_exponent, smooth_nr, smooth_dr, include_background, class_weight
     )
     weight: Optional[Tensor] = None
     if sample_weights is not None:
@@ -103,7 +101,7 @@ def generalized_dice_statistics(
 
 def generalized_dice_reductions(
     totals: Tensor, weight_exponent: Tensor, smooth_nr: Tensor, smooth_dr: Tensor, include_background: Tensor,
-    batch: bool,
+    class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""``(..., K)`` totals to ``[sum, mean, weighted_mean]``: the elementwise rule over the per-sample losses,
     or with ``batch`` the one loss of ``[TP_c…, P_c…, T_c…]`` in all three columns."""
@@ -118,7 +116,7 @@ def generalized_dice_reductions(
     num_classes = totals.shape[-1] // 3
     loss = _generalized_dice_losses(
         totals[..., :num_classes], totals[..., num_classes:2 * num_classes], totals[..., 2 * num_classes:],
-        weight_exponent, smooth_nr, smooth_dr, include_background,
+        weight_exponent, smooth_nr, smooth_dr, include_background, class_weight,
     )
     return torch.stack([loss, loss, loss], dim=-1)
 
@@ -138,7 +136,7 @@ def _arguments(
 def generalized_dice_loss(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, weight_exponent: float = 2.0,
     smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, include_background: bool = True, ignore_index: int = -100,
-    mode: str = "binary", batch: bool = False, reduction: str = "mean",
+    class_weight: Optional[Tensor] = None, mode: str = "binary", batch: bool = False, reduction: str = "mean",
 ) -> Tensor:
     r"""Generalised Dice loss on logits (Sudre et al. 2017; the module docstring has the formula).
 
@@ -151,12 +149,13 @@ def generalized_dice_loss(
     2, 1, 0 (:data:`MONAI_WEIGHT_TYPES`).
     """
     check_reduction(reduction)
+    class_weight = vector_argument(class_weight)
     arguments = _arguments(predictions, weight_exponent, smooth_nr, smooth_dr, include_background)
     values, totals, _ = generalized_dice_statistics(
         predictions, targets, *split_weights(weights, predictions), *arguments,
-        int_hyperparameter(ignore_index, predictions), mode, batch, False,
+        int_hyperparameter(ignore_index, predictions), class_weight, mode, batch, False,
     )
-    reductions = generalized_dice_reductions(totals, *arguments, batch)
+    reductions = generalized_dice_reductions(totals, *arguments, class_weight, batch)
     return select_reduction(values, reductions, reduction, predictions.dtype)
 
 
@@ -174,12 +173,13 @@ class GeneralizedDiceLoss(Loss):
 
     def __init__(
         self, weight_exponent: float = 2.0, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5,
-        include_background: bool = True, ignore_index: int = -100, mode: str = "binary", batch: bool = False,
-        reduction: str = "mean",
+        include_background: bool = True, ignore_index: int = -100, class_weight: Optional[Tensor] = None,
+        mode: str = "binary", batch: bool = False, reduction: str = "mean",
     ) -> None:
         super().__init__()
         self.weight_exponent = float(WEIGHT_EXPONENT_PARAM.validate(weight_exponent))
         set_region_settings(self, smooth_nr, smooth_dr, include_background, ignore_index, mode, batch, reduction)
+        self.register_buffer("class_weight", vector_buffer(class_weight))
 
     @torch.jit.export
     def statistics(
@@ -192,7 +192,8 @@ class GeneralizedDiceLoss(Loss):
         pixel_weights, sample_weights = split_weights(weights, predictions)
         return generalized_dice_statistics(
             predictions, targets, pixel_weights, sample_weights, weight_exponent, smooth_nr, smooth_dr,
-            include_background, int_hyperparameter(self.ignore_index, predictions), self.mode, self.batch, per_sample,
+            include_background, int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight),
+            self.mode, self.batch, per_sample,
         )
 
     @torch.jit.export
@@ -201,7 +202,8 @@ class GeneralizedDiceLoss(Loss):
             totals, self.weight_exponent, self.smooth_nr, self.smooth_dr, self.include_background
         )
         return generalized_dice_reductions(
-            totals, weight_exponent, smooth_nr, smooth_dr, include_background, self.batch
+            totals, weight_exponent, smooth_nr, smooth_dr, include_background, optional_vector(self.class_weight),
+            self.batch,
         )
 
 
@@ -219,8 +221,8 @@ register(LossSpec(
     summary="generalised Dice loss on logits: classes weighted by 1/T² of their target volume (Sudre et al.)",
     module=GeneralizedDiceLoss, function=generalized_dice_loss,
     params=(
-        WEIGHT_EXPONENT_PARAM, SMOOTH_NR_PARAM, SMOOTH_DR_PARAM, INCLUDE_BACKGROUND_PARAM, IGNORE_INDEX_PARAM, MODE_PARAM,
-        BATCH_PARAM, REDUCTION_PARAM,
+        WEIGHT_EXPONENT_PARAM, SMOOTH_NR_PARAM, SMOOTH_DR_PARAM, INCLUDE_BACKGROUND_PARAM, IGNORE_INDEX_PARAM,
+        CLASS_WEIGHT_PARAM, MODE_PARAM, BATCH_PARAM, REDUCTION_PARAM,
     ),
     make_inputs=region_inputs, statistics_kernel=generalized_dice_statistics,
     reductions_kernel=generalized_dice_reductions, pixel_weights=True, forms=generalized_dice_forms,
@@ -232,6 +234,7 @@ register(LossSpec(
         {"mode": "multilabel", "weight_exponent": 1.0, "batch": True},
         {"mode": "multiclass", "weight_exponent": 0.0, "smooth_nr": 0.0, "smooth_dr": 0.0},
         {"batch": True, "ignore_index": 255, "smooth_nr": 1.0, "smooth_dr": 1.0},
+        {"mode": "multiclass", "batch": True, "class_weight": torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64)},
     ),
     paper="Sudre et al. 2017, Generalised Dice overlap as a deep learning loss function for highly unbalanced "
     "segmentations (DLMIA, arXiv:1707.03237)",

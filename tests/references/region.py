@@ -126,7 +126,7 @@ def focal_tversky_reference(predictions, targets, weights, params, reduction):
     )
 
 
-def _generalized_dice(tp, p, t, kept, exponent, s):
+def _generalized_dice(tp, p, t, kept, class_weight, exponent, s):
     r"""Sudre et al.'s index over the kept classes, written class by class: w = 1/T^k, an absent class
     taking the largest weight of the present ones (MONAI)."""
     weights = []
@@ -138,7 +138,7 @@ def _generalized_dice(tp, p, t, kept, exponent, s):
         else:
             weights.append(None)
     largest = max([w for w in weights if w is not None] or [0.0])
-    weights = [largest if w is None else w for w in weights]
+    weights = [(largest if w is None else w) * float(f) for w, f in zip(weights, class_weight)]
     numerator = 2 * sum(w * a for w, a in zip(weights, tp)) + s["smooth_nr"]
     denominator = sum(w * (a + b) for w, a, b in zip(weights, p, t)) + s["smooth_dr"]
     return 1.0 - (1.0 if denominator == 0 else numerator / denominator)
@@ -149,7 +149,7 @@ def generalized_dice_reference(predictions, targets, weights, params, reduction)
     s = _setting(params, weight_exponent=2.0)
     probabilities, dense, pixel, sample = _dense(predictions, targets, weights, s)
     n, c, _ = probabilities.shape
-    kept, _ = _class_weights(c, s)
+    kept, class_weight = _class_weights(c, s)
 
     def sums(i):
         return ([float((pixel[i, k] * probabilities[i, k] * dense[i, k]).sum()) for k in range(c)],
@@ -159,9 +159,9 @@ def generalized_dice_reference(predictions, targets, weights, params, reduction)
     if s["batch"]:
         per_sample = [sums(i) for i in range(n)]
         pooled = [[sum(float(sample[i]) * per_sample[i][j][k] for i in range(n)) for k in range(c)] for j in range(3)]
-        loss = torch.tensor([_generalized_dice(*pooled, kept, s["weight_exponent"], s)], dtype=torch.float64)
+        loss = torch.tensor([_generalized_dice(*pooled, kept, class_weight, s["weight_exponent"], s)], dtype=torch.float64)
         return reduce(loss, reduction, torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-    losses = torch.tensor([_generalized_dice(*sums(i), kept, s["weight_exponent"], s) for i in range(n)], dtype=torch.float64)
+    losses = torch.tensor([_generalized_dice(*sums(i), kept, class_weight, s["weight_exponent"], s) for i in range(n)], dtype=torch.float64)
     return reduce(losses * sample, reduction, torch.tensor(float(n), dtype=torch.float64), sample.sum())
 
 
