@@ -17,6 +17,8 @@ from typing import Any, Iterable, Mapping, Optional, Tuple
 import numpy as np
 
 STATISTICS_VERSION = 1
+# The largest num_batches (and element count) the wire's int64 fields hold.
+INT64_MAX = 2**63 - 1
 # Distinct group labels in one result (per request, per stream, per merge): a group costs a row of
 # totals in every message that carries them.
 MAX_GROUPS = 65536
@@ -102,16 +104,19 @@ def merge(items: Iterable[Statistics]) -> Statistics:
                 f"statistics[{index}]: statistics[{grouped}] are per group and statistics[{plain}] are not; score "
                 f"every part with group_ids or none"
             )
-    totals = np.sum(np.stack([item.totals for item in items]), axis=0, dtype=np.float64)
-    group_ids = group_totals = None
-    if first.grouped:
-        group_ids, group_totals = sum_by_label(
-            np.concatenate([item.group_ids for item in items]), np.concatenate([item.group_totals for item in items])
-        )
-    return replace(
-        first, totals=totals, group_ids=group_ids, group_totals=group_totals,
-        num_batches=sum(item.num_batches for item in items),
-    )
+    num_batches = sum(item.num_batches for item in items)
+    if num_batches > INT64_MAX:
+        raise ValueError(f"statistics: {num_batches} batches in all; expected at most {INT64_MAX}")
+    with np.errstate(over="ignore"):
+        totals = np.sum(np.stack([item.totals for item in items]), axis=0, dtype=np.float64)
+        group_ids = group_totals = None
+        if first.grouped:
+            group_ids, group_totals = sum_by_label(
+                np.concatenate([item.group_ids for item in items]), np.concatenate([item.group_totals for item in items])
+            )
+    if not np.isfinite(totals).all() or (group_totals is not None and not np.isfinite(group_totals).all()):
+        raise ValueError("statistics: the merged totals overflow float64")
+    return replace(first, totals=totals, group_ids=group_ids, group_totals=group_totals, num_batches=num_batches)
 
 
-__all__ = ["MAX_GROUPS", "STATISTICS_VERSION", "Statistics", "merge", "sum_by_label"]
+__all__ = ["INT64_MAX", "MAX_GROUPS", "STATISTICS_VERSION", "Statistics", "merge", "sum_by_label"]

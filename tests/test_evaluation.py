@@ -6,6 +6,7 @@ call on everything, for every loss, setting, reduction and weight form, region l
 included.
 """
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -152,6 +153,18 @@ def test_the_number_of_groups_is_bounded():
                                     group_ids=torch.arange(count // 2 + 1) + offset) for offset in (0, count // 2 + 1)]
     with pytest.raises(ValueError, match="distinct groups"):
         merge(halves)
+
+
+def test_a_merge_refuses_sums_past_the_wire_types():
+    part = evaluation.statistics("mse", torch.ones(2, 1), torch.zeros(2, 1), group_ids=[1, 2])
+    with pytest.raises(ValueError, match="batches in all"):
+        merge([replace(part, num_batches=2**62), replace(part, num_batches=2**62)])
+    huge = replace(part, totals=np.full(4, 1.5e308))
+    with pytest.raises(ValueError, match="overflow float64"):
+        merge([huge, huge])
+    huge_group = replace(part, group_totals=np.full((2, 4), 1.5e308))
+    with pytest.raises(ValueError, match="overflow float64"):
+        merge([huge_group, huge_group])
 
 
 def test_an_empty_batch_has_no_groups_and_merges():

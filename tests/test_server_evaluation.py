@@ -181,6 +181,26 @@ def test_merge_refuses_statistics_it_cannot_read(client):
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_merge_refuses_sums_the_response_cannot_hold(client):
+    r"""Hostile statistics whose sums overflow: batches past int64, totals past float64, a count past int64."""
+    message = codec.statistics_message(_statistics())
+    many = pb.Statistics()
+    many.CopyFrom(message)
+    many.num_batches = 2**62
+    field, description = _refused(lambda: _merge_raw(client, [many, many]))
+    assert field == "statistics" and "batches in all" in description
+    huge = pb.Statistics()
+    huge.CopyFrom(message)
+    huge.totals.data = np.full(4, 1.5e308).tobytes()
+    field, description = _refused(lambda: _merge_raw(client, [huge, huge]))
+    assert field == "statistics" and "overflow float64" in description
+    counted = pb.Statistics()
+    counted.CopyFrom(message)
+    counted.totals.data = np.array([1.0, 1.0, 1.0, 1e300]).tobytes()
+    field, description = _refused(lambda: _merge_raw(client, [counted]))
+    assert field == "statistics[0].totals" and "int64" in description
+
+
 def test_a_request_for_statistics_builds_its_message(client):
     request = build_request("mse", np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32), group_ids=[4, 4],
                             return_statistics=True)

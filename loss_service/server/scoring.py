@@ -24,7 +24,7 @@ from loss_service import evaluation, losses, protocol
 from loss_service.codec import TensorError, dtype_name, read_statistics, statistics_message, to_message, to_tensor
 from loss_service.evaluation import REDUCTION_COLUMN, summarize
 from loss_service.losses import Forms, LossSpec
-from loss_service.statistics import Statistics, merge
+from loss_service.statistics import INT64_MAX, Statistics, merge
 from loss_service.v1 import loss_service_pb2 as pb
 
 from .backends import Backend, BackendUnavailable, Runner, config_key
@@ -346,6 +346,8 @@ class Scorer:
             evaluated = set_statistics_fields(response, merged, True)
         except ValueError as exc:
             raise invalid("statistics[0]", protocol_dtype_names(str(exc))) from None
+        if not -INT64_MAX - 1 <= evaluated.num_elements <= INT64_MAX:
+            raise invalid("statistics[0].totals", f"count {evaluated.num_elements} does not fit the response's int64")
         response.loss = evaluated.loss
         response.weight_sum, response.denominator = evaluated.weight_sum, evaluated.denominator
         response.num_elements = evaluated.num_elements
