@@ -172,6 +172,14 @@ def test_merge_refuses_statistics_it_cannot_read(client):
     wrong_layout.layout[0] = "sum"
     field, description = _refused(lambda: _merge_raw(client, [wrong_layout]))
     assert field == "statistics[0]" and "layout" in description
+    unknown = edited()
+    unknown.params.add(name="gam\nma" + "x" * 100, value=pb.Param(double_value=1.0))
+    field, description = _refused(lambda: _merge_raw(client, [unknown]))
+    assert field == "statistics[0].params" and "unknown parameter 'gam\\nma" in description and "characters)" in description
+    bad_text = codec.statistics_message(_statistics("dice", mode="multiclass"))
+    next(p for p in bad_text.params if p.name == "mode").value.string_value = "multi\nclass"
+    field, description = _refused(lambda: _merge_raw(client, [bad_text]))
+    assert field == "statistics[0].params" and "got 'multi\\nclass'" in description
     bad_param = edited()
     next(p for p in bad_param.params if p.name == "gamma").value.double_value = -1.0
     field, description = _refused(lambda: _merge_raw(client, [bad_param]))

@@ -341,6 +341,14 @@ class Scorer:
             raise invalid(field, description) from None
         if merged.loss not in losses.names():
             raise invalid("statistics[0].loss", f"unknown loss '{echo(merged.loss)}'; expected one of {', '.join(losses.names())}")
+        spec = losses.get(merged.loss)
+        for name, value in merged.params.items():
+            # Client text reaches the library's messages quoted through echo only (bounded, printable).
+            if name not in spec.param_names() or name == "reduction":
+                listed = ", ".join(n for n in spec.param_names() if n != "reduction")
+                raise invalid("statistics[0].params", f"unknown parameter '{echo(name)}' for loss '{spec.name}'; valid parameters: {listed}")
+            if isinstance(value, str) and echo(value) != value:
+                raise invalid("statistics[0].params", f"parameter '{name}' must be {spec.param(name).range_text()}, got '{echo(value)}'")
         response = pb.ScoreStreamResponse(num_batches=merged.num_batches, backend="eager", device="cpu")
         try:
             evaluated = set_statistics_fields(response, merged, True)
