@@ -364,13 +364,17 @@ def load_losses(checkout: str) -> object:
 
 
 def measure_against(checkout: str, repeats: int) -> None:
-    r"""Print ``this / other`` for every loss's module, timed alternately in one process."""
+    r"""Print ``this / other`` for every loss's module, timed alternately in one process (the losses both
+    checkouts have, with the settings the other's parameters allow)."""
     other = load_losses(checkout)
     print(f"| {'loss':>15} | {'setting':>7} | {'elements':>8} | {'this µs':>9} | {'other µs':>9} | {'this/other':>10} |")
     print("|" + "|".join(["---:"] * 6) + "|")
     ratios: Dict[str, List[float]] = {}
-    for spec in losses.specs():
+    for spec in [spec for spec in losses.specs() if spec.name in other.names()]:
+        other_params = set(other.get(spec.name).param_names())
         for index, params in enumerate(spec.test_params[:2]):
+            if not set(params) <= other_params:
+                continue
             for size in (16, 4096):
                 predictions, targets = spec.make_inputs(8, 3, (size,), torch.Generator().manual_seed(index),
                                                         torch.float32, params)

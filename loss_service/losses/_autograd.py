@@ -38,14 +38,15 @@ class BinaryFocal(torch.autograd.Function):
     @staticmethod
     def compute(
         x: Tensor, t: Tensor, alpha: float, gamma: float, positive_weight: Optional[Tensor]
-    ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    ) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
         r"""The loss, and what the backward reads: ``(t, s, s_bar, q, CE, alpha_t q^gamma, a, w_+ t)`` (the last
-        two empty without ``pos_weight``)."""
+        two ``None`` without ``pos_weight``)."""
         log_s = F.logsigmoid(x)
         not_t = 1.0 - t
+        scale: Optional[Tensor] = None
+        weighted_t: Optional[Tensor] = None
         if positive_weight is None:
             cross_entropy = torch.addcmul(-log_s, not_t, x)
-            scale = weighted_t = x.new_empty(0)
         else:
             weighted_t = positive_weight * t
             scale = not_t + weighted_t
@@ -70,7 +71,7 @@ class BinaryFocal(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None, None]:
         t, s, s_bar, q, cross_entropy, focal_weight, scale, weighted_t = ctx.saved_tensors
         ratio = (s * s_bar).div_(q.clamp_min(torch.finfo(q.dtype).tiny)).mul_(torch.rsub(t, 1.0, alpha=2.0))
-        d_cross_entropy = s - t if scale.numel() == 0 else (s * scale).sub_(weighted_t)
+        d_cross_entropy = s - t if scale is None else (s * scale).sub_(weighted_t)
         inner = torch.addcmul(d_cross_entropy, ratio, cross_entropy, value=ctx.gamma)
         return inner.mul_(focal_weight).mul_(grad), None, None, None, None
 

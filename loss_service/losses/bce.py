@@ -100,6 +100,14 @@ def binary_cross_entropy(
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
 
+def optional_smoothing(label_smoothing: float, predictions: Tensor) -> Optional[Tensor]:
+    r"""The kernel's ``label_smoothing``: ``None`` for none, so that a call without smoothing builds and reads
+    back no 0-d tensor (the exporter passes a tensor always: a graph input)."""
+    if label_smoothing == 0.0:
+        return None
+    return float_hyperparameter(label_smoothing, predictions)
+
+
 def bce_with_logits_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], pos_weight: Optional[Tensor],
     label_smoothing: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, per_sample: bool,
@@ -170,7 +178,7 @@ def binary_cross_entropy_with_logits(
     class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = bce_with_logits_statistics(
-        predictions, targets, weights, vector_argument(pos_weight), float_hyperparameter(label_smoothing, predictions),
+        predictions, targets, weights, vector_argument(pos_weight), optional_smoothing(label_smoothing, predictions),
         class_weight, class_dim, False, reduction == "none",
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
@@ -202,7 +210,7 @@ class BCEWithLogitsLoss(ElementwiseLoss):
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return bce_with_logits_statistics(
             predictions, targets, weights, optional_vector(self.pos_weight),
-            float_hyperparameter(self.label_smoothing, predictions), optional_vector(self.class_weight),
+            optional_smoothing(self.label_smoothing, predictions), optional_vector(self.class_weight),
             self.class_dim, per_sample, values,
         )
 
