@@ -24,6 +24,11 @@ Per group, and merged across workers (docs/evaluation.md)::
     part.group_ids, part.group_losses          # the loss of each site's samples
     total = client.merge([part.statistics, other_worker_statistics])   # as one score on all the data
 
+Per class (docs/evaluation.md)::
+
+    result = client.score("dice", logits, labels, return_per_class=True, mode="multiclass")
+    result.class_losses, result.class_scores   # each class's Dice loss, and its Dice score
+
 Inputs may be numpy arrays or torch tensors of any supported dtype (torch's bfloat16 included).
 Every failure is a :class:`LossServiceError` with the gRPC status code and the server's
 ``google.rpc.BadRequest`` field violations.
@@ -78,7 +83,8 @@ class LossServiceError(Exception):
 @dataclass
 class ScoreResult:
     r"""The answer of :meth:`LossClient.score` (``values`` for ``reduction="none"`` only; ``group_ids`` and
-    ``group_losses`` with ``group_ids``; ``statistics`` with ``return_statistics=True``)."""
+    ``group_losses`` with ``group_ids``; ``statistics`` with ``return_statistics=True``; ``class_losses``, and
+    ``class_scores`` for region losses, with ``return_per_class=True``)."""
 
     loss: float
     values: Optional[np.ndarray]
@@ -92,6 +98,8 @@ class ScoreResult:
     group_ids: Optional[np.ndarray] = None
     group_losses: Optional[np.ndarray] = None
     statistics: Optional[Statistics] = None
+    class_losses: Optional[np.ndarray] = None
+    class_scores: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -108,6 +116,8 @@ class StreamResult:
     group_ids: Optional[np.ndarray] = None
     group_losses: Optional[np.ndarray] = None
     statistics: Optional[Statistics] = None
+    class_losses: Optional[np.ndarray] = None
+    class_scores: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -166,6 +176,7 @@ def build_request(
     labels: Optional[Mapping[str, str]] = None,
     group_ids: Any = None,
     return_statistics: bool = False,
+    return_per_class: bool = False,
     **params: Any,
 ) -> pb.ScoreBatchRequest:
     r"""The ``ScoreBatchRequest`` of :meth:`LossClient.score` (array-valued params go to ``tensor_params``).
@@ -185,6 +196,7 @@ def build_request(
         request_id=request_id or "",
         labels=dict(labels or {}),
         return_statistics=return_statistics,
+        return_per_class=return_per_class,
     )
     request.predictions.CopyFrom(to_message(predictions, "predictions"))
     request.targets.CopyFrom(to_message(targets, "targets"))
@@ -324,11 +336,12 @@ def _optional_array(response: Any, name: str) -> Optional[np.ndarray]:
 
 
 def _group_fields(response: Any) -> Dict[str, Any]:
-    r"""The group and statistics fields of a ScoreBatch or ScoreStream response."""
+    r"""The group, class and statistics fields of a ScoreBatch or ScoreStream response."""
     statistics = read_statistics(response.statistics) if response.HasField("statistics") else None
     return dict(
         group_ids=_optional_array(response, "group_ids"), group_losses=_optional_array(response, "group_losses"),
-        statistics=statistics,
+        statistics=statistics, class_losses=_optional_array(response, "class_losses"),
+        class_scores=_optional_array(response, "class_scores"),
     )
 
 
@@ -547,8 +560,9 @@ class LossClient(_Client):
         r"""Score one batch; ``options`` are those of :func:`build_request` (``reduction``, ``backend``,
         ``class_weights``, ``pos_weight``, ``return_per_sample``, ``request_id``, ``labels``,
         ``group_ids`` (``(N,)`` integer labels: the loss of each group too), ``return_statistics``
-        (the batch's mergeable :class:`~loss_service.statistics.Statistics`), and the loss's
-        hyperparameters by name, e.g. ``gamma=2.0``)."""
+        (the batch's mergeable :class:`~loss_service.statistics.Statistics`), ``return_per_class`` (the loss of
+        each class, and a region loss's index per class), and the loss's hyperparameters by name, e.g.
+        ``gamma=2.0``)."""
         return self.score_request(build_request(loss, predictions, targets, weights, **options))
 
     def score_request(self, request: pb.ScoreBatchRequest) -> ScoreResult:

@@ -230,6 +230,9 @@ def statistics_message(stats: Statistics) -> pb.Statistics:
     if stats.grouped:
         message.group_ids.CopyFrom(to_message(np.asarray(stats.group_ids, dtype=np.int64)))
         message.group_totals.CopyFrom(to_message(np.asarray(stats.group_totals, dtype=np.float64)))
+    if stats.per_class:
+        message.class_layout.extend(stats.class_layout or ())
+        message.class_totals.CopyFrom(to_message(np.asarray(stats.class_totals, dtype=np.float64)))
     return message
 
 
@@ -261,7 +264,8 @@ def read_statistics(message: pb.Statistics, field: str = "statistics", max_eleme
     r"""The :class:`Statistics` of ``message``; :class:`TensorError` naming the field that cannot be read: a
     version other than :data:`STATISTICS_VERSION`, no loss, a parameter twice or without a value, a layout
     whose length is not the totals', totals that are not finite float64, group labels that are not distinct
-    ascending int64 (at most :data:`MAX_GROUPS`) or group totals that are not ``(G, K)``. Whether the loss,
+    ascending int64 (at most :data:`MAX_GROUPS`), group totals that are not ``(G, K)`` or class totals that are
+    not ``(C, K_c)`` for a class layout of ``K_c`` names. Whether the loss,
     its parameters and the layout agree is the reader's library's to say."""
     if message.version != STATISTICS_VERSION:
         raise TensorError(f"{field}.version", f"must be {STATISTICS_VERSION} (this reader's version), got {message.version}")
@@ -293,7 +297,21 @@ def read_statistics(message: pb.Statistics, field: str = "statistics", max_eleme
         group_ids = group_ids.astype(np.int64)
     if message.num_batches < 1:
         raise TensorError(f"{field}.num_batches", f"must be at least 1, got {message.num_batches}")
+    class_layout = class_totals = None
+    if message.class_layout or message.HasField("class_totals"):
+        class_layout = tuple(message.class_layout)
+        if not class_layout:
+            raise TensorError(f"{field}.class_layout", "must name the columns of class_totals")
+        if not message.HasField("class_totals"):
+            raise TensorError(f"{field}.class_totals", "must be set with a class_layout")
+        rows = checked_view(message.class_totals, f"{field}.class_totals", max_elements)
+        if rows.ndim != 2:
+            raise TensorError(f"{field}.class_totals.shape", f"must be (C, {len(class_layout)}), got {list(rows.shape)}")
+        class_totals = _float64_array(
+            message.class_totals, f"{field}.class_totals", (rows.shape[0], len(class_layout)), max_elements
+        )
     return Statistics(
         loss=message.loss, params=params, reduction=reduction, layout=layout, totals=totals, group_ids=group_ids,
-        group_totals=group_totals, num_batches=message.num_batches,
+        group_totals=group_totals, num_batches=message.num_batches, class_layout=class_layout,
+        class_totals=class_totals,
     )

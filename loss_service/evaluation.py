@@ -1,8 +1,11 @@
-r"""Evaluation in the library: the loss of every group of samples, and mergeable statistics (docs/evaluation.md).
+r"""Evaluation in the library: the loss of every group of samples and of every class, and mergeable statistics
+(docs/evaluation.md).
 
 :func:`score` is what ``ScoreBatch`` answers, in process: the loss of a batch, with ``group_ids`` the loss
 of each group exactly as if it had been scored alone (a group's totals are the sum of its samples' totals,
-``statistics(..., per_sample=True)``), and the batch's :class:`~loss_service.statistics.Statistics`.
+``statistics(..., per_sample=True)``), with ``per_class`` the loss of each class (and a region loss's index,
+e.g. the Dice score, of each class) from the class totals (``statistics(..., per_class=True)``), and the
+batch's :class:`~loss_service.statistics.Statistics`.
 :func:`~loss_service.statistics.merge` adds statistics of disjoint data (shards, workers, days) and
 :func:`evaluate` gives their value, which equals :func:`score` on all the data at once. The server builds
 its answers with the same functions (:mod:`loss_service.server.scoring`).
@@ -29,8 +32,10 @@ INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8
 @dataclass(frozen=True)
 class Evaluation:
     r"""The value of some statistics: the loss (the reduction's column; the sum for ``none``), the
-    ``weighted_mean`` and ``mean`` denominators and the element count (:func:`summarize`), and with groups
-    their labels (int64 ``(G,)``, ascending) and losses (float64 ``(G,)``)."""
+    ``weighted_mean`` and ``mean`` denominators and the element count (:func:`summarize`), with groups
+    their labels (int64 ``(G,)``, ascending) and losses (float64 ``(G,)``), and per class the loss of each
+    class (float64 ``(C,)``, the reduction's column) and, for a loss with an overlap index (``Forms.class_index``),
+    each class's index over the data (float64 ``(C,)``, e.g. its Dice score)."""
 
     loss: float
     weight_sum: float
@@ -39,6 +44,8 @@ class Evaluation:
     group_ids: Optional[np.ndarray]
     group_losses: Optional[np.ndarray]
     statistics: Statistics
+    class_losses: Optional[np.ndarray] = None
+    class_scores: Optional[np.ndarray] = None
 
 
 def summarize(forms: Forms, totals: Tensor) -> Tuple[float, float, int]:
@@ -82,9 +89,10 @@ def group_labels(group_ids: Any, num_samples: int) -> np.ndarray:
 
 def make_statistics(
     spec: LossSpec, params: Dict[str, Any], reduction: str, forms: Forms, totals: Tensor,
-    groups: Optional[Tuple[np.ndarray, Tensor]] = None, num_batches: int = 1,
+    groups: Optional[Tuple[np.ndarray, Tensor]] = None, num_batches: int = 1, class_totals: Optional[Tensor] = None,
 ) -> Statistics:
-    r"""The :class:`Statistics` of ``totals`` (and of ``groups`` = ``(labels (N,), sample_totals (N, K))``)."""
+    r"""The :class:`Statistics` of ``totals`` (and of ``groups`` = ``(labels (N,), sample_totals (N, K))``, and of
+    ``class_totals`` ``(C, K_c)``)."""
     totals = totals.detach().to("cpu", torch.float64).numpy()
     num_classes = forms.classes_of(totals.shape[0])
     if num_classes is None:
@@ -93,27 +101,40 @@ def make_statistics(
     if groups is not None:
         labels, sample_totals = groups
         group_ids, group_totals = sum_by_label(labels, sample_totals.detach().to("cpu", torch.float64).numpy())
+    class_layout = None
+    if class_totals is not None:
+        class_layout = forms.class_totals_layout()
+        class_totals = class_totals.detach().to("cpu", torch.float64).numpy()
     return Statistics(
         loss=spec.name, params=canonical_params(spec, params), reduction=reduction,
         layout=forms.totals_layout(num_classes), totals=totals, group_ids=group_ids, group_totals=group_totals,
-        num_batches=num_batches,
+        num_batches=num_batches, class_layout=class_layout, class_totals=class_totals,
     )
 
 
 def statistics(
     loss: str, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, *, group_ids: Any = None,
-    reduction: str = "mean", **params: Any,
+    per_class: bool = False, reduction: str = "mean", **params: Any,
 ) -> Statistics:
     r"""The :class:`Statistics` of one batch scored with loss ``loss`` and hyperparameters ``params`` (as
-    :func:`loss_service.losses.build` takes them); ``group_ids``: ``(N,)`` integer labels of the samples."""
+    :func:`loss_service.losses.build` takes them); ``group_ids``: ``(N,)`` integer labels of the samples;
+    ``per_class``: with the class totals too."""
     spec = losses.get(loss)
     params = spec.validate(dict(params, reduction=reduction))
     module = spec.module(**params)
     labels = None if group_ids is None else group_labels(group_ids, predictions.shape[0] if predictions.dim() else 0)
     with torch.no_grad():
-        _, totals, sample_totals = module.statistics(predictions, targets, weights, labels is not None, False)
-    groups = None if labels is None else (labels, sample_totals)
-    return make_statistics(spec, params, reduction, spec.forms_of(params), totals, groups)
+        by_sample = labels is not None
+        _, totals, parts = module.statistics(predictions, targets, weights, by_sample, False, per_class and not by_sample)
+        groups = class_totals = None
+        if by_sample:
+            groups = (labels, parts)
+            if per_class:
+                # One breakdown per kernel call: the class totals take a second pass.
+                _, _, class_totals = module.statistics(predictions, targets, weights, False, False, True)
+        elif per_class:
+            class_totals = parts
+    return make_statistics(spec, params, reduction, spec.forms_of(params), totals, groups, class_totals=class_totals)
 
 
 def evaluate(stats: Statistics) -> Evaluation:
@@ -127,25 +148,62 @@ def evaluate(stats: Statistics) -> Evaluation:
             f"layout of {len(stats.layout)} entries is not the totals of loss '{stats.loss}' with these parameters "
             f"(e.g. {', '.join(expected[:4])}{', ...' if len(expected) > 4 else ''} for one class)"
         )
+    if stats.per_class:
+        check_class_totals(stats, forms)
     module = spec.module(**params)
     column = REDUCTION_COLUMN[stats.reduction]
     totals = torch.from_numpy(np.asarray(stats.totals, dtype=np.float64))
     with torch.no_grad():
         loss = float(module.reductions(totals)[column])
-        group_losses = None
+        group_losses = class_losses = class_scores = None
         if stats.grouped:
             group_totals = torch.from_numpy(np.asarray(stats.group_totals, dtype=np.float64))
             group_losses = module.reductions(group_totals)[:, column].numpy()
+        if stats.per_class:
+            class_losses, class_scores = class_values(
+                forms, module, torch.from_numpy(np.asarray(stats.class_totals, dtype=np.float64)), column
+            )
     weight_sum, denominator, num_elements = summarize(forms, totals)
-    return Evaluation(loss, weight_sum, denominator, num_elements, stats.group_ids, group_losses, stats)
+    return Evaluation(
+        loss, weight_sum, denominator, num_elements, stats.group_ids, group_losses, stats, class_losses, class_scores
+    )
+
+
+def check_class_totals(stats: Statistics, forms: Forms) -> None:
+    r"""``ValueError`` unless the class totals of ``stats`` have the loss's class layout and, for totals with an
+    overlap block, as many classes as the totals."""
+    if tuple(stats.class_layout or ()) != forms.class_totals_layout():
+        raise ValueError(
+            f"class layout {list(stats.class_layout or ())} is not the class totals of loss '{stats.loss}' with these "
+            f"parameters: expected {list(forms.class_totals_layout())}"
+        )
+    num_classes = forms.classes_of(len(stats.layout))
+    if num_classes and np.shape(stats.class_totals)[0] != num_classes:
+        raise ValueError(
+            f"class totals have {np.shape(stats.class_totals)[0]} classes, the totals {num_classes}; expected the same"
+        )
+
+
+def class_values(
+    forms: Forms, module: torch.nn.Module, class_totals: Tensor, column: int
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    r"""``(class_losses, class_scores)`` of float64 ``(C, K_c)`` class totals: each class's loss in the reduction's
+    ``column``, and its overlap index for a loss that has one (``None`` otherwise)."""
+    reductions = module.class_reductions(class_totals)
+    scores = reductions[:, 3].numpy() if forms.class_index else None
+    return reductions[:, column].numpy(), scores
 
 
 def score(
     loss: str, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, *, group_ids: Any = None,
-    reduction: str = "mean", **params: Any,
+    per_class: bool = False, reduction: str = "mean", **params: Any,
 ) -> Evaluation:
     r"""One batch's :class:`Evaluation`: :func:`evaluate` of its :func:`statistics`."""
-    return evaluate(statistics(loss, predictions, targets, weights, group_ids=group_ids, reduction=reduction, **params))
+    return evaluate(
+        statistics(
+            loss, predictions, targets, weights, group_ids=group_ids, per_class=per_class, reduction=reduction, **params
+        )
+    )
 
 
 __all__ = ["Evaluation", "Statistics", "evaluate", "merge", "score", "statistics", "summarize"]

@@ -26,7 +26,8 @@ reduction      0-d int64 code: ``REDUCTION_CODES`` (none=0, mean=1, sum=2, weigh
 
 Outputs (``ONNX_OUTPUTS``): ``loss`` -- float64 scalar, the reduction selected by the code (for
 ``none`` it holds the ``sum``); ``values`` -- float32 weighted unreduced losses in the canonical
-layout; ``totals`` -- float64 additive statistics ``(K,)``; ``sample_totals`` -- float64 ``(N, K)``.
+layout; ``totals`` -- float64 additive statistics ``(K,)``; ``sample_totals`` -- float64 ``(N, K)``;
+``class_totals`` -- float64 ``(C, K_c)``, one row per class (``Forms.class_totals``).
 
 ``graph_input=False`` parameters (string choices such as a dice ``mode``) select an exported
 *variant* (``spec.variants``); ``class_dim`` is absorbed by the layout (graphs use class_dim=1).
@@ -39,7 +40,7 @@ Usage (the server's ONNX backend)::
     feeds, restore = to_canonical(spec, params, predictions, targets, weights)
     variant = request_variant(spec, params, predictions.shape, targets.shape)
     session = sessions[onnx_file_name(spec, variant)]   # e.g. "focal.onnx"; names in manifest.json
-    loss, values, totals, sample_totals = session.run(ONNX_OUTPUTS, feeds)
+    loss, values, totals, sample_totals, class_totals = session.run(ONNX_OUTPUTS, feeds)
     values = restore(values)          # back to the caller's layout
 
 float16 / bfloat16 / float64 requests are cast to float32: the graphs are float32 and accumulate
@@ -62,7 +63,7 @@ from .losses._reduction import (
 )
 
 REDUCTION_CODES: Dict[str, int] = {"none": 0, "mean": 1, "sum": 2, "weighted_mean": 3}
-ONNX_OUTPUTS: List[str] = ["loss", "values", "totals", "sample_totals"]
+ONNX_OUTPUTS: List[str] = ["loss", "values", "totals", "sample_totals", "class_totals"]
 LAYOUT_PARAMS = ("class_dim",)
 TARGETS_VARIANT = "targets"
 SCALAR_FORM = "scalar"

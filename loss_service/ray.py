@@ -11,8 +11,9 @@ Example, a Parquet dataset with one row per sample::
     from loss_service.ray import score_dataset
 
     dataset = ray.data.read_parquet("s3://bucket/eval/")        # columns: logits, label, site
-    result = score_dataset(dataset, "focal", predictions="logits", targets="label", group_by="site", gamma=2.0)
-    result.loss, result.group_ids, result.group_losses
+    result = score_dataset(dataset, "focal", predictions="logits", targets="label", group_by="site", gamma=2.0,
+                           per_class=True)
+    result.loss, result.group_ids, result.group_losses, result.class_losses
 """
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ class _ScoreBlocks:
 
     A class, so that each worker builds its client (``service``) or imports the library once."""
 
-    def __init__(self, loss: str, columns: Dict[str, Optional[str]], reduction: str, service: Optional[str],
-                 client_options: Dict[str, Any], device: str, params: Dict[str, Any]) -> None:
+    def __init__(self, loss: str, columns: Dict[str, Optional[str]], reduction: str, per_class: bool,
+                 service: Optional[str], client_options: Dict[str, Any], device: str, params: Dict[str, Any]) -> None:
         self.loss = loss
         self.columns = columns
         self.reduction = reduction
+        self.per_class = per_class
         self.params = params
         self.client = None
         self.device = None
@@ -57,7 +59,7 @@ class _ScoreBlocks:
         if self.client is not None:
             stats = self.client.score(
                 self.loss, arrays["predictions"], arrays["targets"], arrays["weights"], group_ids=arrays["group_ids"],
-                reduction=self.reduction, return_statistics=True, **self.params,
+                reduction=self.reduction, return_statistics=True, return_per_class=self.per_class, **self.params,
             ).statistics
         else:
             import torch
@@ -68,7 +70,7 @@ class _ScoreBlocks:
                        for role, array in arrays.items()}
             stats = evaluation.statistics(
                 self.loss, tensors["predictions"], tensors["targets"], tensors["weights"], group_ids=tensors["group_ids"],
-                reduction=self.reduction, **self.params,
+                per_class=self.per_class, reduction=self.reduction, **self.params,
             )
         column = np.empty(1, dtype=object)
         column[0] = stats
@@ -92,7 +94,7 @@ DEVICES = ("cpu", "cuda", "auto")
 
 def block_statistics(
     dataset: "ray.data.Dataset", loss: str, *, predictions: str = "predictions", targets: str = "targets",
-    weights: Optional[str] = None, group_by: Optional[str] = None, reduction: str = "mean",
+    weights: Optional[str] = None, group_by: Optional[str] = None, per_class: bool = False, reduction: str = "mean",
     service: Optional[str] = None, client_options: Optional[Dict[str, Any]] = None, device: str = "cpu",
     batch_size: Optional[int] = None, map_options: Optional[Dict[str, Any]] = None, **params: Any,
 ) -> List[Statistics]:
@@ -103,8 +105,9 @@ def block_statistics(
     columns = {"predictions": predictions, "targets": targets, "weights": weights, "group_ids": group_by}
     scored = dataset.map_batches(
         _ScoreBlocks,
-        fn_constructor_kwargs=dict(loss=loss, columns=columns, reduction=reduction, service=service,
-                                   client_options=dict(client_options or {}), device=device, params=params),
+        fn_constructor_kwargs=dict(loss=loss, columns=columns, reduction=reduction, per_class=per_class,
+                                   service=service, client_options=dict(client_options or {}), device=device,
+                                   params=params),
         batch_format="numpy", batch_size=batch_size, **dict(map_options or {}),
     )
     return [row[STATISTICS_COLUMN] for row in scored.iter_rows()]
@@ -112,7 +115,7 @@ def block_statistics(
 
 def score_dataset(
     dataset: "ray.data.Dataset", loss: str, *, predictions: str = "predictions", targets: str = "targets",
-    weights: Optional[str] = None, group_by: Optional[str] = None, reduction: str = "mean",
+    weights: Optional[str] = None, group_by: Optional[str] = None, per_class: bool = False, reduction: str = "mean",
     service: Optional[str] = None, client_options: Optional[Dict[str, Any]] = None, device: str = "cpu",
     batch_size: Optional[int] = None, map_options: Optional[Dict[str, Any]] = None, **params: Any,
 ):
@@ -125,6 +128,8 @@ def score_dataset(
             ``LossClient.score`` sends them with ``service``).
         predictions, targets, weights, group_by: the column names; ``group_by``'s integer labels give the
             loss of each group as well (``group_ids``, ``group_losses``).
+        per_class: the loss of each class as well (``class_losses``; a region loss's index per class in
+            ``class_scores``), exact over the blocks.
         service: ``host:port`` of a LossService to score the blocks with (``client_options`` go to
             ``LossClient``: ``token``, ``ca``, ...); ``None`` scores them in process with the library.
         device: where the library computes in process: ``cpu``, ``cuda``, or ``auto`` (a worker's GPU when
@@ -135,11 +140,12 @@ def score_dataset(
 
     Returns the :class:`loss_service.evaluation.Evaluation` of the merged statistics (in process), or the
     ``LossClient.merge`` result (with ``service``): ``loss``, ``weight_sum``, ``denominator``,
-    ``num_elements``, ``group_ids``, ``group_losses`` and the merged ``statistics`` either way.
+    ``num_elements``, ``group_ids``, ``group_losses``, ``class_losses``, ``class_scores`` and the merged
+    ``statistics`` either way.
     """
     parts = block_statistics(
         dataset, loss, predictions=predictions, targets=targets, weights=weights, group_by=group_by,
-        reduction=reduction, service=service, client_options=client_options, device=device,
+        per_class=per_class, reduction=reduction, service=service, client_options=client_options, device=device,
         batch_size=batch_size, map_options=map_options, **params,
     )
     if not parts:

@@ -3,7 +3,8 @@ r"""Mergeable results: the additive sufficient statistics of scored data (numpy 
 Every loss reduces *totals*, a float64 vector whose value for the union of disjoint data is the sum of
 theirs (docs/architecture.md, "Statistics and reductions"). A :class:`Statistics` carries them with what
 makes them meaningful -- the loss, its hyperparameters, the reduction and the name of each entry -- and,
-for data scored with ``group_ids``, the totals of every group. :func:`merge` adds any number of them into
+for data scored with ``group_ids``, the totals of every group, and for data scored per class, the totals of
+every class (one row each, additive too). :func:`merge` adds any number of them into
 the statistics of the union, refusing statistics of different losses or settings; the value of merged
 statistics is ``loss_service.evaluation.evaluate`` (the library) or ``LossClient.merge`` (the service).
 The wire form is the ``loss_service.v1.Statistics`` message (:mod:`loss_service.codec`), version
@@ -38,7 +39,9 @@ class Statistics:
     ``params`` holds every hyperparameter but the reduction with defaults filled in (scalars as Python
     numbers, bools and strings; per-class vectors as 1-D float32/float64 arrays, absent when unset);
     ``layout`` names each entry of ``totals`` (float64 ``(K,)``); ``group_ids`` (int64 ``(G,)``,
-    ascending) and ``group_totals`` (float64 ``(G, K)``) are ``None`` for data scored without groups.
+    ascending) and ``group_totals`` (float64 ``(G, K)``) are ``None`` for data scored without groups;
+    ``class_layout`` names each column of ``class_totals`` (float64 ``(C, K_c)``, a row per class), both
+    ``None`` for data scored without ``per_class``.
     """
 
     loss: str
@@ -49,6 +52,8 @@ class Statistics:
     group_ids: Optional[np.ndarray] = None
     group_totals: Optional[np.ndarray] = None
     num_batches: int = 1
+    class_layout: Optional[Tuple[str, ...]] = None
+    class_totals: Optional[np.ndarray] = None
     version: int = field(default=STATISTICS_VERSION)
 
     def settings(self) -> Tuple[Any, ...]:
@@ -59,6 +64,16 @@ class Statistics:
     @property
     def grouped(self) -> bool:
         return self.group_ids is not None
+
+    @property
+    def per_class(self) -> bool:
+        return self.class_totals is not None
+
+    def class_shape(self) -> Optional[Tuple[Any, ...]]:
+        r"""What two statistics per class must share: the class count and the class layout."""
+        if self.class_totals is None:
+            return None
+        return self.class_totals.shape[0], tuple(self.class_layout or ())
 
 
 def _difference(first: Statistics, other: Statistics) -> str:
@@ -104,6 +119,8 @@ def merge(items: Iterable[Statistics]) -> Statistics:
                 f"statistics[{index}]: statistics[{grouped}] are per group and statistics[{plain}] are not; score "
                 f"every part with group_ids or none"
             )
+        if item.class_shape() != first.class_shape():
+            raise ValueError(f"statistics[{index}]: cannot be merged with statistics[0]: {_class_difference(first, item)}")
     num_batches = sum(item.num_batches for item in items)
     if num_batches > INT64_MAX:
         raise ValueError(f"statistics: {num_batches} batches in all; expected at most {INT64_MAX}")
@@ -114,9 +131,27 @@ def merge(items: Iterable[Statistics]) -> Statistics:
             group_ids, group_totals = sum_by_label(
                 np.concatenate([item.group_ids for item in items]), np.concatenate([item.group_totals for item in items])
             )
-    if not np.isfinite(totals).all() or (group_totals is not None and not np.isfinite(group_totals).all()):
+        class_totals = None
+        if first.per_class:
+            class_totals = np.sum(np.stack([item.class_totals for item in items]), axis=0, dtype=np.float64)
+    if not all(part is None or np.isfinite(part).all() for part in (totals, group_totals, class_totals)):
         raise ValueError("statistics: the merged totals overflow float64")
-    return replace(first, totals=totals, group_ids=group_ids, group_totals=group_totals, num_batches=num_batches)
+    return replace(
+        first, totals=totals, group_ids=group_ids, group_totals=group_totals, class_totals=class_totals,
+        num_batches=num_batches,
+    )
+
+
+def _class_difference(first: Statistics, other: Statistics) -> str:
+    r"""How the class totals of two statistics differ, in words."""
+    if first.per_class != other.per_class:
+        with_classes, without = ("statistics[0]", "this one") if first.per_class else ("this one", "statistics[0]")
+        return f"{with_classes} are per class and {without} are not; score every part with per_class or none"
+    first_classes, first_layout = first.class_shape()
+    other_classes, other_layout = other.class_shape()
+    if first_classes != other_classes:
+        return f"{other_classes} classes vs {first_classes}"
+    return f"class layout {list(other_layout)} vs {list(first_layout)}"
 
 
 __all__ = ["INT64_MAX", "MAX_GROUPS", "STATISTICS_VERSION", "Statistics", "merge", "sum_by_label"]

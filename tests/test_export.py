@@ -120,9 +120,9 @@ def test_onnx_graph_runs_from_the_manifest_alone(exported):
     entry = _entry(result, "bce_with_logits.onnx")
     session = onnxruntime.InferenceSession(str(out / entry["file"]), providers=["CPUExecutionProvider"])
     feeds = _feeds_from_manifest(entry, 3, 5, 7, torch.Generator().manual_seed(0))
-    loss, values, totals, sample_totals = session.run(layout.ONNX_OUTPUTS, feeds)
+    loss, values, totals, sample_totals, class_totals = session.run(layout.ONNX_OUTPUTS, feeds)
     expected = losses.build("bce_with_logits")(torch.from_numpy(feeds["predictions"]), torch.from_numpy(feeds["targets"]))
-    assert values.shape == (3, 5, 7) and sample_totals.shape[0] == 3
+    assert values.shape == (3, 5, 7) and sample_totals.shape[0] == 3 and class_totals.shape == (5, 4)
     np.testing.assert_allclose(loss, expected.item(), rtol=1e-5)
 
 
@@ -141,10 +141,14 @@ def test_layout_channels_last_and_weights_through_the_onnx_graph(exported, name)
         params = {"class_dim": -1, "reduction": reduction}
         feeds, restore = layout.to_canonical(spec, params, predictions, targets, weights)
         assert feeds["predictions"].shape == (2, 3, 12)
-        loss, values, _, _ = session.run(layout.ONNX_OUTPUTS, feeds)
-        expected = losses.build(name, **params)(predictions, targets, weights)
+        loss, values, _, _, class_totals = session.run(layout.ONNX_OUTPUTS, feeds)
+        module = losses.build(name, **params)
+        expected = module(predictions, targets, weights)
         actual = restore(values) if reduction == "none" else loss
         np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-5, atol=1e-6)
+        # The classes of the channels-last predictions, in their order.
+        expected_classes = module.statistics(predictions, targets, weights, False, False, True)[2]
+        np.testing.assert_allclose(class_totals, expected_classes.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_layout_one_dimensional_predictions_round_trip():

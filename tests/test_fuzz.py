@@ -139,15 +139,15 @@ VALID_BODIES = _valid_bodies()
 
 
 def _valid_statistics():
-    r"""Statistics messages of every loss and setting, with and without groups."""
+    r"""Statistics messages of every loss and setting, with and without groups, with and without classes."""
     messages = []
     generator = torch.Generator().manual_seed(2)
     for spec in losses.specs():
         for params in spec.test_params:
             predictions, targets = spec.make_inputs(3, 3, (4,), generator, torch.float32, dict(params))
-            for group_ids in (None, [5, -1, 5]):
-                messages.append(statistics_message(
-                    evaluation.statistics(spec.name, predictions, targets, group_ids=group_ids, **params)))
+            for group_ids, per_class in ((None, False), ([5, -1, 5], False), (None, True)):
+                messages.append(statistics_message(evaluation.statistics(
+                    spec.name, predictions, targets, group_ids=group_ids, per_class=per_class, **params)))
     return messages
 
 
@@ -299,6 +299,7 @@ def structured(draw):
         group_shape = shape[:1] if not rarely(draw) else draw(shapes())
         request.group_ids.CopyFrom(draw(tensors(group_shape, INT_DTYPES, [0, 1, -1, 7, 2 ** 40])))
     request.return_statistics = draw(st.booleans())
+    request.return_per_class = draw(st.booleans())
     return request.SerializeToString()
 
 
@@ -347,6 +348,14 @@ def structured_statistics(draw):
         message.group_totals.CopyFrom(draw(tensors([count, len(message.layout)], [pb.DTYPE_FLOAT64], FINITE)))
     if rarely(draw):
         message.num_batches = draw(st.sampled_from([0, -1, 2 ** 62]))
+    if rarely(draw):
+        columns = draw(st.integers(0, 8))
+        if draw(st.booleans()):
+            message.ClearField("class_layout")
+            message.class_layout.extend(draw(st.sampled_from([["loss_sum"] * columns, list(message.layout)[:columns]])))
+        message.class_totals.CopyFrom(draw(tensors(
+            draw(st.sampled_from([[draw(st.integers(0, 4)), columns], [columns], []])), [pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT32],
+            FINITE + SPECIAL)))
     return message
 
 

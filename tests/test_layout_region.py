@@ -275,10 +275,11 @@ def test_onnx_graph_matches_eager_for_every_weight_kind(sessions, name, variant)
             feeds, restore = layout.to_canonical(spec, params, predictions, targets, weights)
             module = losses.build(name, **params)
             values, totals, sample_totals = module.statistics(predictions, targets, weights, True)
+            class_totals = module.statistics(predictions, targets, weights, False, False, True)[2]
             what = f"{name} {settings} {label}"
             for reduction in REDUCTIONS:
                 feeds["reduction"] = np.asarray(layout.REDUCTION_CODES[reduction], dtype=np.int64)
-                loss, graph_values, graph_totals, graph_samples = session.run(layout.ONNX_OUTPUTS, feeds)
+                loss, graph_values, graph_totals, graph_samples, graph_classes = session.run(layout.ONNX_OUTPUTS, feeds)
                 expected = losses.build(name, **params, reduction=reduction)(predictions, targets, weights)
                 if reduction == "none":
                     _close(restore(graph_values), expected, what + " values")
@@ -287,4 +288,5 @@ def test_onnx_graph_matches_eager_for_every_weight_kind(sessions, name, variant)
                     _close(loss, expected, f"{what} loss {reduction}")
             _close(graph_totals, totals, what + " totals")
             _close(graph_samples, sample_totals, what + " sample_totals")
+            _close(graph_classes, class_totals, what + " class_totals")
             _close(restore(graph_values), values, what + " statistics values")

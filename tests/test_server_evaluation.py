@@ -1,4 +1,4 @@
-r"""Per-group results and mergeable statistics through the gRPC service, on every backend.
+r"""Per-group and per-class results and mergeable statistics through the gRPC service, on every backend.
 
 A group's loss must equal ScoreBatch on that group alone, a stream's groups the batch's, and the client's
 merge of shards' statistics ScoreBatch on everything; bad group_ids and statistics get client statuses
@@ -28,12 +28,18 @@ def close(actual, expected, what):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6, err_msg=what)
 
 
-@pytest.mark.parametrize("name,index", PARITY_CASES)
-def test_groups_and_merged_shards_on_every_backend(client, name, index):
-    spec, params, predictions, targets = inputs(name, index, batch=len(GROUP_IDS), seed=5)
-    weights = parity_weights(spec, predictions, index)
+def parity_case(name, index, seed):
+    r"""``(params, predictions, targets, weights, reduction, options)`` of a parity case: a batch of
+    ``len(GROUP_IDS)`` samples, its weights, a reduction by the case's index and the client's options."""
+    spec, params, predictions, targets = inputs(name, index, batch=len(GROUP_IDS), seed=seed)
     reduction = REDUCTIONS[index % len(REDUCTIONS)]
     options = dict(reduction=reduction, **_send_params(params))
+    return params, predictions, targets, parity_weights(spec, predictions, index), reduction, options
+
+
+@pytest.mark.parametrize("name,index", PARITY_CASES)
+def test_groups_and_merged_shards_on_every_backend(client, name, index):
+    params, predictions, targets, weights, reduction, options = parity_case(name, index, seed=5)
     for backend in BACKENDS:
         what = f"{name} {params} {reduction} on {backend}"
         whole = client.score(name, predictions, targets, weights, group_ids=GROUP_IDS, return_statistics=True,
@@ -215,3 +221,77 @@ def test_a_request_for_statistics_builds_its_message(client):
     assert request.return_statistics and list(codec.to_numpy(request.group_ids)) == [4, 4]
     result = client.score_request(request)
     assert list(result.group_ids) == [4] and result.group_losses.tolist() == [1.0]
+
+
+@pytest.mark.parametrize("name,index", PARITY_CASES)
+def test_per_class_results_on_every_backend_are_the_librarys(client, name, index):
+    params, predictions, targets, weights, reduction, options = parity_case(name, index, seed=6)
+    library = evaluation.score(name, predictions, targets, weights, group_ids=GROUP_IDS, per_class=True,
+                               reduction=reduction, **params)
+    for backend in BACKENDS:
+        what = f"{name} {params} {reduction} on {backend}"
+        whole = client.score(name, predictions, targets, weights, group_ids=GROUP_IDS, return_per_class=True,
+                             return_statistics=True, backend=backend, **options)
+        close(whole.class_losses, library.class_losses, what)
+        assert (whole.class_scores is None) == (library.class_scores is None), what
+        if library.class_scores is not None:
+            close(whole.class_scores, library.class_scores, what)
+        assert whole.statistics.class_layout == library.statistics.class_layout, what
+        close(whole.statistics.class_totals, library.statistics.class_totals, what)
+        close(whole.group_losses, library.group_losses, what)
+        parts = [
+            client.score(name, predictions[a:b], targets[a:b], weights[a:b], return_per_class=True,
+                         return_statistics=True, backend=backend, **options).statistics
+            for a, b in SHARDS
+        ]
+        merged = client.merge(parts)
+        close(merged.class_losses, library.class_losses, what)
+        batches = [{"predictions": predictions[a:b], "targets": targets[a:b], "weights": weights[a:b]} for a, b in SHARDS]
+        streamed = client.score_stream(batches, loss=name, backend=backend, return_per_class=True, **options)
+        close(streamed.class_losses, library.class_losses, what)
+        if library.class_scores is not None:
+            close(streamed.class_scores, library.class_scores, what)
+
+
+def test_per_class_results_come_only_when_asked(client):
+    _, _, predictions, targets = inputs("cross_entropy", batch=4)
+    plain = client.score("cross_entropy", predictions, targets)
+    assert plain.class_losses is None and plain.class_scores is None
+    per_class = client.score("cross_entropy", predictions, targets, return_per_class=True)
+    assert per_class.class_losses.shape == (predictions.shape[1],) and per_class.class_scores is None
+    assert per_class.loss == plain.loss and per_class.statistics is None
+
+
+def test_merge_refuses_class_totals_that_do_not_fit_the_loss(client):
+    message = codec.statistics_message(evaluation.statistics(
+        "dice", torch.randn(2, 3, 4), torch.randint(0, 3, (2, 4)), per_class=True, mode="multiclass", batch=True))
+
+    def edited(edit):
+        copy = pb.Statistics()
+        copy.CopyFrom(message)
+        edit(copy)
+        return copy
+
+    def other_layout(copy):
+        copy.class_layout[0] = "loss_sum"
+
+    def no_totals(copy):
+        copy.ClearField("class_totals")
+
+    def other_classes(copy):
+        copy.class_totals.CopyFrom(codec.to_message(np.ones((2, 3))))
+
+    def flat(copy):
+        copy.class_totals.CopyFrom(codec.to_message(np.ones(9)))
+
+    field, description = _refused(lambda: _merge_raw(client, [edited(other_layout)]))
+    assert field == "statistics[0]" and "class layout" in description
+    field, description = _refused(lambda: _merge_raw(client, [edited(no_totals)]))
+    assert field == "statistics[0].class_totals" and "must be set" in description
+    field, description = _refused(lambda: _merge_raw(client, [edited(other_classes)]))
+    assert field == "statistics[0]" and "2 classes, the totals 3" in description
+    field, description = _refused(lambda: _merge_raw(client, [edited(flat)]))
+    assert field == "statistics[0].class_totals.shape" and "(C, 3)" in description
+    field, description = _refused(lambda: _merge_raw(client, [message, codec.statistics_message(evaluation.statistics(
+        "dice", torch.randn(2, 3, 4), torch.randint(0, 3, (2, 4)), mode="multiclass", batch=True))]))
+    assert field == "statistics[1]" and "per class" in description

@@ -31,7 +31,7 @@ SCALE_PARAM = ParamSpec("scale", "float", 1.0, "residual scale s: log cosh(s·r)
 
 def log_cosh_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], scale: Tensor, class_weight: Optional[Tensor],
-    class_dim: int, per_sample: bool,
+    class_dim: int, per_sample: bool, values: bool = True, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel: hyperparameters by their ParamSpec names, floats as 0-d tensors."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
@@ -39,7 +39,7 @@ def log_cosh_statistics(
     s = scale.to(dtype)
     scaled = ((predictions.to(dtype) - as_float(targets, dtype, "targets")) * s).abs()
     loss = (scaled + torch.log1p(torch.exp(-2.0 * scaled)) - math.log(2.0)) / s
-    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
 
 
 class LogCoshLoss(ElementwiseLoss):
@@ -55,10 +55,10 @@ class LogCoshLoss(ElementwiseLoss):
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return log_cosh_statistics(predictions, targets, weights, float_hyperparameter(self.scale, predictions),
-                                   optional_vector(self.class_weight), self.class_dim, per_sample)
+                                   optional_vector(self.class_weight), self.class_dim, per_sample, values, per_class)
 
 
 def log_cosh_loss(predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, scale: float = 1.0,

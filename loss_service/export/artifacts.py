@@ -76,7 +76,7 @@ class CanonicalLossGraph(nn.Module):
 
     ``forward(predictions, targets, weights, [sample_weights,] *hyperparameters, reduction)`` with
     the inputs of :func:`loss_service.layout.onnx_input_names` returns
-    ``(loss, values, totals, sample_totals)``:
+    ``(loss, values, totals, sample_totals, class_totals)``:
 
     .. math::
         \mathrm{loss} = \begin{cases}
@@ -109,7 +109,7 @@ class CanonicalLossGraph(nn.Module):
         self.reduction_arguments = _reductions_arguments(spec)
         self.weight_inputs = len(layout.weight_input_names(spec))
 
-    def forward(self, *inputs: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, *inputs: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         predictions, targets = inputs[0], inputs[1]
         weight_inputs = inputs[2:2 + self.weight_inputs]
         reduction = inputs[-1]
@@ -118,13 +118,17 @@ class CanonicalLossGraph(nn.Module):
         values, totals, sample_totals = self.spec.statistics_kernel(
             predictions, targets, *weight_inputs, per_sample=True, **arguments
         )
+        # The kernel gives one breakdown per call; ONNX Runtime merges what the two calls share.
+        _, _, class_totals = self.spec.statistics_kernel(
+            predictions, targets, *weight_inputs, per_sample=False, per_class=True, **arguments
+        )
         reductions = self.spec.reductions_kernel(totals, **{k: arguments[k] for k in self.reduction_arguments})
         loss = torch.where(
             reduction == layout.REDUCTION_CODES["mean"],
             reductions[1],
             torch.where(reduction == layout.REDUCTION_CODES["weighted_mean"], reductions[2], reductions[0]),
         )
-        return loss, values, totals, sample_totals
+        return loss, values, totals, sample_totals, class_totals
 
 
 def example_feeds(spec: LossSpec, variant: Dict[str, Any]) -> Dict[str, Any]:

@@ -123,7 +123,7 @@ def check_scripted(spec: LossSpec, scripted: torch.jit.ScriptModule, configured:
     r"""Raise :class:`ArtifactError` unless ``scripted`` (a loaded ``<loss>.pt``) is ``spec``'s module.
 
     Compared with the registry: the TorchScript class (``spec.module``'s qualified name), the methods
-    a reader calls (``statistics``, ``reductions``), and every hyperparameter of ``spec`` as the eager
+    a reader calls (``statistics``, ``reductions``, ``class_reductions``), and every hyperparameter of ``spec`` as the eager
     module ``configured`` (``losses.build(spec.name)``) holds it, which is how a reader sets it per
     configuration: a buffer where ``configured`` has a buffer, else an attribute of the same Python type.
     """
@@ -131,7 +131,7 @@ def check_scripted(spec: LossSpec, scripted: torch.jit.ScriptModule, configured:
     found = scripted._c._type().qualified_name()
     expected = torch._jit_internal._qualified_name(spec.module)
     differences = [f"class {found}, expected {expected}"] if found != expected else []
-    differences += [f"no method {name}" for name in ("statistics", "reductions")
+    differences += [f"no method {name}" for name in ("statistics", "reductions", "class_reductions")
                     if not isinstance(getattr(scripted, name, None), torch.ScriptMethod)]
     buffers = dict(scripted.named_buffers(recurse=False))
     eager_buffers = dict(configured.named_buffers(recurse=False))

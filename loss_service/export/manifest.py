@@ -205,6 +205,7 @@ def onnx_entry(spec: LossSpec, variant: Dict[str, Any], path: Path, opset: int) 
         "values": "weighted unreduced losses in the canonical layout",
         "totals": "float64 additive statistics of the batch",
         "sample_totals": "float64 additive statistics per sample (N, K)",
+        "class_totals": "float64 additive statistics per class (C, K_c)",
     }
     for output in outputs:
         output["meaning"] = meanings.get(output["name"], "")
@@ -241,8 +242,11 @@ def torchscript_entry(spec: LossSpec, path: Path) -> Dict[str, Any]:
         "variant_key": "",
         "methods": {
             "forward": "forward(predictions, targets, weights=None) -> loss",
-            "statistics": "statistics(predictions, targets, weights, per_sample, values=True) -> (values, totals, sample_totals)",
+            "statistics": "statistics(predictions, targets, weights, per_sample, values=True, per_class=False) -> "
+            "(values, totals, sample_totals, or class_totals with per_class)",
             "reductions": "reductions(totals) -> [sum, mean, weighted_mean]",
+            "class_reductions": "class_reductions(class_totals) -> (C, 3) [sum, mean, weighted_mean] per class, "
+            "(C, 4) with the class's overlap index for region losses",
         },
         "inputs": [
             {"name": "predictions", "dtype": "float32|float64|float16|bfloat16", "shape": spec.prediction_shape},

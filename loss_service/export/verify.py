@@ -6,7 +6,7 @@ Checks (each reports ``max_abs`` and ``max_rel`` error; float32 tolerances below
   from the traced example, channels-last via ``class_dim=-1`` where the loss has it, every
   ``spec.test_params`` setting (vectors resized to C by repetition), with and without weights
   (per-sample and elementwise), with ~20 % ignored targets where the loss has ``ignore_index`` --
-  for every reduction. ONNX: ``loss``, ``values``, ``totals`` and ``sample_totals`` against the
+  for every reduction. ONNX: ``loss``, ``values``, ``totals``, ``sample_totals`` and ``class_totals`` against the
   eager module and its ``statistics``. TorchScript: the forward value, the gradient with respect to
   the predictions, and ``statistics``; hyperparameters are set with ``setattr`` on the loaded
   module (what a C++ trainer does).
@@ -256,6 +256,13 @@ def verify_torchscript(spec: LossSpec, path: Path, level: str) -> List[Check]:
             ("values", "totals", "sample_totals"),
         ):
             statistics_check.record(got, want, f"{what} {sample.label}")
+        class_totals = scripted.statistics(sample.predictions, sample.targets, sample.weights, False, False, True)[2]
+        expected_class_totals = module.statistics(sample.predictions, sample.targets, sample.weights, False, False, True)[2]
+        statistics_check.record(class_totals, expected_class_totals, f"class_totals {sample.label}")
+        statistics_check.record(
+            scripted.class_reductions(class_totals), module.class_reductions(expected_class_totals),
+            f"class_reductions {sample.label}",
+        )
     checks = [value_check, gradient_check, statistics_check]
     if level != "quick":
         checks.append(_torchscript_extremes(spec, scripted))
@@ -414,9 +421,10 @@ def verify_onnx(spec: LossSpec, variant: Dict[str, Any], path: Path, level: str,
         expected_values, expected_totals, expected_samples = module.statistics(
             sample.predictions, sample.targets, sample.weights, True
         )
+        expected_classes = module.statistics(sample.predictions, sample.targets, sample.weights, False, False, True)[2]
         for reduction in REDUCTIONS:
             feeds["reduction"] = np.asarray(layout.REDUCTION_CODES[reduction], dtype=np.int64)
-            loss, values, totals, sample_totals = session.run(layout.ONNX_OUTPUTS, feeds)
+            loss, values, totals, sample_totals, class_totals = session.run(layout.ONNX_OUTPUTS, feeds)
             expected = _eager(spec, sample, reduction)
             if reduction == "none":
                 parity.record(restore(values), expected, f"values {sample.label}")
@@ -425,6 +433,7 @@ def verify_onnx(spec: LossSpec, variant: Dict[str, Any], path: Path, level: str,
                 parity.record(loss, expected, f"loss {reduction} {sample.label}")
         parity.record(totals, expected_totals, f"totals {sample.label}")
         parity.record(sample_totals, expected_samples, f"sample_totals {sample.label}")
+        parity.record(class_totals, expected_classes, f"class_totals {sample.label}")
         parity.record(restore(values), expected_values, f"statistics values {sample.label}")
     checks.append(parity)
     if level != "quick" and spec.predictions == "logits":

@@ -21,22 +21,29 @@ class Loss(nn.Module):
     def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         # The reduction is read at call time: C++ may have set it since construction.
         check_reduction(self.reduction)
-        values, totals, _ = self.statistics(predictions, targets, weights, False, self.reduction == "none")
+        values, totals, _ = self.statistics(predictions, targets, weights, False, self.reduction == "none", False)
         return select_reduction(values, self.reductions(totals), self.reduction, predictions.dtype)
 
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         r"""``(values, totals, sample_totals)`` of the loss's statistics kernel (see :mod:`._reduction`);
-        with ``values=False`` the values may be empty (a caller that reads only the totals)."""
+        with ``values=False`` the values may be empty (a caller that reads only the totals); with
+        ``per_class`` the third output is the class totals ``(C, K_c)`` (``Forms.class_totals``)."""
         raise NotImplementedError("a loss module implements statistics")
 
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:
         r"""``[sum, mean, weighted_mean]`` of ``(..., K)`` totals (see :mod:`._reduction`)."""
         raise NotImplementedError("a loss module implements reductions")
+
+    @torch.jit.export
+    def class_reductions(self, class_totals: Tensor) -> Tensor:
+        r"""``(C, 3)`` ``[sum, mean, weighted_mean]`` of each class's loss from ``(C, K_c)`` class totals, and for
+        a loss with an overlap index ``(C, 4)``, the class's index (e.g. its Dice score) in column 3."""
+        raise NotImplementedError("a loss module implements class_reductions")
 
 
 class ElementwiseLoss(Loss):
@@ -52,13 +59,18 @@ class ElementwiseLoss(Loss):
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         r"""The class's ``kernel = staticmethod(<loss>_statistics)``, for a loss without hyperparameters of its
         own; a loss with some overrides ``statistics`` to pass them."""
         class_weight = optional_vector(self.class_weight)
-        return self.kernel(predictions, targets, weights, class_weight, self.class_dim, per_sample, values)
+        return self.kernel(predictions, targets, weights, class_weight, self.class_dim, per_sample, values, per_class)
 
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:
         return elementwise_reductions(totals)
+
+    @torch.jit.export
+    def class_reductions(self, class_totals: Tensor) -> Tensor:
+        r"""A class's elementwise totals reduce as a batch's."""
+        return elementwise_reductions(class_totals)

@@ -145,7 +145,7 @@ def class_vector(vec: Tensor, num_classes: int, ndim: int, class_dim: int, name:
     return vec
 
 
-def per_class(vec: Tensor, shape: List[int], class_dim: int, name: str) -> Tensor:
+def class_setting(vec: Tensor, shape: List[int], class_dim: int, name: str) -> Tensor:
     r"""A per-class setting (``class_weight``, ``pos_weight``, ``alpha``) shaped for ``shape``; predictions
     without a class dimension (``(N,)``) take a scalar or a one-element vector."""
     if vec.dim() == 0:
@@ -198,29 +198,31 @@ def sample_or_element_weights(weights: Tensor, shape: List[int]) -> Tensor:
 def effective_weight(
     shape: List[int], weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, dtype: torch.dtype,
 ) -> Optional[Tensor]:
-    r"""``weights · class_weight`` (:func:`sample_or_element_weights`, :func:`per_class`) shaped to broadcast to
+    r"""``weights · class_weight`` (:func:`sample_or_element_weights`, :func:`class_setting`) shaped to broadcast to
     ``shape``; ``None`` if neither is set."""
     weight: Optional[Tensor] = None
     if weights is not None:
         weight = sample_or_element_weights(weights, shape).to(dtype)
     if class_weight is not None:
-        vec = per_class(class_weight.to(dtype), shape, class_dim, "class_weight")
+        vec = class_setting(class_weight.to(dtype), shape, class_dim, "class_weight")
         weight = vec if weight is None else weight * vec
     return weight
 
 
 def weighted_statistics(
     loss: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, dtype: torch.dtype,
-    per_sample: bool,
+    per_sample: bool, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics of the unreduced ``loss`` weighted by :func:`effective_weight`, each element counting 1
-    in the ``mean`` denominator (as torch's elementwise losses). ``loss`` is the caller's own
-    temporary: outside export and autograd it is weighted in place."""
+    in the ``mean`` denominator (as torch's elementwise losses); with ``per_class`` the class totals of its
+    channels (:func:`class_totals`). ``loss`` is the caller's own temporary: outside export and autograd it is
+    weighted in place."""
     weight = effective_weight(list(loss.shape), weights, class_weight, class_dim, dtype)
     if weight is not None:
         recording = torch.is_grad_enabled() and loss.requires_grad
         loss = loss * weight if is_tracing() or recording else loss.mul_(weight)
-    return elementwise_statistics(loss, weight, None, per_sample)
+    dim = normalize_class_dim(class_dim, loss.dim()) if per_class and loss.dim() > 1 else 0
+    return elementwise_statistics(loss, weight, None, per_sample, per_class, dim)
 
 
 # The hints of shape_mismatch_message, by what a loss makes of targets that look like class indices.
@@ -317,12 +319,86 @@ def per_sample_sum(x: Optional[Tensor], shape: List[int], device: torch.device) 
     return (accumulate(x, list(range(1, len(shape)))) * repeats).expand(shape[0])
 
 
+def class_totals(
+    weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], class_dim: int,
+    membership: Optional[Tensor] = None,
+) -> Tensor:
+    r"""``(C, 4)`` per-class elementwise totals ``[Σ m·w·ℓ, Σ m·w, Σ m·d, Σ m]`` in float64.
+
+    Without ``membership`` each element belongs to its own class along ``class_dim`` of ``weighted_loss``
+    (a dense loss: a channel is a class; no class dimension, ``(N,)``, is one class). With it, ``membership``
+    ``m`` (float, the predictions' shape, classes along ``class_dim``) says how much of each element of
+    ``weighted_loss`` (which has no class dimension) counts for each class: the one-hot of its target class
+    (nothing where ignored), or its class probabilities, which split it."""
+    shape = list(weighted_loss.shape)
+    device = weighted_loss.device
+    if membership is None:
+        if len(shape) < 2:
+            return torch.stack(
+                [
+                    accumulate(weighted_loss), total_sum(weight, shape, device), total_sum(denominator, shape, device),
+                    total_sum(None, shape, device),
+                ]
+            ).unsqueeze(0)
+        ones = torch.ones_like(weighted_loss)
+        dims = _dims_but(len(shape), class_dim)
+        return torch.stack(
+            [
+                accumulate(weighted_loss, dims), accumulate(_or_ones(weight, ones), dims),
+                accumulate(_or_ones(denominator, ones), dims), accumulate(ones, dims),
+            ],
+            dim=1,
+        )
+    dims = _dims_but(membership.dim(), class_dim)
+    return torch.stack(
+        [
+            accumulate(membership * weighted_loss.unsqueeze(class_dim), dims),
+            accumulate(_member_share(membership, weight, shape, class_dim), dims),
+            accumulate(_member_share(membership, denominator, shape, class_dim), dims), accumulate(membership, dims),
+        ],
+        dim=1,
+    )
+
+
+def _dims_but(ndim: int, excluded: int) -> List[int]:
+    dims: List[int] = []
+    for dim in range(ndim):
+        if dim != excluded:
+            dims.append(dim)
+    return dims
+
+
+def _or_ones(x: Optional[Tensor], ones: Tensor) -> Tensor:
+    r"""``x`` broadcast to ``ones``' shape; ``ones`` for ``None``."""
+    if x is None:
+        return ones
+    return x.expand(ones.shape)
+
+
+def _member_share(membership: Tensor, x: Optional[Tensor], shape: List[int], class_dim: int) -> Tensor:
+    r"""``m · x`` of :func:`class_totals`, ``x`` (``None``: 1) broadcast to the elementwise ``shape``."""
+    if x is None:
+        return membership
+    return membership * x.expand(shape).unsqueeze(class_dim)
+
+
 def elementwise_statistics(
     weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], per_sample: bool,
+    per_class: bool = False, class_dim: int = 1, membership: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""``(values, totals, sample_totals)`` of an elementwise loss: ``weighted_loss`` is ``w·ℓ`` per element,
     ``weight`` the full effective weight ``w`` and ``denominator`` the ``mean`` denominator ``d`` (both broadcast
-    to ``weighted_loss``; ``None`` is 1 per element). Totals are ``[Σ w·ℓ, Σ w, Σ d, n]`` in float64."""
+    to ``weighted_loss``; ``None`` is 1 per element). Totals are ``[Σ w·ℓ, Σ w, Σ d, n]`` in float64. With
+    ``per_class`` the third output is :func:`class_totals` (of ``class_dim`` and ``membership``) instead."""
+    values, totals, parts = _elementwise_statistics(weighted_loss, weight, denominator, per_sample and not per_class)
+    if per_class:
+        parts = class_totals(weighted_loss, weight, denominator, class_dim, membership)
+    return values, totals, parts
+
+
+def _elementwise_statistics(
+    weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
     shape = list(weighted_loss.shape)
     device = weighted_loss.device
     if per_sample and len(shape) > 0 and not is_tracing():

@@ -153,21 +153,24 @@ class Forms:
       or ``1`` (one value for the whole batch).
     * ``totals`` -- the blocks the totals are made of, in order: ``elementwise`` (``[Σ w·ℓ, Σ w, Σ d, n]``)
       or ``overlap`` (``[TP_c…, P_c…, T_c…]``), as ``"<term>:<block>"`` when a loss combines terms
-      (:meth:`totals_layout` names the entries); ``indices_with_channel`` -- class indices may also come as ``(N, 1, *)``; ``single_channel`` -- every
+      (:meth:`totals_layout` names the entries); ``class_totals`` -- the blocks of one class's row of the class
+      totals ``(C, K_c)`` (``statistics(..., per_class=True)``), an ``overlap`` block ``[TP_c, P_c, T_c]``; ``indices_with_channel`` -- class indices may also come as ``(N, 1, *)``; ``single_channel`` -- every
       non-batch dimension is spatial, ``(N, *)`` has no class dimension (a binary region loss).
     """
 
     targets: Tuple[str, ...]
     values: str
     totals: Tuple[str, ...] = ("elementwise",)
+    class_totals: Tuple[str, ...] = ("elementwise",)
     indices_with_channel: bool = False
     single_channel: bool = False
 
     def __post_init__(self) -> None:
         if not self.targets or not set(self.targets) <= set(TARGET_FORMS) or self.values not in VALUES_LAYOUTS:
             raise ValueError(f"Forms: targets {self.targets} must be among {TARGET_FORMS}, values in {VALUES_LAYOUTS}")
-        if not self.totals or any(block.rpartition(":")[2] not in TOTALS_BLOCKS for block in self.totals):
-            raise ValueError(f"Forms: totals {self.totals} must be blocks among {TOTALS_BLOCKS}")
+        for blocks in (self.totals, self.class_totals):
+            if not blocks or any(block.rpartition(":")[2] not in TOTALS_BLOCKS for block in blocks):
+                raise ValueError(f"Forms: totals {blocks} must be blocks among {TOTALS_BLOCKS}")
 
     @property
     def elementwise_totals(self) -> bool:
@@ -205,6 +208,22 @@ class Forms:
         if num_classes is None or self.totals_layout(num_classes) != tuple(layout):
             return None
         return num_classes
+
+    def class_totals_layout(self) -> Tuple[str, ...]:
+        r"""The name of each column of the class totals ``(C, K_c)`` (one row per class): the entries of its blocks,
+        e.g. ``("loss_sum", "weight_sum", "denominator", "count", "true_positive", "predicted", "target")``."""
+        names: List[str] = []
+        for block in self.class_totals:
+            term, _, kind = block.rpartition(":")
+            prefix = f"{term}." if term else ""
+            names += [prefix + name for name in (ELEMENTWISE_TOTALS if kind == "elementwise" else OVERLAP_TOTALS)]
+        return tuple(names)
+
+    @property
+    def class_index(self) -> bool:
+        r"""Whether a class has an overlap index (its Dice score, ...) beside its loss: class totals with an
+        overlap block."""
+        return any(block.endswith("overlap") for block in self.class_totals)
 
     @property
     def index_targets(self) -> bool:

@@ -21,7 +21,7 @@ from ._registry import LossSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, is_tracing,
-    effective_weight, float_hyperparameter, one_target_per_prediction_hint, optional_vector, per_class,
+    effective_weight, float_hyperparameter, one_target_per_prediction_hint, optional_vector, class_setting,
     select_reduction, smoothed_binary_targets, summed_statistics, sums_only, vector_argument, vector_buffer,
     weighted_statistics,
 )
@@ -46,7 +46,7 @@ def _clamped_log(p: Tensor, complement: bool) -> Tensor:
 
 def bce_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
-    per_sample: bool, values: bool = True,
+    per_sample: bool, values: bool = True, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_cross_entropy` (see :mod:`._reduction`). It writes its values whatever
     ``values`` says: its eager form is faster than torch's fused kernel."""
@@ -69,7 +69,7 @@ def bce_statistics(
             loss = _bce_terms(p, t)
         else:
             loss = _autograd.binary_cross_entropy(p.contiguous(), t.contiguous())
-    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
 
 
 def _bce_terms(p: Tensor, t: Tensor) -> Tensor:
@@ -111,7 +111,7 @@ def optional_smoothing(label_smoothing: float, predictions: Tensor) -> Optional[
 def bce_with_logits_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], pos_weight: Optional[Tensor],
     label_smoothing: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, per_sample: bool,
-    values: bool = True,
+    values: bool = True, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_cross_entropy_with_logits`; for the totals alone
     (:func:`sums_only`) torch's fused kernel sums the weighted loss."""
@@ -121,14 +121,14 @@ def bce_with_logits_statistics(
     t = smoothed_binary_targets(as_float(targets, dtype, "targets"), label_smoothing)
     positive_weight: Optional[Tensor] = None
     if pos_weight is not None:
-        positive_weight = per_class(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
+        positive_weight = class_setting(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
     if is_tracing():
         # -log σ(x) = softplus(-x) and -log σ(-x) = softplus(-x) + x: one stable log-sigmoid
         # (log_sigmoid, which the ONNX exporter cannot turn into Log(Sigmoid)).
         log_sigmoid_x = log_sigmoid(x)
         positive_scale = t if positive_weight is None else positive_weight * t
         loss = (1.0 - t) * x - (positive_scale + 1.0 - t) * log_sigmoid_x
-    elif sums_only(values, per_sample):
+    elif sums_only(values, per_sample or per_class):
         shape = list(x.shape)
         weight = effective_weight(shape, weights, class_weight, class_dim, dtype)
         loss_sum = F.binary_cross_entropy_with_logits(
@@ -137,7 +137,7 @@ def bce_with_logits_statistics(
         return summed_statistics(loss_sum, weight, None, shape)
     else:
         loss = _fused_bce_with_logits(x, t, positive_weight)
-    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
 
 
 def _fused_bce_with_logits(x: Tensor, t: Tensor, positive_weight: Optional[Tensor]) -> Tensor:
@@ -206,12 +206,12 @@ class BCEWithLogitsLoss(ElementwiseLoss):
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return bce_with_logits_statistics(
             predictions, targets, weights, optional_vector(self.pos_weight),
             optional_smoothing(self.label_smoothing, predictions), optional_vector(self.class_weight),
-            self.class_dim, per_sample, values,
+            self.class_dim, per_sample, values, per_class,
         )
 
 

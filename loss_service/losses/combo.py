@@ -18,7 +18,8 @@ from ._reduction import (
 from .bce import bce_with_logits_statistics
 from .region import (
     DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _constant, _flag, _region_loss, _weights3, check_split_weights,
-    dense_sums, masked_pixel_weight, overlap_statistics, prepare, region_inputs, region_reductions, split_weights,
+    dense_sums, masked_pixel_weight, overlap_statistics, prepare, region_class_reductions, region_inputs,
+    region_reductions, split_weights,
 )
 
 _BCE = get("bce_with_logits")
@@ -62,12 +63,28 @@ def bce_dice_reductions(
     return bce_weight.to(torch.float64) * bce + dice_weight.to(torch.float64) * dice
 
 
+def bce_dice_class_reductions(
+    class_totals: Tensor, bce_weight: Tensor, dice_weight: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor,
+    gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor,
+    class_weight: Optional[Tensor], batch: bool,
+) -> Tensor:
+    r"""``(C, 4 + K_c)`` class totals to ``(C, 4)``: ``bce_weight·bce + dice_weight·dice`` per column, and the
+    class's Dice score."""
+    bce = elementwise_reductions(class_totals[:, :4])
+    dice = region_class_reductions(
+        class_totals[:, 4:], overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background,
+        class_weight, batch,
+    )
+    combined = bce_weight.to(torch.float64) * bce + dice_weight.to(torch.float64) * dice[:, :3]
+    return torch.cat([combined, dice[:, 3:]], dim=1)
+
+
 def bce_dice_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], sample_weights: Optional[Tensor],
     pos_weight: Optional[Tensor], bce_weight: Tensor, dice_weight: Tensor, overlap_scale: Tensor, alpha: Tensor,
     beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor,
     include_background: Tensor, squared_pred: Tensor, ignore_index: Tensor, class_weight: Optional[Tensor], mode: str,
-    batch: bool, per_sample: bool,
+    batch: bool, per_sample: bool, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`bce_dice_loss`, with pixel ``weights`` and ``(N,)``
     ``sample_weights`` as separate arguments (as :func:`~loss_service.losses.region.region_statistics`).
@@ -75,7 +92,8 @@ def bce_dice_statistics(
     ``values`` are per sample, ``(N,)``: the combined loss of each sample alone under the ``mean``
     rule (what ``reduction="none"`` returns). The BCE term is elementwise, so both kinds of weight
     simply multiply each element's weight (:math:`s_n\,w_{nci}`); the Dice term gets them as the
-    region kernel does.
+    region kernel does. The class totals of ``per_class`` are the BCE term's (its channels) followed by the
+    Dice term's.
     """
     if mode not in ["binary", "multilabel"]:
         raise ValueError("bce_dice: mode must be 'binary' or 'multilabel', got '{}'".format(mode))
@@ -87,10 +105,8 @@ def bce_dice_statistics(
     # the not-ignored mask, and the sample weights).
     logits, probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
     pixel_weight = masked_pixel_weight(keep, weights, predictions, mode)
-    _, dice_totals, dice_sample_totals = overlap_statistics(
-        dense_sums(probabilities, dense, pixel_weight, squared_pred), sample_weights, *index, class_weight, batch,
-        True,
-    )
+    sums = dense_sums(probabilities, dense, pixel_weight, squared_pred)
+    _, dice_totals, dice_sample_totals = overlap_statistics(sums, sample_weights, *index, class_weight, batch, True)
     batch_size = probabilities.shape[0]
     bce_weights = pixel_weight
     if sample_weights is not None:
@@ -103,16 +119,32 @@ def bce_dice_statistics(
         # Ignored positions have weight 0 and, as for every loss here, do not count in `mean`'s
         # denominator: column 2 becomes the number of positions that are not ignored.
         counted = accumulate(keep.expand(probabilities.shape), [1, 2])
-        bce_sample_totals = torch.cat(
-            [bce_sample_totals[:, :2], counted.unsqueeze(1), bce_sample_totals[:, 3:]], dim=1
-        )
-        bce_totals = torch.cat([bce_totals[:2], counted.sum().reshape(1), bce_totals[3:]])
+        bce_sample_totals = _with_denominator(bce_sample_totals, counted)
+        bce_totals = _with_denominator(bce_totals.unsqueeze(0), counted.sum().reshape(1)).squeeze(0)
     sample_totals = torch.cat([bce_sample_totals, dice_sample_totals], dim=1)
     totals = torch.cat([bce_totals, dice_totals])
     values = bce_dice_reductions(sample_totals, bce_weight, dice_weight, *index, class_weight, batch)[:, 1]
+    if per_class:
+        # The terms' class totals: the BCE kernel once more (an evaluation's extra pass), the Dice term from its sums.
+        _, _, bce_class_totals = bce_with_logits_statistics(
+            logits, dense, bce_weights, pos_weight, None, class_weight, 1, False, True, True
+        )
+        if keep is not None:
+            bce_class_totals = _with_denominator(bce_class_totals, accumulate(keep.expand(probabilities.shape), [0, 2]))
+        _, _, dice_class_totals = overlap_statistics(
+            sums, sample_weights, *index, class_weight, batch, False, True
+        )
+        return values, totals, torch.cat([bce_class_totals, dice_class_totals], dim=1)
     if not per_sample:
         sample_totals = sample_totals[:0]
     return values, totals, sample_totals
+
+
+def _with_denominator(elementwise_totals: Tensor, denominators: Tensor) -> Tensor:
+    r"""``(M, 4)`` elementwise totals with column 2 (``Σ d``) replaced by ``denominators`` ``(M,)``."""
+    return torch.cat(
+        [elementwise_totals[:, :2], denominators.unsqueeze(1), elementwise_totals[:, 3:]], dim=1
+    )
 
 
 def bce_dice_loss(
@@ -173,14 +205,14 @@ class BCEDiceLoss(RegionLoss):
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return bce_dice_statistics(
             predictions, targets, *split_weights(weights, predictions), optional_vector(self.pos_weight),
             _constant(self.bce_weight, predictions), _constant(self.dice_weight, predictions),
             *self.index_arguments(predictions), _flag(self.squared_pred, predictions),
             int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode,
-            self.batch, per_sample,
+            self.batch, per_sample, per_class,
         )
 
     @torch.jit.export
@@ -188,6 +220,13 @@ class BCEDiceLoss(RegionLoss):
         return bce_dice_reductions(
             totals, _constant(self.bce_weight, totals), _constant(self.dice_weight, totals),
             *self.index_arguments(totals), optional_vector(self.class_weight), self.batch,
+        )
+
+    @torch.jit.export
+    def class_reductions(self, class_totals: Tensor) -> Tensor:
+        return bce_dice_class_reductions(
+            class_totals, _constant(self.bce_weight, class_totals), _constant(self.dice_weight, class_totals),
+            *self.index_arguments(class_totals), optional_vector(self.class_weight), self.batch,
         )
 
 
@@ -201,6 +240,8 @@ register(LossSpec(
     constants=BCEDiceLoss.constants, pixel_weights=True,
     forms=lambda settings: Forms(
         ("dense",), "N", totals=("bce:elementwise", "dice:overlap" if settings["batch"] else "dice:elementwise"),
+        class_totals=("bce:elementwise",)
+        + (("dice:overlap",) if settings["batch"] else ("dice:elementwise", "dice:overlap")),
         single_channel=settings["mode"] == "binary",
     ),
     reference="bce_weight · F.binary_cross_entropy_with_logits + dice_weight · dice, each reduced by its own rule",
@@ -217,4 +258,7 @@ register(LossSpec(
     notes="totals = bce_with_logits totals (4) followed by dice totals; include_background affects the Dice term only",
 ))
 
-__all__ = ["BCEDiceLoss", "bce_dice_loss", "bce_dice_statistics", "bce_dice_reductions", "BCE_DICE_PARAMS"]
+__all__ = [
+    "BCEDiceLoss", "bce_dice_loss", "bce_dice_statistics", "bce_dice_reductions", "bce_dice_class_reductions",
+    "BCE_DICE_PARAMS",
+]

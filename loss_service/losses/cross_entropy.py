@@ -16,7 +16,7 @@ from ._stable import log_softmax, logsumexp
 from ._reduction import (
     as_float, check_range, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, elementwise_statistics,
     float_hyperparameter, int_hyperparameter, is_tracing, label_map_hint, normalize_class_dim, optional_vector,
-    per_class, power, sample_or_element_weights, select_reduction, summed_statistics, sums_only, unless_ignored,
+    class_setting, power, sample_or_element_weights, select_reduction, summed_statistics, sums_only, unless_ignored,
     vector_argument,
 )
 
@@ -90,7 +90,7 @@ def index_weights(
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     r"""``(w, d, sample_weight)`` of class-index targets: ``d``, the ``mean`` denominator, is the target's class
     weight (1 without) and 0 where ignored, as torch; ``w = weights · d``; ``sample_weight`` is ``weights``
-    shaped for the elementwise shape (or ``None``). ``class_weight`` is shaped along ``dim`` (:func:`per_class`)."""
+    shaped for the elementwise shape (or ``None``). ``class_weight`` is shaped along ``dim`` (:func:`class_setting`)."""
     valid_weight = valid.to(dtype)
     if class_weight is None:
         denominator = valid_weight
@@ -104,7 +104,7 @@ def index_weights(
 
 
 def class_vector_along(class_weight: Tensor, shape: List[int], dim: int) -> Optional[Tensor]:
-    r"""The ``(C,)`` vector of a per-class weight shaped by :func:`per_class` along ``dim``; ``None`` when it
+    r"""The ``(C,)`` vector of a per-class weight shaped by :func:`class_setting` along ``dim``; ``None`` when it
     also varies along another dimension (given shaped to broadcast), for the general class-mask form."""
     num_classes = shape[dim]
     if class_weight.dim() == 0:
@@ -202,12 +202,14 @@ def eager_index_weights(
 
 def probability_target_statistics(
     class_losses: Tensor, targets: Tensor, weights: Optional[Tensor], epsilon: Tensor, weight_c: Optional[Tensor],
-    dim: int, dtype: torch.dtype, per_sample: bool,
+    dim: int, dtype: torch.dtype, per_sample: bool, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics of a softmax loss on probability targets ``q``: ``Σ_c q̃_c · w_c · class_losses_c`` with
     ``q̃ = (1 - ε) q + ε / C`` and ``class_losses`` ``-log p_c`` or the focal term; ``mean`` divides by the
-    element count ``N·d1..dk``, as torch for probability targets."""
-    smoothed = (1.0 - epsilon) * as_float(targets, dtype, "targets") + epsilon / class_losses.shape[dim]
+    element count ``N·d1..dk``, as torch for probability targets. An element counts for each class ``c`` in
+    the class totals by its target probability ``q_c`` (one-hot targets: as its class index would)."""
+    probabilities = as_float(targets, dtype, "targets")
+    smoothed = (1.0 - epsilon) * probabilities + epsilon / class_losses.shape[dim]
     terms = smoothed * class_losses
     if weight_c is not None:
         terms = terms * weight_c
@@ -216,7 +218,7 @@ def probability_target_statistics(
     if weights is not None:
         sample_weight = sample_or_element_weights(weights, list(loss.shape)).to(dtype)
         loss = loss * sample_weight
-    return elementwise_statistics(loss, sample_weight, None, per_sample)
+    return elementwise_statistics(loss, sample_weight, None, per_sample, per_class, dim, probabilities)
 
 
 def _smallest_normal(dtype: torch.dtype) -> float:
@@ -264,9 +266,9 @@ def class_weights(
             scalar_alpha = alpha.to(dtype)
             combined = torch.where(classes == balance_index, scalar_alpha, 1.0 - scalar_alpha)
         else:
-            combined = per_class(alpha.to(dtype), shape, dim, "alpha")
+            combined = class_setting(alpha.to(dtype), shape, dim, "alpha")
     if class_weight is not None:
-        weight_c = per_class(class_weight.to(dtype), shape, dim, "class_weight")
+        weight_c = class_setting(class_weight.to(dtype), shape, dim, "class_weight")
         combined = weight_c if combined is None else combined * weight_c
     return combined
 
@@ -282,7 +284,7 @@ def class_terms(nll: Tensor, gamma: Optional[Tensor]) -> Tensor:
 def softmax_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], gamma: Optional[Tensor], alpha: Optional[Tensor],
     balance_index: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: Tensor, label_smoothing: Tensor,
-    class_dim: int, per_sample: bool, values: bool = True,
+    class_dim: int, per_sample: bool, values: bool = True, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The one kernel of the softmax losses: cross-entropy (``gamma`` ``None``) and the focal loss.
 
@@ -306,7 +308,8 @@ def softmax_statistics(
         # Probability targets: torch ignores ignore_index here and its mean divides by N·d1..dk.
         check_same_shape(predictions, targets, dim, label_map_hint())
         return probability_target_statistics(
-            class_terms(-log_softmax(x, dim), gamma), targets, weights, epsilon, weight_c, dim, dtype, per_sample
+            class_terms(-log_softmax(x, dim), gamma), targets, weights, epsilon, weight_c, dim, dtype, per_sample,
+            per_class,
         )
     if not is_tracing():
         class_vector: Optional[Tensor] = None
@@ -315,7 +318,7 @@ def softmax_statistics(
         if weight_c is None or class_vector is not None:
             return _eager_index_statistics(
                 x, targets, weights, gamma, weight_c, class_vector, ignore_index, epsilon, shape, dim, dtype, per_sample,
-                values,
+                values, per_class,
             )
     target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, True)
     weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
@@ -331,13 +334,16 @@ def softmax_statistics(
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if sample_weight is not None:
         loss = loss * sample_weight
-    return elementwise_statistics(loss, weight, denominator, per_sample)
+    membership: Optional[Tensor] = None
+    if per_class:
+        membership = (target_mask & valid.unsqueeze(dim)).to(dtype)
+    return elementwise_statistics(loss, weight, denominator, per_sample, per_class, dim, membership)
 
 
 def _eager_index_statistics(
     x: Tensor, targets: Tensor, weights: Optional[Tensor], gamma: Optional[Tensor], weight_c: Optional[Tensor],
     class_vector: Optional[Tensor], ignore_index: Tensor, epsilon: Tensor, shape: List[int], dim: int,
-    dtype: torch.dtype, per_sample: bool, values: bool,
+    dtype: torch.dtype, per_sample: bool, values: bool, per_class: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The class-index branch of :func:`softmax_statistics` outside export, same formula.
 
@@ -357,7 +363,7 @@ def _eager_index_statistics(
     smoothing_value = float(epsilon.item())
     smoothing = smoothing_value > 0.0
     weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
-    if gamma is None and weights is None and dim == 1 and len(shape) > 2 and sums_only(values, per_sample):
+    if gamma is None and weights is None and dim == 1 and len(shape) > 2 and sums_only(values, per_sample or per_class):
         loss_sum = F.cross_entropy(
             x, _ignored_as(indices, valid, -1), _contiguous(class_vector), ignore_index=-1, reduction="sum",
             label_smoothing=smoothing_value,
@@ -390,18 +396,42 @@ def _eager_index_statistics(
             loss = torch.where(valid, loss, 0.0)
     if sample_weight is not None:
         loss = loss.mul_(sample_weight)
-    return elementwise_statistics(loss, weight, denominator, per_sample)
+    return index_statistics(loss, weight, denominator, per_sample, per_class, indices, valid, shape, dim, dtype)
+
+
+def index_membership(indices: Tensor, valid: Optional[Tensor], shape: List[int], dim: int, dtype: torch.dtype) -> Tensor:
+    r"""The class membership of class-index targets for :func:`~._reduction.class_totals`: the one-hot of each
+    element's class along ``dim`` of ``shape`` (the predictions'), nothing where not ``valid``."""
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    one_hot = indices.unsqueeze(dim) == torch.arange(shape[dim], device=indices.device).reshape(view)
+    if valid is not None:
+        one_hot = one_hot & valid.unsqueeze(dim)
+    return one_hot.to(dtype)
+
+
+def index_statistics(
+    loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], per_sample: bool, per_class: bool,
+    indices: Tensor, valid: Optional[Tensor], shape: List[int], dim: int, dtype: torch.dtype,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r""":func:`~._reduction.elementwise_statistics` of a class-index loss outside export: each element counts
+    for its target class (:func:`index_membership`) in the class totals."""
+    membership: Optional[Tensor] = None
+    if per_class:
+        membership = index_membership(indices, valid, shape, dim, dtype)
+    return elementwise_statistics(loss, weight, denominator, per_sample, per_class, dim, membership)
 
 
 def cross_entropy_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor],
     ignore_index: Tensor, label_smoothing: Tensor, class_dim: int, per_sample: bool, values: bool = True,
+    per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`cross_entropy_loss`: :func:`softmax_statistics` without ``gamma``
     and ``alpha``. ``ignore_index`` (int64) and ``label_smoothing`` are 0-d tensors."""
     return softmax_statistics(
         predictions, targets, weights, None, None, None, class_weight, ignore_index, label_smoothing, class_dim,
-        per_sample, values,
+        per_sample, values, per_class,
     )
 
 
@@ -444,7 +474,7 @@ def cross_entropy_loss(
 
 def nll_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor],
-    ignore_index: Tensor, class_dim: int, per_sample: bool, values: bool = True,
+    ignore_index: Tensor, class_dim: int, per_sample: bool, values: bool = True, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`nll_loss`; ``ignore_index`` is a 0-d int64 tensor. Its totals alone
     (:func:`sums_only`, no call-time ``weights``, classes along dim 1) are summed by
@@ -455,32 +485,38 @@ def nll_statistics(
     dim = normalize_class_dim(class_dim, len(shape))
     weight_c: Optional[Tensor] = None
     if class_weight is not None:
-        weight_c = per_class(class_weight.to(dtype), shape, dim, "class_weight")
+        weight_c = class_setting(class_weight.to(dtype), shape, dim, "class_weight")
     class_vector: Optional[Tensor] = None
     if weight_c is not None and not is_tracing():
         class_vector = class_vector_along(weight_c, shape, dim)
     valid: Optional[Tensor] = None
+    membership: Optional[Tensor] = None
     if not is_tracing() and (weight_c is None or class_vector is not None):
         # One gather of the target's entry instead of a class mask and a masked sum over the classes.
         indices, valid = eager_index_targets(targets, ignore_index, shape, dim, False)
         weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
-        if weights is None and dim == 1 and sums_only(values, per_sample):
+        if weights is None and dim == 1 and sums_only(values, per_sample or per_class):
             loss_sum = F.nll_loss(
                 log_p, _ignored_as(indices, valid, -1), _contiguous(class_vector), ignore_index=-1, reduction="sum"
             )
             return summed_statistics(loss_sum, weight, denominator, list(indices.shape))
         target_log_p = torch.gather(log_p, dim, indices.unsqueeze(dim)).squeeze(dim)
+        if per_class:
+            membership = index_membership(indices, valid, shape, dim, dtype)
     else:
-        target_mask, valid = class_index_mask(targets, ignore_index, shape, dim, False)
-        weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, valid, dim, dtype)
+        target_mask, index_valid = class_index_mask(targets, ignore_index, shape, dim, False)
+        valid = index_valid
+        weight, denominator, sample_weight = index_weights(weights, weight_c, target_mask, index_valid, dim, dtype)
         target_log_p = select_class(log_p, target_mask, dim)
+        if per_class:
+            membership = (target_mask & index_valid.unsqueeze(dim)).to(dtype)
     # denominator = w_y (0 where ignored); torch.where keeps a -inf ignored entry out of the value.
     loss = target_log_p.neg() if denominator is None else denominator * -target_log_p
     if valid is not None:
         loss = torch.where(valid, loss, 0.0)
     if sample_weight is not None:
         loss = loss * sample_weight
-    return elementwise_statistics(loss, weight, denominator, per_sample)
+    return elementwise_statistics(loss, weight, denominator, per_sample, per_class, dim, membership)
 
 
 def nll_loss(
@@ -521,12 +557,12 @@ class CrossEntropyLoss(ElementwiseLoss):
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return cross_entropy_statistics(
             predictions, targets, weights, optional_vector(self.class_weight),
             int_hyperparameter(self.ignore_index, predictions), float_hyperparameter(self.label_smoothing, predictions),
-            self.class_dim, per_sample, values,
+            self.class_dim, per_sample, values, per_class,
         )
 
 
@@ -545,11 +581,11 @@ class NLLLoss(ElementwiseLoss):
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return nll_statistics(
             predictions, targets, weights, optional_vector(self.class_weight),
-            int_hyperparameter(self.ignore_index, predictions), self.class_dim, per_sample, values,
+            int_hyperparameter(self.ignore_index, predictions), self.class_dim, per_sample, values, per_class,
         )
 
 

@@ -20,7 +20,7 @@ from ._params import (
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, float_hyperparameter,
-    int_hyperparameter, is_tracing, one_target_per_prediction_hint, optional_vector, per_class, select_reduction,
+    int_hyperparameter, is_tracing, one_target_per_prediction_hint, optional_vector, class_setting, select_reduction,
     vector_argument, vector_buffer, weighted_statistics,
 )
 from ._stable import log_sigmoid
@@ -31,6 +31,7 @@ from .cross_entropy import SOFTMAX_CONTRACT, check_gamma, modulating_factor, sof
 def binary_focal_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], alpha: Tensor, gamma: Tensor,
     pos_weight: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, per_sample: bool,
+    per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_focal_loss`; ``alpha`` and ``gamma`` are 0-d tensors."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
@@ -42,10 +43,10 @@ def binary_focal_statistics(
     t = as_float(targets, dtype, "targets")
     positive_weight: Optional[Tensor] = None
     if pos_weight is not None:
-        positive_weight = per_class(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
+        positive_weight = class_setting(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
     if not torch.jit.is_scripting() and not is_tracing() and not t.requires_grad:
         loss = _autograd.binary_focal(x, t, float(alpha.item()), float(gamma.item()), positive_weight)
-        return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
+        return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
     alpha = alpha.to(dtype)
     log_p = log_sigmoid(x)
     # BCE with logits, -[w₊ t log σ(x) + (1 - t) log σ(-x)] = (1 - t) x - (w₊ t + 1 - t) log σ(x).
@@ -58,7 +59,7 @@ def binary_focal_statistics(
     loss = cross_entropy * modulating_factor(one_minus_p_t, gamma)
     alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
     loss = loss * torch.where(alpha >= 0, alpha_t, torch.ones_like(alpha_t))
-    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
 
 
 def binary_focal_loss(
@@ -173,12 +174,12 @@ class BinaryFocalLoss(ElementwiseLoss):
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return binary_focal_statistics(
             predictions, targets, weights, float_hyperparameter(self.alpha, predictions),
             float_hyperparameter(self.gamma, predictions), optional_vector(self.pos_weight),
-            optional_vector(self.class_weight), self.class_dim, per_sample,
+            optional_vector(self.class_weight), self.class_dim, per_sample, per_class,
         )
 
 
@@ -210,13 +211,13 @@ class FocalLoss(ElementwiseLoss):
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return focal_statistics(
             predictions, targets, weights, float_hyperparameter(self.gamma, predictions), optional_vector(self.alpha),
             int_hyperparameter(self.balance_index, predictions), optional_vector(self.class_weight),
             int_hyperparameter(self.ignore_index, predictions), float_hyperparameter(self.label_smoothing, predictions),
-            self.class_dim, per_sample, values,
+            self.class_dim, per_sample, values, per_class,
         )
 
 

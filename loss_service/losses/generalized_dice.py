@@ -33,7 +33,9 @@ from ._reduction import (
 )
 from .region import (
     BATCH_PARAM, CLASS_WEIGHT_PARAM, DENSE_TARGET_RANGE, INCLUDE_BACKGROUND_PARAM, MODE_PARAM, SMOOTH_DR_PARAM,
-    SMOOTH_NR_PARAM, VARIANTS, _SHAPES, _class_vectors, batch_totals, check_split_weights, region_forms, region_inputs, region_sums, set_region_settings, split_weights,
+    SMOOTH_NR_PARAM, VARIANTS, _SHAPES, DiceLoss, _class_vectors, batch_totals, check_split_weights, index_arguments,
+    pooled_class_totals, region_class_reductions, region_forms, region_inputs, region_sums, set_region_settings,
+    split_weights,
 )
 
 WEIGHT_EXPONENT_PARAM = ParamSpec(
@@ -72,22 +74,23 @@ def _generalized_dice_losses(
 def generalized_dice_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], sample_weights: Optional[Tensor],
     weight_exponent: Tensor, smooth_nr: Tensor, smooth_dr: Tensor, include_background: Tensor, ignore_index: Tensor,
-    class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool,
+    class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The statistics kernel of :func:`generalized_dice_loss`, with pixel ``weights`` and ``(N,)``
     ``sample_weights`` apart (as :func:`~loss_service.losses.region.region_statistics`). Values: the
-    loss of each sample, ``(N,)``, or with ``batch`` the one loss of the batch, ``(1,)``."""
+    loss of each sample, ``(N,)``, or with ``batch`` the one loss of the batch, ``(1,)``. The class totals of
+    ``per_class`` are ``[TP_c, P_c, T_c]`` over the batch, with either ``batch``."""
     check_range(weight_exponent, "weight_exponent", 1.7976931348623157e308, "a finite number >= 0")
     check_split_weights(weights, sample_weights, predictions)
     sums = region_sums(
         predictions, targets, weights, ignore_index, torch.zeros([], dtype=torch.bool, device=predictions.device), mode
     )
     if batch:
-        totals, sample_totals = batch_totals(sums, sample_weights, per_sample)
+        totals, sample_totals = batch_totals(sums, sample_weights, per_sample and not per_class)
         values = generalized_dice_reductions(
             totals.unsqueeze(0), weight_exponent, smooth_nr, smooth_dr, include_background, class_weight, batch
         )[:, 0]
-        return values, totals, sample_totals
+        return values, totals, pooled_class_totals(totals) if per_class else sample_totals
     true_positive, predicted, target = sums
     losses = _generalized_dice_losses(
         true_positive, predicted, target, weight_exponent, smooth_nr, smooth_dr, include_background, class_weight
@@ -96,7 +99,11 @@ def generalized_dice_statistics(
     if sample_weights is not None:
         weight = sample_weights.to(torch.float64)
         losses = losses * weight
-    return elementwise_statistics(losses, weight, None, per_sample)
+    values, totals, parts = elementwise_statistics(losses, weight, None, per_sample and not per_class)
+    if per_class:
+        pooled, _ = batch_totals(sums, sample_weights, False)
+        parts = pooled_class_totals(pooled)
+    return values, totals, parts
 
 
 def generalized_dice_reductions(
@@ -160,7 +167,9 @@ def generalized_dice_loss(
 
 
 class GeneralizedDiceLoss(Loss):
-    r"""Module form of :func:`generalized_dice_loss`."""
+    r"""Module form of :func:`generalized_dice_loss`; the Dice index of its per-class results in ``__constants__``."""
+
+    __constants__ = ["overlap_scale", "alpha", "beta"]
 
     weight_exponent: float
     smooth_nr: float
@@ -177,6 +186,8 @@ class GeneralizedDiceLoss(Loss):
         mode: str = "binary", batch: bool = False, reduction: str = "mean",
     ) -> None:
         super().__init__()
+        for name in self.__constants__:
+            setattr(self, name, DiceLoss.constants[name])
         self.weight_exponent = float(WEIGHT_EXPONENT_PARAM.validate(weight_exponent))
         set_region_settings(self, smooth_nr, smooth_dr, include_background, ignore_index, mode, batch, reduction)
         self.register_buffer("class_weight", vector_buffer(class_weight))
@@ -184,7 +195,7 @@ class GeneralizedDiceLoss(Loss):
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         weight_exponent, smooth_nr, smooth_dr, include_background = _arguments(
             predictions, self.weight_exponent, self.smooth_nr, self.smooth_dr, self.include_background
@@ -193,7 +204,7 @@ class GeneralizedDiceLoss(Loss):
         return generalized_dice_statistics(
             predictions, targets, pixel_weights, sample_weights, weight_exponent, smooth_nr, smooth_dr,
             include_background, int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight),
-            self.mode, self.batch, per_sample,
+            self.mode, self.batch, per_sample, per_class,
         )
 
     @torch.jit.export
@@ -206,12 +217,23 @@ class GeneralizedDiceLoss(Loss):
             self.batch,
         )
 
+    @torch.jit.export
+    def class_reductions(self, class_totals: Tensor) -> Tensor:
+        r"""Each class's Dice loss and score over the data: within one class the weights :math:`1/T^k` cancel
+        (the smoothing terms aside), so a class's generalised Dice is its Dice."""
+        return region_class_reductions(
+            class_totals, *index_arguments(
+                class_totals, self.overlap_scale, self.alpha, self.beta, None, self.smooth_nr, self.smooth_dr, False,
+                self.include_background,
+            ), optional_vector(self.class_weight), True,
+        )
+
 
 def generalized_dice_forms(settings: Dict[str, Any]) -> Forms:
     r"""The region losses' targets and totals; one value per sample, or one for the batch."""
     region = region_forms(settings)
     return Forms(
-        region.targets, "1" if settings["batch"] else "N", totals=region.totals,
+        region.targets, "1" if settings["batch"] else "N", totals=region.totals, class_totals=("overlap",),
         indices_with_channel=region.indices_with_channel, single_channel=region.single_channel,
     )
 

@@ -334,9 +334,9 @@ def _class_vectors(
 OverlapIndex = Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor]
 
 
-def _overlap_losses(true_positive: Tensor, predicted: Tensor, target: Tensor, index: OverlapIndex) -> Tensor:
-    r"""The loss of each index ``(k·TP + s_nr) / (k·(TP + α·FP + β·FN) + s_dr)``, elementwise."""
-    overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss = index
+def overlap_ratio(true_positive: Tensor, predicted: Tensor, target: Tensor, index: OverlapIndex) -> Tensor:
+    r"""The overlap index ``(k·TP + s_nr) / (k·(TP + α·FP + β·FN) + s_dr)``, elementwise."""
+    overlap_scale, alpha, beta, _, smooth_nr, smooth_dr, _ = index
     overlap_scale, alpha, beta = overlap_scale.to(torch.float64), alpha.to(torch.float64), beta.to(torch.float64)
     smooth_nr, smooth_dr = smooth_nr.to(torch.float64), smooth_dr.to(torch.float64)
     numerator = overlap_scale * true_positive + smooth_nr
@@ -346,7 +346,13 @@ def _overlap_losses(true_positive: Tensor, predicted: Tensor, target: Tensor, in
     # entirely ignored): it counts as a perfect overlap (index 1, loss 0) instead of NaN.
     nonzero = denominator != 0
     safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
-    ratio = torch.where(nonzero, numerator / safe, torch.ones_like(numerator))
+    return torch.where(nonzero, numerator / safe, torch.ones_like(numerator))
+
+
+def _overlap_losses(true_positive: Tensor, predicted: Tensor, target: Tensor, index: OverlapIndex) -> Tensor:
+    r"""The loss of each :func:`overlap_ratio`, elementwise."""
+    _, _, _, gamma, _, _, log_loss = index
+    ratio = overlap_ratio(true_positive, predicted, target, index)
     # -log I is taken at max(I, 1e-7) (smp's clamp): an index of 0 gives the finite loss 16.1 and a
     # zero gradient instead of -log(0) = inf.
     log_ratio = torch.log(torch.clamp(ratio, min=1e-7))
@@ -405,7 +411,7 @@ def region_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], sample_weights: Optional[Tensor],
     overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor,
     smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, squared_pred: Tensor, ignore_index: Tensor,
-    class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool,
+    class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The statistics kernel of every region loss, of the overlap index ``k = overlap_scale``, ``α``, ``β`` (and
     ``γ`` for focal Tversky, else ``None``) of the module docstring. Pixel ``weights`` :math:`w_{nci}` (never
@@ -416,6 +422,7 @@ def region_statistics(
     return overlap_statistics(
         region_sums(predictions, targets, weights, ignore_index, squared_pred, mode), sample_weights, overlap_scale,
         alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background, class_weight, batch, per_sample,
+        per_class,
     )
 
 
@@ -433,25 +440,40 @@ def batch_totals(
     return sample_totals.sum(0), sample_totals if per_sample else sample_totals[:0]
 
 
+def pooled_class_totals(totals: Tensor) -> Tensor:
+    r"""``batch=True`` totals ``[TP_c…, P_c…, T_c…]`` as class totals ``(C, 3)``, a row ``[TP_c, P_c, T_c]`` per class."""
+    return totals.reshape(3, totals.shape[0] // 3).t()
+
+
 def overlap_statistics(
     sums: Tuple[Tensor, Tensor, Tensor], sample_weights: Optional[Tensor], overlap_scale: Tensor, alpha: Tensor,
     beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor,
     include_background: Tensor, class_weight: Optional[Tensor], batch: bool, per_sample: bool,
+    per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""The statistics of the region kernel from the ``(TP, P, T)`` sums of :func:`region_sums`."""
+    r"""The statistics of the region kernel from the ``(TP, P, T)`` sums of :func:`region_sums`. The class
+    totals of ``per_class``: ``[TP_c, P_c, T_c]`` over the batch (:func:`pooled_class_totals`), after the
+    elementwise totals of class ``c``'s ``(n, c)`` losses for ``batch=False``."""
     true_positive, predicted, target = sums
     num_classes = true_positive.shape[1]
     kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, true_positive.device)
     index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss)
     if batch:
-        totals, sample_totals = batch_totals(sums, sample_weights, per_sample)
-        return _batch_losses(totals, index) * loss_weight, totals, sample_totals
+        totals, sample_totals = batch_totals(sums, sample_weights, per_sample and not per_class)
+        values = _batch_losses(totals, index) * loss_weight
+        return values, totals, pooled_class_totals(totals) if per_class else sample_totals
     losses = _overlap_losses(true_positive, predicted, target, index)
     weight = loss_weight.unsqueeze(0)
     if sample_weights is not None:
         # batch=False: a sample weight weights that sample's (n, c) losses.
         weight = sample_weights.to(torch.float64).unsqueeze(1) * weight
-    return elementwise_statistics(losses * weight, weight, kept.unsqueeze(0), per_sample)
+    values, loss_totals, parts = elementwise_statistics(
+        losses * weight, weight, kept.unsqueeze(0), per_sample, per_class, 1
+    )
+    if per_class:
+        pooled, _ = batch_totals(sums, sample_weights, False)
+        parts = torch.cat([parts, pooled_class_totals(pooled)], dim=1)
+    return values, loss_totals, parts
 
 
 def region_reductions(
@@ -476,6 +498,30 @@ def region_reductions(
     kept, loss_weight = _class_vectors(losses.shape[-1], include_background, class_weight, totals.device)
     loss_sum = (losses * loss_weight).sum(-1)
     return torch.stack([loss_sum, safe_divide(loss_sum, kept.sum()), safe_divide(loss_sum, loss_weight.sum())], dim=-1)
+
+
+def region_class_reductions(
+    class_totals: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor],
+    smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor,
+    class_weight: Optional[Tensor], batch: bool,
+) -> Tensor:
+    r"""``(C, 4)`` per class: ``[sum, mean, weighted_mean]`` of the class's loss, and its overlap index over the
+    data (:func:`overlap_ratio` of the pooled ``[TP_c, P_c, T_c]``, e.g. its Dice score).
+
+    ``batch=False``: the elementwise rule over the class's ``(n, c)`` losses. ``batch=True``: the class's one
+    loss ``ℓ_c`` as one term of weight ``w_c`` (``w_c ℓ_c``, ``w_c ℓ_c`` over 1 if the class is kept, ``ℓ_c``)."""
+    index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss)
+    pooled = class_totals[:, -3:]
+    true_positive, predicted, target = pooled[:, 0], pooled[:, 1], pooled[:, 2]
+    ratio = overlap_ratio(true_positive, predicted, target, index)
+    if batch:
+        kept, loss_weight = _class_vectors(class_totals.shape[0], include_background, class_weight, class_totals.device)
+        losses = _overlap_losses(true_positive, predicted, target, index)
+        terms = torch.stack([loss_weight * losses, loss_weight, kept, torch.ones_like(kept)], dim=1)
+        reductions = elementwise_reductions(terms)
+    else:
+        reductions = elementwise_reductions(class_totals[:, :4])
+    return torch.cat([reductions, ratio.unsqueeze(1)], dim=1)
 
 
 def _constant(value: float, like: Tensor) -> Tensor:
@@ -589,17 +635,23 @@ class RegionLoss(Loss):
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return region_statistics(
             predictions, targets, *split_weights(weights, predictions), *self.index_arguments(predictions),
             _flag(self.squared_pred, predictions), int_hyperparameter(self.ignore_index, predictions),
-            optional_vector(self.class_weight), self.mode, self.batch, per_sample,
+            optional_vector(self.class_weight), self.mode, self.batch, per_sample, per_class,
         )
 
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:
         return region_reductions(totals, *self.index_arguments(totals), optional_vector(self.class_weight), self.batch)
+
+    @torch.jit.export
+    def class_reductions(self, class_totals: Tensor) -> Tensor:
+        return region_class_reductions(
+            class_totals, *self.index_arguments(class_totals), optional_vector(self.class_weight), self.batch
+        )
 
 
 class DiceLoss(RegionLoss):
@@ -799,7 +851,8 @@ def region_forms(settings: Dict[str, Any]) -> Forms:
     batch = bool(settings["batch"])
     targets = ("class_indices", "probabilities") if settings["mode"] == "multiclass" else ("dense",)
     return Forms(
-        targets, "C" if batch else "NC", totals=("overlap" if batch else "elementwise",), indices_with_channel=True,
+        targets, "C" if batch else "NC", totals=("overlap" if batch else "elementwise",),
+        class_totals=("overlap",) if batch else ("elementwise", "overlap"), indices_with_channel=True,
         single_channel=settings["mode"] == "binary",
     )
 
@@ -875,5 +928,6 @@ register(LossSpec(
 
 __all__ = [
     "MODES", "RegionLoss", "DiceLoss", "IoULoss", "TverskyLoss", "FocalTverskyLoss", "dice_loss", "iou_loss",
-    "tversky_loss", "focal_tversky_loss", "region_statistics", "region_reductions", "split_weights",
+    "tversky_loss", "focal_tversky_loss", "region_statistics", "region_reductions", "region_class_reductions",
+    "split_weights",
 ]

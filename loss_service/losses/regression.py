@@ -73,29 +73,32 @@ def checked_threshold(threshold: Tensor, loss: str, name: str, allow_zero: bool)
 def mse_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
     per_sample: bool, values: bool = True,
+    per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`mse_loss` (see :mod:`._reduction`). Unweighted, its totals alone
     (:func:`sums_only`) are torch's fused sum."""
-    if weights is None and class_weight is None and sums_only(values, per_sample):
+    if weights is None and class_weight is None and sums_only(values, per_sample or per_class):
         p, t, _ = _in_compute_dtype(predictions, targets)
         return summed_statistics(F.mse_loss(p, t, reduction="sum"), None, None, list(p.shape))
     residual, dtype = _residual(predictions, targets)
-    return weighted_statistics(residual * residual, weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(residual * residual, weights, class_weight, class_dim, dtype, per_sample, per_class)
 
 
 def l1_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
     per_sample: bool, values: bool = True,
+    per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`l1_loss`; its values are written whatever ``values`` says (torch's fused
     sum saves neither time nor memory here)."""
     residual, dtype = _residual(predictions, targets)
-    return weighted_statistics(residual.abs(), weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(residual.abs(), weights, class_weight, class_dim, dtype, per_sample, per_class)
 
 
 def huber_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], delta: Tensor, class_weight: Optional[Tensor],
     class_dim: int, per_sample: bool, values: bool = True,
+    per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`huber_loss`: ``½m² + δ(|r| - m)``; ``delta`` is a 0-d tensor. Outside tracing
     torch's fused kernel of the same loss, with its values whatever ``values`` says (its fused sum holds more
@@ -107,12 +110,13 @@ def huber_statistics(
         p, t, dtype = _in_compute_dtype(predictions, targets)
         value = float(checked_threshold(delta.to(dtype), "huber", "delta", False).item())
         loss = F.huber_loss(p, t, reduction="none", delta=value)
-    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
 
 
 def smooth_l1_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], beta: Tensor, class_weight: Optional[Tensor],
     class_dim: int, per_sample: bool, values: bool = True,
+    per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`smooth_l1_loss`: ``½m²/β + (|r| - m)``; ``beta`` is a 0-d tensor, 0 allowed.
     Outside tracing torch's fused kernel of the same loss (which is ``l1_loss`` for ``β = 0``), with its values
@@ -127,7 +131,7 @@ def smooth_l1_statistics(
         p, t, dtype = _in_compute_dtype(predictions, targets)
         value = float(checked_threshold(beta.to(dtype), "smooth_l1", "beta", True).item())
         loss = F.smooth_l1_loss(p, t, reduction="none", beta=value)
-    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
 
 
 def mse_loss(
@@ -230,16 +234,18 @@ class _ThresholdLoss(ElementwiseLoss):
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
-        values: bool = True,
+        values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         class_weight = optional_vector(self.class_weight)
         if hasattr(self, "delta"):
             delta = float_hyperparameter(self.delta, predictions)
             return huber_statistics(
-                predictions, targets, weights, delta, class_weight, self.class_dim, per_sample, values
+                predictions, targets, weights, delta, class_weight, self.class_dim, per_sample, values, per_class
             )
         beta = float_hyperparameter(self.beta, predictions)
-        return smooth_l1_statistics(predictions, targets, weights, beta, class_weight, self.class_dim, per_sample, values)
+        return smooth_l1_statistics(
+            predictions, targets, weights, beta, class_weight, self.class_dim, per_sample, values, per_class
+        )
 
 
 class HuberLoss(_ThresholdLoss):

@@ -1,12 +1,14 @@
 r"""The compute backends: eager PyTorch, TorchScript and ONNX Runtime.
 
-A backend turns ``(loss spec, validated hyperparameters)`` into a *runner*, an object with the two
+A backend turns ``(loss spec, validated hyperparameters)`` into a *runner*, an object with the three
 methods every loss module has::
 
-    statistics(predictions, targets, weights, per_sample, values) -> (values, totals, sample_totals)
+    statistics(predictions, targets, weights, per_sample, values, per_class) -> (values, totals, sample_totals)
     reductions(totals) -> (..., 3)   # [sum, mean, weighted_mean], float64
+    class_reductions(class_totals) -> (C, 3) or (C, 4)   # per class, and a region loss's index
 
-(``values=False``: the values may be empty, the caller reads the totals only).
+(``values=False``: the values may be empty, the caller reads the totals only; ``per_class``: the third
+output is the class totals ``(C, K_c)``).
 
 Runners are built once per hyperparameter configuration and kept in a small LRU cache with a byte
 budget -- but only once they have served a valid request, so a rejected request leaves nothing
@@ -39,10 +41,13 @@ RUNNER_BYTES = 4096
 
 class Runner(Protocol):
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool, values: bool
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool, values: bool,
+        per_class: bool,
     ) -> Tuple[Tensor, Tensor, Tensor]: ...
 
     def reductions(self, totals: Tensor) -> Tensor: ...
+
+    def class_reductions(self, class_totals: Tensor) -> Tensor: ...
 
 
 class RunnerCache:
@@ -238,22 +243,28 @@ class OnnxRunner:
         self._library = losses.build(spec.name, **params)
 
     def statistics(
-        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool, values: bool
+        self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool, values: bool,
+        per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        r"""The graph's statistics; it writes the values whatever ``values`` says."""
+        r"""The graph's statistics; it writes the values (and computes every breakdown) whatever ``values``,
+        ``per_sample`` and ``per_class`` say."""
         if predictions.numel() == 0:
-            return self._library.statistics(predictions, targets, weights, per_sample, values)
+            return self._library.statistics(predictions, targets, weights, per_sample, values, per_class)
         try:
             variant = layout.request_variant(self._spec, self._params, predictions.shape, targets.shape)
         except layout.NoExportedGraph as exc:
             raise BackendUnavailable(str(exc)) from None
         session = self._backend.session(layout.onnx_file_name(self._spec, variant))
         feeds, restore = layout.to_canonical(self._spec, self._params, predictions, targets, weights)
-        _, values, totals, sample_totals = session.run(layout.ONNX_OUTPUTS, feeds)
-        return torch.from_numpy(restore(values)), torch.from_numpy(totals), torch.from_numpy(sample_totals)
+        _, values, totals, sample_totals, class_totals = session.run(layout.ONNX_OUTPUTS, feeds)
+        parts = class_totals if per_class else sample_totals
+        return torch.from_numpy(restore(values)), torch.from_numpy(totals), torch.from_numpy(parts)
 
     def reductions(self, totals: Tensor) -> Tensor:
         return self._library.reductions(totals.cpu())
+
+    def class_reductions(self, class_totals: Tensor) -> Tensor:
+        return self._library.class_reductions(class_totals.cpu())
 
 
 class BackendUnavailable(Exception):

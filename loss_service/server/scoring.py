@@ -128,6 +128,8 @@ class BatchResult:
     sample_reductions: Optional[Tensor]
     # With group_ids: the group labels and the (N, K) sample totals they sum.
     groups: Optional[Tuple[np.ndarray, Tensor]] = None
+    # With return_per_class: the float64 (C, K_c) class totals.
+    class_totals: Optional[Tensor] = None
 
 
 class Scorer:
@@ -255,10 +257,10 @@ class Scorer:
     # -- compute ----------------------------------------------------------------------------
     def compute(
         self, plan: Plan, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], per_sample: bool,
-        want_values: bool, group_labels: Optional[np.ndarray] = None,
+        want_values: bool, group_labels: Optional[np.ndarray] = None, per_class: bool = False,
     ) -> BatchResult:
-        r"""The statistics of one batch (per sample too with ``per_sample``; per group with ``group_labels``);
-        the values when ``want_values``."""
+        r"""The statistics of one batch (per sample too with ``per_sample``; per group with ``group_labels``; per
+        class with ``per_class``); the values when ``want_values``."""
         backend = plan.backend
         device = backend.torch_device
         if device.type != "cpu":
@@ -267,9 +269,18 @@ class Scorer:
         runner = plan.runner or backend.build(plan.spec, plan.params)
         try:
             with torch.inference_mode():
+                by_sample = per_sample or group_labels is not None
                 values, totals, sample_totals = runner.statistics(
-                    predictions, targets, weights, per_sample or group_labels is not None, want_values
+                    predictions, targets, weights, by_sample, want_values, per_class and not by_sample
                 )
+                class_totals = None
+                if per_class:
+                    if by_sample:
+                        # One breakdown per kernel call: the class totals take a second pass.
+                        _, _, class_totals = runner.statistics(predictions, targets, weights, False, False, True)
+                    else:
+                        class_totals = sample_totals
+                    class_totals = class_totals.to("cpu", torch.float64)
                 reductions = runner.reductions(totals)
                 sample_reductions = runner.reductions(sample_totals) if per_sample else None
         except BackendUnavailable as exc:
@@ -290,6 +301,7 @@ class Scorer:
             reductions=reductions.tolist(),
             sample_reductions=None if sample_reductions is None else sample_reductions.cpu(),
             groups=None if group_labels is None else (group_labels, sample_totals),
+            class_totals=class_totals,
         )
 
     def score_batch(self, parsed: ParsedRequest, plan: Plan) -> pb.ScoreBatchResponse:
@@ -298,7 +310,8 @@ class Scorer:
         predictions, targets, weights = self.decode_inputs(parsed, plan)
         group_labels = self.decode_groups(parsed, predictions)
         result = self.compute(
-            plan, predictions, targets, weights, request.return_per_sample, plan.reduction == "none", group_labels
+            plan, predictions, targets, weights, request.return_per_sample, plan.reduction == "none", group_labels,
+            request.return_per_class,
         )
         column = REDUCTION_COLUMN[plan.reduction]
         weight_sum, denominator, num_elements = summarize(plan.forms, result.totals)
@@ -319,8 +332,11 @@ class Scorer:
             response.loss = float(result.values.sum(dtype=torch.float64))
         if result.sample_reductions is not None:
             response.per_sample.CopyFrom(to_message(result.sample_reductions[:, column]))
-        if result.groups is not None or request.return_statistics:
-            stats = evaluation.make_statistics(plan.spec, plan.params, plan.reduction, plan.forms, result.totals, result.groups)
+        if result.groups is not None or result.class_totals is not None or request.return_statistics:
+            stats = evaluation.make_statistics(
+                plan.spec, plan.params, plan.reduction, plan.forms, result.totals, result.groups,
+                class_totals=result.class_totals,
+            )
             set_statistics_fields(response, stats, request.return_statistics)
         return response
 
@@ -363,13 +379,17 @@ class Scorer:
 
 
 def set_statistics_fields(response: Any, stats: Statistics, with_statistics: bool) -> evaluation.Evaluation:
-    r"""The group fields of a response from ``stats``, and ``statistics`` itself when asked; their
-    :class:`~loss_service.evaluation.Evaluation`. Groups and merges are reduced by the library
+    r"""The group and class fields of a response from ``stats``, and ``statistics`` itself when asked; their
+    :class:`~loss_service.evaluation.Evaluation`. Groups, classes and merges are reduced by the library
     (:func:`loss_service.evaluation.evaluate`, float64 on the host), a batch or stream by its backend."""
     evaluated = evaluation.evaluate(stats)
     if stats.grouped:
         response.group_ids.CopyFrom(to_message(stats.group_ids))
         response.group_losses.CopyFrom(to_message(evaluated.group_losses))
+    if evaluated.class_losses is not None:
+        response.class_losses.CopyFrom(to_message(evaluated.class_losses))
+    if evaluated.class_scores is not None:
+        response.class_scores.CopyFrom(to_message(evaluated.class_scores))
     if with_statistics:
         response.statistics.CopyFrom(statistics_message(stats))
     return evaluated
@@ -612,9 +632,13 @@ class StreamAccumulator:
                 f"has {classes_text(classes)}, batch 0 had {classes_text(self._classes)}: every batch of a stream "
                 f"must have the same classes (shape {list(predictions.shape)})",
             )
-        result = self.scorer.compute(plan, predictions, targets, weights, False, False, group_labels)
+        per_class = bool((settings if self.plan is None else self._settings)["return_per_class"])
+        result = self.scorer.compute(plan, predictions, targets, weights, False, False, group_labels, per_class)
         try:
-            batch = evaluation.make_statistics(plan.spec, plan.params, plan.reduction, plan.forms, result.totals, result.groups)
+            batch = evaluation.make_statistics(
+                plan.spec, plan.params, plan.reduction, plan.forms, result.totals, result.groups,
+                class_totals=result.class_totals,
+            )
             statistics = batch if self.statistics is None else merge([self.statistics, batch])
         except ValueError as exc:  # the stream's distinct groups over the bound
             raise invalid("group_ids", str(exc).removeprefix("group_ids: ")) from None
@@ -640,7 +664,7 @@ class StreamAccumulator:
             backend=plan.backend.name,
             device=plan.backend.device_of(plan.spec, plan.params),
         )
-        if self.statistics.grouped or self._settings["return_statistics"]:
+        if self.statistics.grouped or self.statistics.per_class or self._settings["return_statistics"]:
             set_statistics_fields(response, self.statistics, bool(self._settings["return_statistics"]))
         return response
 
@@ -665,4 +689,5 @@ def stream_settings(parsed: ParsedRequest) -> Dict[str, Any]:
         "reduction": request.reduction or None,
         "backend": request.backend or None,
         "return_statistics": request.return_statistics or None,
+        "return_per_class": request.return_per_class or None,
     }

@@ -79,7 +79,7 @@ class Param(_message.Message):
     def __init__(self, double_value: _Optional[float] = ..., int_value: _Optional[int] = ..., bool_value: _Optional[bool] = ..., string_value: _Optional[str] = ...) -> None: ...
 
 class ScoreBatchRequest(_message.Message):
-    __slots__ = ("loss", "params", "predictions", "targets", "weights", "class_weights", "pos_weight", "reduction", "backend", "return_per_sample", "request_id", "labels", "tensor_params", "group_ids", "return_statistics")
+    __slots__ = ("loss", "params", "predictions", "targets", "weights", "class_weights", "pos_weight", "reduction", "backend", "return_per_sample", "request_id", "labels", "tensor_params", "group_ids", "return_statistics", "return_per_class")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class ScoreBatchRequest(_message.Message):
     TENSOR_PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
     RETURN_STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
     loss: str
     params: _containers.MessageMap[str, Param]
     predictions: Tensor
@@ -131,7 +132,8 @@ class ScoreBatchRequest(_message.Message):
     tensor_params: _containers.MessageMap[str, Tensor]
     group_ids: Tensor
     return_statistics: bool
-    def __init__(self, loss: _Optional[str] = ..., params: _Optional[_Mapping[str, Param]] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., class_weights: _Optional[_Union[Tensor, _Mapping]] = ..., pos_weight: _Optional[_Union[Tensor, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., return_per_sample: _Optional[bool] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., tensor_params: _Optional[_Mapping[str, Tensor]] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ..., return_statistics: _Optional[bool] = ...) -> None: ...
+    return_per_class: bool
+    def __init__(self, loss: _Optional[str] = ..., params: _Optional[_Mapping[str, Param]] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., class_weights: _Optional[_Union[Tensor, _Mapping]] = ..., pos_weight: _Optional[_Union[Tensor, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., return_per_sample: _Optional[bool] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., tensor_params: _Optional[_Mapping[str, Tensor]] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ..., return_statistics: _Optional[bool] = ..., return_per_class: _Optional[bool] = ...) -> None: ...
 
 class NamedParam(_message.Message):
     __slots__ = ("name", "value", "tensor")
@@ -144,7 +146,7 @@ class NamedParam(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[_Union[Param, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Statistics(_message.Message):
-    __slots__ = ("version", "loss", "params", "reduction", "layout", "totals", "group_ids", "group_totals", "num_batches")
+    __slots__ = ("version", "loss", "params", "reduction", "layout", "totals", "group_ids", "group_totals", "num_batches", "class_layout", "class_totals")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +156,8 @@ class Statistics(_message.Message):
     GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
     GROUP_TOTALS_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    CLASS_TOTALS_FIELD_NUMBER: _ClassVar[int]
     version: int
     loss: str
     params: _containers.RepeatedCompositeFieldContainer[NamedParam]
@@ -163,10 +167,12 @@ class Statistics(_message.Message):
     group_ids: Tensor
     group_totals: Tensor
     num_batches: int
-    def __init__(self, version: _Optional[int] = ..., loss: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedParam, _Mapping]]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., layout: _Optional[_Iterable[str]] = ..., totals: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ..., group_totals: _Optional[_Union[Tensor, _Mapping]] = ..., num_batches: _Optional[int] = ...) -> None: ...
+    class_layout: _containers.RepeatedScalarFieldContainer[str]
+    class_totals: Tensor
+    def __init__(self, version: _Optional[int] = ..., loss: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedParam, _Mapping]]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., layout: _Optional[_Iterable[str]] = ..., totals: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ..., group_totals: _Optional[_Union[Tensor, _Mapping]] = ..., num_batches: _Optional[int] = ..., class_layout: _Optional[_Iterable[str]] = ..., class_totals: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreBatchResponse(_message.Message):
-    __slots__ = ("loss", "values", "per_sample", "weight_sum", "num_elements", "backend", "device", "request_id", "denominator", "group_ids", "group_losses", "statistics")
+    __slots__ = ("loss", "values", "per_sample", "weight_sum", "num_elements", "backend", "device", "request_id", "denominator", "group_ids", "group_losses", "statistics", "class_losses", "class_scores")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +185,8 @@ class ScoreBatchResponse(_message.Message):
     GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
     GROUP_LOSSES_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_SCORES_FIELD_NUMBER: _ClassVar[int]
     loss: float
     values: Tensor
     per_sample: Tensor
@@ -191,10 +199,12 @@ class ScoreBatchResponse(_message.Message):
     group_ids: Tensor
     group_losses: Tensor
     statistics: Statistics
-    def __init__(self, loss: _Optional[float] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., per_sample: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[float] = ..., num_elements: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., request_id: _Optional[str] = ..., denominator: _Optional[float] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ..., group_losses: _Optional[_Union[Tensor, _Mapping]] = ..., statistics: _Optional[_Union[Statistics, _Mapping]] = ...) -> None: ...
+    class_losses: Tensor
+    class_scores: Tensor
+    def __init__(self, loss: _Optional[float] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., per_sample: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[float] = ..., num_elements: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., request_id: _Optional[str] = ..., denominator: _Optional[float] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ..., group_losses: _Optional[_Union[Tensor, _Mapping]] = ..., statistics: _Optional[_Union[Statistics, _Mapping]] = ..., class_losses: _Optional[_Union[Tensor, _Mapping]] = ..., class_scores: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreStreamResponse(_message.Message):
-    __slots__ = ("loss", "weight_sum", "num_elements", "num_batches", "backend", "device", "denominator", "group_ids", "group_losses", "statistics")
+    __slots__ = ("loss", "weight_sum", "num_elements", "num_batches", "backend", "device", "denominator", "group_ids", "group_losses", "statistics", "class_losses", "class_scores")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
     NUM_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +215,8 @@ class ScoreStreamResponse(_message.Message):
     GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
     GROUP_LOSSES_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_SCORES_FIELD_NUMBER: _ClassVar[int]
     loss: float
     weight_sum: float
     num_elements: int
@@ -215,7 +227,9 @@ class ScoreStreamResponse(_message.Message):
     group_ids: Tensor
     group_losses: Tensor
     statistics: Statistics
-    def __init__(self, loss: _Optional[float] = ..., weight_sum: _Optional[float] = ..., num_elements: _Optional[int] = ..., num_batches: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., denominator: _Optional[float] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ..., group_losses: _Optional[_Union[Tensor, _Mapping]] = ..., statistics: _Optional[_Union[Statistics, _Mapping]] = ...) -> None: ...
+    class_losses: Tensor
+    class_scores: Tensor
+    def __init__(self, loss: _Optional[float] = ..., weight_sum: _Optional[float] = ..., num_elements: _Optional[int] = ..., num_batches: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., denominator: _Optional[float] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ..., group_losses: _Optional[_Union[Tensor, _Mapping]] = ..., statistics: _Optional[_Union[Statistics, _Mapping]] = ..., class_losses: _Optional[_Union[Tensor, _Mapping]] = ..., class_scores: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class MergeStatisticsRequest(_message.Message):
     __slots__ = ("statistics",)
