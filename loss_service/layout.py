@@ -19,8 +19,8 @@ sample_weights region losses only (``spec.pixel_weights``), right after ``weight
                express, so a request's ``(N,)`` weights go here with ``weights`` all ones, and
                any other weights go to ``weights`` with ``sample_weights`` all ones
 <param>        every ``graph_input=True`` hyperparameter but ``reduction``: float → 0-d float32,
-               int → 0-d int64, bool → 0-d bool, vector → ``(C,)`` float32 (unset vectors
-               are fed as ones); float_or_vector → ``(C,)``, or 0-d in its ``<name>=scalar`` variant
+               int → 0-d int64 (an unset optional one: ``UNSET_INT``), bool → 0-d bool,
+               vector → ``(C,)`` float32 (unset vectors are fed as ones); float_or_vector → ``(C,)``, or 0-d in its ``<name>=scalar`` variant
 reduction      0-d int64 code: ``REDUCTION_CODES`` (none=0, mean=1, sum=2, weighted_mean=3)
 ============== ================================================================================
 
@@ -56,6 +56,7 @@ import torch
 
 from .losses import Forms, LossSpec, ParamSpec
 from .losses._reduction import (
+    UNSET_INT,
     label_map_hint,
     multiclass_mode_hint,
     one_target_per_prediction_hint,
@@ -333,7 +334,7 @@ def _hyperparameter_feed(param: ParamSpec, value: Any, num_classes: int, loss: s
     if kind == "float":
         return np.asarray(value, dtype=np.float32)
     if kind == "int":
-        return np.asarray(value, dtype=np.int64)
+        return np.asarray(UNSET_INT if value is None else value, dtype=np.int64)
     if kind == "bool":
         return np.asarray(value, dtype=np.bool_)
     raise ValueError(f"{loss}: parameter '{param.name}' of kind {kind} cannot be a graph input")

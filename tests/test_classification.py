@@ -586,3 +586,88 @@ def test_binary_focal_keeps_the_gradient_of_soft_targets():
     x = logits(6, 3)
     soft = torch.rand(6, 3, generator=generator(2), dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: binary_focal_loss(x, t, gamma=1.5), (soft,))
+
+
+def _with_ignored(targets, ignore_index, seed=7):
+    ignored = torch.rand(targets.shape, generator=generator(seed)) < 0.3
+    return torch.where(ignored, torch.full_like(targets, ignore_index), targets)
+
+
+def test_bce_with_logits_ignore_index_is_smps_own_test_number():
+    r"""segmentation_models_pytorch's tests/test_losses.py::test_soft_bce_loss: SoftBCEWithLogitsLoss(smooth_factor=0.1,
+    ignore_index=-100) gives 0.7201 (its mean counts the ignored element: ignored_in_mean)."""
+    predictions = torch.tensor([-9, 9, 1, 9, -9]).float()
+    targets = torch.tensor([0, 1, -100, 1, 0]).float()
+    smp_mean = losses.build("bce_with_logits", label_smoothing=0.2, ignore_index=-100, ignored_in_mean=True)
+    assert float(smp_mean(predictions, targets)) == pytest.approx(0.7201, abs=1e-4)
+    # This project's mean, as torch's cross_entropy: over the four elements that are not ignored.
+    ours = losses.build("bce_with_logits", label_smoothing=0.2, ignore_index=-100)
+    assert float(ours(predictions, targets)) == pytest.approx(0.7201 * 5 / 4, abs=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("ignore_index", [-100, 255])
+def test_bce_with_logits_ignore_index_is_smps_soft_bce(ignore_index, reduction):
+    r"""segmentation_models_pytorch's SoftBCEWithLogitsLoss(ignore_index=...) (its own code): values and gradients."""
+    from bench.bench_peers import smp_losses
+
+    predictions, targets = binary_inputs((3, 5, 4))
+    targets = _with_ignored(targets, ignore_index)
+    smp = smp_losses().SoftBCEWithLogitsLoss(smooth_factor=0.1, ignore_index=ignore_index, reduction=reduction)
+    ours = losses.build("bce_with_logits", label_smoothing=0.2, ignore_index=ignore_index, ignored_in_mean=True,
+                        reduction=reduction)
+    assert_same_value_and_grad(lambda p: ours(p, targets), lambda p: smp(p, targets), predictions)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 0.5)])
+def test_binary_focal_ignore_index_is_kornias(alpha, gamma, reduction):
+    r"""kornia's binary_focal_loss_with_logits(ignore_index=...) (its own code; 0/1 targets, its mean over every
+    element: ignored_in_mean), values and gradients."""
+    from kornia.losses import binary_focal_loss_with_logits
+
+    predictions, targets = binary_inputs((3, 4, 5))
+    targets = _with_ignored(targets, -100)
+    assert_same_value_and_grad(
+        lambda p: binary_focal_loss(p, targets, alpha=alpha, gamma=gamma, ignore_index=-100, ignored_in_mean=True,
+                                    reduction=reduction),
+        lambda p: binary_focal_loss_with_logits(p, targets, alpha=None if alpha < 0 else alpha, gamma=gamma,
+                                                ignore_index=-100, reduction=reduction),
+        predictions,
+    )
+
+
+@pytest.mark.parametrize("name", ["bce_with_logits", "binary_focal"])
+def test_ignored_positions_hold_any_garbage_without_poisoning_the_gradient(name):
+    predictions, targets = binary_inputs((2, 3, 6))
+    targets = _with_ignored(targets, 255)
+    ignored = targets == 255
+    garbage = torch.where(ignored, torch.tensor(float("nan"), dtype=predictions.dtype), predictions)
+    garbage = torch.where(ignored & (torch.arange(6) % 2 == 0), torch.tensor(float("inf"), dtype=predictions.dtype), garbage)
+    for ignored_in_mean in (False, True):
+        module = losses.build(name, ignore_index=255, ignored_in_mean=ignored_in_mean)
+        clean = predictions.clone().requires_grad_()
+        dirty = garbage.clone().requires_grad_()
+        expected, actual = module(clean, targets), module(dirty, targets)
+        actual.backward()
+        expected.backward()
+        assert torch.equal(actual, expected) and torch.isfinite(dirty.grad).all()
+        assert torch.equal(dirty.grad, clean.grad) and bool((dirty.grad[ignored] == 0).all())
+
+
+@pytest.mark.parametrize("name", ["bce_with_logits", "binary_focal"])
+def test_an_unset_ignore_index_ignores_nothing_and_is_settable_from_torchscript(name):
+    predictions, targets = binary_inputs((2, 3, 4))
+    plain = losses.build(name)
+    scripted = torch.jit.script(losses.build(name))
+    assert plain.ignore_index is None
+    assert torch.allclose(scripted(predictions, targets), plain(predictions, targets), rtol=1e-12)
+    with_ignored = _with_ignored(targets, 255)
+    scripted.ignore_index = 255
+    expected = losses.build(name, ignore_index=255)(predictions, with_ignored)
+    assert torch.allclose(scripted(predictions, with_ignored), expected, rtol=1e-12)
+    scripted.ignored_in_mean = True
+    assert torch.allclose(scripted(predictions, with_ignored),
+                          losses.build(name, ignore_index=255, ignored_in_mean=True)(predictions, with_ignored), rtol=1e-12)
+    with pytest.raises(ValueError, match="ignore_index"):
+        losses.build(name, ignore_index=-(2 ** 63))

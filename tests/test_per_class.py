@@ -32,25 +32,34 @@ def class_axis(spec, params, predictions):
 
 
 def membership(spec, params, predictions, targets, c):
-    r"""How much each element of the loss counts for class ``c``: its channel, its target class, or its target
-    probability of ``c`` (what the class totals define)."""
-    forms = spec.forms_of(params)
+    r"""How much each element of a loss on class indices or probabilities counts for class ``c``: its target
+    class, or its target probability of ``c`` (what the class totals define)."""
     dim = class_axis(spec, params, predictions)
-    if forms.index_targets and targets.dim() < predictions.dim():
+    if targets.dim() < predictions.dim():
         return (targets == c).to(torch.float64)
-    if forms.index_targets:
-        return targets.select(dim, c).to(torch.float64)
-    channel = torch.zeros(predictions.shape[dim], dtype=torch.float64)
-    channel[c] = 1.0
-    shape = [1] * predictions.dim()
-    shape[dim] = -1
-    return channel.reshape(shape).expand(predictions.shape)
+    return targets.select(dim, c).to(torch.float64)
+
+
+def channel_alone(spec, params, predictions, targets, weights, c):
+    r"""The module's ``[sum, mean, weighted_mean]`` on channel ``c`` of a dense loss alone: the channel of the
+    predictions, targets and elementwise weights, entry ``c`` of the per-class vectors."""
+    dim = class_axis(spec, params, predictions)
+    alone = {name: value[c:c + 1] if isinstance(value, torch.Tensor) and value.dim() == 1 else value
+             for name, value in params.items()}
+    if weights is not None and weights.shape == predictions.shape:
+        weights = weights.narrow(dim, c, 1)
+    predictions, targets = predictions.narrow(dim, c, 1), targets.narrow(dim, c, 1)
+    return [float(losses.build(spec.name, reduction=reduction, **alone)(predictions, targets, weights))
+            for reduction in REDUCTIONS]
 
 
 def elementwise_reference(spec, params, predictions, targets, weights, c):
     r"""``[sum, mean, weighted_mean]`` of class ``c`` of an elementwise loss from the module on the class's
-    elements alone: weights times the class membership (sum, weighted_mean), and for ``mean`` the class's
-    ``mean`` denominator (class-index targets: the others ignored)."""
+    elements alone: a dense loss's channel (:func:`channel_alone`); else weights times the class membership
+    (sum, weighted_mean), and for ``mean`` the class's ``mean`` denominator (class-index targets: the others
+    ignored; probability targets: one per element, split by their probabilities)."""
+    if not spec.forms_of(params).index_targets:
+        return channel_alone(spec, params, predictions, targets, weights, c)
     share = membership(spec, params, predictions, targets, c)
     restricted = share if weights is None else share * (
         weights.reshape([-1] + [1] * (share.dim() - 1)) if weights.dim() == 1 else weights)

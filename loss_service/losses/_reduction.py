@@ -24,6 +24,16 @@ import torch
 from torch import Tensor
 
 REDUCTIONS: List[str] = ["none", "mean", "sum", "weighted_mean"]
+
+
+def unset_int() -> int:
+    r"""The value an optional integer hyperparameter left unset (``None``) has in an exported graph, whose inputs
+    are tensors: int64's smallest, which its ParamSpec's range excludes. (A function: scripted code cannot read
+    a global.)"""
+    return -9223372036854775807 - 1
+
+
+UNSET_INT = unset_int()
 # Column of each scalar reduction in the output of a reductions kernel.
 REDUCTION_COLUMNS: List[str] = ["sum", "mean", "weighted_mean"]
 
@@ -87,6 +97,39 @@ def float_hyperparameter(value: float, predictions: Tensor) -> Tensor:
 def int_hyperparameter(value: int, predictions: Tensor) -> Tensor:
     r"""An integer hyperparameter (``ignore_index``, ``balance_index``) as a 0-d int64 tensor."""
     return torch.full([], value, dtype=torch.int64, device=predictions.device)
+
+
+def bool_hyperparameter(value: bool, predictions: Tensor) -> Tensor:
+    r"""A boolean hyperparameter as a 0-d bool tensor."""
+    return torch.full([], value, dtype=torch.bool, device=predictions.device)
+
+
+def optional_ignore_index(ignore_index: Optional[int], ignored_in_mean: bool, predictions: Tensor) -> Tuple[
+    Optional[Tensor], Optional[Tensor]
+]:
+    r"""A binary loss's ``(ignore_index, ignored_in_mean)`` as its kernel takes them: ``(None, None)`` when nothing
+    is ignored, so that such a call builds no mask (the exporter passes tensors always: graph inputs)."""
+    if ignore_index is None:
+        return None, None
+    return int_hyperparameter(ignore_index, predictions), bool_hyperparameter(ignored_in_mean, predictions)
+
+
+def binary_kept(targets: Tensor, ignore_index: Optional[Tensor]) -> Optional[Tensor]:
+    r"""Where dense ``targets`` are not ``ignore_index`` (bool, their shape); ``None`` when nothing can be ignored.
+    An exported graph always has the input: :data:`UNSET_INT` there means that nothing is ignored."""
+    if ignore_index is None:
+        return None
+    kept = targets != ignore_index.to(targets.dtype)
+    if is_tracing():
+        kept = kept | (ignore_index == unset_int())
+    return kept
+
+
+def ignored_targets_zeroed(targets: Tensor, kept: Optional[Tensor]) -> Tensor:
+    r"""Binary ``targets`` with 0 where ignored: an ignored value (255, -100) never enters a formula."""
+    if kept is None:
+        return targets
+    return torch.where(kept, targets, torch.zeros_like(targets))
 
 
 def vector_argument(value: Optional[Tensor]) -> Optional[Tensor]:
@@ -211,18 +254,36 @@ def effective_weight(
 
 def weighted_statistics(
     loss: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, dtype: torch.dtype,
-    per_sample: bool, per_class: bool = False,
+    per_sample: bool, per_class: bool = False, kept: Optional[Tensor] = None, ignored_in_mean: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics of the unreduced ``loss`` weighted by :func:`effective_weight`, each element counting 1
     in the ``mean`` denominator (as torch's elementwise losses); with ``per_class`` the class totals of its
-    channels (:func:`class_totals`). ``loss`` is the caller's own temporary: outside export and autograd it is
-    weighted in place."""
+    channels (:func:`class_totals`). ``kept`` (:func:`binary_kept`) gives ignored elements weight 0 and, unless
+    ``ignored_in_mean``, no place in the ``mean`` denominator. ``loss`` is the caller's own temporary: outside
+    export and autograd it is weighted in place."""
     weight = effective_weight(list(loss.shape), weights, class_weight, class_dim, dtype)
+    denominator: Optional[Tensor] = None
+    if kept is not None:
+        keep = kept.to(dtype)
+        weight = keep if weight is None else weight * keep
+        denominator = ignored_denominator(keep, ignored_in_mean)
     if weight is not None:
         recording = torch.is_grad_enabled() and loss.requires_grad
         loss = loss * weight if is_tracing() or recording else loss.mul_(weight)
     dim = normalize_class_dim(class_dim, loss.dim()) if per_class and loss.dim() > 1 else 0
-    return elementwise_statistics(loss, weight, None, per_sample, per_class, dim)
+    return elementwise_statistics(loss, weight, denominator, per_sample, per_class, dim)
+
+
+def ignored_denominator(keep: Tensor, ignored_in_mean: Optional[Tensor]) -> Optional[Tensor]:
+    r"""The ``mean`` denominator of a loss with ignored elements: ``keep`` (1 where not ignored), or 1 everywhere
+    (``None``) with ``ignored_in_mean`` (read on the host outside export)."""
+    if ignored_in_mean is None:
+        return keep
+    if is_tracing():
+        return torch.where(ignored_in_mean, torch.ones_like(keep), keep)
+    if bool(ignored_in_mean.item()):
+        return None
+    return keep
 
 
 # The hints of shape_mismatch_message, by what a loss makes of targets that look like class indices.

@@ -15,15 +15,18 @@ from torch import Tensor
 
 from . import _autograd
 from ._base import ElementwiseLoss
-from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, POS_WEIGHT_PARAM, REDUCTION_PARAM
+from ._params import (
+    CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, IGNORED_IN_MEAN_PARAM, OPTIONAL_IGNORE_INDEX_PARAM, POS_WEIGHT_PARAM,
+    REDUCTION_PARAM,
+)
 from ._params import LABEL_SMOOTHING_PARAM as CATEGORICAL_LABEL_SMOOTHING_PARAM
 from ._registry import LossSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
-    as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, is_tracing,
-    effective_weight, float_hyperparameter, one_target_per_prediction_hint, optional_vector, class_setting,
-    select_reduction, smoothed_binary_targets, summed_statistics, sums_only, vector_argument, vector_buffer,
-    weighted_statistics,
+    as_float, binary_kept, check_reduction, check_same_shape, class_setting, compute_dtype, effective_weight,
+    elementwise_reductions, float_hyperparameter, ignored_denominator, ignored_targets_zeroed, is_tracing,
+    one_target_per_prediction_hint, optional_ignore_index, optional_vector, select_reduction, smoothed_binary_targets,
+    summed_statistics, sums_only, unless_ignored, vector_argument, vector_buffer, weighted_statistics,
 )
 
 # Binary targets smoothed towards 1/2; segmentation_models_pytorch's smooth_factor s is label_smoothing 2s.
@@ -110,15 +113,18 @@ def optional_smoothing(label_smoothing: float, predictions: Tensor) -> Optional[
 
 def bce_with_logits_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], pos_weight: Optional[Tensor],
-    label_smoothing: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, per_sample: bool,
-    values: bool = True, per_class: bool = False,
+    label_smoothing: Optional[Tensor], ignore_index: Optional[Tensor], ignored_in_mean: Optional[Tensor],
+    class_weight: Optional[Tensor], class_dim: int, per_sample: bool, values: bool = True, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`binary_cross_entropy_with_logits`; for the totals alone
-    (:func:`sums_only`) torch's fused kernel sums the weighted loss."""
+    (:func:`sums_only`) torch's fused kernel sums the weighted loss. ``ignore_index`` ``None``: nothing is
+    ignored and no mask is built (:func:`~._reduction.binary_kept`)."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     dtype = compute_dtype(predictions.dtype)
-    x = predictions.to(dtype)
-    t = smoothed_binary_targets(as_float(targets, dtype, "targets"), label_smoothing)
+    t = as_float(targets, dtype, "targets")
+    kept = binary_kept(t, ignore_index)
+    x = unless_ignored(predictions.to(dtype), kept)
+    t = smoothed_binary_targets(ignored_targets_zeroed(t, kept), label_smoothing)
     positive_weight: Optional[Tensor] = None
     if pos_weight is not None:
         positive_weight = class_setting(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
@@ -131,13 +137,20 @@ def bce_with_logits_statistics(
     elif sums_only(values, per_sample or per_class):
         shape = list(x.shape)
         weight = effective_weight(shape, weights, class_weight, class_dim, dtype)
+        denominator: Optional[Tensor] = None
+        if kept is not None:
+            keep = kept.to(dtype)
+            weight = keep if weight is None else weight * keep
+            denominator = ignored_denominator(keep, ignored_in_mean)
         loss_sum = F.binary_cross_entropy_with_logits(
             x.contiguous(), t.contiguous(), weight, reduction="sum", pos_weight=positive_weight
         )
-        return summed_statistics(loss_sum, weight, None, shape)
+        return summed_statistics(loss_sum, weight, denominator, shape)
     else:
         loss = _fused_bce_with_logits(x, t, positive_weight)
-    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
+    return weighted_statistics(
+        loss, weights, class_weight, class_dim, dtype, per_sample, per_class, kept, ignored_in_mean
+    )
 
 
 def _fused_bce_with_logits(x: Tensor, t: Tensor, positive_weight: Optional[Tensor]) -> Tensor:
@@ -160,7 +173,8 @@ def _fused_bce_with_logits(x: Tensor, t: Tensor, positive_weight: Optional[Tenso
 
 def binary_cross_entropy_with_logits(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, pos_weight: Optional[Tensor] = None,
-    label_smoothing: float = 0.0, class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
+    label_smoothing: float = 0.0, ignore_index: Optional[int] = None, ignored_in_mean: bool = False,
+    class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Binary cross-entropy on logits, stable for any finite logit.
 
@@ -174,12 +188,16 @@ def binary_cross_entropy_with_logits(
     ``pos_weight`` there broadcasts along the last dim, here along ``class_dim``). ``label_smoothing`` ε
     replaces the targets by :math:`t_i (1 - \varepsilon) + \varepsilon / 2` first (torch's label smoothing of
     two outcomes; segmentation_models_pytorch's ``SoftBCEWithLogitsLoss(smooth_factor=s)`` is ``ε = 2s``).
+    Elements whose target is ``ignore_index`` get weight 0 (their logit is not read: NaN there is harmless) and
+    count in ``mean``'s denominator only with ``ignored_in_mean`` (the mean of segmentation_models_pytorch's
+    ``SoftBCEWithLogitsLoss(ignore_index=...)``).
     """
     class_weight = vector_argument(class_weight)
     check_reduction(reduction)
     values, totals, _ = bce_with_logits_statistics(
         predictions, targets, weights, vector_argument(pos_weight), optional_smoothing(label_smoothing, predictions),
-        class_weight, class_dim, False, reduction == "none",
+        *optional_ignore_index(ignore_index, ignored_in_mean, predictions), class_weight, class_dim, False,
+        reduction == "none",
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -194,24 +212,30 @@ class BCEWithLogitsLoss(ElementwiseLoss):
     r"""Module form of :func:`binary_cross_entropy_with_logits`; tensor settings are buffers."""
 
     label_smoothing: float
+    ignore_index: Optional[int]
+    ignored_in_mean: bool
 
     def __init__(
-        self, pos_weight: Optional[Tensor] = None, label_smoothing: float = 0.0, class_weight: Optional[Tensor] = None,
-        reduction: str = "mean", class_dim: int = 1,
+        self, pos_weight: Optional[Tensor] = None, label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
+        ignored_in_mean: bool = False, class_weight: Optional[Tensor] = None, reduction: str = "mean",
+        class_dim: int = 1,
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
         self.register_buffer("pos_weight", vector_buffer(pos_weight))
         self.label_smoothing = float(LABEL_SMOOTHING_PARAM.validate(label_smoothing))
+        self.ignore_index = OPTIONAL_IGNORE_INDEX_PARAM.validate(ignore_index)
+        self.ignored_in_mean = bool(ignored_in_mean)
 
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
         values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
+        ignore_index, ignored_in_mean = optional_ignore_index(self.ignore_index, self.ignored_in_mean, predictions)
         return bce_with_logits_statistics(
             predictions, targets, weights, optional_vector(self.pos_weight),
-            optional_smoothing(self.label_smoothing, predictions), optional_vector(self.class_weight),
-            self.class_dim, per_sample, values, per_class,
+            optional_smoothing(self.label_smoothing, predictions), ignore_index, ignored_in_mean,
+            optional_vector(self.class_weight), self.class_dim, per_sample, values, per_class,
         )
 
 
@@ -219,10 +243,14 @@ def binary_inputs(
     batch: int, num_classes: int, spatial: Tuple[int, ...], generator: torch.Generator, dtype: torch.dtype,
     params: Dict[str, Any], probabilities: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    r"""Random logits (or their sigmoid, ``probabilities``) ``(N, C, *)`` and binary masks, 30% positive."""
+    r"""Random logits (or their sigmoid, ``probabilities``) ``(N, C, *)`` and binary masks, 30% positive; about
+    15% of the targets are ``ignore_index`` when the parameters set one."""
     shape = (batch, num_classes) + tuple(spatial)
     logits = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
     targets = (torch.rand(shape, generator=generator, dtype=torch.float64) < 0.3).to(dtype)
+    if params.get("ignore_index") is not None:
+        ignored = torch.rand(shape, generator=generator) < 0.15
+        targets = torch.where(ignored, torch.full_like(targets, params["ignore_index"]), targets)
     predictions = torch.sigmoid(logits) if probabilities else logits
     return predictions.to(dtype), targets
 
@@ -241,7 +269,8 @@ register(LossSpec(
     module=BCEWithLogitsLoss, function=binary_cross_entropy_with_logits, predictions="logits",
     targets="probabilities", prediction_shape="(N, *)", target_shape="same as predictions",
     params=(
-        POS_WEIGHT_PARAM, LABEL_SMOOTHING_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
+        POS_WEIGHT_PARAM, LABEL_SMOOTHING_PARAM, OPTIONAL_IGNORE_INDEX_PARAM, IGNORED_IN_MEAN_PARAM, CLASS_WEIGHT_PARAM,
+        REDUCTION_PARAM, CLASS_DIM_PARAM,
     ),
     make_inputs=binary_inputs, statistics_kernel=bce_with_logits_statistics,
     reference="torch.nn.functional.binary_cross_entropy_with_logits",
@@ -249,6 +278,8 @@ register(LossSpec(
         {}, {"pos_weight": torch.tensor([3.0, 0.5, 1.0])},
         {"pos_weight": torch.tensor([2.0, 1.0, 0.25]), "class_weight": torch.tensor([1.0, 0.0, 4.0])},
         {"label_smoothing": 0.2, "pos_weight": torch.tensor([2.0, 1.0, 0.5])},
+        {"ignore_index": 255, "pos_weight": torch.tensor([2.0, 1.0, 0.5])},
+        {"ignore_index": -100, "ignored_in_mean": True, "label_smoothing": 0.2},
     ),
 ))
 

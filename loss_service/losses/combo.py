@@ -113,7 +113,7 @@ def bce_dice_statistics(
         sample_scale = sample_weights.to(probabilities.dtype).reshape(batch_size, 1, 1)
         bce_weights = sample_scale if bce_weights is None else bce_weights * sample_scale
     _, bce_totals, bce_sample_totals = bce_with_logits_statistics(
-        logits, dense, bce_weights, pos_weight, None, class_weight, 1, True
+        logits, dense, bce_weights, pos_weight, None, None, None, class_weight, 1, True
     )
     if keep is not None:
         # Ignored positions have weight 0 and, as for every loss here, do not count in `mean`'s
@@ -127,7 +127,7 @@ def bce_dice_statistics(
     if per_class:
         # The terms' class totals: the BCE kernel once more (an evaluation's extra pass), the Dice term from its sums.
         _, _, bce_class_totals = bce_with_logits_statistics(
-            logits, dense, bce_weights, pos_weight, None, class_weight, 1, False, True, True
+            logits, dense, bce_weights, pos_weight, None, None, None, class_weight, 1, False, True, True
         )
         if keep is not None:
             bce_class_totals = _with_denominator(bce_class_totals, accumulate(keep.expand(probabilities.shape), [0, 2]))

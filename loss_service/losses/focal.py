@@ -14,14 +14,15 @@ from torch import Tensor
 from . import _autograd
 from ._base import ElementwiseLoss
 from ._params import (
-    CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, GAMMA_PARAM, IGNORE_INDEX_PARAM, LABEL_SMOOTHING_PARAM, POS_WEIGHT_PARAM,
-    REDUCTION_PARAM,
+    CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, GAMMA_PARAM, IGNORE_INDEX_PARAM, IGNORED_IN_MEAN_PARAM, LABEL_SMOOTHING_PARAM,
+    OPTIONAL_IGNORE_INDEX_PARAM, POS_WEIGHT_PARAM, REDUCTION_PARAM,
 )
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
-    as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, float_hyperparameter,
-    int_hyperparameter, is_tracing, one_target_per_prediction_hint, optional_vector, class_setting, select_reduction,
-    vector_argument, vector_buffer, weighted_statistics,
+    as_float, binary_kept, check_reduction, check_same_shape, class_setting, compute_dtype, elementwise_reductions,
+    float_hyperparameter, ignored_targets_zeroed, int_hyperparameter, is_tracing, one_target_per_prediction_hint,
+    optional_ignore_index, optional_vector, select_reduction, unless_ignored, vector_argument, vector_buffer,
+    weighted_statistics,
 )
 from ._stable import log_sigmoid
 from .bce import binary_inputs
@@ -30,23 +31,29 @@ from .cross_entropy import SOFTMAX_CONTRACT, check_gamma, modulating_factor, sof
 
 def binary_focal_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], alpha: Tensor, gamma: Tensor,
-    pos_weight: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int, per_sample: bool,
-    per_class: bool = False,
+    pos_weight: Optional[Tensor], ignore_index: Optional[Tensor], ignored_in_mean: Optional[Tensor],
+    class_weight: Optional[Tensor], class_dim: int, per_sample: bool, values: bool = True, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel of :func:`binary_focal_loss`; ``alpha`` and ``gamma`` are 0-d tensors."""
+    r"""Statistics kernel of :func:`binary_focal_loss`; ``alpha`` and ``gamma`` are 0-d tensors, ``ignore_index``
+    ``None`` ignores nothing (no mask: :func:`~._reduction.binary_kept`). It writes its values whatever
+    ``values`` says."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     check_gamma(gamma)
     if not is_tracing() and float(alpha.item()) > 1.0:
         raise ValueError("alpha must be <= 1 (a negative alpha disables the balancing), got {}".format(float(alpha)))
     dtype = compute_dtype(predictions.dtype)
-    x = predictions.to(dtype)
     t = as_float(targets, dtype, "targets")
+    kept = binary_kept(t, ignore_index)
+    x = unless_ignored(predictions.to(dtype), kept)
+    t = ignored_targets_zeroed(t, kept)
     positive_weight: Optional[Tensor] = None
     if pos_weight is not None:
         positive_weight = class_setting(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
     if not torch.jit.is_scripting() and not is_tracing() and not t.requires_grad:
         loss = _autograd.binary_focal(x, t, float(alpha.item()), float(gamma.item()), positive_weight)
-        return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
+        return weighted_statistics(
+            loss, weights, class_weight, class_dim, dtype, per_sample, per_class, kept, ignored_in_mean
+        )
     alpha = alpha.to(dtype)
     log_p = log_sigmoid(x)
     # BCE with logits, -[w₊ t log σ(x) + (1 - t) log σ(-x)] = (1 - t) x - (w₊ t + 1 - t) log σ(x).
@@ -59,13 +66,13 @@ def binary_focal_statistics(
     loss = cross_entropy * modulating_factor(one_minus_p_t, gamma)
     alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
     loss = loss * torch.where(alpha >= 0, alpha_t, torch.ones_like(alpha_t))
-    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
+    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class, kept, ignored_in_mean)
 
 
 def binary_focal_loss(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, alpha: float = 0.25, gamma: float = 2.0,
-    pos_weight: Optional[Tensor] = None, class_weight: Optional[Tensor] = None, reduction: str = "mean",
-    class_dim: int = 1,
+    pos_weight: Optional[Tensor] = None, ignore_index: Optional[int] = None, ignored_in_mean: bool = False,
+    class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
 ) -> Tensor:
     r"""Sigmoid focal loss from logits (Lin et al. 2017, eq. 5), per element.
 
@@ -86,14 +93,17 @@ def binary_focal_loss(
 
     ``alpha`` :math:`\le 1` weights positives (negative disables the balancing), ``gamma`` :math:`\ge 0`
     (``gamma=0, alpha<0`` is ``bce_with_logits``, whose inputs and weights these are). ``mean`` is the plain
-    element mean (torchvision's), ``weighted_mean`` :math:`\sum \ell / \sum w`. Equals
+    element mean (torchvision's), ``weighted_mean`` :math:`\sum \ell / \sum w`. Elements whose target is
+    ``ignore_index`` get weight 0 and count in ``mean`` only with ``ignored_in_mean`` (kornia's
+    ``binary_focal_loss_with_logits(ignore_index=...)`` mean). Equals
     ``torchvision.ops.sigmoid_focal_loss`` for every ``alpha``, ``gamma`` and reduction.
     """
     check_reduction(reduction)
     values, totals, _ = binary_focal_statistics(
         predictions, targets, weights, float_hyperparameter(alpha, predictions),
-        float_hyperparameter(gamma, predictions), vector_argument(pos_weight), vector_argument(class_weight),
-        class_dim, False,
+        float_hyperparameter(gamma, predictions), vector_argument(pos_weight),
+        *optional_ignore_index(ignore_index, ignored_in_mean, predictions), vector_argument(class_weight), class_dim,
+        False,
     )
     return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
 
@@ -161,25 +171,31 @@ class BinaryFocalLoss(ElementwiseLoss):
 
     alpha: float
     gamma: float
+    ignore_index: Optional[int]
+    ignored_in_mean: bool
 
     def __init__(
         self, alpha: float = 0.25, gamma: float = 2.0, pos_weight: Optional[Tensor] = None,
-        class_weight: Optional[Tensor] = None, reduction: str = "mean", class_dim: int = 1,
+        ignore_index: Optional[int] = None, ignored_in_mean: bool = False, class_weight: Optional[Tensor] = None,
+        reduction: str = "mean", class_dim: int = 1,
     ) -> None:
         super().__init__(class_weight, reduction, class_dim)
         self.alpha = float(alpha)
         self.gamma = float(gamma)
         self.register_buffer("pos_weight", vector_buffer(pos_weight))
+        self.ignore_index = OPTIONAL_IGNORE_INDEX_PARAM.validate(ignore_index)
+        self.ignored_in_mean = bool(ignored_in_mean)
 
     @torch.jit.export
     def statistics(
         self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None, per_sample: bool = False,
         values: bool = True, per_class: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
+        ignore_index, ignored_in_mean = optional_ignore_index(self.ignore_index, self.ignored_in_mean, predictions)
         return binary_focal_statistics(
             predictions, targets, weights, float_hyperparameter(self.alpha, predictions),
-            float_hyperparameter(self.gamma, predictions), optional_vector(self.pos_weight),
-            optional_vector(self.class_weight), self.class_dim, per_sample, per_class,
+            float_hyperparameter(self.gamma, predictions), optional_vector(self.pos_weight), ignore_index,
+            ignored_in_mean, optional_vector(self.class_weight), self.class_dim, per_sample, values, per_class,
         )
 
 
@@ -228,7 +244,8 @@ register(LossSpec(
     target_shape="same as predictions",
     params=(
         ParamSpec("alpha", "float", 0.25, "weight α of positives (1-α of negatives); negative disables", high=1.0),
-        GAMMA_PARAM, POS_WEIGHT_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM, CLASS_DIM_PARAM,
+        GAMMA_PARAM, POS_WEIGHT_PARAM, OPTIONAL_IGNORE_INDEX_PARAM, IGNORED_IN_MEAN_PARAM, CLASS_WEIGHT_PARAM,
+        REDUCTION_PARAM, CLASS_DIM_PARAM,
     ),
     make_inputs=binary_inputs, statistics_kernel=binary_focal_statistics,
     reference="torchvision.ops.sigmoid_focal_loss (its documented formula; mean = plain element mean)",
@@ -236,6 +253,8 @@ register(LossSpec(
         {}, {"alpha": -1.0, "gamma": 0.0}, {"alpha": 0.75, "gamma": 0.5},
         {"alpha": 0.25, "gamma": 1.5, "class_weight": torch.tensor([0.5, 2.0, 1.0])},
         {"alpha": 0.6, "gamma": 2.0, "pos_weight": torch.tensor([3.0, 0.5, 1.0])},
+        {"alpha": 0.25, "gamma": 2.0, "ignore_index": -100, "ignored_in_mean": True},
+        {"alpha": 0.5, "gamma": 0.5, "ignore_index": 255, "class_weight": torch.tensor([0.5, 2.0, 1.0])},
     ),
     paper="Lin et al., Focal Loss for Dense Object Detection, ICCV 2017 (arXiv:1708.02002)",
 ))

@@ -36,9 +36,19 @@ def bce_reference(predictions, targets, weights, params, reduction):
     return _torch_reduced(loss, weight, reduction)
 
 
+def ignored(targets, params):
+    r"""``(targets with 0 where ignored, the not-ignored mask as 0/1, the mean's element count)`` of a binary loss
+    with an optional ``ignore_index`` (segmentation_models_pytorch's SoftBCEWithLogitsLoss masks so)."""
+    ignore_index = params.get("ignore_index")
+    kept = torch.ones_like(targets) if ignore_index is None else (targets != ignore_index).to(targets.dtype)
+    count = kept.sum() if ignore_index is not None and not params.get("ignored_in_mean") else float(kept.numel())
+    return targets * kept, kept, torch.as_tensor(count, dtype=targets.dtype)
+
+
 @reference("bce_with_logits")
 def bce_with_logits_reference(predictions, targets, weights, params, reduction):
-    weight = _full_weight(predictions, weights, params)
+    targets, kept, count = ignored(targets, params)
+    weight = _full_weight(predictions, weights, params) * kept
     # Label smoothing as segmentation_models_pytorch's SoftBCEWithLogitsLoss writes it, whose
     # smooth_factor is half of torch's (two-outcome) label_smoothing.
     smooth_factor = params.get("label_smoothing", 0.0) / 2
@@ -47,8 +57,8 @@ def bce_with_logits_reference(predictions, targets, weights, params, reduction):
     if pos_weight is not None:
         pos_weight = _along_dim1(pos_weight, predictions)[0]
     loss = F.binary_cross_entropy_with_logits(predictions, targets, weight=weight, pos_weight=pos_weight, reduction="none")
-    if reduction in ("mean", "sum", "none") and predictions.numel() > 0:
+    if params.get("ignore_index") is None and reduction in ("mean", "sum", "none") and predictions.numel() > 0:
         return F.binary_cross_entropy_with_logits(
             predictions, targets, weight=weight, pos_weight=pos_weight, reduction=reduction
         )
-    return _torch_reduced(loss, weight, reduction)
+    return reduce(loss, reduction, count, weight.sum())

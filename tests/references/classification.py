@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reduce, reference
+from .bce import ignored
 
 
 def _per_element(weights, loss):
@@ -73,6 +74,7 @@ def nll_reference(predictions, targets, weights, params, reduction):
 def binary_focal_reference(predictions, targets, weights, params, reduction):
     alpha = params.get("alpha", 0.25)
     gamma = params.get("gamma", 2.0)
+    targets, kept, count = ignored(targets, params)
     p = torch.sigmoid(predictions)
     # pos_weight as torch's binary_cross_entropy_with_logits weighs the positive term (along dim 1 here).
     pos_weight = params.get("pos_weight")
@@ -83,11 +85,10 @@ def binary_focal_reference(predictions, targets, weights, params, reduction):
     loss = ce * ((1 - p_t) ** gamma)
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    weight = _per_element(weights, loss)
+    weight = _per_element(weights, loss) * kept
     if params.get("class_weight") is not None:
         weight = weight * params["class_weight"].to(loss.dtype).reshape([1, -1] + [1] * (loss.dim() - 2))
-    # torchvision's mean is the plain mean over elements.
-    count = torch.tensor(float(loss.numel()), dtype=loss.dtype)
+    # torchvision's mean is the plain mean over elements (those not ignored, unless ignored_in_mean).
     return reduce(loss * weight, reduction, count, weight.sum())
 
 
