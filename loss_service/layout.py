@@ -19,7 +19,8 @@ sample_weights region losses only (``spec.pixel_weights``), right after ``weight
                express, so a request's ``(N,)`` weights go here with ``weights`` all ones, and
                any other weights go to ``weights`` with ``sample_weights`` all ones
 <param>        every ``graph_input=True`` hyperparameter but ``reduction``: float → 0-d float32,
-               int → 0-d int64 (an unset optional one: ``UNSET_INT``), bool → 0-d bool,
+               int → 0-d int64 (an unset optional one: ``UNSET_INT``), bool → 0-d bool, a string
+               choice → 0-d int64, its index in ``choices``,
                vector → ``(C,)`` float32 (unset vectors are fed as ones); float_or_vector → ``(C,)``, or 0-d in its ``<name>=scalar`` variant
 reduction      0-d int64 code: ``REDUCTION_CODES`` (none=0, mean=1, sum=2, weighted_mean=3)
 ============== ================================================================================
@@ -337,6 +338,8 @@ def _hyperparameter_feed(param: ParamSpec, value: Any, num_classes: int, loss: s
         return np.asarray(UNSET_INT if value is None else value, dtype=np.int64)
     if kind == "bool":
         return np.asarray(value, dtype=np.bool_)
+    if kind == "str" and param.choices is not None:
+        return np.asarray(param.choices.index(value), dtype=np.int64)
     raise ValueError(f"{loss}: parameter '{param.name}' of kind {kind} cannot be a graph input")
 
 

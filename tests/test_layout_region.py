@@ -66,6 +66,8 @@ def _call_kernel(spec, module, predictions, targets, weights, sample_weights):
             value = torch.tensor(value, dtype=torch.float64)
         elif param.kind == "bool" and param.graph_input:
             value = torch.tensor(value)
+        elif param.kind == "str" and param.graph_input:
+            value = torch.tensor(param.choices.index(value))
         elif param.kind == "int":
             value = torch.tensor(value, dtype=torch.int64)
         elif param.kind == "vector":

@@ -101,8 +101,15 @@ def overlap_index_reference(spec, params, predictions, targets, weights):
 
 
 # Losses whose per-class values these references define: every class-restricted loss (the module docstring).
-# generalized_dice and bce_dice have tests of their own below.
-RESTRICTED_CASES = [case for case in CASES if case.values[0] not in ("generalized_dice", "bce_dice")]
+# generalized_dice and bce_dice have tests of their own below; so has the "skip" rule for absent classes, whose
+# class weights depend on the other classes.
+RESTRICTED_CASES = [
+    case for case in CASES if case.values[0] not in ("generalized_dice", "bce_dice")
+    and losses.get(case.values[0]).test_params[case.values[1]].get("absent_classes") != "skip"
+]
+SKIP_CASES = [
+    case for case in CASES if losses.get(case.values[0]).test_params[case.values[1]].get("absent_classes") == "skip"
+]
 
 
 @pytest.mark.parametrize("weight_form", [None, "per_sample", "elementwise"])
@@ -125,6 +132,23 @@ def test_each_class_equals_the_loss_of_its_elements_alone(name, index, weight_fo
     if forms.class_index:
         expected_index = overlap_index_reference(spec, params, predictions, targets, weights)
         np.testing.assert_allclose(reductions[:, 3].numpy(), expected_index.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,index", SKIP_CASES)
+def test_with_absent_classes_skipped_the_classes_split_the_loss(name, index):
+    r"""Each sample's classes share its one unit of ``mean`` denominator: the class sums are the columns of
+    ``reduction="none"``'s values and add up to the loss's sum, the class denominators to its denominator."""
+    spec, params, predictions, targets, weights = case_inputs(name, index, "per_sample")
+    stats = evaluation.statistics(name, predictions, targets, weights, per_class=True, **params)
+    module = losses.build(name, **params)
+    values = losses.build(name, reduction="none", **params)(predictions, targets, weights)
+    reductions = module.class_reductions(torch.from_numpy(stats.class_totals))
+    columns = values.sum(0) if values.dim() == 2 else values
+    np.testing.assert_allclose(reductions[:, 0].numpy(), columns.numpy(), rtol=1e-10, atol=1e-12)
+    assert close(float(reductions[:, 0].sum()), float(losses.build(name, reduction="sum", **params)(
+        predictions, targets, weights)))
+    if not params.get("batch"):
+        assert close(float(stats.class_totals[:, 2].sum()), float(stats.totals[2]))
 
 
 @pytest.mark.parametrize("name,index", CASES)

@@ -71,14 +71,19 @@ def client_params(params):
 def test_a_dataset_scored_in_process_equals_scorebatch_on_all_of_it(server, name, params):
     dataset, (predictions, targets, weights, sites) = dataset_of(name, params)
     result = score_dataset(dataset, name, predictions="logits", targets="label", weights="weight", group_by="site",
-                           batch_size=5, map_options=ONE_SCORER, **params)
+                           per_class=True, batch_size=5, map_options=ONE_SCORER, **params)
     with LossClient(server.target) as client:
-        whole = client.score(name, predictions, targets, weights, group_ids=sites, **client_params(params))
+        whole = client.score(name, predictions, targets, weights, group_ids=sites, return_per_class=True,
+                             **client_params(params))
     assert result.statistics.num_batches >= ROWS // 5
     assert result.loss == pytest.approx(whole.loss, rel=1e-6)
     assert (result.num_elements, result.weight_sum) == pytest.approx((whole.num_elements, whole.weight_sum), rel=1e-6)
     np.testing.assert_array_equal(result.group_ids, whole.group_ids)
     np.testing.assert_allclose(result.group_losses, whole.group_losses, rtol=1e-6)
+    np.testing.assert_allclose(result.class_losses, whole.class_losses, rtol=1e-6)
+    assert (result.class_scores is None) == (whole.class_scores is None)
+    if whole.class_scores is not None:
+        np.testing.assert_allclose(result.class_scores, whole.class_scores, rtol=1e-6)
 
 
 def test_a_parquet_dataset_scored_through_the_service(server, tmp_path):
@@ -86,13 +91,15 @@ def test_a_parquet_dataset_scored_through_the_service(server, tmp_path):
     dataset, (predictions, targets, _, sites) = dataset_of(name, params, seed=1)
     dataset.write_parquet(str(tmp_path))
     from_files = ray.data.read_parquet(str(tmp_path))
-    result = score_dataset(from_files, name, predictions="logits", targets="label", group_by="site",
+    result = score_dataset(from_files, name, predictions="logits", targets="label", group_by="site", per_class=True,
                            service=server.target, client_options={"timeout": 60}, map_options=ONE_SCORER,
                            **client_params(params))
     with LossClient(server.target) as client:
-        whole = client.score(name, predictions, targets, group_ids=sites, **client_params(params))
+        whole = client.score(name, predictions, targets, group_ids=sites, return_per_class=True,
+                             **client_params(params))
     assert result.backend == "eager" and result.loss == pytest.approx(whole.loss, rel=1e-6)
     np.testing.assert_allclose(result.group_losses, whole.group_losses, rtol=1e-6)
+    np.testing.assert_allclose(result.class_losses, whole.class_losses, rtol=1e-6)
 
 
 def test_block_statistics_are_kept_and_merged_later():

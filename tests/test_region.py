@@ -459,3 +459,117 @@ def test_generalized_dice_with_uniform_weights_is_kornias_micro_dice(eps, weight
     ours.backward()
     kornia.backward()
     torch.testing.assert_close(ours_input.grad, kornia_input.grad, rtol=1e-8, atol=1e-12)
+
+
+# segmentation_models_pytorch's tests/test_losses.py: binary DiceLoss / TverskyLoss(0.5, 0.5) / JaccardLoss with
+# from_logits=False; probabilities of exactly 0 and 1 are logits of ±1000 here. Its DiceLoss pools over the batch
+# (batch=True) and zeroes the loss of a class without targets (absent_classes="zero"): an empty target scores 0.
+SMP_BINARY_CASES = [
+    ([1.0, 1.0, 1.0], [1, 1, 1], 0.0), ([1.0, 0.0, 1.0], [1, 0, 1], 0.0), ([0.0, 0.0, 0.0], [0, 0, 0], 0.0),
+    ([1.0, 1.0, 1.0], [0, 0, 0], 0.0), ([1.0, 0.0, 1.0], [0, 1, 0], 1.0), ([0.0, 0.0, 0.0], [1, 1, 1], 1.0),
+]
+
+
+@pytest.mark.parametrize("name,params", [("dice", {}), ("tversky", {"alpha": 0.5, "beta": 0.5}), ("iou", {})])
+@pytest.mark.parametrize("probabilities,targets,expected", SMP_BINARY_CASES)
+def test_absent_classes_zero_is_smps_own_test_numbers(name, params, probabilities, targets, expected):
+    logits = (torch.tensor(probabilities, dtype=torch.float64) * 2 - 1).mul(1000.0).view(1, 1, 1, -1)
+    labels = torch.tensor(targets, dtype=torch.float64).view(1, 1, 1, -1)
+    module = losses.build(name, absent_classes="zero", batch=True, smooth_nr=0.0, smooth_dr=0.0, **params)
+    assert float(module(logits, labels)) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["binary", "multilabel", "multiclass"])
+@pytest.mark.parametrize("name,smp_name,params", [
+    ("dice", "DiceLoss", {}), ("iou", "JaccardLoss", {}), ("tversky", "TverskyLoss", {"alpha": 0.3, "beta": 0.7}),
+])
+def test_absent_classes_zero_is_smps_loss(mode, name, smp_name, params):
+    r"""segmentation_models_pytorch's region losses (their own code, from logits, smooth 0): batch=True,
+    absent_classes="zero", with classes absent from the batch; values and gradients."""
+    from bench.bench_peers import smp_losses
+
+    generator = torch.Generator().manual_seed(11)
+    channels = 1 if mode == "binary" else 3
+    logits = torch.randn(4, channels, 5, 5, generator=generator, dtype=torch.float64)
+    if mode == "multiclass":
+        labels = torch.randint(0, 2, (4, 5, 5), generator=generator)
+    else:
+        labels = (torch.rand(4, channels, 5, 5, generator=generator) < 0.3).double()
+        labels[:, -1] = 0 if mode == "multilabel" else labels[:, -1]
+    peer = getattr(smp_losses(), smp_name)(mode=mode, from_logits=True, smooth=0.0, eps=1e-7, **params)
+    ours = losses.build(name, mode=mode, batch=True, absent_classes="zero", smooth_nr=0.0, smooth_dr=0.0, **params)
+    ours_input, peer_input = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    expected, actual = peer(peer_input, labels), ours(ours_input, labels)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    actual.backward()
+    expected.backward()
+    torch.testing.assert_close(ours_input.grad, peer_input.grad, rtol=1e-8, atol=1e-12)
+
+
+def _kornia_macro(**params):
+    return losses.build("dice", mode="multiclass", absent_classes="skip", smooth_nr=0.0, smooth_dr=1e-8, **params)
+
+
+def test_absent_classes_skip_is_kornias_own_test_numbers():
+    r"""kornia's tests/losses/test_dice.py, average="macro" (eps 1e-8): a sample's loss is the average over the
+    classes present in its target, a sample without any scores 1."""
+    labels = torch.tensor([[[1, -100]], [[-100, -100]]])
+    logits = torch.zeros((2, 3, 1, 2), dtype=torch.float64)
+    for weight in (None, torch.tensor([8.0, 0.25, 4.0], dtype=torch.float64)):
+        loss = _kornia_macro(ignore_index=-100, class_weight=weight)(logits, labels)
+        assert float(loss) == pytest.approx(0.75, abs=1e-6)  # test_macro_ignored_samples
+    labels = torch.tensor([[[0, 0, 0, 0]], [[0, 1, 1, 2]]])
+    logits = torch.tensor([[[[2.0, 0.0, 1.0, -1.0]], [[0.0, 2.0, 0.0, 1.0]], [[1.0, 1.0, 3.0, 2.0]]],
+                           [[[1.0, 3.0, 2.0, 0.0]], [[2.0, 0.0, 1.0, 3.0]], [[0.0, 2.0, 0.0, 1.0]]]],
+                          dtype=torch.float64, requires_grad=True)
+    module = _kornia_macro(class_weight=torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+    alone = module(logits[:1], labels[:1])  # test_macro_sample_without_weighted_class
+    assert float(alone.detach()) == 1.0
+    both = module(logits, labels)
+    assert float(both.detach()) == pytest.approx((1 + float(module(logits[1:], labels[1:]).detach())) / 2, rel=1e-12)
+    both.backward()
+    assert (logits.grad[0] == 0).all() and torch.isfinite(logits.grad).all()
+    logits = torch.zeros(4, 3, 1, 4, dtype=torch.float64)
+    logits[:, 0, :, 0] = 100.0
+    logits[:, 2, :, 1:] = 100.0
+    labels = torch.tensor([0, 1, 2, 2]).expand((4, 1, -1))
+    for weight, expected in (([1.0, 0.0, 0.0], 0.0), ([0.0, 1.0, 0.0], 1.0), ([0.0, 0.0, 1.0], 0.2)):  # test_weight
+        loss = _kornia_macro(class_weight=torch.tensor(weight, dtype=torch.float64))(logits, labels)
+        assert float(loss) == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_absent_classes_skip_is_kornias_macro_dice(weighted):
+    r"""kornia's dice_loss(average="macro") (its own code) with absent classes, ignored pixels and class weights,
+    values and gradients."""
+    from kornia.losses import dice_loss
+
+    generator = torch.Generator().manual_seed(12)
+    logits = torch.randn(5, 4, 6, 6, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (5, 6, 6), generator=generator)
+    labels[1] = 0
+    labels[2, :3] = -100
+    weight = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64) if weighted else None
+    ours_input, peer_input = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    actual = _kornia_macro(ignore_index=-100, class_weight=weight)(ours_input, labels)
+    expected = dice_loss(peer_input, labels, average="macro", eps=1e-8, weight=weight, ignore_index=-100)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    actual.backward()
+    expected.backward()
+    torch.testing.assert_close(ours_input.grad, peer_input.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_absent_classes_is_a_choice_checked_everywhere():
+    with pytest.raises(ValueError, match="absent_classes"):
+        losses.build("dice", absent_classes="drop")
+    scripted = torch.jit.script(losses.build("dice", mode="multilabel"))
+    logits, labels = torch.randn(2, 3, 4), (torch.rand(2, 3, 4) < 0.3).float()
+    scripted.absent_classes = "zero"
+    expected = losses.build("dice", mode="multilabel", absent_classes="zero")(logits, labels)
+    torch.testing.assert_close(scripted(logits, labels), expected)
+    scripted.absent_classes = "drop"
+    with pytest.raises(torch.jit.Error, match="absent_classes must be one of 'count', 'zero', 'skip'"):
+        scripted(logits, labels)
+    from loss_service.losses.region import ABSENT_CLASSES, absent_classes_code
+
+    assert [absent_classes_code(name) for name in ABSENT_CLASSES] == list(range(len(ABSENT_CLASSES)))

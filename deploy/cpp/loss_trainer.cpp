@@ -161,16 +161,29 @@ std::string dtype_name(c10::ScalarType type) {
 
 // The attributes --set can change: typed scalars, strings and tensors (buffers), not submodules
 // and not the nn.Module "training" flag.
-bool settable(const std::string& name, const c10::IValue& value) {
+// The declared type of an attribute (not its value's: an Optional[int] set to None is still an int
+// setting); `optional` says whether it may also be None.
+c10::TypePtr declared_type(const torch::jit::Module& module, const std::string& name, bool* optional) {
+  const c10::TypePtr type = module.type()->getAttribute(name);
+  const auto inner = type->cast<c10::OptionalType>();
+  *optional = inner != nullptr;
+  return inner ? inner->getElementType() : type;
+}
+
+bool settable(const std::string& name, const c10::TypePtr& type) {
+  const c10::TypeKind kind = type->kind();
   return name != "training" &&
-         (value.isDouble() || value.isInt() || value.isBool() || value.isString() || value.isTensor());
+         (kind == c10::TypeKind::FloatType || kind == c10::TypeKind::IntType || kind == c10::TypeKind::BoolType ||
+          kind == c10::TypeKind::StringType || kind == c10::TypeKind::TensorType);
 }
 
 std::string settable_names(const torch::jit::Module& module) {
   std::string names;
   for (const auto& attribute : module.named_attributes(/*recurse=*/false)) {
-    if (settable(attribute.name, attribute.value)) {
-      names += (names.empty() ? "" : ", ") + attribute.name + " (" + attribute.value.type()->str() + ")";
+    bool optional = false;
+    if (settable(attribute.name, declared_type(module, attribute.name, &optional))) {
+      names += (names.empty() ? "" : ", ") + attribute.name + " (" +
+               module.type()->getAttribute(attribute.name)->str() + ")";
     }
   }
   return names.empty() ? "(none)" : names;
@@ -219,33 +232,39 @@ std::string apply_setting(torch::jit::Module& loss, const torch::jit::Module& in
     throw std::runtime_error("--set " + name + ": the loss has no such attribute; settable attributes: " +
                              settable_names(loss));
   }
-  const c10::IValue current = loss.attr(name);
-  if (!settable(name, current)) {
-    throw std::runtime_error("--set " + name + ": attribute of type " + current.type()->str() +
+  bool optional = false;
+  const c10::TypePtr type = declared_type(loss, name, &optional);
+  if (!settable(name, type)) {
+    throw std::runtime_error("--set " + name + ": attribute of type " + loss.type()->getAttribute(name)->str() +
                              " cannot be set; settable attributes: " + settable_names(loss));
   }
-  if (current.isDouble()) {
+  const c10::TypeKind kind = type->kind();
+  if (optional && setting.value.empty() && kind != c10::TypeKind::TensorType) {
+    loss.setattr(name, c10::IValue());  // e.g. ignore_index=None: nothing ignored
+    return "null";
+  }
+  if (kind == c10::TypeKind::FloatType) {
     const double value = parse_double(name, setting.value);
     loss.setattr(name, value);
     return json_number(value);
   }
-  if (current.isInt()) {
+  if (kind == c10::TypeKind::IntType) {
     const int64_t value = parse_int(name, setting.value);
     loss.setattr(name, value);
     return std::to_string(value);
   }
-  if (current.isBool()) {
+  if (kind == c10::TypeKind::BoolType) {
     const bool value = parse_bool(name, setting.value);
     loss.setattr(name, value);
     return value ? "true" : "false";
   }
-  if (current.isString()) {
+  if (kind == c10::TypeKind::StringType) {
     loss.setattr(name, setting.value);
     return json_string(setting.value);
   }
   // A tensor: an empty value unsets it (the losses read an empty buffer as "not set").
   if (setting.value.empty()) {
-    loss.setattr(name, torch::empty({0}, current.toTensor().options()));
+    loss.setattr(name, torch::empty({0}, loss.attr(name).toTensor().options()));
     return "null";
   }
   if (!inputs.hasattr(setting.value) || !inputs.attr(setting.value).isTensor()) {

@@ -153,6 +153,9 @@ def _graph_default(param: ParamSpec) -> Dict[str, Any]:
         if isinstance(param.default, (int, float)):
             return {"fill": float(param.default), "shape": ["C"]}
         return {"value": _json_value(param.default), "shape": ["C"]}
+    if param.kind == "str":
+        return {"value": param.choices.index(param.default), "shape": [], "choices": list(param.choices),
+                "meaning": "the index of the choice"}
     if param.kind == "int" and param.default is None:
         return {"value": layout.UNSET_INT, "shape": [], "meaning": "unset (int64's smallest value)"}
     return {"value": _json_value(param.default), "shape": []}

@@ -24,8 +24,9 @@ class ParamSpec:
 
     ``kind`` is one of ``float``, ``int``, ``bool``, ``str`` (with ``choices``), ``vector`` (a
     per-class tensor, ``None`` when unset) or ``float_or_vector``.
-    ``graph_input`` says whether the ONNX graph takes it as an input; the others (string choices
-    that change the computation's structure, ``class_dim``) are fixed per exported variant.
+    ``graph_input`` says whether the ONNX graph takes it as an input (a string choice as the 0-d int64 index of
+    its value in ``choices``, which the kernel reads as that code); the others (string choices that change the
+    computation's structure, ``class_dim``) are fixed per exported variant.
     """
 
     name: str

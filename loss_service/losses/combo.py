@@ -44,7 +44,7 @@ _DICE_SHARED = ("smooth_nr", "smooth_dr", "include_background", "squared_pred", 
 BCE_DICE_PARAMS: Tuple[ParamSpec, ...] = (
     (POS_WEIGHT_PARAM, CLASS_WEIGHT_PARAM, BCE_WEIGHT_PARAM, DICE_WEIGHT_PARAM)
     + tuple(_DICE.param(name) for name in _DICE_SHARED)
-    + (MODE_PARAM, _DICE.param("batch"), _DICE.param("reduction"))
+    + (MODE_PARAM, _DICE.param("batch"), _DICE.param("absent_classes"), _DICE.param("reduction"))
 )
 _DEFAULTS: Dict[str, Any] = {p.name: p.default for p in BCE_DICE_PARAMS}
 
@@ -52,13 +52,13 @@ _DEFAULTS: Dict[str, Any] = {p.name: p.default for p in BCE_DICE_PARAMS}
 def bce_dice_reductions(
     totals: Tensor, bce_weight: Tensor, dice_weight: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor,
     gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor,
-    class_weight: Optional[Tensor], batch: bool,
+    absent_classes: Tensor, class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""``(..., 4 + K)`` totals to ``(..., 3)``: ``bce_weight·bce + dice_weight·dice`` per column."""
     bce = elementwise_reductions(totals[..., :4])
     dice = region_reductions(
         totals[..., 4:], overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background,
-        class_weight, batch,
+        absent_classes, class_weight, batch,
     )
     return bce_weight.to(torch.float64) * bce + dice_weight.to(torch.float64) * dice
 
@@ -66,14 +66,14 @@ def bce_dice_reductions(
 def bce_dice_class_reductions(
     class_totals: Tensor, bce_weight: Tensor, dice_weight: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor,
     gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor,
-    class_weight: Optional[Tensor], batch: bool,
+    absent_classes: Tensor, class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""``(C, 4 + K_c)`` class totals to ``(C, 4)``: ``bce_weight·bce + dice_weight·dice`` per column, and the
     class's Dice score."""
     bce = elementwise_reductions(class_totals[:, :4])
     dice = region_class_reductions(
         class_totals[:, 4:], overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background,
-        class_weight, batch,
+        absent_classes, class_weight, batch,
     )
     combined = bce_weight.to(torch.float64) * bce + dice_weight.to(torch.float64) * dice[:, :3]
     return torch.cat([combined, dice[:, 3:]], dim=1)
@@ -83,8 +83,8 @@ def bce_dice_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], sample_weights: Optional[Tensor],
     pos_weight: Optional[Tensor], bce_weight: Tensor, dice_weight: Tensor, overlap_scale: Tensor, alpha: Tensor,
     beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor,
-    include_background: Tensor, squared_pred: Tensor, ignore_index: Tensor, class_weight: Optional[Tensor], mode: str,
-    batch: bool, per_sample: bool, per_class: bool = False,
+    include_background: Tensor, absent_classes: Tensor, squared_pred: Tensor, ignore_index: Tensor,
+    class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`bce_dice_loss`, with pixel ``weights`` and ``(N,)``
     ``sample_weights`` as separate arguments (as :func:`~loss_service.losses.region.region_statistics`).
@@ -99,7 +99,7 @@ def bce_dice_statistics(
         raise ValueError("bce_dice: mode must be 'binary' or 'multilabel', got '{}'".format(mode))
     # Checked before the Dice kernel does, whose hint would point at a multiclass mode bce_dice lacks.
     check_same_shape(predictions, targets, 1, one_target_per_prediction_hint())
-    index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background)
+    index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background, absent_classes)
     check_split_weights(weights, sample_weights, predictions)
     # One view of the inputs for both terms: the Dice sums and the BCE's weights (pixel weights times
     # the not-ignored mask, and the sample weights).
@@ -154,7 +154,8 @@ def bce_dice_loss(
     smooth_nr: float = _DEFAULTS["smooth_nr"], smooth_dr: float = _DEFAULTS["smooth_dr"],
     include_background: bool = _DEFAULTS["include_background"], squared_pred: bool = _DEFAULTS["squared_pred"],
     log_loss: bool = _DEFAULTS["log_loss"], ignore_index: int = _DEFAULTS["ignore_index"],
-    mode: str = _DEFAULTS["mode"], batch: bool = _DEFAULTS["batch"], reduction: str = _DEFAULTS["reduction"],
+    mode: str = _DEFAULTS["mode"], batch: bool = _DEFAULTS["batch"],
+    absent_classes: str = _DEFAULTS["absent_classes"], reduction: str = _DEFAULTS["reduction"],
 ) -> Tensor:
     r"""``bce_weight`` · BCE-with-logits + ``dice_weight`` · soft Dice, on the same logits.
 
@@ -171,7 +172,8 @@ def bce_dice_loss(
     term_weights = (_constant(bce_weight, predictions), _constant(dice_weight, predictions))
     return _region_loss(
         predictions, targets, weights, DiceLoss.constants, smooth_nr, smooth_dr, include_background, squared_pred,
-        log_loss, ignore_index, class_weight, mode, batch, reduction, bce_dice_statistics, bce_dice_reductions,
+        log_loss, ignore_index, class_weight, mode, batch, absent_classes, reduction, bce_dice_statistics,
+        bce_dice_reductions,
         (vector_argument(pos_weight),) + term_weights, term_weights,
     )
 
@@ -190,13 +192,13 @@ class BCEDiceLoss(RegionLoss):
         smooth_dr: float = _DEFAULTS["smooth_dr"], include_background: bool = _DEFAULTS["include_background"],
         squared_pred: bool = _DEFAULTS["squared_pred"], log_loss: bool = _DEFAULTS["log_loss"],
         ignore_index: int = _DEFAULTS["ignore_index"], mode: str = _DEFAULTS["mode"], batch: bool = _DEFAULTS["batch"],
-        reduction: str = _DEFAULTS["reduction"],
+        absent_classes: str = _DEFAULTS["absent_classes"], reduction: str = _DEFAULTS["reduction"],
     ) -> None:
         if mode not in MODE_PARAM.choices:
             raise ValueError("bce_dice: mode must be 'binary' or 'multilabel', got {!r}".format(mode))
         super().__init__(
             smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch,
-            reduction,
+            absent_classes, reduction,
         )
         self.bce_weight = float(bce_weight)
         self.dice_weight = float(dice_weight)
@@ -252,6 +254,7 @@ register(LossSpec(
         {"mode": "multilabel", "batch": True, "include_background": False, "squared_pred": True,
          "log_loss": True},
         {"batch": True, "ignore_index": 255, "smooth_nr": 0.0, "smooth_dr": 0.0, "dice_weight": 0.25},
+        {"mode": "multilabel", "absent_classes": "zero", "class_weight": _weights3(1.0, 0.5, 2.0)},
     ),
     variants=({}, {"mode": "multilabel"}, {"batch": True}, {"mode": "multilabel", "batch": True}), kind="region",
     paper="Combination used by e.g. Isensee et al. 2021, nnU-Net (Nature Methods), with CE in place of BCE",

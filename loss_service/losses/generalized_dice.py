@@ -220,11 +220,12 @@ class GeneralizedDiceLoss(Loss):
     @torch.jit.export
     def class_reductions(self, class_totals: Tensor) -> Tensor:
         r"""Each class's Dice loss and score over the data: within one class the weights :math:`1/T^k` cancel
-        (the smoothing terms aside), so a class's generalised Dice is its Dice."""
+        (the smoothing terms aside), so a class's generalised Dice is its Dice, every class counted (the generalised
+        Dice weighs absent classes itself)."""
         return region_class_reductions(
             class_totals, *index_arguments(
                 class_totals, self.overlap_scale, self.alpha, self.beta, None, self.smooth_nr, self.smooth_dr, False,
-                self.include_background,
+                self.include_background, "count",
             ), optional_vector(self.class_weight), True,
         )
 

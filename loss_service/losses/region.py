@@ -67,6 +67,15 @@ SQUARED_PRED_PARAM = ParamSpec(
     "squared_pred", "bool", False, "use Σ w·p² and Σ w·t² in place of Σ w·p and Σ w·t (V-Net's denominator)"
 )
 LOG_LOSS_PARAM = ParamSpec("log_loss", "bool", False, "loss -log(index) (index clamped at 1e-7) instead of 1 - index")
+# How the losses of classes absent from the targets (T = 0) count, in the order of their graph-input codes.
+ABSENT_CLASSES = ("count", "zero", "skip")
+ABSENT_CLASSES_PARAM = ParamSpec(
+    "absent_classes", "str", "count",
+    "classes absent from a sample's targets (T = 0; with batch, from the data's): count -- as every class (MONAI); "
+    "zero -- their loss is 0, still counted in mean (segmentation_models_pytorch); skip -- each sample's loss is the "
+    "class-weighted average over its present classes, the loss of a zero index without any (kornia's macro Dice)",
+    choices=ABSENT_CLASSES,
+)
 # Binary masks, multilabel masks and class probabilities (what prepare checks).
 DENSE_TARGET_RANGE = (0.0, 1.0)
 CLASS_WEIGHT_PARAM = dataclasses.replace(
@@ -351,8 +360,12 @@ def overlap_ratio(true_positive: Tensor, predicted: Tensor, target: Tensor, inde
 
 def _overlap_losses(true_positive: Tensor, predicted: Tensor, target: Tensor, index: OverlapIndex) -> Tensor:
     r"""The loss of each :func:`overlap_ratio`, elementwise."""
+    return ratio_losses(overlap_ratio(true_positive, predicted, target, index), index)
+
+
+def ratio_losses(ratio: Tensor, index: OverlapIndex) -> Tensor:
+    r"""The loss of overlap indices ``ratio``: ``1 - I`` or ``-log max(I, 1e-7)``, to the power ``γ`` if set."""
     _, _, _, gamma, _, _, log_loss = index
-    ratio = overlap_ratio(true_positive, predicted, target, index)
     # -log I is taken at max(I, 1e-7) (smp's clamp): an index of 0 gives the finite loss 16.1 and a
     # zero gradient instead of -log(0) = inf.
     log_ratio = torch.log(torch.clamp(ratio, min=1e-7))
@@ -372,6 +385,50 @@ def _batch_losses(totals: Tensor, index: OverlapIndex) -> Tensor:
     num_classes = totals.shape[-1] // 3
     true_positive, predicted = totals[..., :num_classes], totals[..., num_classes:2 * num_classes]
     return _overlap_losses(true_positive, predicted, totals[..., 2 * num_classes:], index)
+
+
+def absent_classes_code(name: str) -> int:
+    r"""The graph-input code of an ``absent_classes`` choice (spelled out: TorchScript cannot read
+    ``ABSENT_CLASSES``, whose order this is)."""
+    choices = ["count", "zero", "skip"]
+    if name not in choices:
+        raise ValueError("absent_classes must be one of 'count', 'zero', 'skip', got '{}'".format(name))
+    return choices.index(name)
+
+
+def class_terms(
+    losses: Tensor, target: Tensor, kept: Tensor, loss_weight: Tensor, absent_classes: Tensor, index: OverlapIndex,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""``(losses, weights, mean denominators)`` of rows ``(..., C)`` of per-class losses with target sums ``target``,
+    under the ``absent_classes`` rule (a 0-d int64 code of :data:`ABSENT_CLASSES`); ``kept`` and ``loss_weight``
+    are :func:`_class_vectors`'.
+
+    count: ``(ℓ, w_c, kept_c)``. zero: ``ℓ`` is 0 where ``T = 0``. skip: the weights of a row are its present
+    classes' ``w_c``, normalised to sum 1, and so are its denominators: each row counts once, as the average over
+    its present classes; a row without a weighted present class is the loss of a zero index (constant), spread
+    over its kept classes."""
+    present = target > 0
+    if not is_tracing():
+        code = int(absent_classes.item())
+        if code == 0:
+            return losses, loss_weight.expand_as(losses), kept.expand_as(losses)
+        if code == 1:
+            return torch.where(present, losses, torch.zeros_like(losses)), loss_weight.expand_as(losses), kept.expand_as(losses)
+    share = loss_weight * present.to(torch.float64)
+    total = share.sum(-1, keepdim=True)
+    weighted = total > 0
+    uniform = kept / torch.clamp(kept.sum(), min=1.0)
+    normalised = torch.where(weighted, share / torch.where(weighted, total, torch.ones_like(total)), uniform)
+    empty_loss = ratio_losses(torch.zeros_like(losses), index)
+    skipped = torch.where(weighted, losses, empty_loss)
+    if not is_tracing():
+        return skipped, normalised, normalised
+    zeroed = torch.where(present, losses, torch.zeros_like(losses))
+    skip = absent_classes == 2
+    chosen_losses = torch.where(absent_classes == 0, losses, torch.where(absent_classes == 1, zeroed, skipped))
+    return chosen_losses, torch.where(skip, normalised, loss_weight.expand_as(losses)), torch.where(
+        skip, normalised, kept.expand_as(losses)
+    )
 
 
 def split_weights(weights: Optional[Tensor], predictions: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -410,8 +467,9 @@ def check_split_weights(weights: Optional[Tensor], sample_weights: Optional[Tens
 def region_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], sample_weights: Optional[Tensor],
     overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor,
-    smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, squared_pred: Tensor, ignore_index: Tensor,
-    class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool, per_class: bool = False,
+    smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, absent_classes: Tensor, squared_pred: Tensor,
+    ignore_index: Tensor, class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool,
+    per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The statistics kernel of every region loss, of the overlap index ``k = overlap_scale``, ``α``, ``β`` (and
     ``γ`` for focal Tversky, else ``None``) of the module docstring. Pixel ``weights`` :math:`w_{nci}` (never
@@ -421,8 +479,8 @@ def region_statistics(
     check_split_weights(weights, sample_weights, predictions)
     return overlap_statistics(
         region_sums(predictions, targets, weights, ignore_index, squared_pred, mode), sample_weights, overlap_scale,
-        alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background, class_weight, batch, per_sample,
-        per_class,
+        alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background, absent_classes, class_weight, batch,
+        per_sample, per_class,
     )
 
 
@@ -448,27 +506,31 @@ def pooled_class_totals(totals: Tensor) -> Tensor:
 def overlap_statistics(
     sums: Tuple[Tensor, Tensor, Tensor], sample_weights: Optional[Tensor], overlap_scale: Tensor, alpha: Tensor,
     beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor,
-    include_background: Tensor, class_weight: Optional[Tensor], batch: bool, per_sample: bool,
+    include_background: Tensor, absent_classes: Tensor, class_weight: Optional[Tensor], batch: bool, per_sample: bool,
     per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""The statistics of the region kernel from the ``(TP, P, T)`` sums of :func:`region_sums`. The class
-    totals of ``per_class``: ``[TP_c, P_c, T_c]`` over the batch (:func:`pooled_class_totals`), after the
-    elementwise totals of class ``c``'s ``(n, c)`` losses for ``batch=False``."""
+    r"""The statistics of the region kernel from the ``(TP, P, T)`` sums of :func:`region_sums`, the ``(n, c)``
+    losses weighted by :func:`class_terms`. The class totals of ``per_class``: ``[TP_c, P_c, T_c]`` over the batch
+    (:func:`pooled_class_totals`), after the elementwise totals of class ``c``'s ``(n, c)`` losses for
+    ``batch=False``."""
     true_positive, predicted, target = sums
     num_classes = true_positive.shape[1]
     kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, true_positive.device)
     index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss)
     if batch:
         totals, sample_totals = batch_totals(sums, sample_weights, per_sample and not per_class)
-        values = _batch_losses(totals, index) * loss_weight
-        return values, totals, pooled_class_totals(totals) if per_class else sample_totals
-    losses = _overlap_losses(true_positive, predicted, target, index)
-    weight = loss_weight.unsqueeze(0)
+        losses, weight, _ = class_terms(
+            _batch_losses(totals, index), pooled_class_totals(totals)[:, 2], kept, loss_weight, absent_classes, index
+        )
+        return losses * weight, totals, pooled_class_totals(totals) if per_class else sample_totals
+    losses, weight, denominator = class_terms(
+        _overlap_losses(true_positive, predicted, target, index), target, kept, loss_weight, absent_classes, index
+    )
     if sample_weights is not None:
         # batch=False: a sample weight weights that sample's (n, c) losses.
         weight = sample_weights.to(torch.float64).unsqueeze(1) * weight
     values, loss_totals, parts = elementwise_statistics(
-        losses * weight, weight, kept.unsqueeze(0), per_sample, per_class, 1
+        losses * weight, weight, denominator, per_sample, per_class, 1
     )
     if per_class:
         pooled, _ = batch_totals(sums, sample_weights, False)
@@ -478,13 +540,15 @@ def overlap_statistics(
 
 def region_reductions(
     totals: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor,
-    smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, class_weight: Optional[Tensor], batch: bool,
+    smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, absent_classes: Tensor,
+    class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""The reductions kernel of every region loss: ``(..., K)`` totals to ``[sum, mean, weighted_mean]``.
     ``batch=False``: the elementwise rule over the ``(n, c)`` losses (``mean`` divides by ``N·C'``,
     ``C'`` the kept classes, as MONAI's mean). ``batch=True``: per-class losses ``ℓ_c`` from
-    ``[TP_c…, P_c…, T_c…]`` and class weights ``w_c``: ``Σ w_c ℓ_c``, ``Σ w_c ℓ_c / C'`` and
-    ``Σ w_c ℓ_c / Σ w_c`` (0 when the denominator is 0).
+    ``[TP_c…, P_c…, T_c…]`` with the weights ``w_c`` and denominators ``d_c`` of :func:`class_terms`:
+    ``Σ w_c ℓ_c``, ``Σ w_c ℓ_c / Σ d_c`` (``C'`` when every class counts) and ``Σ w_c ℓ_c / Σ w_c`` (0 when the
+    denominator is 0).
     """
     if not batch:
         return elementwise_reductions(totals)
@@ -494,30 +558,39 @@ def region_reductions(
                 totals.shape[-1]
             )
         )
-    losses = _batch_losses(totals, (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss))
-    kept, loss_weight = _class_vectors(losses.shape[-1], include_background, class_weight, totals.device)
-    loss_sum = (losses * loss_weight).sum(-1)
-    return torch.stack([loss_sum, safe_divide(loss_sum, kept.sum()), safe_divide(loss_sum, loss_weight.sum())], dim=-1)
+    index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss)
+    num_classes = totals.shape[-1] // 3
+    kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, totals.device)
+    losses, weight, denominator = class_terms(
+        _batch_losses(totals, index), totals[..., 2 * num_classes:], kept, loss_weight, absent_classes, index
+    )
+    loss_sum = (losses * weight).sum(-1)
+    return torch.stack(
+        [loss_sum, safe_divide(loss_sum, denominator.sum(-1)), safe_divide(loss_sum, weight.sum(-1))], dim=-1
+    )
 
 
 def region_class_reductions(
     class_totals: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor],
-    smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor,
+    smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, absent_classes: Tensor,
     class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""``(C, 4)`` per class: ``[sum, mean, weighted_mean]`` of the class's loss, and its overlap index over the
     data (:func:`overlap_ratio` of the pooled ``[TP_c, P_c, T_c]``, e.g. its Dice score).
 
     ``batch=False``: the elementwise rule over the class's ``(n, c)`` losses. ``batch=True``: the class's one
-    loss ``ℓ_c`` as one term of weight ``w_c`` (``w_c ℓ_c``, ``w_c ℓ_c`` over 1 if the class is kept, ``ℓ_c``)."""
+    loss ``ℓ_c`` as one term with the weight ``w_c`` and denominator ``d_c`` of :func:`class_terms` (``w_c ℓ_c``,
+    ``w_c ℓ_c / d_c``, ``ℓ_c``)."""
     index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss)
     pooled = class_totals[:, -3:]
     true_positive, predicted, target = pooled[:, 0], pooled[:, 1], pooled[:, 2]
     ratio = overlap_ratio(true_positive, predicted, target, index)
     if batch:
         kept, loss_weight = _class_vectors(class_totals.shape[0], include_background, class_weight, class_totals.device)
-        losses = _overlap_losses(true_positive, predicted, target, index)
-        terms = torch.stack([loss_weight * losses, loss_weight, kept, torch.ones_like(kept)], dim=1)
+        losses, weight, denominator = class_terms(
+            _overlap_losses(true_positive, predicted, target, index), target, kept, loss_weight, absent_classes, index
+        )
+        terms = torch.stack([weight * losses, weight, denominator, torch.ones_like(kept)], dim=1)
         reductions = elementwise_reductions(terms)
     else:
         reductions = elementwise_reductions(class_totals[:, :4])
@@ -533,26 +606,28 @@ def _flag(value: bool, like: Tensor) -> Tensor:
 
 
 # The arguments both region kernels take after their tensors: (k, α, β, γ, s_nr, s_dr, log_loss,
-# include_background).
-IndexArguments = Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor]
+# include_background, absent_classes).
+IndexArguments = Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def index_arguments(
     like: Tensor, overlap_scale: float, alpha: float, beta: float, gamma: Optional[float], smooth_nr: float,
-    smooth_dr: float, log_loss: bool, include_background: bool,
+    smooth_dr: float, log_loss: bool, include_background: bool, absent_classes: str,
 ) -> IndexArguments:
-    r"""The overlap index and its settings as the kernels take them (0-d tensors on ``like``'s device)."""
+    r"""The overlap index and its settings as the kernels take them (0-d tensors on ``like``'s device;
+    ``absent_classes`` as its code)."""
     return (
         _constant(overlap_scale, like), _constant(alpha, like), _constant(beta, like),
         None if gamma is None else _constant(gamma, like), _constant(smooth_nr, like), _constant(smooth_dr, like),
         _flag(log_loss, like), _flag(include_background, like),
+        int_hyperparameter(absent_classes_code(absent_classes), like),
     )
 
 
 def _region_loss(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], index: Dict[str, Any], smooth_nr: float,
     smooth_dr: float, include_background: bool, squared_pred: bool, log_loss: bool, ignore_index: int,
-    class_weight: Optional[Tensor], mode: str, batch: bool, reduction: str,
+    class_weight: Optional[Tensor], mode: str, batch: bool, absent_classes: str, reduction: str,
     statistics_kernel: Callable[..., Tuple[Tensor, Tensor, Tensor]] = region_statistics,
     reductions_kernel: Callable[..., Tensor] = region_reductions,
     statistics_leading: Tuple[Any, ...] = (), reductions_leading: Tuple[Any, ...] = (),
@@ -564,7 +639,7 @@ def _region_loss(
     check_reduction(reduction)
     arguments = index_arguments(
         predictions, index["overlap_scale"], index["alpha"], index["beta"], index["gamma"], smooth_nr, smooth_dr,
-        log_loss, include_background,
+        log_loss, include_background, absent_classes,
     )
     values, totals, _ = statistics_kernel(
         predictions, targets, *split_weights(weights, predictions), *statistics_leading, *arguments,
@@ -605,6 +680,7 @@ class RegionLoss(Loss):
     ignore_index: int
     mode: str
     batch: bool
+    absent_classes: str
     reduction: str
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -616,12 +692,14 @@ class RegionLoss(Loss):
         include_background: bool = INCLUDE_BACKGROUND_PARAM.default, squared_pred: bool = SQUARED_PRED_PARAM.default,
         log_loss: bool = LOG_LOSS_PARAM.default, ignore_index: int = IGNORE_INDEX_PARAM.default,
         class_weight: Optional[Tensor] = None, mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default,
-        reduction: str = REDUCTION_PARAM.default,
+        absent_classes: str = ABSENT_CLASSES_PARAM.default, reduction: str = REDUCTION_PARAM.default,
     ) -> None:
         super().__init__()
         for name, value in self.constants.items():
             setattr(self, name, value)
         set_region_settings(self, smooth_nr, smooth_dr, include_background, ignore_index, mode, batch, reduction)
+        absent_classes_code(absent_classes)
+        self.absent_classes = absent_classes
         self.squared_pred = bool(squared_pred)
         self.log_loss = bool(log_loss)
         self.register_buffer("class_weight", vector_buffer(class_weight))
@@ -629,7 +707,7 @@ class RegionLoss(Loss):
     def index_arguments(self, like: Tensor) -> IndexArguments:
         return index_arguments(
             like, self.overlap_scale, self.alpha, self.beta, self.gamma, self.smooth_nr, self.smooth_dr, self.log_loss,
-            self.include_background,
+            self.include_background, self.absent_classes,
         )
 
     @torch.jit.export
@@ -704,7 +782,8 @@ def dice_loss(
     smooth_dr: float = SMOOTH_DR_PARAM.default, include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
     squared_pred: bool = SQUARED_PRED_PARAM.default, log_loss: bool = LOG_LOSS_PARAM.default,
     ignore_index: int = IGNORE_INDEX_PARAM.default, class_weight: Optional[Tensor] = None,
-    mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default, reduction: str = REDUCTION_PARAM.default,
+    mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default,
+    absent_classes: str = ABSENT_CLASSES_PARAM.default, reduction: str = REDUCTION_PARAM.default,
 ) -> Tensor:
     r"""Soft Dice loss on logits (Milletari et al. 2016, V-Net), with MONAI's conventions.
 
@@ -725,7 +804,7 @@ def dice_loss(
     """
     return _region_loss(
         predictions, targets, weights, DiceLoss.constants, smooth_nr, smooth_dr, include_background, squared_pred,
-        log_loss, ignore_index, class_weight, mode, batch, reduction,
+        log_loss, ignore_index, class_weight, mode, batch, absent_classes, reduction,
     )
 
 
@@ -734,7 +813,8 @@ def iou_loss(
     smooth_dr: float = SMOOTH_DR_PARAM.default, include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
     squared_pred: bool = SQUARED_PRED_PARAM.default, log_loss: bool = LOG_LOSS_PARAM.default,
     ignore_index: int = IGNORE_INDEX_PARAM.default, class_weight: Optional[Tensor] = None,
-    mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default, reduction: str = REDUCTION_PARAM.default,
+    mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default,
+    absent_classes: str = ABSENT_CLASSES_PARAM.default, reduction: str = REDUCTION_PARAM.default,
 ) -> Tensor:
     r"""Soft IoU (Jaccard) loss on logits (Rahman & Wang 2016; Berman et al. 2018).
 
@@ -747,7 +827,7 @@ def iou_loss(
     """
     return _region_loss(
         predictions, targets, weights, IoULoss.constants, smooth_nr, smooth_dr, include_background, squared_pred,
-        log_loss, ignore_index, class_weight, mode, batch, reduction,
+        log_loss, ignore_index, class_weight, mode, batch, absent_classes, reduction,
     )
 
 
@@ -757,7 +837,8 @@ def tversky_loss(
     smooth_dr: float = SMOOTH_DR_PARAM.default, include_background: bool = INCLUDE_BACKGROUND_PARAM.default,
     squared_pred: bool = SQUARED_PRED_PARAM.default, log_loss: bool = LOG_LOSS_PARAM.default,
     ignore_index: int = IGNORE_INDEX_PARAM.default, class_weight: Optional[Tensor] = None,
-    mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default, reduction: str = REDUCTION_PARAM.default,
+    mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default,
+    absent_classes: str = ABSENT_CLASSES_PARAM.default, reduction: str = REDUCTION_PARAM.default,
 ) -> Tensor:
     r"""Tversky loss on logits (Salehi et al. 2017), ``alpha`` on false positives, ``beta`` on false negatives.
 
@@ -770,7 +851,7 @@ def tversky_loss(
     """
     return _region_loss(
         predictions, targets, weights, dict(TverskyLoss.constants, alpha=alpha, beta=beta), smooth_nr, smooth_dr,
-        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, reduction,
+        include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch, absent_classes, reduction,
     )
 
 
@@ -781,7 +862,7 @@ def focal_tversky_loss(
     include_background: bool = INCLUDE_BACKGROUND_PARAM.default, squared_pred: bool = SQUARED_PRED_PARAM.default,
     log_loss: bool = LOG_LOSS_PARAM.default, ignore_index: int = IGNORE_INDEX_PARAM.default,
     class_weight: Optional[Tensor] = None, mode: str = MODE_PARAM.default, batch: bool = BATCH_PARAM.default,
-    reduction: str = REDUCTION_PARAM.default,
+    absent_classes: str = ABSENT_CLASSES_PARAM.default, reduction: str = REDUCTION_PARAM.default,
 ) -> Tensor:
     r"""Focal Tversky loss on logits (Abraham & Khan 2019), per class before any reduction.
 
@@ -796,7 +877,7 @@ def focal_tversky_loss(
     return _region_loss(
         predictions, targets, weights, dict(FocalTverskyLoss.constants, alpha=alpha, beta=beta, gamma=gamma),
         smooth_nr, smooth_dr, include_background, squared_pred, log_loss, ignore_index, class_weight, mode, batch,
-        reduction,
+        absent_classes, reduction,
     )
 
 
@@ -808,7 +889,8 @@ def region_inputs(
     params: Dict[str, Any],
 ) -> Tuple[Tensor, Tensor]:
     r"""Random logits and targets for ``params["mode"]``; about 15% of targets are ``ignore_index``
-    when the parameters set one. Binary inputs are ``(N, 1, *spatial)``."""
+    when the parameters set one, and with an ``absent_classes`` rule the last class is absent from sample 0 and
+    every class but 0 from sample 1. Binary inputs are ``(N, 1, *spatial)``."""
     mode = params.get("mode", MODE_PARAM.default)
     channels = 1 if mode == "binary" else num_classes
     shape = (batch, channels) + tuple(spatial)
@@ -817,6 +899,13 @@ def region_inputs(
         targets = torch.randint(0, num_classes, (batch,) + tuple(spatial), generator=generator)
     else:
         targets = (torch.rand(shape, generator=generator, dtype=torch.float64) < 0.3).to(dtype)
+    if params.get("absent_classes", ABSENT_CLASSES_PARAM.default) != ABSENT_CLASSES_PARAM.default:
+        if mode == "multiclass":
+            targets[:1] = torch.where(targets[:1] == num_classes - 1, 0, targets[:1])
+            targets[1:2] = 0
+        else:
+            targets[:1, -1:] = 0
+            targets[1:2, 1:] = 0
     if "ignore_index" in params:
         ignored = torch.rand(targets.shape, generator=generator) < 0.15
         targets = torch.where(ignored, torch.full_like(targets, params["ignore_index"]), targets)
@@ -825,7 +914,7 @@ def region_inputs(
 
 COMMON_PARAMS: Tuple[ParamSpec, ...] = (
     SMOOTH_NR_PARAM, SMOOTH_DR_PARAM, INCLUDE_BACKGROUND_PARAM, SQUARED_PRED_PARAM, LOG_LOSS_PARAM, IGNORE_INDEX_PARAM,
-    CLASS_WEIGHT_PARAM, MODE_PARAM, BATCH_PARAM, REDUCTION_PARAM,
+    CLASS_WEIGHT_PARAM, MODE_PARAM, BATCH_PARAM, ABSENT_CLASSES_PARAM, REDUCTION_PARAM,
 )
 # One ONNX graph per mode and batch setting: together they cover every structural choice.
 VARIANTS: Tuple[Dict[str, Any], ...] = (
@@ -880,6 +969,9 @@ register(LossSpec(
         {"mode": "multiclass", "batch": True, "class_weight": _weights3(1.0, 0.0, 3.0), "log_loss": True},
         {"batch": True, "ignore_index": 255, "smooth_nr": 0.0, "smooth_dr": 0.0},
         {"mode": "multilabel", "batch": True, "include_background": False, "smooth_nr": 1.0, "smooth_dr": 1.0},
+        {"mode": "multiclass", "absent_classes": "skip", "smooth_nr": 0.0, "smooth_dr": 1e-8, "ignore_index": 255,
+         "class_weight": _weights3(0.5, 2.0, 1.0)},
+        {"mode": "multilabel", "batch": True, "absent_classes": "zero", "smooth_nr": 0.0, "smooth_dr": 0.0},
     ),
     paper="Milletari, Navab & Ahmadi 2016, V-Net (3DV); MONAI DiceLoss conventions", **_REGION,
 ))
@@ -892,6 +984,7 @@ register(LossSpec(
         {}, {"mode": "multiclass", "batch": True, "include_background": False, "ignore_index": 255},
         {"mode": "multilabel", "log_loss": True, "class_weight": _weights3(2.0, 1.0, 0.5), "smooth_nr": 0.0,
          "smooth_dr": 0.0},
+        {"mode": "multiclass", "absent_classes": "zero", "include_background": False},
     ),
     paper="Rahman & Wang 2016, Optimizing IoU in deep neural networks (ISVC); Berman et al. 2018, Lovász-softmax (CVPR)",
     **_REGION,
@@ -907,6 +1000,7 @@ register(LossSpec(
         {"alpha": 0.7, "beta": 0.3, "mode": "multilabel", "batch": True, "squared_pred": True,
          "class_weight": _weights3(1.0, 2.0, 0.5)},
         {"alpha": 1.0, "beta": 0.2, "batch": True, "log_loss": True, "include_background": False},
+        {"alpha": 0.3, "beta": 0.7, "mode": "multilabel", "batch": True, "absent_classes": "skip"},
     ),
     paper="Salehi, Erdogmus & Gholipour 2017, Tversky loss function for image segmentation (MLMI)", **_REGION,
 ))
@@ -920,6 +1014,7 @@ register(LossSpec(
         {}, {"gamma": 2.0, "mode": "multiclass", "batch": True, "include_background": False,
              "class_weight": _weights3(0.0, 1.0, 2.0)},
         {"gamma": 1.5, "log_loss": True, "mode": "multilabel", "ignore_index": 255, "squared_pred": True},
+        {"gamma": 2.0, "mode": "multiclass", "absent_classes": "skip", "log_loss": True},
     ),
     paper="Abraham & Khan 2019, A novel focal Tversky loss function with improved attention U-Net (ISBI); "
     "gamma here is their 1/γ",
@@ -929,5 +1024,6 @@ register(LossSpec(
 __all__ = [
     "MODES", "RegionLoss", "DiceLoss", "IoULoss", "TverskyLoss", "FocalTverskyLoss", "dice_loss", "iou_loss",
     "tversky_loss", "focal_tversky_loss", "region_statistics", "region_reductions", "region_class_reductions",
+    "ABSENT_CLASSES",
     "split_weights",
 ]

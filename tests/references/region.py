@@ -14,7 +14,7 @@ from . import reduce, reference
 
 DEFAULTS = {
     "smooth_nr": 1e-5, "smooth_dr": 1e-5, "include_background": True, "squared_pred": False, "log_loss": False,
-    "ignore_index": -100, "class_weight": None, "mode": "binary", "batch": False,
+    "ignore_index": -100, "class_weight": None, "mode": "binary", "batch": False, "absent_classes": "count",
 }
 
 
@@ -78,6 +78,24 @@ def _class_weights(c, s):
     return kept, class_weight * kept
 
 
+def _absent_rule(name, losses, targets, kept, loss_weight, s):
+    r"""``(losses, weights, mean denominators)`` of one row of class losses under ``absent_classes``, written
+    out: count -- as they are; zero -- 0 for a class with no target (segmentation_models_pytorch); skip -- the
+    average over the classes with a target, weighted by their class weights (kornia's macro Dice), or the loss of
+    a zero index when no weighted class has one."""
+    present = targets > 0
+    rule = s["absent_classes"]
+    if rule == "count":
+        return losses, loss_weight, kept
+    if rule == "zero":
+        return losses * present.double(), loss_weight, kept
+    share = loss_weight * present.double()
+    if float(share.sum()) > 0:
+        return losses, share / share.sum(), share / share.sum()
+    uniform = kept / max(float(kept.sum()), 1.0)
+    return torch.full_like(losses, float(_loss(name, 0.0, s))), uniform, uniform
+
+
 def region_reference(name, predictions, targets, weights, params, reduction, **loss_defaults):
     s = _setting(params, **loss_defaults)
     probabilities, dense, pixel, sample = _dense(predictions, targets, weights, s)
@@ -87,21 +105,29 @@ def region_reference(name, predictions, targets, weights, params, reduction, **l
     kept, loss_weight = _class_weights(c, s)
     if s["batch"]:
         losses = torch.zeros(c, dtype=torch.float64)
+        target_sums = torch.zeros(c, dtype=torch.float64)
         for k in range(c):
             tp = sum(float(sample[i] * (pixel[i, k] * probabilities[i, k] * dense[i, k]).sum()) for i in range(n))
             p = sum(float(sample[i] * (pixel[i, k] * pred_term[i, k]).sum()) for i in range(n))
             t = sum(float(sample[i] * (pixel[i, k] * target_term[i, k]).sum()) for i in range(n))
             losses[k] = _loss(name, _index(name, tp, p, t, s), s)
-        return reduce(losses * loss_weight, reduction, kept.sum(), loss_weight.sum())
+            target_sums[k] = t
+        losses, weight, denominator = _absent_rule(name, losses, target_sums, kept, loss_weight, s)
+        return reduce(losses * weight, reduction, denominator.sum(), weight.sum())
     losses = torch.zeros(n, c, dtype=torch.float64)
+    weight = torch.zeros(n, c, dtype=torch.float64)
+    denominator = torch.zeros(n, c, dtype=torch.float64)
     for i in range(n):
+        target_sums = torch.zeros(c, dtype=torch.float64)
         for k in range(c):
             tp = float((pixel[i, k] * probabilities[i, k] * dense[i, k]).sum())
             p = float((pixel[i, k] * pred_term[i, k]).sum())
             t = float((pixel[i, k] * target_term[i, k]).sum())
             losses[i, k] = _loss(name, _index(name, tp, p, t, s), s)
-    weight = sample.unsqueeze(1) * loss_weight.unsqueeze(0)
-    return reduce(losses * weight, reduction, n * kept.sum(), weight.sum())
+            target_sums[k] = t
+        losses[i], row_weight, denominator[i] = _absent_rule(name, losses[i], target_sums, kept, loss_weight, s)
+        weight[i] = sample[i] * row_weight
+    return reduce(losses * weight, reduction, denominator.sum(), weight.sum())
 
 
 @reference("dice")
