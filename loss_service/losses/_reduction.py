@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 REDUCTIONS: List[str] = ["none", "mean", "sum", "weighted_mean"]
+# Column of each scalar reduction in the output of a reductions kernel.
+REDUCTION_COLUMNS: List[str] = ["sum", "mean", "weighted_mean"]
 
 
 def unset_int() -> int:
@@ -34,8 +36,6 @@ def unset_int() -> int:
 
 
 UNSET_INT = unset_int()
-# Column of each scalar reduction in the output of a reductions kernel.
-REDUCTION_COLUMNS: List[str] = ["sum", "mean", "weighted_mean"]
 
 
 def is_tracing() -> bool:

@@ -52,7 +52,7 @@ _DEFAULTS: Dict[str, Any] = {p.name: p.default for p in BCE_DICE_PARAMS}
 def bce_dice_reductions(
     totals: Tensor, bce_weight: Tensor, dice_weight: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor,
     gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor,
-    absent_classes: Tensor, class_weight: Optional[Tensor], batch: bool,
+    absent_classes: Optional[Tensor], class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""``(..., 4 + K)`` totals to ``(..., 3)``: ``bce_weight·bce + dice_weight·dice`` per column."""
     bce = elementwise_reductions(totals[..., :4])
@@ -66,7 +66,7 @@ def bce_dice_reductions(
 def bce_dice_class_reductions(
     class_totals: Tensor, bce_weight: Tensor, dice_weight: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor,
     gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor,
-    absent_classes: Tensor, class_weight: Optional[Tensor], batch: bool,
+    absent_classes: Optional[Tensor], class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""``(C, 4 + K_c)`` class totals to ``(C, 4)``: ``bce_weight·bce + dice_weight·dice`` per column, and the
     class's Dice score."""
@@ -83,7 +83,7 @@ def bce_dice_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], sample_weights: Optional[Tensor],
     pos_weight: Optional[Tensor], bce_weight: Tensor, dice_weight: Tensor, overlap_scale: Tensor, alpha: Tensor,
     beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor,
-    include_background: Tensor, absent_classes: Tensor, squared_pred: Tensor, ignore_index: Tensor,
+    include_background: Tensor, absent_classes: Optional[Tensor], squared_pred: Tensor, ignore_index: Tensor,
     class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`bce_dice_loss`, with pixel ``weights`` and ``(N,)``

@@ -397,23 +397,26 @@ def absent_classes_code(name: str) -> int:
 
 
 def class_terms(
-    losses: Tensor, target: Tensor, kept: Tensor, loss_weight: Tensor, absent_classes: Tensor, index: OverlapIndex,
+    losses: Tensor, target: Tensor, kept: Tensor, loss_weight: Tensor, absent_classes: Optional[Tensor],
+    index: OverlapIndex,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""``(losses, weights, mean denominators)`` of rows ``(..., C)`` of per-class losses with target sums ``target``,
-    under the ``absent_classes`` rule (a 0-d int64 code of :data:`ABSENT_CLASSES`); ``kept`` and ``loss_weight``
-    are :func:`_class_vectors`'.
+    under the ``absent_classes`` rule (a 0-d int64 code of :data:`ABSENT_CLASSES`; ``None`` outside export is
+    "count", which then costs nothing); ``kept`` and ``loss_weight`` are :func:`_class_vectors`' ``(C,)``.
 
-    count: ``(ℓ, w_c, kept_c)``. zero: ``ℓ`` is 0 where ``T = 0``. skip: the weights of a row are its present
+    count: ``(ℓ, w_c, kept_c)`` (the vectors broadcast). zero: ``ℓ`` is 0 where ``T = 0``. skip: the weights of a row are its present
     classes' ``w_c``, normalised to sum 1, and so are its denominators: each row counts once, as the average over
     its present classes; a row without a weighted present class is the loss of a zero index (constant), spread
     over its kept classes."""
+    if absent_classes is None:
+        return losses, loss_weight, kept
     present = target > 0
     if not is_tracing():
         code = int(absent_classes.item())
         if code == 0:
-            return losses, loss_weight.expand_as(losses), kept.expand_as(losses)
+            return losses, loss_weight, kept
         if code == 1:
-            return torch.where(present, losses, torch.zeros_like(losses)), loss_weight.expand_as(losses), kept.expand_as(losses)
+            return torch.where(present, losses, torch.zeros_like(losses)), loss_weight, kept
     share = loss_weight * present.to(torch.float64)
     total = share.sum(-1, keepdim=True)
     weighted = total > 0
@@ -467,7 +470,7 @@ def check_split_weights(weights: Optional[Tensor], sample_weights: Optional[Tens
 def region_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], sample_weights: Optional[Tensor],
     overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor,
-    smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, absent_classes: Tensor, squared_pred: Tensor,
+    smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, absent_classes: Optional[Tensor], squared_pred: Tensor,
     ignore_index: Tensor, class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool,
     per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -506,7 +509,7 @@ def pooled_class_totals(totals: Tensor) -> Tensor:
 def overlap_statistics(
     sums: Tuple[Tensor, Tensor, Tensor], sample_weights: Optional[Tensor], overlap_scale: Tensor, alpha: Tensor,
     beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor,
-    include_background: Tensor, absent_classes: Tensor, class_weight: Optional[Tensor], batch: bool, per_sample: bool,
+    include_background: Tensor, absent_classes: Optional[Tensor], class_weight: Optional[Tensor], batch: bool, per_sample: bool,
     per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The statistics of the region kernel from the ``(TP, P, T)`` sums of :func:`region_sums`, the ``(n, c)``
@@ -540,7 +543,7 @@ def overlap_statistics(
 
 def region_reductions(
     totals: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor,
-    smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, absent_classes: Tensor,
+    smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, absent_classes: Optional[Tensor],
     class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""The reductions kernel of every region loss: ``(..., K)`` totals to ``[sum, mean, weighted_mean]``.
@@ -572,7 +575,7 @@ def region_reductions(
 
 def region_class_reductions(
     class_totals: Tensor, overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor],
-    smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, absent_classes: Tensor,
+    smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, absent_classes: Optional[Tensor],
     class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""``(C, 4)`` per class: ``[sum, mean, weighted_mean]`` of the class's loss, and its overlap index over the
@@ -607,7 +610,7 @@ def _flag(value: bool, like: Tensor) -> Tensor:
 
 # The arguments both region kernels take after their tensors: (k, α, β, γ, s_nr, s_dr, log_loss,
 # include_background, absent_classes).
-IndexArguments = Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Tensor]
+IndexArguments = Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]
 
 
 def index_arguments(
@@ -615,12 +618,12 @@ def index_arguments(
     smooth_dr: float, log_loss: bool, include_background: bool, absent_classes: str,
 ) -> IndexArguments:
     r"""The overlap index and its settings as the kernels take them (0-d tensors on ``like``'s device;
-    ``absent_classes`` as its code)."""
+    ``absent_classes`` as its code, ``None`` for the default rule, which needs no tensor)."""
+    code = absent_classes_code(absent_classes)
     return (
         _constant(overlap_scale, like), _constant(alpha, like), _constant(beta, like),
         None if gamma is None else _constant(gamma, like), _constant(smooth_nr, like), _constant(smooth_dr, like),
-        _flag(log_loss, like), _flag(include_background, like),
-        int_hyperparameter(absent_classes_code(absent_classes), like),
+        _flag(log_loss, like), _flag(include_background, like), None if code == 0 else int_hyperparameter(code, like),
     )
 
 
