@@ -477,6 +477,46 @@ def memory_row(case: Case, peaks: Dict[str, Optional[int]], results: List[Dict[s
     results.append({"case": case.name, "memory_elements": elements, "peak_bytes": peaks})
 
 
+def median_of_runs(runs: Sequence[List[Dict[str, object]]]) -> str:
+    r"""The issue's measure over several runs' ``--json`` results: for every (case, elements, threads) timed in
+    all of them, the median of ours ÷ fastest peer per mode with each run's value; the rows at or under 1.0 by
+    size; and the median peak-memory ratio per case. Markdown."""
+    keyed = [{(r["case"], r["elements"], r["threads"]): r for r in run if "times_ms" in r} for run in runs]
+    keys = [key for key in keyed[-1] if all(key in run for run in keyed)]
+    lines = [
+        "| case | elements | threads | ours ÷ peer fwd: median (each run) | fwd+bwd: median (each run) |",
+        "|---|---:|---:|---|---|",
+    ]
+    met: Dict[Tuple[str, str], List[int]] = {}
+    for key in keys:
+        cells = []
+        for mode in ("fwd", "fwd+bwd"):
+            values = [float(run[key]["ours_over_peer"][mode]) for run in keyed]
+            median = statistics.median(values)
+            size = f"~1e{round(math.log10(key[1]))}"
+            counts = met.setdefault((size, mode), [0, 0])
+            counts[0] += median <= 1.0
+            counts[1] += 1
+            cells.append(f"**{median:.2f}** ({' / '.join(f'{v:.2f}' for v in values)})")
+        lines.append(f"| {key[0]} | {key[1]:.0e} | {key[2]} | {cells[0]} | {cells[1]} |")
+    lines += ["", "| size | fwd at or under 1.0 | fwd+bwd at or under 1.0 |", "|---|---|---|"]
+    for size in sorted({size for size, _ in met}):
+        fwd, both = met[(size, "fwd")], met[(size, "fwd+bwd")]
+        lines.append(f"| {size} | {fwd[0]} of {fwd[1]} | {both[0]} of {both[1]} |")
+    memory = [{r["case"]: r["peak_bytes"] for r in run if "peak_bytes" in r} for run in runs]
+    lines += ["", "| case | peak memory, ours ÷ smallest peer: median (each run) |", "|---|---|"]
+    for case in memory[-1]:
+        ratios = []
+        for run in memory:
+            peaks = run.get(case) or {}
+            peers = [v for name, v in peaks.items() if name not in ("ours", "ours compiled") and v]
+            if peaks.get("ours") and peers:
+                ratios.append(peaks["ours"] / min(peers))
+        if len(ratios) == len(memory):
+            lines.append(f"| {case} | **{statistics.median(ratios):.2f}** ({' / '.join(f'{v:.2f}' for v in ratios)}) |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=[10_000, 1_000_000, 10_000_000],
@@ -487,9 +527,13 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--no-compiled", dest="compiled", action="store_false", help="skip ours under torch.compile")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory table")
     parser.add_argument("--json", metavar="FILE", help="also write every number as JSON")
+    parser.add_argument("--median", nargs="+", metavar="RUN", help="print the median over runs' --json files, run nothing")
     parser.add_argument("--memory-child", nargs=3, metavar=("CASE", "IMPLEMENTATION", "ELEMENTS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(list(argv))
+    if args.median:
+        print(median_of_runs([json.loads(Path(path).read_text()) for path in args.median]))
+        return 0
     if args.memory_child:
         case_name, implementation, elements = args.memory_child
         print(memory_child(case_name, implementation, int(elements)))

@@ -284,6 +284,29 @@ def test_peer_bench_times_every_loss_with_a_peer_after_checking_they_agree(tmp_p
     assert len([line for line in capsys.readouterr().out.splitlines() if "| 4e+03 | 1 |" in line]) == len(found)
 
 
+def test_peer_bench_median_of_runs_takes_every_ratio_timed_in_all_of_them(tmp_path, capsys):
+    from bench import bench_peers
+
+    def run(fwd, both, extra_case=False, memory=100):
+        rows = [{"case": "mse", "elements": 10_000, "threads": 1, "times_ms": {},
+                 "ours_over_peer": {"fwd": fwd, "fwd+bwd": both}}]
+        if extra_case:
+            rows.append({"case": "new", "elements": 10_000, "threads": 1, "times_ms": {},
+                         "ours_over_peer": {"fwd": 0.1, "fwd+bwd": 0.1}})
+        rows.append({"case": "mse", "memory_elements": 10_000_000, "peak_bytes": {"ours": memory, "F": 100}})
+        return rows
+
+    paths = []
+    for index, args in enumerate([(0.9, 1.2, False, 110), (1.1, 1.3, True, 90), (0.8, 0.7, True, 100)]):
+        paths.append(tmp_path / f"run{index}.json")
+        paths[-1].write_text(json.dumps(run(*args)))
+    assert bench_peers.main(["--median", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "| mse | 1e+04 | 1 | **0.90** (0.90 / 1.10 / 0.80) | **1.20** (1.20 / 1.30 / 0.70) |" in out
+    assert "| new |" not in out  # timed in two of the three runs only
+    assert "| ~1e4 | 1 of 1 | 0 of 1 |" in out and "| mse | **1.00** (1.10 / 0.90 / 1.00) |" in out
+
+
 def test_peer_bench_stops_when_a_peer_computes_something_else():
     from bench import bench_peers
 
