@@ -517,6 +517,37 @@ def test_bad_class_index_targets_raise_value_error(name):
     torch.testing.assert_close(module(predictions, integral.int()), expected, **TIGHT)
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "nll"])
+@pytest.mark.parametrize("shape", [(5, 3), (2, 3, 4), (2, 3, 2, 3), (2, 3, 2, 1, 2)], ids=["rows", "1d", "2d", "3d"])
+@pytest.mark.parametrize("recorded", [False, True], ids=["inference", "autograd"])
+def test_class_index_sums_of_every_spatial_rank(name, shape, recorded):
+    # The totals of the mean come from torch's nll kernels (rows, images, any other rank reshaped); without
+    # autograd the CPU kernel alone checks the indices: its error is ours, and an ignored position's NaN
+    # logits reach no sum.
+    predictions = logits(*shape)
+    if name == "nll":
+        predictions = torch.log_softmax(predictions, 1)
+    targets = class_indices(shape[:1] + shape[2:])
+    targets.view(-1)[0] = -100
+    weight = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    module = losses.build(name, class_weight=weight)
+    reference = F.cross_entropy if name == "cross_entropy" else F.nll_loss
+    poisoned = predictions.clone()
+    poisoned[(0, slice(None)) + (0,) * (len(shape) - 2)] = float("nan")
+    expected = reference(predictions, targets, weight)
+    with torch.set_grad_enabled(recorded):
+        loss = module(poisoned.requires_grad_(recorded), targets)
+    torch.testing.assert_close(loss, expected, **TIGHT)
+    if recorded:
+        clean = predictions.clone().requires_grad_()
+        (expected_grad,) = torch.autograd.grad(reference(clean, targets, weight), clean)
+        torch.testing.assert_close(torch.autograd.grad(loss, poisoned)[0], expected_grad, **TIGHT)
+    bad = targets.clone()
+    bad.view(-1)[1] = 3
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\) or ignore_index \(-100\), got 3"):
+        module(predictions.requires_grad_(recorded), bad)
+
+
 def test_probability_targets_must_have_the_predictions_shape():
     with pytest.raises(ValueError, match=r"targets must have the shape of predictions.*\[2, 3, 4\].*\[2, 3, 5\]"):
         cross_entropy_loss(logits(2, 3, 4), torch.zeros(2, 3, 5, dtype=torch.float64))

@@ -11,7 +11,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._reduction import check_reduction, elementwise_reductions, optional_vector, select_reduction, vector_buffer
+from ._reduction import (
+    check_reduction, elementwise_reductions, optional_vector, reduce_elementwise, select_reduction, vector_buffer,
+)
 
 
 class Loss(nn.Module):
@@ -22,7 +24,12 @@ class Loss(nn.Module):
         # The reduction is read at call time: C++ may have set it since construction.
         check_reduction(self.reduction)
         values, totals, _ = self.statistics(predictions, targets, weights, False, self.reduction == "none", False)
-        return select_reduction(values, self.reductions(totals), self.reduction, predictions.dtype)
+        return self.reduced(values, totals, predictions.dtype)
+
+    def reduced(self, values: Tensor, totals: Tensor, dtype: torch.dtype) -> Tensor:
+        r"""``forward``'s result from the statistics, in ``dtype``: ``values`` for ``none``, else the chosen column
+        of the loss's ``reductions``."""
+        return select_reduction(values, self.reductions(totals), self.reduction, dtype)
 
     @torch.jit.export
     def statistics(
@@ -65,6 +72,9 @@ class ElementwiseLoss(Loss):
         own; a loss with some overrides ``statistics`` to pass them."""
         class_weight = optional_vector(self.class_weight)
         return self.kernel(predictions, targets, weights, class_weight, self.class_dim, per_sample, values, per_class)
+
+    def reduced(self, values: Tensor, totals: Tensor, dtype: torch.dtype) -> Tensor:
+        return reduce_elementwise(values, totals, self.reduction, dtype)
 
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:

@@ -494,7 +494,21 @@ def summed_statistics(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The statistics of :func:`sums_only`: no values, the totals of :func:`elementwise_statistics` from
     ``loss_sum`` = :math:`\sum w\ell` over an elementwise ``shape``, no sample totals."""
-    totals = _eager_totals(loss_sum, weight, denominator, shape, loss_sum.device)
+    return _totals_alone(loss_sum, _eager_totals(loss_sum, weight, denominator, shape, loss_sum.device))
+
+
+def weight_summed_statistics(loss_sum: Tensor, weight_sum: Tensor, shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    r""":func:`summed_statistics` of a fused kernel that sums the weights too: ``weight_sum`` = :math:`\sum w`, also
+    the ``mean`` denominator (torch's ``nll_loss`` total weight, :math:`\sum a_y` of cross-entropy and nll)."""
+    totals = torch.full([4], _element_count(shape), dtype=torch.float64, device=loss_sum.device)
+    totals[0] = loss_sum
+    totals[1] = weight_sum
+    totals[2] = weight_sum
+    return _totals_alone(loss_sum, totals)
+
+
+def _totals_alone(loss_sum: Tensor, totals: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The statistics of :func:`sums_only`: no values, ``totals``, no sample totals."""
     return loss_sum.new_empty([0]), totals, totals.new_zeros([0, totals.shape[0]])
 
 
@@ -508,7 +522,7 @@ def _eager_totals(
     weight that is also the denominator (CE/NLL/focal without call-time weights) is summed once."""
     totals = torch.full([4], _element_count(shape), dtype=torch.float64, device=device)
     # The copy casts the sum to float64, as accumulate does.
-    totals[0] = weighted_loss.sum()
+    totals[0] = weighted_loss if weighted_loss.dim() == 0 else weighted_loss.sum()
     if weight is not None:
         weight_sum = total_sum(weight, shape, device)
         totals[1] = weight_sum
@@ -566,33 +580,74 @@ def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
 
 def elementwise_reductions(totals: Tensor) -> Tensor:
     r"""``(..., 4)`` elementwise totals to ``(..., 3)`` = ``[sum, mean, weighted_mean]``: ``mean`` is
-    ``Σ w·ℓ / Σ d`` and ``weighted_mean`` ``Σ w·ℓ / Σ w``, 0 when nothing is counted (torch's NaN)."""
+    ``Σ w·ℓ / Σ d`` and ``weighted_mean`` ``Σ w·ℓ / Σ w``, 0 when nothing is counted (torch's NaN): the quotient
+    of column 0 by column :func:`denominator_column` of the reduction."""
     if is_tracing():
         loss_sum = totals[..., 0]
         return torch.stack(
-            [loss_sum, safe_divide(loss_sum, totals[..., 2]), safe_divide(loss_sum, totals[..., 1])], dim=-1
+            [
+                loss_sum, safe_divide(loss_sum, totals[..., denominator_column(1)]),
+                safe_divide(loss_sum, totals[..., denominator_column(2)]),
+            ],
+            dim=-1,
         )
-    if (
-        totals.dim() == 1
-        and totals.dtype == torch.float64
-        and totals.device == torch.device("cpu")
-        and not (torch.is_grad_enabled() and totals.requires_grad)
-    ):
+    if _host_totals(totals):
         # One request's totals (what the server reduces): the same float64 divisions on the host, one read
         # and one small tensor instead of a chain of tiny ops (fill_: TorchScript passes torch.tensor(list)
         # and item assignment through the default dtype, float32).
         values: List[float] = totals.tolist()
         reductions = torch.full([3], values[0], dtype=torch.float64, device=totals.device)
-        reductions[1].fill_(values[0] / values[2] if values[2] != 0.0 else 0.0)
-        reductions[2].fill_(values[0] / values[1] if values[1] != 0.0 else 0.0)
+        reductions[1].fill_(_host_quotient(values, 1))
+        reductions[2].fill_(_host_quotient(values, 2))
         return reductions
     # Batched totals (per-sample reductions) and autograd: the export form's values in half its ops, both
-    # quotients at once by the [Σ d, Σ w] columns, with safe_divide's guard (finite gradients).
+    # quotients at once by the [Σ d, Σ w] columns (denominator_column of 1, 2: the flipped columns 1, 2), with
+    # safe_divide's guard (finite gradients).
     sums = totals.narrow(-1, 0, 1)
     denominators = totals.narrow(-1, 1, 2).flip(-1)
     nonzero = denominators != 0
     quotients = torch.where(nonzero, sums / torch.where(nonzero, denominators, 1.0), 0.0)
     return torch.cat([sums, quotients], -1)
+
+
+def denominator_column(column: int) -> int:
+    r"""The column of elementwise totals ``[Σ w·ℓ, Σ w, Σ d, n]`` that divides ``Σ w·ℓ`` for the reduction in
+    ``column`` of :data:`REDUCTION_COLUMNS`: ``Σ d`` for ``mean`` (1), ``Σ w`` for ``weighted_mean`` (2)."""
+    return 3 - column
+
+
+def _host_totals(totals: Tensor) -> bool:
+    r"""Whether elementwise ``totals`` are one call's, on the CPU and without autograd: then a host read of
+    them is cheaper than any op on them."""
+    return (
+        totals.dim() == 1
+        and totals.dtype == torch.float64
+        and totals.device.type == "cpu"
+        and not (torch.is_grad_enabled() and totals.requires_grad)
+    )
+
+
+def _host_quotient(totals: List[float], column: int) -> float:
+    r"""The reduction in ``column`` of totals read on the host, 0 for a zero denominator."""
+    denominator = totals[denominator_column(column)]
+    return totals[0] / denominator if denominator != 0.0 else 0.0
+
+
+def reduce_elementwise(values: Tensor, totals: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    r"""An elementwise loss's result (``forward``'s, the functional forms') from its statistics: ``values`` for
+    ``none``, else the column of :func:`elementwise_reductions` that ``reduction`` names, computed alone (the
+    others cost ops that a small batch notices), in ``dtype``."""
+    if reduction == "none":
+        return values.to(dtype)
+    column = ["sum", "mean", "weighted_mean"].index(reduction)
+    if not is_tracing() and _host_totals(totals):
+        sums: List[float] = totals.tolist()
+        value = sums[0] if column == 0 else _host_quotient(sums, column)
+        return torch.full([], value, dtype=dtype, device=totals.device)
+    loss_sum = totals[..., 0]
+    if column == 0:
+        return loss_sum.to(dtype)
+    return safe_divide(loss_sum, totals[..., denominator_column(column)]).to(dtype)
 
 
 def select_reduction(values: Tensor, reductions: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:

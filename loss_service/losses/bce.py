@@ -24,8 +24,8 @@ from ._registry import LossSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
     as_float, binary_kept, check_reduction, check_same_shape, class_setting, compute_dtype, effective_weight,
-    elementwise_reductions, float_hyperparameter, ignored_denominator, ignored_targets_zeroed, is_tracing,
-    one_target_per_prediction_hint, optional_ignore_index, optional_vector, select_reduction, smoothed_binary_targets,
+    reduce_elementwise, float_hyperparameter, ignored_denominator, ignored_targets_zeroed, is_tracing,
+    one_target_per_prediction_hint, optional_ignore_index, optional_vector, smoothed_binary_targets,
     summed_statistics, sums_only, unless_ignored, vector_argument, vector_buffer, weighted_statistics,
 )
 
@@ -100,7 +100,7 @@ def binary_cross_entropy(
     values, totals, _ = bce_statistics(
         predictions, targets, weights, vector_argument(class_weight), class_dim, False, reduction == "none"
     )
-    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+    return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
 
 def optional_smoothing(label_smoothing: float, predictions: Tensor) -> Optional[Tensor]:
@@ -199,7 +199,7 @@ def binary_cross_entropy_with_logits(
         *optional_ignore_index(ignore_index, ignored_in_mean, predictions), class_weight, class_dim, False,
         reduction == "none",
     )
-    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+    return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
 
 class BCELoss(ElementwiseLoss):

@@ -19,9 +19,9 @@ from ._params import (
 )
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
-    as_float, binary_kept, check_reduction, check_same_shape, class_setting, compute_dtype, elementwise_reductions,
+    as_float, binary_kept, check_reduction, check_same_shape, class_setting, compute_dtype, reduce_elementwise,
     float_hyperparameter, ignored_targets_zeroed, int_hyperparameter, is_tracing, one_target_per_prediction_hint,
-    optional_ignore_index, optional_vector, select_reduction, unless_ignored, vector_argument, vector_buffer,
+    optional_ignore_index, optional_vector, unless_ignored, vector_argument, vector_buffer,
     weighted_statistics,
 )
 from ._stable import log_sigmoid
@@ -105,7 +105,7 @@ def binary_focal_loss(
         *optional_ignore_index(ignore_index, ignored_in_mean, predictions), vector_argument(class_weight), class_dim,
         False,
     )
-    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+    return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
 
 # Statistics kernel of focal_loss: the softmax kernel, its arguments named as the focal parameters (gamma a
@@ -163,7 +163,7 @@ def focal_loss(
         int_hyperparameter(ignore_index, predictions), float_hyperparameter(label_smoothing, predictions), class_dim,
         False,
     )
-    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+    return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
 
 class BinaryFocalLoss(ElementwiseLoss):

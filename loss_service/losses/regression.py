@@ -14,8 +14,8 @@ from ._base import ElementwiseLoss
 from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
-    as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, float_hyperparameter,
-    is_tracing, one_target_per_prediction_hint, optional_vector, select_reduction, summed_statistics, sums_only,
+    as_float, check_reduction, check_same_shape, compute_dtype, reduce_elementwise, float_hyperparameter,
+    is_tracing, one_target_per_prediction_hint, optional_vector, summed_statistics, sums_only,
     vector_argument, weighted_statistics,
 )
 
@@ -151,7 +151,7 @@ def mse_loss(
     values, totals, _ = mse_statistics(
         predictions, targets, weights, vector_argument(class_weight), class_dim, False, reduction == "none"
     )
-    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+    return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
 
 def l1_loss(
@@ -169,7 +169,7 @@ def l1_loss(
     values, totals, _ = l1_statistics(
         predictions, targets, weights, vector_argument(class_weight), class_dim, False, reduction == "none"
     )
-    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+    return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
 
 def huber_loss(
@@ -190,7 +190,7 @@ def huber_loss(
         predictions, targets, weights, float_hyperparameter(delta, predictions), vector_argument(class_weight),
         class_dim, False, reduction == "none",
     )
-    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+    return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
 
 def smooth_l1_loss(
@@ -212,7 +212,7 @@ def smooth_l1_loss(
         predictions, targets, weights, float_hyperparameter(beta, predictions), vector_argument(class_weight),
         class_dim, False, reduction == "none",
     )
-    return select_reduction(values, elementwise_reductions(totals), reduction, predictions.dtype)
+    return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
 
 class MSELoss(ElementwiseLoss):
