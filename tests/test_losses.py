@@ -118,6 +118,8 @@ def test_declared_forms_are_what_the_module_does(name, variant):
     assert forms.classes_of_layout(names) == (channels if any(b.endswith("overlap") for b in forms.totals) else 0)
     if forms.elementwise_totals:
         assert int(totals[3]) >= values.numel()
+    # forward reduces one elementwise block by the elementwise rule alone, anything else by the loss's reductions.
+    assert module.elementwise_totals() == (forms.totals == ("elementwise",))
     probabilities = torch.softmax(torch.randn(predictions.shape, dtype=torch.float64), dim=1)
     if "probabilities" in forms.targets:
         module.statistics(predictions, probabilities, None, False)

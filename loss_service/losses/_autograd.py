@@ -241,9 +241,10 @@ class BinaryCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None]:
         p, t = ctx.saved_tensors
-        not_p = 1.0 - p
-        positive = torch.where(p > _LOG_FLOOR, t / p, 0.0)
-        negative = torch.where(not_p > _LOG_FLOOR, torch.rsub(t, 1.0).div_(not_p), 0.0)
+        # Two temporaries of the predictions' size, each filled in place (the second is 1 - p, then t / p).
+        not_p = torch.rsub(p, 1.0)
+        negative = torch.rsub(t, 1.0).div_(not_p).masked_fill_((not_p > _LOG_FLOOR).logical_not_(), 0.0)
+        positive = torch.div(t, p, out=not_p).masked_fill_((p > _LOG_FLOOR).logical_not_(), 0.0)
         return negative.sub_(positive).mul_(grad), None
 
 
@@ -252,8 +253,8 @@ def bce_values(p: Tensor, t: Tensor) -> Tensor:
     form too). ``log 0 = -inf`` is clamped to -100 directly and ``-[(1 - t) a + t b]`` is one ``lerp``,
     exact at ``t`` in {0, 1}. Contiguous inputs: the result must not depend on the memory layout."""
     log_p = torch.log(p).clamp_(min=-100.0)
-    log_not_p = torch.log1p(-p).clamp_(min=-100.0)
-    return torch.lerp(log_not_p, log_p, t).neg_()
+    # log(1 - p) then the lerp in that one buffer: two temporaries of the predictions' size at most.
+    return torch.neg(p).log1p_().clamp_(min=-100.0).lerp_(log_p, t).neg_()
 
 
 @torch.jit.unused

@@ -28,8 +28,15 @@ class Loss(nn.Module):
 
     def reduced(self, values: Tensor, totals: Tensor, dtype: torch.dtype) -> Tensor:
         r"""``forward``'s result from the statistics, in ``dtype``: ``values`` for ``none``, else the chosen column
-        of the loss's ``reductions``."""
+        of the loss's ``reductions``; of elementwise totals that column alone (:func:`reduce_elementwise`: the
+        others' ops cost a small batch more than its arithmetic)."""
+        if self.elementwise_totals():
+            return reduce_elementwise(values, totals, self.reduction, dtype)
         return select_reduction(values, self.reductions(totals), self.reduction, dtype)
+
+    def elementwise_totals(self) -> bool:
+        r"""Whether the totals are elementwise, ``[Σ w·ℓ, Σ w, Σ d, n]`` reduced by ``elementwise_reductions``."""
+        return False
 
     @torch.jit.export
     def statistics(
@@ -73,8 +80,8 @@ class ElementwiseLoss(Loss):
         class_weight = optional_vector(self.class_weight)
         return self.kernel(predictions, targets, weights, class_weight, self.class_dim, per_sample, values, per_class)
 
-    def reduced(self, values: Tensor, totals: Tensor, dtype: torch.dtype) -> Tensor:
-        return reduce_elementwise(values, totals, self.reduction, dtype)
+    def elementwise_totals(self) -> bool:
+        return True
 
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:

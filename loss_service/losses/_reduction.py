@@ -356,7 +356,7 @@ def total_sum(x: Optional[Tensor], shape: List[int], device: torch.device) -> Te
     r"""Float64 sum of ``x`` broadcast to ``shape`` (``None`` counts 1 per element). Outside export a broadcast
     ``x`` (per-sample weights, a class vector) is summed as it is, times its repetition by broadcasting."""
     if x is None:
-        return torch.full([], _element_count(shape), dtype=torch.float64, device=device)
+        return _element_count_tensor(shape, device)
     if is_tracing():
         return accumulate(x.expand(shape))
     # max(.., 1): an empty x sums to 0 whatever the factor.
@@ -494,44 +494,43 @@ def summed_statistics(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The statistics of :func:`sums_only`: no values, the totals of :func:`elementwise_statistics` from
     ``loss_sum`` = :math:`\sum w\ell` over an elementwise ``shape``, no sample totals."""
-    return _totals_alone(loss_sum, _eager_totals(loss_sum, weight, denominator, shape, loss_sum.device))
+    return totals_alone(loss_sum, _eager_totals(loss_sum, weight, denominator, shape, loss_sum.device))
 
 
 def weight_summed_statistics(loss_sum: Tensor, weight_sum: Tensor, shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
     r""":func:`summed_statistics` of a fused kernel that sums the weights too: ``weight_sum`` = :math:`\sum w`, also
     the ``mean`` denominator (torch's ``nll_loss`` total weight, :math:`\sum a_y` of cross-entropy and nll)."""
-    totals = torch.full([4], _element_count(shape), dtype=torch.float64, device=loss_sum.device)
-    totals[0] = loss_sum
-    totals[1] = weight_sum
-    totals[2] = weight_sum
-    return _totals_alone(loss_sum, totals)
+    count = _element_count_tensor(shape, loss_sum.device)
+    return totals_alone(loss_sum, torch.stack([loss_sum, weight_sum, weight_sum, count]))
 
 
-def _totals_alone(loss_sum: Tensor, totals: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""The statistics of :func:`sums_only`: no values, ``totals``, no sample totals."""
-    return loss_sum.new_empty([0]), totals, totals.new_zeros([0, totals.shape[0]])
+def totals_alone(like: Tensor, totals: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The statistics of :func:`sums_only`: no values (empty, of ``like``'s dtype), ``totals``, no sample totals."""
+    return like.new_empty([0]), totals, totals.new_zeros([0, totals.shape[0]])
+
+
+def _element_count_tensor(shape: List[int], device: torch.device) -> Tensor:
+    return torch.full([], _element_count(shape), dtype=torch.float64, device=device)
 
 
 def _eager_totals(
     weighted_loss: Tensor, weight: Optional[Tensor], denominator: Optional[Tensor], shape: List[int],
     device: torch.device,
 ) -> Tensor:
-    r"""``[Σ w·ℓ, Σ w, Σ d, n]`` outside export (``weighted_loss`` may be its 0-d sum already): the sums
-    written into one float64 tensor of the element count.
+    r"""``[Σ w·ℓ, Σ w, Σ d, n]`` outside export (``weighted_loss`` may be its 0-d sum already): one stack of the
+    sums and the element count, float64 by type promotion (the cast accumulate makes).
     On a small batch an op costs more than its arithmetic: columns that count 1 per element need no op, and a
     weight that is also the denominator (CE/NLL/focal without call-time weights) is summed once."""
-    totals = torch.full([4], _element_count(shape), dtype=torch.float64, device=device)
-    # The copy casts the sum to float64, as accumulate does.
-    totals[0] = weighted_loss if weighted_loss.dim() == 0 else weighted_loss.sum()
-    if weight is not None:
-        weight_sum = total_sum(weight, shape, device)
-        totals[1] = weight_sum
-        if denominator is weight:
-            totals[2] = weight_sum
-            return totals
-    if denominator is not None:
-        totals[2] = total_sum(denominator, shape, device)
-    return totals
+    count = _element_count_tensor(shape, device)
+    loss_sum = weighted_loss if weighted_loss.dim() == 0 else weighted_loss.sum()
+    weight_sum = count if weight is None else total_sum(weight, shape, device)
+    if denominator is None:
+        denominator_sum = count
+    elif denominator is weight:
+        denominator_sum = weight_sum
+    else:
+        denominator_sum = total_sum(denominator, shape, device)
+    return torch.stack([loss_sum, weight_sum, denominator_sum, count])
 
 
 def _sample_totals(
@@ -647,7 +646,12 @@ def reduce_elementwise(values: Tensor, totals: Tensor, reduction: str, dtype: to
     loss_sum = totals[..., 0]
     if column == 0:
         return loss_sum.to(dtype)
-    return safe_divide(loss_sum, totals[..., denominator_column(column)]).to(dtype)
+    denominator = totals[..., denominator_column(column)]
+    if not is_tracing() and totals.dim() == 1 and totals.device.type == "cpu":
+        # Autograd records the totals: a host read picks safe_divide's branch, whose gradient is the quotient's.
+        if float(denominator.item()) != 0.0:
+            return (loss_sum / denominator).to(dtype)
+    return safe_divide(loss_sum, denominator).to(dtype)
 
 
 def select_reduction(values: Tensor, reductions: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor
 from ._registry import LossSpec, ParamSpec, get, register
 from ._reduction import (
     accumulate, check_same_shape, elementwise_reductions, int_hyperparameter, one_target_per_prediction_hint,
-    optional_vector, vector_argument, vector_buffer,
+    optional_vector, sums_only, totals_alone, vector_argument, vector_buffer,
 )
 from .bce import bce_with_logits_statistics
 from .region import (
@@ -84,13 +84,15 @@ def bce_dice_statistics(
     pos_weight: Optional[Tensor], bce_weight: Tensor, dice_weight: Tensor, overlap_scale: Tensor, alpha: Tensor,
     beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor,
     include_background: Tensor, absent_classes: Optional[Tensor], squared_pred: Tensor, ignore_index: Tensor,
-    class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool, per_class: bool = False,
+    class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool, values: bool = True,
+    per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`bce_dice_loss`, with pixel ``weights`` and ``(N,)``
     ``sample_weights`` as separate arguments (as :func:`~loss_service.losses.region.region_statistics`).
 
     ``values`` are per sample, ``(N,)``: the combined loss of each sample alone under the ``mean``
-    rule (what ``reduction="none"`` returns). The BCE term is elementwise, so both kinds of weight
+    rule (what ``reduction="none"`` returns); for the totals alone (:func:`~._reduction.sums_only`) neither
+    term is summed per sample, and the BCE term is torch's fused sum. The BCE term is elementwise, so both kinds of weight
     simply multiply each element's weight (:math:`s_n\,w_{nci}`); the Dice term gets them as the
     region kernel does. The class totals of ``per_class`` are the BCE term's (its channels) followed by the
     Dice term's.
@@ -106,23 +108,29 @@ def bce_dice_statistics(
     logits, probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
     pixel_weight = masked_pixel_weight(keep, weights, predictions, mode)
     sums = dense_sums(probabilities, dense, pixel_weight, squared_pred)
-    _, dice_totals, dice_sample_totals = overlap_statistics(sums, sample_weights, *index, class_weight, batch, True)
+    by_sample = not sums_only(values, per_sample or per_class)
+    _, dice_totals, dice_sample_totals = overlap_statistics(
+        sums, sample_weights, *index, class_weight, batch, by_sample
+    )
     batch_size = probabilities.shape[0]
     bce_weights = pixel_weight
     if sample_weights is not None:
         sample_scale = sample_weights.to(probabilities.dtype).reshape(batch_size, 1, 1)
         bce_weights = sample_scale if bce_weights is None else bce_weights * sample_scale
     _, bce_totals, bce_sample_totals = bce_with_logits_statistics(
-        logits, dense, bce_weights, pos_weight, None, None, None, class_weight, 1, True
+        logits, dense, bce_weights, pos_weight, None, None, None, class_weight, 1, by_sample, by_sample
     )
     if keep is not None:
         # Ignored positions have weight 0 and, as for every loss here, do not count in `mean`'s
         # denominator: column 2 becomes the number of positions that are not ignored.
         counted = accumulate(keep.expand(probabilities.shape), [1, 2])
-        bce_sample_totals = _with_denominator(bce_sample_totals, counted)
+        if by_sample:
+            bce_sample_totals = _with_denominator(bce_sample_totals, counted)
         bce_totals = _with_denominator(bce_totals.unsqueeze(0), counted.sum().reshape(1)).squeeze(0)
-    sample_totals = torch.cat([bce_sample_totals, dice_sample_totals], dim=1)
     totals = torch.cat([bce_totals, dice_totals])
+    if not by_sample:
+        return totals_alone(totals, totals)
+    sample_totals = torch.cat([bce_sample_totals, dice_sample_totals], dim=1)
     values = bce_dice_reductions(sample_totals, bce_weight, dice_weight, *index, class_weight, batch)[:, 1]
     if per_class:
         # The terms' class totals: the BCE kernel once more (an evaluation's extra pass), the Dice term from its sums.
@@ -214,8 +222,12 @@ class BCEDiceLoss(RegionLoss):
             _constant(self.bce_weight, predictions), _constant(self.dice_weight, predictions),
             *self.index_arguments(predictions), _flag(self.squared_pred, predictions),
             int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode,
-            self.batch, per_sample, per_class,
+            self.batch, per_sample, values, per_class,
         )
+
+    def elementwise_totals(self) -> bool:
+        r"""The BCE term's totals and the Dice term's: two blocks, reduced apart."""
+        return False
 
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:

@@ -207,6 +207,9 @@ class GeneralizedDiceLoss(Loss):
             self.mode, self.batch, per_sample, per_class,
         )
 
+    def elementwise_totals(self) -> bool:
+        return not self.batch
+
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:
         weight_exponent, smooth_nr, smooth_dr, include_background = _arguments(

@@ -472,13 +472,14 @@ def region_statistics(
     overlap_scale: Tensor, alpha: Tensor, beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor,
     smooth_dr: Tensor, log_loss: Tensor, include_background: Tensor, absent_classes: Optional[Tensor], squared_pred: Tensor,
     ignore_index: Tensor, class_weight: Optional[Tensor], mode: str, batch: bool, per_sample: bool,
-    per_class: bool = False,
+    values: bool = True, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The statistics kernel of every region loss, of the overlap index ``k = overlap_scale``, ``α``, ``β`` (and
     ``γ`` for focal Tversky, else ``None``) of the module docstring. Pixel ``weights`` :math:`w_{nci}` (never
     per-sample) and ``(N,)`` ``sample_weights`` :math:`s_n` may both be given (``None`` is ones; the ONNX graphs
     feed both): ``batch=False`` weights the loss of ``(n, c)`` by :math:`s_n\,w_c` (``w_c`` the class weight),
-    ``batch=True`` sums :math:`TP_c = \sum_n s_n \sum_i w_{nci}\,p_{nci}\,t_{nci}` (and ``P``, ``T`` alike)."""
+    ``batch=True`` sums :math:`TP_c = \sum_n s_n \sum_i w_{nci}\,p_{nci}\,t_{nci}` (and ``P``, ``T`` alike). Its values,
+a loss per ``(n, c)``, cost no more than its totals: it writes them whatever ``values`` says."""
     check_split_weights(weights, sample_weights, predictions)
     return overlap_statistics(
         region_sums(predictions, targets, weights, ignore_index, squared_pred, mode), sample_weights, overlap_scale,
@@ -647,7 +648,7 @@ def _region_loss(
     values, totals, _ = statistics_kernel(
         predictions, targets, *split_weights(weights, predictions), *statistics_leading, *arguments,
         _flag(squared_pred, predictions), int_hyperparameter(ignore_index, predictions), class_weight, mode, batch,
-        False,
+        False, reduction == "none",
     )
     reductions = reductions_kernel(totals, *reductions_leading, *arguments, class_weight, batch)
     return select_reduction(values, reductions, reduction, predictions.dtype)
@@ -721,8 +722,11 @@ class RegionLoss(Loss):
         return region_statistics(
             predictions, targets, *split_weights(weights, predictions), *self.index_arguments(predictions),
             _flag(self.squared_pred, predictions), int_hyperparameter(self.ignore_index, predictions),
-            optional_vector(self.class_weight), self.mode, self.batch, per_sample, per_class,
+            optional_vector(self.class_weight), self.mode, self.batch, per_sample, values, per_class,
         )
+
+    def elementwise_totals(self) -> bool:
+        return not self.batch
 
     @torch.jit.export
     def reductions(self, totals: Tensor) -> Tensor:
