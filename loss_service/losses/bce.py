@@ -24,9 +24,9 @@ from ._registry import LossSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
     as_float, binary_kept, check_reduction, check_same_shape, class_setting, compute_dtype, effective_weight,
-    reduce_elementwise, float_hyperparameter, ignored_denominator, ignored_targets_zeroed, is_tracing,
-    one_target_per_prediction_hint, optional_ignore_index, optional_vector, smoothed_binary_targets,
-    summed_statistics, sums_only, unless_ignored, vector_argument, vector_buffer, weighted_statistics,
+    float_hyperparameter, ignored_denominator, ignored_targets_zeroed, is_tracing, one_target_per_prediction_hint,
+    optional_ignore_index, optional_vector, reduce_elementwise, smoothed_binary_targets, summed_statistics,
+    sums_only, unless_ignored, vector_argument, vector_buffer, weighted_statistics,
 )
 
 # Binary targets smoothed towards 1/2; segmentation_models_pytorch's smooth_factor s is label_smoothing 2s.

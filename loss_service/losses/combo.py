@@ -92,9 +92,9 @@ def bce_dice_statistics(
 
     ``values`` are per sample, ``(N,)``: the combined loss of each sample alone under the ``mean``
     rule (what ``reduction="none"`` returns); for the totals alone (:func:`~._reduction.sums_only`) neither
-    term is summed per sample, and the BCE term is torch's fused sum. The BCE term is elementwise, so both kinds of weight
-    simply multiply each element's weight (:math:`s_n\,w_{nci}`); the Dice term gets them as the
-    region kernel does. The class totals of ``per_class`` are the BCE term's (its channels) followed by the
+    term is summed per sample, and the BCE term is torch's fused sum. The BCE term is elementwise, so both
+    kinds of weight simply multiply each element's weight (:math:`s_n\,w_{nci}`); the Dice term gets them as
+    the region kernel does. The class totals of ``per_class`` are the BCE term's (its channels) followed by the
     Dice term's.
     """
     if mode not in ["binary", "multilabel"]:
