@@ -600,8 +600,8 @@ def elementwise_reductions(totals: Tensor) -> Tensor:
         reductions[2].fill_(_host_quotient(values, 2))
         return reductions
     # Batched totals (per-sample reductions) and autograd: the export form's values in half its ops, both
-    # quotients at once by the [Σ d, Σ w] columns (denominator_column of 1, 2: the flipped columns 1, 2), with
-    # safe_divide's guard (finite gradients).
+    # quotients at once by the [Σ d, Σ w] columns (denominator_column(1), denominator_column(2): columns 1-2
+    # flipped), with safe_divide's guard (finite gradients).
     sums = totals.narrow(-1, 0, 1)
     denominators = totals.narrow(-1, 1, 2).flip(-1)
     nonzero = denominators != 0
@@ -615,15 +615,16 @@ def denominator_column(column: int) -> int:
     return 3 - column
 
 
+def _one_call_on_cpu(totals: Tensor) -> bool:
+    r"""Whether elementwise ``totals`` are one call's float64 totals on the CPU: then a host read of them is
+    cheaper than any op on them."""
+    return totals.dim() == 1 and totals.dtype == torch.float64 and totals.device.type == "cpu"
+
+
 def _host_totals(totals: Tensor) -> bool:
-    r"""Whether elementwise ``totals`` are one call's, on the CPU and without autograd: then a host read of
-    them is cheaper than any op on them."""
-    return (
-        totals.dim() == 1
-        and totals.dtype == torch.float64
-        and totals.device.type == "cpu"
-        and not (torch.is_grad_enabled() and totals.requires_grad)
-    )
+    r"""Whether ``totals`` can be read on the host instead of reduced by ops: :func:`_one_call_on_cpu`, and
+    without autograd."""
+    return _one_call_on_cpu(totals) and not (torch.is_grad_enabled() and totals.requires_grad)
 
 
 def _host_quotient(totals: List[float], column: int) -> float:
@@ -647,7 +648,7 @@ def reduce_elementwise(values: Tensor, totals: Tensor, reduction: str, dtype: to
     if column == 0:
         return loss_sum.to(dtype)
     denominator = totals[..., denominator_column(column)]
-    if not is_tracing() and totals.dim() == 1 and totals.device.type == "cpu":
+    if not is_tracing() and _one_call_on_cpu(totals):
         # Autograd records the totals: a host read picks safe_divide's branch, whose gradient is the quotient's.
         if float(denominator.item()) != 0.0:
             return (loss_sum / denominator).to(dtype)

@@ -157,29 +157,33 @@ def _contiguous(vector: Optional[Tensor]) -> Optional[Tensor]:
     return vector.contiguous()
 
 
-def nll_sums(
+def nll_summed_statistics(
     log_p: Tensor, indices: Tensor, class_vector: Optional[Tensor], ignore_index: int
-) -> Tuple[Tensor, Tensor]:
-    r"""``(Σ a_y·(-log p_y), Σ a_y)`` of log-probabilities ``(N, C, *)`` (classes along dim 1) at class ``indices``
-    ``(N, *)`` but those equal to ``ignore_index``, ``a`` the ``(C,)`` ``class_vector`` (``None``: 1), outside export:
-    torch's nll kernels return the weight sum beside the loss sum (:func:`torch.nn.functional.nll_loss` drops it),
-    so the targets' weights need no pass of their own. The shapes are ``nll_loss``'s: ``(N, C)`` rows, images
-    ``(N, C, H, W)``, and ``(N, C, 1, S)`` for any other spatial rank."""
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The statistics (:func:`~._reduction.weight_summed_statistics`) of ``Σ a_y·(-log p_y)`` and ``Σ a_y`` over
+    log-probabilities ``(N, C, *)`` (classes along dim 1) at class ``indices`` ``(N, *)`` but those equal to
+    ``ignore_index``, ``a`` the ``(C,)`` ``class_vector`` (``None``: 1), outside export: torch's nll kernels return
+    the weight sum beside the loss sum (:func:`torch.nn.functional.nll_loss` drops it), so the targets' weights
+    need no pass of their own. The shapes are ``nll_loss``'s: ``(N, C)`` rows, images ``(N, C, H, W)``, and
+    ``(N, C, 1, S)`` for any other spatial rank."""
     # torch's Reduction::Sum.
     sum_reduction = 2
+    weight = _contiguous(class_vector)
     if log_p.dim() <= 2:
-        return torch.ops.aten.nll_loss_forward(log_p, indices, class_vector, sum_reduction, ignore_index)
-    if log_p.dim() == 4:
+        loss_sum, weight_sum = torch.ops.aten.nll_loss_forward(log_p, indices, weight, sum_reduction, ignore_index)
+    elif log_p.dim() == 4:
         # The kernel's loops run faster over the two spatial dimensions than over one of their product.
-        return torch.ops.aten.nll_loss2d_forward(log_p, indices, class_vector, sum_reduction, ignore_index)
-    batch, num_classes = log_p.shape[0], log_p.shape[1]
-    positions = 1
-    for size in log_p.shape[2:]:
-        positions *= size
-    return torch.ops.aten.nll_loss2d_forward(
-        log_p.reshape(batch, num_classes, 1, positions), indices.reshape(batch, 1, positions), class_vector,
-        sum_reduction, ignore_index,
-    )
+        loss_sum, weight_sum = torch.ops.aten.nll_loss2d_forward(log_p, indices, weight, sum_reduction, ignore_index)
+    else:
+        batch, num_classes = log_p.shape[0], log_p.shape[1]
+        positions = 1
+        for size in log_p.shape[2:]:
+            positions *= size
+        loss_sum, weight_sum = torch.ops.aten.nll_loss2d_forward(
+            log_p.reshape(batch, num_classes, 1, positions), indices.reshape(batch, 1, positions), weight,
+            sum_reduction, ignore_index,
+        )
+    return weight_summed_statistics(loss_sum, weight_sum, list(indices.shape))
 
 
 def kernel_checks_targets(x: Tensor) -> bool:
@@ -193,16 +197,15 @@ def kernel_checked_nll_statistics(
     log_p: Tensor, targets: Tensor, ignore_index: Tensor, class_vector: Optional[Tensor], shape: List[int],
     probabilities_allowed: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""The statistics of :func:`nll_sums` with no pass over the targets of our own, where
+    r""":func:`nll_summed_statistics` with no pass over the targets of our own, where
     :func:`kernel_checks_targets`: the kernel skips ``ignore_index`` and stops at the first class index outside
     ``[0, C)``; its ``IndexError`` becomes :func:`eager_index_targets`' ``ValueError``, which names that index."""
     indices = index_tensor(targets, shape, 1, probabilities_allowed)
     try:
-        loss_sum, weight_sum = nll_sums(log_p, indices, _contiguous(class_vector), int(ignore_index.item()))
+        return nll_summed_statistics(log_p, indices, class_vector, int(ignore_index.item()))
     except IndexError:
         eager_index_targets(targets, ignore_index, shape, 1, probabilities_allowed)
         raise
-    return weight_summed_statistics(loss_sum, weight_sum, list(indices.shape))
 
 
 def eager_target_nll(
@@ -397,8 +400,8 @@ def _eager_index_statistics(
 
     Cross-entropy's totals alone (:func:`sums_only`, no call-time ``weights``) with the classes along an inner
     dimension are summed by torch's kernels, which keep no values (on rows the target term below is the
-    faster): :func:`nll_sums` of the ``log_softmax``, the sums of :func:`torch.nn.functional.cross_entropy`, or
-    that function itself with label smoothing.
+    faster): :func:`nll_summed_statistics` of the ``log_softmax`` (the sums of
+    :func:`torch.nn.functional.cross_entropy`), or that function itself with label smoothing.
 
     Only :math:`-\log p_y` (and the target's focal term from it) is computed unless
     ``label_smoothing > 0`` (read on the host): in eager Python by
@@ -412,25 +415,25 @@ def _eager_index_statistics(
     fused_sums = gamma is None and weights is None and dim == 1 and len(shape) > 2 and sums_only(
         values, per_sample or per_class
     )
+    recording = torch.is_grad_enabled() and x.requires_grad
     # Without autograd an ignored position's logits (NaN, inf) reach no sum: no mask is needed.
-    if fused_sums and not smoothing and kernel_checks_targets(x) and not (torch.is_grad_enabled() and x.requires_grad):
+    if fused_sums and not smoothing and kernel_checks_targets(x) and not recording:
         return kernel_checked_nll_statistics(
             torch.log_softmax(x.contiguous(), 1), targets, ignore_index, class_vector, shape, True
         )
     indices, valid = eager_index_targets(targets, ignore_index, shape, dim, True)
     x = unless_ignored(x, None if valid is None else valid.unsqueeze(dim)).contiguous()
     if fused_sums:
-        kernel_indices, kernel_weight = _ignored_as(indices, valid, -1), _contiguous(class_vector)
+        kernel_indices = _ignored_as(indices, valid, -1)
         if not smoothing:
-            loss_sum, weight_sum = nll_sums(torch.log_softmax(x, 1), kernel_indices, kernel_weight, -1)
-            return weight_summed_statistics(loss_sum, weight_sum, list(indices.shape))
+            return nll_summed_statistics(torch.log_softmax(x, 1), kernel_indices, class_vector, -1)
         loss_sum = F.cross_entropy(
-            x, kernel_indices, kernel_weight, ignore_index=-1, reduction="sum", label_smoothing=smoothing_value
+            x, kernel_indices, _contiguous(class_vector), ignore_index=-1, reduction="sum",
+            label_smoothing=smoothing_value,
         )
         weight, denominator, _ = eager_index_weights(None, class_vector, indices, valid, dtype)
         return summed_statistics(loss_sum, weight, denominator, list(indices.shape))
     weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
-    recording = torch.is_grad_enabled() and x.requires_grad
     lse = x  # read only with smoothing, which the closed-form branch excludes
     if not smoothing and not torch.jit.is_scripting():
         loss = _autograd.softmax_target_term(x, indices, dim, None if gamma is None else float(gamma.item()))
@@ -538,7 +541,7 @@ def nll_statistics(
     ignore_index: Tensor, class_dim: int, per_sample: bool, values: bool = True, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Statistics kernel of :func:`nll_loss`; ``ignore_index`` is a 0-d int64 tensor. Its totals alone
-    (:func:`sums_only`, no call-time ``weights``, classes along dim 1) are :func:`nll_sums`."""
+    (:func:`sums_only`, no call-time ``weights``, classes along dim 1) are :func:`nll_summed_statistics`."""
     dtype = compute_dtype(predictions.dtype)
     log_p = predictions.to(dtype)
     shape = list(log_p.shape)
@@ -559,8 +562,7 @@ def nll_statistics(
             return kernel_checked_nll_statistics(log_p, targets, ignore_index, class_vector, shape, False)
         indices, valid = eager_index_targets(targets, ignore_index, shape, dim, False)
         if fused_sums:
-            loss_sum, weight_sum = nll_sums(log_p, _ignored_as(indices, valid, -1), _contiguous(class_vector), -1)
-            return weight_summed_statistics(loss_sum, weight_sum, list(indices.shape))
+            return nll_summed_statistics(log_p, _ignored_as(indices, valid, -1), class_vector, -1)
         weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
         target_log_p = torch.gather(log_p, dim, indices.unsqueeze(dim)).squeeze(dim)
         if per_class:

@@ -478,8 +478,8 @@ def region_statistics(
     ``γ`` for focal Tversky, else ``None``) of the module docstring. Pixel ``weights`` :math:`w_{nci}` (never
     per-sample) and ``(N,)`` ``sample_weights`` :math:`s_n` may both be given (``None`` is ones; the ONNX graphs
     feed both): ``batch=False`` weights the loss of ``(n, c)`` by :math:`s_n\,w_c` (``w_c`` the class weight),
-    ``batch=True`` sums :math:`TP_c = \sum_n s_n \sum_i w_{nci}\,p_{nci}\,t_{nci}` (and ``P``, ``T`` alike). Its values,
-a loss per ``(n, c)``, cost no more than its totals: it writes them whatever ``values`` says."""
+    ``batch=True`` sums :math:`TP_c = \sum_n s_n \sum_i w_{nci}\,p_{nci}\,t_{nci}` (and ``P``, ``T`` alike).
+    Its values, a loss per ``(n, c)``, cost no more than its totals: it writes them whatever ``values`` says."""
     check_split_weights(weights, sample_weights, predictions)
     return overlap_statistics(
         region_sums(predictions, targets, weights, ignore_index, squared_pred, mode), sample_weights, overlap_scale,
