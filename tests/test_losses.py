@@ -291,6 +291,65 @@ def test_totals_alone_equal_the_totals_of_the_values(name, index, reduction):
         torch.testing.assert_close(module(predictions, targets, weights), results[0][1], rtol=1e-12, atol=1e-12)
 
 
+# The losses whose forward calls torch's own fused loss and reduction for their default settings
+# (docs/architecture.md, "forward"); the others have no such torch loss.
+FUSED_BY_DEFAULT = {"mse", "l1", "huber", "smooth_l1", "bce_with_logits", "cross_entropy", "nll"}
+
+
+def _without_ignored(spec, params, targets):
+    r"""``targets`` with every ``ignore_index`` target replaced by class 0, for class-index targets."""
+    ignore_index = params.get("ignore_index", -100 if "ignore_index" in spec.param_names() else None)
+    if ignore_index is None or targets.is_floating_point():
+        return targets
+    return torch.where(targets == ignore_index, torch.zeros_like(targets), targets)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "weighted_mean"])
+@pytest.mark.parametrize("name,index", CASES)
+def test_fused_reduction_is_the_statistics_reduction(name, index, reduction):
+    r"""Where ``forward`` takes torch's fused loss (``fused_reduction``), its value and gradient are the
+    statistics' reduction, and the function form returns the same; with and without ignored targets."""
+    spec, params, predictions, index_targets = make(name, index)
+    module = losses.build(name, **params, reduction=reduction)
+    column = ["sum", "mean", "weighted_mean"].index(reduction)
+    for targets in (index_targets, _without_ignored(spec, params, index_targets)):
+        for dtype in (torch.float64, torch.float32):
+            typed = losses.build(name, **cast_params(params, dtype), reduction=reduction)
+            leaf = predictions.detach().to(dtype).requires_grad_(True)
+            fused = typed.fused_reduction(leaf, targets, None)
+            if fused is None:
+                continue
+            assert fused.dtype == dtype
+            (fused_gradient,) = torch.autograd.grad(fused, leaf)
+            other = predictions.detach().to(dtype).requires_grad_(True)
+            _, totals, _ = typed.statistics(other, targets, None, False)
+            expected = typed.reductions(totals)[column]
+            (expected_gradient,) = torch.autograd.grad(expected, other)
+            rtol, atol = (1e-12, 1e-12) if dtype == torch.float64 else TOLERANCES[dtype]
+            torch.testing.assert_close(fused.double(), expected, rtol=rtol, atol=atol)
+            torch.testing.assert_close(fused_gradient, expected_gradient, rtol=rtol, atol=atol)
+            with torch.no_grad():
+                function = spec.function(leaf, targets, reduction=reduction, **cast_params(params, dtype))
+                torch.testing.assert_close(function, typed(leaf, targets), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_forward_takes_torchs_fused_loss_where_torch_has_the_loss(name):
+    r"""The default settings of the losses torch has take its fused loss, with and without autograd; not with
+    call-time weights (torch's losses have none of ours) nor for ``reduction="none"``."""
+    spec, params, predictions, targets = make(name, 0)
+    targets = _without_ignored(spec, params, targets)
+    module = losses.build(name, **params)
+    leaf = predictions.detach().requires_grad_(True)
+    with torch.no_grad():
+        taken = module.fused_reduction(predictions, targets, None) is not None
+    assert taken == (name in FUSED_BY_DEFAULT)
+    assert (module.fused_reduction(leaf, targets, None) is not None) == taken
+    weights = torch.rand(predictions.shape[0], dtype=predictions.dtype) + 0.5
+    assert losses.build(name, **params, reduction="weighted_mean").fused_reduction(predictions, targets, weights) is None
+    assert losses.build(name, **params, reduction="none").fused_reduction(predictions, targets, None) is None
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_empty_batch_is_finite(name, reduction):

@@ -23,8 +23,19 @@ class Loss(nn.Module):
     def forward(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         # The reduction is read at call time: C++ may have set it since construction.
         check_reduction(self.reduction)
+        fused = self.fused_reduction(predictions, targets, weights)
+        if fused is not None:
+            return fused
         values, totals, _ = self.statistics(predictions, targets, weights, False, self.reduction == "none", False)
         return self.reduced(values, totals, predictions.dtype)
+
+    def fused_reduction(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
+        r"""``forward``'s result computed by torch's own fused loss and reduction, where torch has this loss with
+        these settings and a reduction that is ``self.reduction`` (:func:`~._reduction.torch_reduction`), outside
+        export; ``None`` elsewhere, and ``forward`` reduces the statistics. A small batch pays for every op after
+        the loss's kernel, and a large one for the float64 totals that ``forward`` reads back
+        (docs/architecture.md, "Modules")."""
+        return None
 
     def reduced(self, values: Tensor, totals: Tensor, dtype: torch.dtype) -> Tensor:
         r"""``forward``'s result from the statistics, in ``dtype``: ``values`` for ``none``, else the chosen column

@@ -85,6 +85,14 @@ def as_float(x: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     r"""``x`` converted to the compute dtype; integer and bool tensors are accepted as values."""
     if x.is_complex():
         raise ValueError("{} must be a real tensor, got {}".format(name, x.dtype))
+    return in_dtype(x, dtype)
+
+
+def in_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    r"""``x.to(dtype)``, without the call where ``x`` has that dtype: a conversion that changes nothing still costs
+    a dispatch, which a small batch notices."""
+    if x.dtype == dtype:
+        return x
     return x.to(dtype)
 
 
@@ -631,6 +639,19 @@ def _host_quotient(totals: List[float], column: int) -> float:
     r"""The reduction in ``column`` of totals read on the host, 0 for a zero denominator."""
     denominator = totals[denominator_column(column)]
     return totals[0] / denominator if denominator != 0.0 else 0.0
+
+
+def torch_reduction(reduction: str, weight_is_denominator: bool) -> str:
+    r"""The reduction of torch's own loss functions that computes an elementwise loss's ``reduction``, for
+    ``forward`` to call torch's fused loss with it (``Loss.fused_reduction``); ``""`` where there is none: for
+    ``none``, for ``weighted_mean`` unless the loss's weights are its ``mean`` denominators (no weights at all,
+    or cross-entropy's class weights: :math:`w = d = a_y`), and while tracing (the export form keeps the
+    formula). torch's ``mean`` of nothing is NaN where ours is 0: the caller rules that case out."""
+    if is_tracing() or reduction == "none":
+        return ""
+    if reduction == "weighted_mean":
+        return "mean" if weight_is_denominator else ""
+    return reduction
 
 
 def reduce_elementwise(values: Tensor, totals: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:

@@ -24,9 +24,9 @@ from ._registry import LossSpec, register
 from ._stable import log_sigmoid
 from ._reduction import (
     as_float, binary_kept, check_reduction, check_same_shape, class_setting, compute_dtype, effective_weight,
-    float_hyperparameter, ignored_denominator, ignored_targets_zeroed, is_tracing, one_target_per_prediction_hint,
-    optional_ignore_index, optional_vector, reduce_elementwise, smoothed_binary_targets, summed_statistics,
-    sums_only, unless_ignored, vector_argument, vector_buffer, weighted_statistics,
+    float_hyperparameter, ignored_denominator, ignored_targets_zeroed, in_dtype, is_tracing,
+    one_target_per_prediction_hint, optional_ignore_index, optional_vector, reduce_elementwise, smoothed_binary_targets,
+    summed_statistics, sums_only, torch_reduction, unless_ignored, vector_argument, vector_buffer, weighted_statistics,
 )
 
 # Binary targets smoothed towards 1/2; segmentation_models_pytorch's smooth_factor s is label_smoothing 2s.
@@ -119,15 +119,9 @@ def bce_with_logits_statistics(
     r"""Statistics kernel of :func:`binary_cross_entropy_with_logits`; for the totals alone
     (:func:`sums_only`) torch's fused kernel sums the weighted loss. ``ignore_index`` ``None``: nothing is
     ignored and no mask is built (:func:`~._reduction.binary_kept`)."""
-    check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
-    dtype = compute_dtype(predictions.dtype)
-    t = as_float(targets, dtype, "targets")
-    kept = binary_kept(t, ignore_index)
-    x = unless_ignored(predictions.to(dtype), kept)
-    t = smoothed_binary_targets(ignored_targets_zeroed(t, kept), label_smoothing)
-    positive_weight: Optional[Tensor] = None
-    if pos_weight is not None:
-        positive_weight = class_setting(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
+    x, t, kept, positive_weight, dtype = _logits_and_targets(
+        predictions, targets, pos_weight, label_smoothing, ignore_index, class_dim
+    )
     if is_tracing():
         # -log σ(x) = softplus(-x) and -log σ(-x) = softplus(-x) + x: one stable log-sigmoid
         # (log_sigmoid, which the ONNX exporter cannot turn into Log(Sigmoid)).
@@ -151,6 +145,47 @@ def bce_with_logits_statistics(
     return weighted_statistics(
         loss, weights, class_weight, class_dim, dtype, per_sample, per_class, kept, ignored_in_mean
     )
+
+
+def _logits_and_targets(
+    predictions: Tensor, targets: Tensor, pos_weight: Optional[Tensor], label_smoothing: Optional[Tensor],
+    ignore_index: Optional[Tensor], class_dim: int,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], torch.dtype]:
+    r"""``(x, t, kept, positive_weight, dtype)`` of :func:`bce_with_logits_statistics`: the logits (0 where ignored)
+    and the targets (0 where ignored, then smoothed) in the compute ``dtype``, :func:`~._reduction.binary_kept`, and
+    ``pos_weight`` shaped along ``class_dim``."""
+    check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
+    dtype = compute_dtype(predictions.dtype)
+    t = as_float(targets, dtype, "targets")
+    kept = binary_kept(t, ignore_index)
+    x = unless_ignored(in_dtype(predictions, dtype), kept)
+    t = smoothed_binary_targets(ignored_targets_zeroed(t, kept), label_smoothing)
+    positive_weight: Optional[Tensor] = None
+    if pos_weight is not None:
+        positive_weight = class_setting(in_dtype(pos_weight, dtype), list(x.shape), class_dim, "pos_weight")
+    return x, t, kept, positive_weight, dtype
+
+
+def fused_bce_with_logits(
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], pos_weight: Optional[Tensor],
+    label_smoothing: Optional[Tensor], ignore_index: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
+    reduction: str,
+) -> Optional[Tensor]:
+    r"""``Loss.fused_reduction`` of :func:`binary_cross_entropy_with_logits`: torch's fused loss with its own
+    reduction (:func:`~._reduction.torch_reduction`; ``mean`` divides by the element count there as here,
+    ``weight`` being the effective weight), on contiguous inputs; ``None`` with ``ignore_index``, for
+    ``weighted_mean`` of a weighted loss, and for the mean of no elements."""
+    how = torch_reduction(reduction, weights is None and class_weight is None)
+    if how == "" or ignore_index is not None or (how == "mean" and predictions.numel() == 0):
+        return None
+    x, t, _, positive_weight, dtype = _logits_and_targets(
+        predictions, targets, pos_weight, label_smoothing, None, class_dim
+    )
+    weight = effective_weight(list(x.shape), weights, class_weight, class_dim, dtype)
+    loss = F.binary_cross_entropy_with_logits(
+        x.contiguous(), t.contiguous(), weight, reduction=how, pos_weight=positive_weight
+    )
+    return in_dtype(loss, predictions.dtype)
 
 
 def _fused_bce_with_logits(x: Tensor, t: Tensor, positive_weight: Optional[Tensor]) -> Tensor:
@@ -193,11 +228,18 @@ def binary_cross_entropy_with_logits(
     ``SoftBCEWithLogitsLoss(ignore_index=...)``).
     """
     class_weight = vector_argument(class_weight)
+    pos_weight = vector_argument(pos_weight)
     check_reduction(reduction)
+    smoothing = optional_smoothing(label_smoothing, predictions)
+    ignored, ignored_in_mean_tensor = optional_ignore_index(ignore_index, ignored_in_mean, predictions)
+    fused = fused_bce_with_logits(
+        predictions, targets, weights, pos_weight, smoothing, ignored, class_weight, class_dim, reduction
+    )
+    if fused is not None:
+        return fused
     values, totals, _ = bce_with_logits_statistics(
-        predictions, targets, weights, vector_argument(pos_weight), optional_smoothing(label_smoothing, predictions),
-        *optional_ignore_index(ignore_index, ignored_in_mean, predictions), class_weight, class_dim, False,
-        reduction == "none",
+        predictions, targets, weights, pos_weight, smoothing, ignored, ignored_in_mean_tensor, class_weight, class_dim,
+        False, reduction == "none",
     )
     return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
@@ -236,6 +278,15 @@ class BCEWithLogitsLoss(ElementwiseLoss):
             predictions, targets, weights, optional_vector(self.pos_weight),
             optional_smoothing(self.label_smoothing, predictions), ignore_index, ignored_in_mean,
             optional_vector(self.class_weight), self.class_dim, per_sample, values, per_class,
+        )
+
+    def fused_reduction(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
+        if self.ignore_index is not None:
+            return None
+        return fused_bce_with_logits(
+            predictions, targets, weights, optional_vector(self.pos_weight),
+            optional_smoothing(self.label_smoothing, predictions), None, optional_vector(self.class_weight),
+            self.class_dim, self.reduction,
         )
 
 

@@ -2,6 +2,7 @@ r"""Softmax cross-entropy (``cross_entropy``) and negative log-likelihood (``nll
 ``ignore_index``, label smoothing, ``mean`` denominator) but 0 with zero gradients where every target is
 ignored (torch: NaN). The class-index helpers here serve the softmax focal loss (:mod:`.focal`) too.
 """
+import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -15,9 +16,9 @@ from ._registry import LossSpec, register
 from ._stable import log_softmax, logsumexp
 from ._reduction import (
     as_float, check_range, check_reduction, check_same_shape, compute_dtype, elementwise_statistics, reduce_elementwise,
-    float_hyperparameter, int_hyperparameter, is_tracing, label_map_hint, normalize_class_dim, optional_vector,
-    class_setting, power, sample_or_element_weights, summed_statistics, sums_only, unless_ignored,
-    vector_argument, weight_summed_statistics,
+    float_hyperparameter, in_dtype, int_hyperparameter, is_tracing, label_map_hint, normalize_class_dim,
+    optional_vector, class_setting, power, sample_or_element_weights, summed_statistics, sums_only, torch_reduction,
+    unless_ignored, vector_argument, weight_summed_statistics,
 )
 
 
@@ -206,6 +207,52 @@ def kernel_checked_nll_statistics(
     except IndexError:
         eager_index_targets(targets, ignore_index, shape, 1, probabilities_allowed)
         raise
+
+
+@torch.jit.unused
+def fused_class_index_loss(
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: int,
+    label_smoothing: float, reduction: str, class_dim: int, logits: bool,
+) -> Optional[Tensor]:
+    r"""``Loss.fused_reduction`` of cross-entropy (``logits``) and nll in eager Python on the CPU:
+    :func:`torch.nn.functional.cross_entropy` or :func:`~torch.nn.functional.nll_loss` with its own reduction,
+    whose ``mean`` divides by :math:`\sum a_y` as ours (:func:`~._reduction.torch_reduction`).
+
+    ``None`` for call-time ``weights``, label smoothing, classes not along dim 1, class weights that are not a
+    ``(C,)`` vector, and targets that are not int64 class indices of the expected shape; and where torch's result
+    is not ours, which the statistics then compute: a NaN ``mean`` (every target ignored, where ours is 0, or NaN
+    inputs), a class index out of range (the statistics' error names it), and, under autograd, cross-entropy
+    with ignored targets (the statistics mask their logits, whose NaN would reach torch's gradient)."""
+    how = torch_reduction(reduction, True)
+    if how == "" or weights is not None or label_smoothing != 0.0 or predictions.device.type != "cpu":
+        return None
+    shape = list(predictions.shape)
+    if normalize_class_dim(class_dim, len(shape)) != 1 or targets.dtype != torch.int64:
+        return None
+    if list(targets.shape) != shape[:1] + shape[2:]:
+        return None
+    dtype = compute_dtype(predictions.dtype)
+    weight: Optional[Tensor] = None
+    if class_weight is not None:
+        if class_weight.dim() != 1 or class_weight.numel() != shape[1]:
+            return None
+        weight = in_dtype(class_weight, dtype).contiguous()
+    # Contiguous: the result must not depend on the memory layout.
+    x = in_dtype(predictions, dtype).contiguous()
+    if logits and torch.is_grad_enabled() and x.requires_grad and targets.numel() > 0:
+        smallest, largest = torch.aminmax(targets)
+        if int(smallest.item()) <= ignore_index <= int(largest.item()) and bool((targets == ignore_index).any()):
+            return None
+    try:
+        if logits:
+            loss = F.cross_entropy(x, targets, weight, ignore_index=ignore_index, reduction=how)
+        else:
+            loss = F.nll_loss(x, targets, weight, ignore_index=ignore_index, reduction=how)
+    except IndexError:
+        return None
+    if how == "mean" and math.isnan(loss.item()):
+        return None
+    return in_dtype(loss, predictions.dtype)
 
 
 def eager_target_nll(
@@ -529,8 +576,15 @@ def cross_entropy_loss(
     torch's result is finite, and is 0 (zero gradients) where every target is ignored.
     """
     check_reduction(reduction)
+    class_weight = vector_argument(class_weight)
+    if not torch.jit.is_scripting():
+        fused = fused_class_index_loss(
+            predictions, targets, weights, class_weight, ignore_index, label_smoothing, reduction, class_dim, True
+        )
+        if fused is not None:
+            return fused
     values, totals, _ = cross_entropy_statistics(
-        predictions, targets, weights, vector_argument(class_weight), int_hyperparameter(ignore_index, predictions),
+        predictions, targets, weights, class_weight, int_hyperparameter(ignore_index, predictions),
         float_hyperparameter(label_smoothing, predictions), class_dim, False, reduction == "none",
     )
     return reduce_elementwise(values, totals, reduction, predictions.dtype)
@@ -597,8 +651,15 @@ def nll_loss(
     :func:`torch.nn.functional.nll_loss`, and is 0 where every target is ignored.
     """
     check_reduction(reduction)
+    class_weight = vector_argument(class_weight)
+    if not torch.jit.is_scripting():
+        fused = fused_class_index_loss(
+            predictions, targets, weights, class_weight, ignore_index, 0.0, reduction, class_dim, False
+        )
+        if fused is not None:
+            return fused
     values, totals, _ = nll_statistics(
-        predictions, targets, weights, vector_argument(class_weight), int_hyperparameter(ignore_index, predictions),
+        predictions, targets, weights, class_weight, int_hyperparameter(ignore_index, predictions),
         class_dim, False, reduction == "none",
     )
     return reduce_elementwise(values, totals, reduction, predictions.dtype)
@@ -629,6 +690,14 @@ class CrossEntropyLoss(ElementwiseLoss):
             self.class_dim, per_sample, values, per_class,
         )
 
+    def fused_reduction(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
+        if torch.jit.is_scripting():
+            return None
+        return fused_class_index_loss(
+            predictions, targets, weights, optional_vector(self.class_weight), self.ignore_index, self.label_smoothing,
+            self.reduction, self.class_dim, True,
+        )
+
 
 class NLLLoss(ElementwiseLoss):
     r"""Module form of :func:`nll_loss`; ``class_weight`` is a buffer."""
@@ -650,6 +719,14 @@ class NLLLoss(ElementwiseLoss):
         return nll_statistics(
             predictions, targets, weights, optional_vector(self.class_weight),
             int_hyperparameter(self.ignore_index, predictions), self.class_dim, per_sample, values, per_class,
+        )
+
+    def fused_reduction(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
+        if torch.jit.is_scripting():
+            return None
+        return fused_class_index_loss(
+            predictions, targets, weights, optional_vector(self.class_weight), self.ignore_index, 0.0, self.reduction,
+            self.class_dim, False,
         )
 
 

@@ -15,8 +15,8 @@ from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, reduce_elementwise, float_hyperparameter,
-    is_tracing, one_target_per_prediction_hint, optional_vector, summed_statistics, sums_only,
-    vector_argument, weighted_statistics,
+    in_dtype, is_tracing, one_target_per_prediction_hint, optional_vector, summed_statistics, sums_only,
+    torch_reduction, vector_argument, weighted_statistics,
 )
 
 DELTA_PARAM = ParamSpec(
@@ -32,7 +32,7 @@ def _in_compute_dtype(predictions: Tensor, targets: Tensor) -> Tuple[Tensor, Ten
     r"""``predictions`` and ``targets`` in the compute dtype, their shapes checked, and that dtype."""
     check_same_shape(predictions, targets, 1, one_target_per_prediction_hint())
     dtype = compute_dtype(predictions.dtype)
-    return predictions.to(dtype), as_float(targets, dtype, "targets"), dtype
+    return in_dtype(predictions, dtype), as_float(targets, dtype, "targets"), dtype
 
 
 def _residual(predictions: Tensor, targets: Tensor) -> Tuple[Tensor, torch.dtype]:
@@ -62,12 +62,44 @@ def checked_threshold(threshold: Tensor, loss: str, name: str, allow_zero: bool)
             "{}: parameter '{}' must be a single number, got shape {}".format(loss, name, list(threshold.shape))
         )
     if not is_tracing():
-        # Written as "not valid" so that NaN is rejected too.
-        valid = bool(threshold >= 0) if allow_zero else bool(threshold > 0)
-        if not valid:
-            bound = ">= 0" if allow_zero else "> 0"
-            raise ValueError("{}: parameter '{}' must be {}, got {}".format(loss, name, bound, float(threshold)))
+        checked_threshold_value(float(threshold.item()), loss, name, allow_zero)
     return threshold
+
+
+def checked_threshold_value(value: float, loss: str, name: str, allow_zero: bool) -> float:
+    r"""The check of :func:`checked_threshold` on a number read on the host."""
+    # Written as "not valid" so that NaN is rejected too.
+    valid = value >= 0.0 if allow_zero else value > 0.0
+    if not valid:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError("{}: parameter '{}' must be {}, got {}".format(loss, name, bound, value))
+    return value
+
+
+def fused_regression(
+    loss: str, predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor],
+    threshold: float, reduction: str,
+) -> Optional[Tensor]:
+    r"""``Loss.fused_reduction`` of the regression losses: torch's ``mse_loss``, ``l1_loss``, ``huber_loss``
+    (``delta = threshold``) or ``smooth_l1_loss`` (``beta = threshold``) with its own reduction
+    (:func:`~._reduction.torch_reduction`), on contiguous inputs (the result must not depend on the memory
+    layout); ``None`` with ``weights`` or ``class_weight``, which torch's do not take, and for the mean of no
+    elements."""
+    how = torch_reduction(reduction, True)
+    if how == "" or weights is not None or class_weight is not None or (how == "mean" and predictions.numel() == 0):
+        return None
+    p, t, _ = _in_compute_dtype(predictions, targets)
+    p = p.contiguous()
+    t = t.contiguous()
+    if loss == "mse":
+        result = F.mse_loss(p, t, reduction=how)
+    elif loss == "l1":
+        result = F.l1_loss(p, t, reduction=how)
+    elif loss == "huber":
+        result = F.huber_loss(p, t, reduction=how, delta=checked_threshold_value(threshold, loss, "delta", False))
+    else:
+        result = F.smooth_l1_loss(p, t, reduction=how, beta=checked_threshold_value(threshold, loss, "beta", True))
+    return in_dtype(result, predictions.dtype)
 
 
 def mse_statistics(
@@ -148,8 +180,12 @@ def mse_loss(
     docs/losses.md. Without weights it equals :func:`torch.nn.functional.mse_loss` for every torch reduction.
     """
     check_reduction(reduction)
+    class_weight = vector_argument(class_weight)
+    fused = fused_regression("mse", predictions, targets, weights, class_weight, 0.0, reduction)
+    if fused is not None:
+        return fused
     values, totals, _ = mse_statistics(
-        predictions, targets, weights, vector_argument(class_weight), class_dim, False, reduction == "none"
+        predictions, targets, weights, class_weight, class_dim, False, reduction == "none"
     )
     return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
@@ -166,8 +202,12 @@ def l1_loss(
     Arguments as :func:`mse_loss`; without weights it equals :func:`torch.nn.functional.l1_loss`.
     """
     check_reduction(reduction)
+    class_weight = vector_argument(class_weight)
+    fused = fused_regression("l1", predictions, targets, weights, class_weight, 0.0, reduction)
+    if fused is not None:
+        return fused
     values, totals, _ = l1_statistics(
-        predictions, targets, weights, vector_argument(class_weight), class_dim, False, reduction == "none"
+        predictions, targets, weights, class_weight, class_dim, False, reduction == "none"
     )
     return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
@@ -186,8 +226,12 @@ def huber_loss(
     Arguments as :func:`mse_loss`; without weights it equals :func:`torch.nn.functional.huber_loss`.
     """
     check_reduction(reduction)
+    class_weight = vector_argument(class_weight)
+    fused = fused_regression("huber", predictions, targets, weights, class_weight, delta, reduction)
+    if fused is not None:
+        return fused
     values, totals, _ = huber_statistics(
-        predictions, targets, weights, float_hyperparameter(delta, predictions), vector_argument(class_weight),
+        predictions, targets, weights, float_hyperparameter(delta, predictions), class_weight,
         class_dim, False, reduction == "none",
     )
     return reduce_elementwise(values, totals, reduction, predictions.dtype)
@@ -208,8 +252,12 @@ def smooth_l1_loss(
     as :func:`mse_loss`; without weights it equals :func:`torch.nn.functional.smooth_l1_loss`.
     """
     check_reduction(reduction)
+    class_weight = vector_argument(class_weight)
+    fused = fused_regression("smooth_l1", predictions, targets, weights, class_weight, beta, reduction)
+    if fused is not None:
+        return fused
     values, totals, _ = smooth_l1_statistics(
-        predictions, targets, weights, float_hyperparameter(beta, predictions), vector_argument(class_weight),
+        predictions, targets, weights, float_hyperparameter(beta, predictions), class_weight,
         class_dim, False, reduction == "none",
     )
     return reduce_elementwise(values, totals, reduction, predictions.dtype)
@@ -220,11 +268,21 @@ class MSELoss(ElementwiseLoss):
 
     kernel = staticmethod(mse_statistics)
 
+    def fused_reduction(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
+        return fused_regression(
+            "mse", predictions, targets, weights, optional_vector(self.class_weight), 0.0, self.reduction
+        )
+
 
 class L1Loss(ElementwiseLoss):
     r"""Module form of :func:`l1_loss`; ``class_weight`` is a buffer."""
 
     kernel = staticmethod(l1_statistics)
+
+    def fused_reduction(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
+        return fused_regression(
+            "l1", predictions, targets, weights, optional_vector(self.class_weight), 0.0, self.reduction
+        )
 
 
 class _ThresholdLoss(ElementwiseLoss):
@@ -246,6 +304,12 @@ class _ThresholdLoss(ElementwiseLoss):
         return smooth_l1_statistics(
             predictions, targets, weights, beta, class_weight, self.class_dim, per_sample, values, per_class
         )
+
+    def fused_reduction(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
+        class_weight = optional_vector(self.class_weight)
+        if hasattr(self, "delta"):
+            return fused_regression("huber", predictions, targets, weights, class_weight, self.delta, self.reduction)
+        return fused_regression("smooth_l1", predictions, targets, weights, class_weight, self.beta, self.reduction)
 
 
 class HuberLoss(_ThresholdLoss):
