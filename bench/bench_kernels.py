@@ -401,8 +401,8 @@ def measure_against(checkout: str, repeats: int) -> None:
 def main(argv: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000],
-                        help="prediction elements per call (multiples of 4)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="prediction elements per call (multiples of 4; default 100000 1000000)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement (median)")
     parser.add_argument("--only", nargs="*", default=None, help="workload names to run (default: all)")
     parser.add_argument("--forms", action="store_true", help="time each kernel's eager form against its export form")
@@ -415,6 +415,9 @@ def main(argv: Sequence[str] = ()) -> int:
     unknown = [name for name in args.only or [] if name not in known]
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; valid: {', '.join(known)}")
+    if args.against and args.sizes:
+        parser.error("--against times two fixed sizes (384 and 98,304 elements): --sizes does not apply to it")
+    args.sizes = args.sizes or [100_000, 1_000_000]
     if any(size <= 0 or size % NUM_CLASSES for size in args.sizes):
         parser.error(f"--sizes must be positive multiples of {NUM_CLASSES}, got {args.sizes}")
     if args.threads > 0:

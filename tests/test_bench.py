@@ -263,6 +263,9 @@ def test_kernel_bench_compares_every_loss_with_another_checkout(capsys):
     assert bench_kernels.main(["--against", root, "--repeats", "1", "--no-tune-malloc"]) == 0
     summary = [line for line in capsys.readouterr().out.splitlines() if line.count("|") == 4 and "loss" not in line]
     assert [line.split("|")[1].strip() for line in summary if not line.startswith("|---")] == losses.names()
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--against", root, "--sizes", "1000"])
+    assert "--sizes does not apply" in capsys.readouterr().err
 
 
 def test_peer_bench_times_every_loss_with_a_peer_after_checking_they_agree(tmp_path, capsys):

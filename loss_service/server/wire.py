@@ -185,6 +185,9 @@ class _Scanner:
 
     def _read_varint(self, position: int) -> Tuple[int, int]:
         r"""``(value, next position)`` of the base-128 varint at ``position``; ``IndexError`` past the end."""
+        byte = self.buffer[position]
+        if byte < 0x80:
+            return byte, position + 1
         result = 0
         shift = 0
         while True:
@@ -206,24 +209,33 @@ class _Scanner:
         """
         found = []
         position = start
+        # Locals, and one-byte varints read inline: the loop's cost per field is what the budget buys.
+        buffer, read_varint, fields_left = self.buffer, self._read_varint, self._remaining
         try:
             while position < end:
-                if self._remaining == 0:
+                if fields_left == 0:
                     self.exhausted = True
                     return None
-                self._remaining -= 1
+                fields_left -= 1
                 field_start = position
-                tag, position = self._read_varint(position)
+                tag = buffer[position]
+                if tag < 0x80:
+                    position += 1
+                else:
+                    tag, position = read_varint(position)
                 number, wire_type = tag >> 3, tag & 7
+                value_start = position
                 if wire_type == _WIRE_VARINT:
-                    value_start = position
-                    _, position = self._read_varint(position)
+                    if buffer[position] < 0x80:
+                        position += 1
+                    else:
+                        _, position = read_varint(position)
                 elif wire_type == _WIRE_FIXED64:
-                    value_start, position = position, position + 8
+                    position += 8
                 elif wire_type == _WIRE_FIXED32:
-                    value_start, position = position, position + 4
+                    position += 4
                 elif wire_type == _WIRE_LENGTH_DELIMITED:
-                    length, value_start = self._read_varint(position)
+                    length, value_start = read_varint(position)
                     position = value_start + length
                 else:
                     return None
@@ -232,6 +244,8 @@ class _Scanner:
                 found.append((number, wire_type, field_start, value_start, position))
         except (IndexError, ValueError):
             return None
+        finally:
+            self._remaining = fields_left
         return found
 
     def split_payloads(self) -> Optional[Tuple[bytes, Dict[str, memoryview]]]:
@@ -241,12 +255,13 @@ class _Scanner:
         if top_level is None:
             return None
         numbers = [number for number, *_ in top_level]
+        # The fields between two viewed tensors are copied as one run.
         pieces: List[bytes] = []
+        copied_up_to = 0
         payloads: Dict[str, memoryview] = {}
         for number, wire_type, field_start, value_start, value_end in top_level:
             name = VIEWED_TENSORS.get(number)
             if name is None or wire_type != _WIRE_LENGTH_DELIMITED:
-                pieces.append(buffer[field_start:value_end])
                 continue
             if numbers.count(number) > 1:
                 return None  # protobuf merges repeated occurrences: leave that to it
@@ -257,6 +272,9 @@ class _Scanner:
             if len(data_fields) > 1 or (data_fields and data_fields[0][1] != _WIRE_LENGTH_DELIMITED):
                 return None
             kept = b"".join(bytes(buffer[f[2]:f[4]]) for f in inner if f[0] != _TENSOR_DATA)
+            pieces.append(buffer[copied_up_to:field_start])
             pieces.append(_encode_varint(number << 3 | _WIRE_LENGTH_DELIMITED) + _encode_varint(len(kept)) + kept)
+            copied_up_to = value_end
             payloads[name] = buffer[data_fields[0][3]:data_fields[0][4]] if data_fields else buffer[0:0]
+        pieces.append(buffer[copied_up_to:])
         return b"".join(pieces), payloads
