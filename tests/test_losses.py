@@ -291,9 +291,9 @@ def test_totals_alone_equal_the_totals_of_the_values(name, index, reduction):
         torch.testing.assert_close(module(predictions, targets, weights), results[0][1], rtol=1e-12, atol=1e-12)
 
 
-# The losses whose forward calls torch's own fused loss and reduction for their default settings
-# (docs/architecture.md, "forward"); the others have no such torch loss.
-FUSED_BY_DEFAULT = {"mse", "l1", "huber", "smooth_l1", "bce_with_logits", "cross_entropy", "nll"}
+# The losses whose forward takes torch's own reduction for their default settings (docs/architecture.md,
+# "Modules"): that of torch's fused loss, or (binary_focal) torch's mean of the values.
+FUSED_BY_DEFAULT = {"mse", "l1", "huber", "smooth_l1", "bce_with_logits", "binary_focal", "cross_entropy", "nll"}
 
 
 def _without_ignored(spec, params, targets):
@@ -307,10 +307,9 @@ def _without_ignored(spec, params, targets):
 @pytest.mark.parametrize("reduction", ["sum", "mean", "weighted_mean"])
 @pytest.mark.parametrize("name,index", CASES)
 def test_fused_reduction_is_the_statistics_reduction(name, index, reduction):
-    r"""Where ``forward`` takes torch's fused loss (``fused_reduction``), its value and gradient are the
+    r"""Where ``forward`` takes torch's own reduction (``fused_reduction``), its value and gradient are the
     statistics' reduction, and the function form returns the same; with and without ignored targets."""
     spec, params, predictions, index_targets = make(name, index)
-    module = losses.build(name, **params, reduction=reduction)
     column = ["sum", "mean", "weighted_mean"].index(reduction)
     for targets in (index_targets, _without_ignored(spec, params, index_targets)):
         for dtype in (torch.float64, torch.float32):
@@ -334,9 +333,9 @@ def test_fused_reduction_is_the_statistics_reduction(name, index, reduction):
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
-def test_forward_takes_torchs_fused_loss_where_torch_has_the_loss(name):
-    r"""The default settings of the losses torch has take its fused loss, with and without autograd; not with
-    call-time weights (torch's losses have none of ours) nor for ``reduction="none"``."""
+def test_forward_takes_torchs_own_reduction_where_it_is_ours(name):
+    r"""The default settings of :data:`FUSED_BY_DEFAULT` take ``fused_reduction``, with and without autograd; not
+    with call-time weights and ``weighted_mean`` (torch's reductions have no weight sum) nor for ``none``."""
     spec, params, predictions, targets = make(name, 0)
     targets = _without_ignored(spec, params, targets)
     module = losses.build(name, **params)

@@ -20,9 +20,9 @@ from ._params import (
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float, binary_kept, check_reduction, check_same_shape, class_setting, compute_dtype, reduce_elementwise,
-    float_hyperparameter, ignored_targets_zeroed, int_hyperparameter, is_tracing, one_target_per_prediction_hint,
-    optional_ignore_index, optional_vector, unless_ignored, vector_argument, vector_buffer,
-    weighted_statistics,
+    float_hyperparameter, ignored_targets_zeroed, in_dtype, int_hyperparameter, is_tracing,
+    one_target_per_prediction_hint, optional_ignore_index, optional_vector, torch_reduction, unless_ignored,
+    vector_argument, vector_buffer, weighted_statistics,
 )
 from ._stable import log_sigmoid
 from .bce import binary_inputs
@@ -37,6 +37,18 @@ def binary_focal_statistics(
     r"""Statistics kernel of :func:`binary_focal_loss`; ``alpha`` and ``gamma`` are 0-d tensors, ``ignore_index``
     ``None`` ignores nothing (no mask: :func:`~._reduction.binary_kept`). It writes its values whatever
     ``values`` says."""
+    loss, kept, dtype = _binary_focal_terms(predictions, targets, alpha, gamma, pos_weight, ignore_index, class_dim)
+    return weighted_statistics(
+        loss, weights, class_weight, class_dim, dtype, per_sample, per_class, kept, ignored_in_mean
+    )
+
+
+def _binary_focal_terms(
+    predictions: Tensor, targets: Tensor, alpha: Tensor, gamma: Tensor, pos_weight: Optional[Tensor],
+    ignore_index: Optional[Tensor], class_dim: int,
+) -> Tuple[Tensor, Optional[Tensor], torch.dtype]:
+    r"""``(loss, kept, dtype)`` of :func:`binary_focal_statistics`: each element's unweighted focal loss (0 where
+    ignored), :func:`~._reduction.binary_kept` and the compute dtype."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     check_gamma(gamma)
     if not is_tracing() and float(alpha.item()) > 1.0:
@@ -50,10 +62,7 @@ def binary_focal_statistics(
     if pos_weight is not None:
         positive_weight = class_setting(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
     if not torch.jit.is_scripting() and not is_tracing() and not t.requires_grad:
-        loss = _autograd.binary_focal(x, t, float(alpha.item()), float(gamma.item()), positive_weight)
-        return weighted_statistics(
-            loss, weights, class_weight, class_dim, dtype, per_sample, per_class, kept, ignored_in_mean
-        )
+        return _autograd.binary_focal(x, t, float(alpha.item()), float(gamma.item()), positive_weight), kept, dtype
     alpha = alpha.to(dtype)
     log_p = log_sigmoid(x)
     # BCE with logits, -[w₊ t log σ(x) + (1 - t) log σ(-x)] = (1 - t) x - (w₊ t + 1 - t) log σ(x).
@@ -65,8 +74,24 @@ def binary_focal_statistics(
     one_minus_p_t = torch.exp(log_p) * (1.0 - t) + torch.exp(log_sigmoid(-x)) * t
     loss = cross_entropy * modulating_factor(one_minus_p_t, gamma)
     alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
-    loss = loss * torch.where(alpha >= 0, alpha_t, torch.ones_like(alpha_t))
-    return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class, kept, ignored_in_mean)
+    return loss * torch.where(alpha >= 0, alpha_t, torch.ones_like(alpha_t)), kept, dtype
+
+
+def fused_binary_focal(
+    predictions: Tensor, targets: Tensor, weights: Optional[Tensor], alpha: Tensor, gamma: Tensor,
+    pos_weight: Optional[Tensor], ignore_index: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
+    reduction: str,
+) -> Optional[Tensor]:
+    r"""``Loss.fused_reduction`` of :func:`binary_focal_loss`: torch's own sum or mean of its values
+    (:func:`~._reduction.torch_reduction`: the element count is ``mean``'s denominator), not the float64 totals;
+    ``None`` with ``weights``, ``class_weight`` or ``ignore_index``, and for the mean of no elements."""
+    how = torch_reduction(reduction, True)
+    if how == "" or weights is not None or class_weight is not None or ignore_index is not None:
+        return None
+    if how == "mean" and predictions.numel() == 0:
+        return None
+    loss, _, _ = _binary_focal_terms(predictions, targets, alpha, gamma, pos_weight, None, class_dim)
+    return in_dtype(loss.sum() if how == "sum" else loss.mean(), predictions.dtype)
 
 
 def binary_focal_loss(
@@ -99,11 +124,18 @@ def binary_focal_loss(
     ``torchvision.ops.sigmoid_focal_loss`` for every ``alpha``, ``gamma`` and reduction.
     """
     check_reduction(reduction)
+    alpha_tensor, gamma_tensor = float_hyperparameter(alpha, predictions), float_hyperparameter(gamma, predictions)
+    pos_weight, class_weight = vector_argument(pos_weight), vector_argument(class_weight)
+    ignored, ignored_in_mean_tensor = optional_ignore_index(ignore_index, ignored_in_mean, predictions)
+    fused = fused_binary_focal(
+        predictions, targets, weights, alpha_tensor, gamma_tensor, pos_weight, ignored, class_weight, class_dim,
+        reduction,
+    )
+    if fused is not None:
+        return fused
     values, totals, _ = binary_focal_statistics(
-        predictions, targets, weights, float_hyperparameter(alpha, predictions),
-        float_hyperparameter(gamma, predictions), vector_argument(pos_weight),
-        *optional_ignore_index(ignore_index, ignored_in_mean, predictions), vector_argument(class_weight), class_dim,
-        False,
+        predictions, targets, weights, alpha_tensor, gamma_tensor, pos_weight, ignored, ignored_in_mean_tensor,
+        class_weight, class_dim, False,
     )
     return reduce_elementwise(values, totals, reduction, predictions.dtype)
 
@@ -196,6 +228,15 @@ class BinaryFocalLoss(ElementwiseLoss):
             predictions, targets, weights, float_hyperparameter(self.alpha, predictions),
             float_hyperparameter(self.gamma, predictions), optional_vector(self.pos_weight), ignore_index,
             ignored_in_mean, optional_vector(self.class_weight), self.class_dim, per_sample, values, per_class,
+        )
+
+    def fused_reduction(self, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> Optional[Tensor]:
+        if self.ignore_index is not None:
+            return None
+        return fused_binary_focal(
+            predictions, targets, weights, float_hyperparameter(self.alpha, predictions),
+            float_hyperparameter(self.gamma, predictions), optional_vector(self.pos_weight), None,
+            optional_vector(self.class_weight), self.class_dim, self.reduction,
         )
 
 
