@@ -218,16 +218,18 @@ def fused_class_index_loss(
     :func:`torch.nn.functional.cross_entropy` or :func:`~torch.nn.functional.nll_loss` with its own reduction,
     whose ``mean`` divides by :math:`\sum a_y` as ours (:func:`~._reduction.torch_reduction`).
 
-    ``None`` for call-time ``weights``, label smoothing, classes not along dim 1, class weights that are not a
-    ``(C,)`` vector, and targets that are not int64 class indices of the expected shape; and where torch's result
-    is not ours, which the statistics then compute: a NaN ``mean`` (every target ignored, where ours is 0, or NaN
-    inputs), a class index out of range (the statistics' error names it), and, under autograd, cross-entropy
-    with ignored targets (the statistics mask their logits, whose NaN would reach torch's gradient)."""
+    ``None`` for call-time ``weights``, label smoothing, classes not along dim 1, cross-entropy on rows ``(N, C)``
+    (torch's ``log_softmax`` over a short last dimension is several times slower than the statistics' target
+    term), class weights that are not a ``(C,)`` vector, and targets that are not int64 class indices of the
+    expected shape; and where torch's result is not ours, which the statistics then compute: a NaN ``mean``
+    (every target ignored, where ours is 0, or NaN inputs), a class index out of range (the statistics' error
+    names it), and, under autograd, cross-entropy with ignored targets (the statistics mask their logits, whose
+    NaN would reach torch's gradient)."""
     how = torch_reduction(reduction, True)
     if how == "" or weights is not None or label_smoothing != 0.0 or predictions.device.type != "cpu":
         return None
     shape = list(predictions.shape)
-    if normalize_class_dim(class_dim, len(shape)) != 1 or targets.dtype != torch.int64:
+    if normalize_class_dim(class_dim, len(shape)) != 1 or targets.dtype != torch.int64 or (logits and len(shape) < 3):
         return None
     if list(targets.shape) != shape[:1] + shape[2:]:
         return None

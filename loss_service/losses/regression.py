@@ -94,7 +94,10 @@ def fused_regression(
     if loss == "mse":
         result = F.mse_loss(p, t, reduction=how)
     elif loss == "l1":
-        result = F.l1_loss(p, t, reduction=how)
+        # torch's l1_loss is abs().mean(), whose mean writes a full-size gradient that a sum's backward does not.
+        result = F.l1_loss(p, t, reduction="sum")
+        if how == "mean":
+            result = result / p.numel()
     elif loss == "huber":
         result = F.huber_loss(p, t, reduction=how, delta=checked_threshold_value(threshold, loss, "delta", False))
     else:
