@@ -655,6 +655,15 @@ def torch_reduction(reduction: str, weight_is_denominator: bool) -> str:
     return reduction
 
 
+def sum_reduction(total: Tensor, how: str, count: int) -> Tensor:
+    r"""A :func:`torch_reduction` ``how`` of ``count`` values from their sum ``total``: the sum itself, or divided
+    for ``mean``. The backward of a tensor's ``mean`` writes a full-size gradient (``grad / n``), a sum's is a
+    view of one number."""
+    if how == "mean":
+        return total / count
+    return total
+
+
 def reduce_elementwise(values: Tensor, totals: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
     r"""An elementwise loss's result (``forward``'s, the functional forms') from its statistics: ``values`` for
     ``none``, else the column of :func:`elementwise_reductions` that ``reduction`` names, computed alone (the

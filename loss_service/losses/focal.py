@@ -21,8 +21,8 @@ from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float, binary_kept, check_reduction, check_same_shape, class_setting, compute_dtype, reduce_elementwise,
     float_hyperparameter, ignored_targets_zeroed, in_dtype, int_hyperparameter, is_tracing,
-    one_target_per_prediction_hint, optional_ignore_index, optional_vector, torch_reduction, unless_ignored,
-    vector_argument, vector_buffer, weighted_statistics,
+    one_target_per_prediction_hint, optional_ignore_index, optional_vector, sum_reduction, torch_reduction,
+    unless_ignored, vector_argument, vector_buffer, weighted_statistics,
 )
 from ._stable import log_sigmoid
 from .bce import binary_inputs
@@ -82,8 +82,8 @@ def fused_binary_focal(
     pos_weight: Optional[Tensor], ignore_index: Optional[Tensor], class_weight: Optional[Tensor], class_dim: int,
     reduction: str,
 ) -> Optional[Tensor]:
-    r"""``Loss.fused_reduction`` of :func:`binary_focal_loss`: torch's own sum or mean of its values
-    (:func:`~._reduction.torch_reduction`: the element count is ``mean``'s denominator), not the float64 totals;
+    r"""``Loss.fused_reduction`` of :func:`binary_focal_loss`: torch's own sum of its values, divided for the
+    mean (:func:`~._reduction.sum_reduction`: the element count is ``mean``'s denominator), not the float64 totals;
     ``None`` with ``weights``, ``class_weight`` or ``ignore_index``, and for the mean of no elements."""
     how = torch_reduction(reduction, True)
     if how == "" or weights is not None or class_weight is not None or ignore_index is not None:
@@ -91,7 +91,7 @@ def fused_binary_focal(
     if how == "mean" and predictions.numel() == 0:
         return None
     loss, _, _ = _binary_focal_terms(predictions, targets, alpha, gamma, pos_weight, None, class_dim)
-    return in_dtype(loss.sum() if how == "sum" else loss.mean(), predictions.dtype)
+    return in_dtype(sum_reduction(loss.sum(), how, loss.numel()), predictions.dtype)
 
 
 def binary_focal_loss(

@@ -16,7 +16,7 @@ from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, reduce_elementwise, float_hyperparameter,
     in_dtype, is_tracing, one_target_per_prediction_hint, optional_vector, summed_statistics, sums_only,
-    torch_reduction, vector_argument, weighted_statistics,
+    sum_reduction, torch_reduction, vector_argument, weighted_statistics,
 )
 
 DELTA_PARAM = ParamSpec(
@@ -94,10 +94,8 @@ def fused_regression(
     if loss == "mse":
         result = F.mse_loss(p, t, reduction=how)
     elif loss == "l1":
-        # torch's l1_loss is abs().mean(), whose mean writes a full-size gradient that a sum's backward does not.
-        result = F.l1_loss(p, t, reduction="sum")
-        if how == "mean":
-            result = result / p.numel()
+        # torch's l1_loss is abs().mean(): reduced by its sum instead.
+        result = sum_reduction(F.l1_loss(p, t, reduction="sum"), how, p.numel())
     elif loss == "huber":
         result = F.huber_loss(p, t, reduction=how, delta=checked_threshold_value(threshold, loss, "delta", False))
     else:
