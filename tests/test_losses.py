@@ -292,7 +292,7 @@ def test_totals_alone_equal_the_totals_of_the_values(name, index, reduction):
 
 
 # The losses whose forward takes torch's own reduction for their default settings (docs/architecture.md,
-# "Modules"): that of torch's fused loss, or (binary_focal) torch's mean of the values.
+# "Modules"): that of torch's fused loss, or (binary_focal) torch's sum of the values.
 FUSED_BY_DEFAULT = {"mse", "l1", "huber", "smooth_l1", "bce_with_logits", "binary_focal", "cross_entropy", "nll"}
 
 
