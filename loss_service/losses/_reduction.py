@@ -644,10 +644,10 @@ def _host_quotient(totals: List[float], column: int) -> float:
 def torch_reduction(reduction: str, weight_is_denominator: bool) -> str:
     r"""The reduction of torch's own (``sum`` or ``mean``, of a loss function or of a tensor) that computes an
     elementwise loss's ``reduction``, for ``forward`` to take it (``Loss.fused_reduction``) rather than reduce
-    the statistics' float64 totals; ``""`` where there is none: for
-    ``none``, for ``weighted_mean`` unless the loss's weights are its ``mean`` denominators (no weights at all,
-    or cross-entropy's class weights: :math:`w = d = a_y`), and while tracing (the export form keeps the
-    formula). torch's ``mean`` of nothing is NaN where ours is 0: the caller rules that case out."""
+    the statistics' float64 totals; ``""`` where there is none: for ``none``, for ``weighted_mean`` unless the
+    loss's weights are its ``mean`` denominators (no weights at all, or cross-entropy's class weights:
+    :math:`w = d = a_y`), and while tracing (the export form keeps the formula). torch's ``mean`` of nothing is
+    NaN where ours is 0: the caller rules that case out."""
     if is_tracing() or reduction == "none":
         return ""
     if reduction == "weighted_mean":
