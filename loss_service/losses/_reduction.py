@@ -641,18 +641,20 @@ def _host_quotient(totals: List[float], column: int) -> float:
     return totals[0] / denominator if denominator != 0.0 else 0.0
 
 
-def torch_reduction(reduction: str, weight_is_denominator: bool) -> str:
+def torch_reduction(reduction: str, weight_is_denominator: bool, count: int) -> str:
     r"""The reduction of torch's own (``sum`` or ``mean``, of a loss function or of a tensor) that computes an
-    elementwise loss's ``reduction``, for ``forward`` to take it (``Loss.fused_reduction``) rather than reduce
-    the statistics' float64 totals; ``""`` where there is none: for ``none``, for ``weighted_mean`` unless the
-    loss's weights are its ``mean`` denominators (no weights at all, or cross-entropy's class weights:
-    :math:`w = d = a_y`), and while tracing (the export form keeps the formula). torch's ``mean`` of nothing is
-    NaN where ours is 0: the caller rules that case out."""
+    elementwise loss's ``reduction`` over ``count`` elements, for ``forward`` to take it (``Loss.fused_reduction``)
+    rather than reduce the statistics' float64 totals; ``""`` where there is none: for ``none``, for
+    ``weighted_mean`` unless the loss's weights are its ``mean`` denominators (no weights at all, or
+    cross-entropy's class weights: :math:`w = d = a_y`), for a mean of no elements (torch's NaN, our 0), and
+    while tracing (the export form keeps the formula)."""
     if is_tracing() or reduction == "none":
         return ""
-    if reduction == "weighted_mean":
-        return "mean" if weight_is_denominator else ""
-    return reduction
+    if reduction == "sum":
+        return reduction
+    if count == 0 or (reduction == "weighted_mean" and not weight_is_denominator):
+        return ""
+    return "mean"
 
 
 def sum_reduction(total: Tensor, how: str, count: int) -> Tensor:

@@ -175,8 +175,8 @@ def fused_bce_with_logits(
     reduction (:func:`~._reduction.torch_reduction`; ``mean`` divides by the element count there as here,
     ``weight`` being the effective weight), on contiguous inputs; ``None`` with ``ignore_index``, for
     ``weighted_mean`` of a weighted loss, and for the mean of no elements."""
-    how = torch_reduction(reduction, weights is None and class_weight is None)
-    if how == "" or ignore_index is not None or (how == "mean" and predictions.numel() == 0):
+    how = torch_reduction(reduction, weights is None and class_weight is None, predictions.numel())
+    if how == "" or ignore_index is not None:
         return None
     x, t, _, positive_weight, dtype = _logits_and_targets(
         predictions, targets, pos_weight, label_smoothing, None, class_dim

@@ -225,7 +225,7 @@ def fused_class_index_loss(
     (every target ignored, where ours is 0, or NaN inputs), a class index out of range (the statistics' error
     names it), and, under autograd, cross-entropy with ignored targets (the statistics mask their logits, whose
     NaN would reach torch's gradient)."""
-    how = torch_reduction(reduction, True)
+    how = torch_reduction(reduction, True, predictions.numel())
     if how == "" or weights is not None or label_smoothing != 0.0 or predictions.device.type != "cpu":
         return None
     shape = list(predictions.shape)

@@ -85,10 +85,8 @@ def fused_binary_focal(
     r"""``Loss.fused_reduction`` of :func:`binary_focal_loss`: torch's own sum of its values, divided for the
     mean (:func:`~._reduction.sum_reduction`: the element count is ``mean``'s denominator), not the float64 totals;
     ``None`` with ``weights``, ``class_weight`` or ``ignore_index``, and for the mean of no elements."""
-    how = torch_reduction(reduction, True)
+    how = torch_reduction(reduction, True, predictions.numel())
     if how == "" or weights is not None or class_weight is not None or ignore_index is not None:
-        return None
-    if how == "mean" and predictions.numel() == 0:
         return None
     loss, _, _ = _binary_focal_terms(predictions, targets, alpha, gamma, pos_weight, None, class_dim)
     return in_dtype(sum_reduction(loss.sum(), how, loss.numel()), predictions.dtype)

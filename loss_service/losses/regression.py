@@ -85,8 +85,8 @@ def fused_regression(
     (:func:`~._reduction.torch_reduction`), on contiguous inputs (the result must not depend on the memory
     layout); ``None`` with ``weights`` or ``class_weight``, which torch's do not take, and for the mean of no
     elements."""
-    how = torch_reduction(reduction, True)
-    if how == "" or weights is not None or class_weight is not None or (how == "mean" and predictions.numel() == 0):
+    how = torch_reduction(reduction, True, predictions.numel())
+    if how == "" or weights is not None or class_weight is not None:
         return None
     p, t, _ = _in_compute_dtype(predictions, targets)
     p = p.contiguous()
