@@ -351,3 +351,66 @@ def test_idle_trim_waits_for_a_server_at_rest(monkeypatch):
 
     busy_until = asyncio.run(scenario())
     assert len(trims) == 1 and trims[0] - busy_until >= seconds * 0.9
+
+
+def _parsed_request(loss="focal", request_id="", classes=3, **fields):
+    from loss_service.server.wire import parse_request
+
+    request = pb.ScoreBatchRequest(loss=loss, request_id=request_id, **fields)
+    request.predictions.CopyFrom(to_message(torch.randn(4, classes)))
+    request.targets.CopyFrom(to_message(torch.arange(4) % classes))
+    return parse_request(request.SerializeToString())
+
+
+def _eager_scorer():
+    from loss_service.server.backends import EagerBackend
+    from loss_service.server.scoring import Scorer
+
+    return Scorer({"eager": EagerBackend("cpu")}, "eager", 1_000_000)
+
+
+def test_repeated_settings_reuse_their_plan_and_every_request_checks_its_metadata():
+    from loss_service.server.scoring import MAX_REQUEST_ID_CHARACTERS
+
+    scorer = _eager_scorer()
+    gamma = {"params": {"gamma": pb.Param(double_value=3.0)}}
+    first = scorer.plan(_parsed_request(**gamma))
+    assert first.runner is None, "nothing built yet"
+    scorer.score_batch(_parsed_request(**gamma), first)  # the runner is kept once it served a valid request
+    kept = scorer.plan(_parsed_request(**gamma))
+    assert kept is not first and kept.runner is first.runner
+    assert scorer.plan(_parsed_request(request_id="job-7", **gamma)) is kept, "the same settings: the same plan"
+    assert scorer.plan(_parsed_request(params={"gamma": pb.Param(double_value=2.0)})) is not kept
+    assert scorer.plan(_parsed_request(reduction=pb.REDUCTION_SUM, **gamma)) is not kept
+    assert scorer.plan(_parsed_request(**gamma)).params == {"gamma": 3.0}
+    with pytest.raises(ServiceError) as refused:
+        scorer.plan(_parsed_request(request_id="x" * (MAX_REQUEST_ID_CHARACTERS + 1), **gamma))
+    assert refused.value.violations[0][0] == "request_id"
+
+
+def test_a_kept_plan_goes_with_its_runner_and_large_settings_are_planned_each_time():
+    from loss_service.server.backends import RunnerCache
+    from loss_service.server.scoring import PLAN_KEY_MAX_BYTES
+
+    scorer = _eager_scorer()
+    first = scorer.plan(_parsed_request())
+    scorer.score_batch(_parsed_request(), first)
+    kept = scorer.plan(_parsed_request())
+    assert scorer.plan(_parsed_request()) is kept
+    backend = scorer.backends["eager"]
+    backend._cache = RunnerCache()  # the runner evicted: its plan is not reused
+    assert scorer.plan(_parsed_request()) is not kept
+    # Class weights over the key's byte bound: validated anew for every request (the key would hold them).
+    classes = PLAN_KEY_MAX_BYTES // 4 + 1
+    weights = {"class_weights": to_message(torch.ones(classes))}
+    planned = scorer.plan(_parsed_request("cross_entropy", classes=classes, **weights))
+    scorer.score_batch(_parsed_request("cross_entropy", classes=classes, **weights), planned)
+    assert scorer.plan(_parsed_request("cross_entropy", classes=classes, **weights)) is not scorer.plan(
+        _parsed_request("cross_entropy", classes=classes, **weights))
+
+
+def test_a_refused_request_leaves_no_plan():
+    scorer = _eager_scorer()
+    with pytest.raises(ServiceError):
+        scorer.plan(_parsed_request(params={"gamma": pb.Param(double_value=-1.0)}))
+    assert len(scorer._plans) == 0

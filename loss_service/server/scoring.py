@@ -13,6 +13,8 @@ class indices) is raised by the loss library as ``ValueError`` and mapped to the
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Tuple
 
@@ -27,7 +29,7 @@ from loss_service.losses import Forms, LossSpec
 from loss_service.statistics import INT64_MAX, Statistics, merge
 from loss_service.v1 import loss_service_pb2 as pb
 
-from .backends import Backend, BackendUnavailable, Runner, config_key
+from .backends import DEFAULT_CACHE_SIZE, Backend, BackendUnavailable, Runner, config_key
 from .errors import (
     echo,
     from_library_message,
@@ -58,6 +60,12 @@ PARAM_FIELDS: Dict[str, Tuple[str, ...]] = {
     "str": ("string_value",),
     "float_or_vector": ("double_value", "int_value"),
 }
+
+
+# Validated plans are kept for requests whose settings repeat (a job scores its batches with one configuration):
+# as many as runners, and only for settings of at most PLAN_KEY_MAX_BYTES (their key holds those bytes).
+PLAN_CACHE_SIZE = DEFAULT_CACHE_SIZE
+PLAN_KEY_MAX_BYTES = 4096
 
 
 def request_field(param: losses.ParamSpec) -> str:
@@ -139,10 +147,34 @@ class Scorer:
         self.backends = dict(backends)
         self.default_backend = default_backend
         self.max_elements = max_elements
+        # settings_key -> a plan whose runner its backend keeps (LRU; plan() runs on the loop and in workers).
+        self._plans: "OrderedDict[Tuple, Plan]" = OrderedDict()
+        self._plans_lock = threading.Lock()
 
     # -- settings ---------------------------------------------------------------------------
     def plan(self, parsed: ParsedRequest) -> Plan:
+        r"""The request's validated settings. Settings seen before (the same bytes) whose runner is still kept
+        reuse that plan: validating them again and looking up their runner cost a small request more than its
+        loss. The plan is shared and never changed (it has its runner); ``request_id`` and ``labels`` are
+        checked for every request."""
         check_metadata(parsed)
+        key = settings_key(parsed)
+        if key is not None:
+            with self._plans_lock:
+                plan = self._plans.get(key)
+                if plan is not None:
+                    self._plans.move_to_end(key)
+            if plan is not None and plan.backend.supports(plan.spec.name) and plan.backend.kept(plan.key) is plan.runner:
+                return plan
+        plan = self._new_plan(parsed)
+        if key is not None and plan.runner is not None:
+            with self._plans_lock:
+                self._plans[key] = plan
+                if len(self._plans) > PLAN_CACHE_SIZE:
+                    self._plans.popitem(last=False)
+        return plan
+
+    def _new_plan(self, parsed: ParsedRequest) -> Plan:
         request = parsed.message
         if not request.loss:
             raise invalid("loss", f"must be set; expected one of {', '.join(losses.names())}")
@@ -238,10 +270,11 @@ class Scorer:
         weights = None
         if request.HasField("weights"):
             weights = decode(request.weights, "weights", self.max_elements, parsed.data("weights"))
-        check_values(plan.spec, predictions, targets, weights)
+        targets_range = RangeOnce(targets)
+        check_values(plan.spec, predictions, targets_range, weights)
         targets = channel_indices_as_indices(plan, predictions, targets)
-        check_class_indices(plan, predictions, targets)
-        check_target_range(plan, predictions, targets)
+        check_class_indices(plan, predictions, targets, targets_range)
+        check_target_range(plan, predictions, targets, targets_range)
         return predictions, targets, weights
 
     def decode_groups(self, parsed: ParsedRequest, predictions: Tensor) -> Optional[np.ndarray]:
@@ -405,7 +438,22 @@ def setting(spec: LossSpec, params: Dict[str, Any], name: str, fallback: Any = N
     return fallback
 
 
-def check_values(spec: LossSpec, predictions: Tensor, targets: Tensor, weights: Optional[Tensor]) -> None:
+class RangeOnce:
+    r"""``value_range`` of the targets, read by whichever check needs it first and shared by the others."""
+
+    __slots__ = ("tensor", "_range")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self._range: Optional[Tuple[float, float]] = None
+
+    def __call__(self) -> Tuple[float, float]:
+        if self._range is None:
+            self._range = value_range(self.tensor)
+        return self._range
+
+
+def check_values(spec: LossSpec, predictions: Tensor, targets: RangeOnce, weights: Optional[Tensor]) -> None:
     r"""Value checks that need no knowledge of the loss beyond its input kinds: one pass per tensor."""
     if predictions.dtype not in FLOAT_DTYPES:
         raise invalid(
@@ -421,8 +469,8 @@ def check_values(spec: LossSpec, predictions: Tensor, targets: Tensor, weights: 
             f"loss '{spec.name}' expects probabilities in [0, 1], got values in [{low}, {high}]"
             + (f"; use {spec.logits_alternative} for logits" if spec.logits_alternative else ""),
         )
-    if targets.dtype in FLOAT_DTYPES:
-        check_finite("targets", *value_range(targets))
+    if targets.tensor.dtype in FLOAT_DTYPES:
+        check_finite("targets", *targets())
     if weights is not None and weights.dtype != torch.bool:
         low, high = value_range(weights)
         check_finite("weights", low, high)
@@ -447,7 +495,7 @@ def channel_indices_as_indices(plan: Plan, predictions: Tensor, targets: Tensor)
     return targets.squeeze(1)
 
 
-def check_class_indices(plan: Plan, predictions: Tensor, targets: Tensor) -> None:
+def check_class_indices(plan: Plan, predictions: Tensor, targets: Tensor, targets_range: RangeOnce) -> None:
     r"""Class-index targets must be integers in ``[0, C)`` or the loss's ``ignore_index``.
 
     Checked here rather than left to the loss so that every backend rejects them the same way:
@@ -471,7 +519,9 @@ def check_class_indices(plan: Plan, predictions: Tensor, targets: Tensor) -> Non
         return  # the loss names the bad class_dim
     num_classes = predictions.shape[class_dim]
     ignore_index = setting(plan.spec, plan.params, "ignore_index")
-    outside = counted_range_outside(targets, ignore_index, lambda low, high: low >= 0 and high < num_classes)
+    outside = counted_range_outside(
+        targets, targets_range, ignore_index, lambda low, high: low >= 0 and high < num_classes
+    )
     if outside is None:
         return
     low, high = outside
@@ -483,7 +533,7 @@ def check_class_indices(plan: Plan, predictions: Tensor, targets: Tensor) -> Non
     )
 
 
-def check_target_range(plan: Plan, predictions: Tensor, targets: Tensor) -> None:
+def check_target_range(plan: Plan, predictions: Tensor, targets: Tensor, targets_range: RangeOnce) -> None:
     r"""Dense targets within the loss's ``target_range``, values equal to its ``ignore_index`` excepted.
 
     The eager kernel checks this too; checking it here makes every backend refuse the same requests
@@ -501,7 +551,7 @@ def check_target_range(plan: Plan, predictions: Tensor, targets: Tensor) -> None
     allowed_low, allowed_high = spec.target_range
     ignore_index = setting(spec, plan.params, "ignore_index")
     outside = counted_range_outside(
-        targets, ignore_index, lambda low, high: low >= allowed_low and high <= allowed_high
+        targets, targets_range, ignore_index, lambda low, high: low >= allowed_low and high <= allowed_high
     )
     if outside is None:
         return
@@ -514,12 +564,12 @@ def check_target_range(plan: Plan, predictions: Tensor, targets: Tensor) -> None
 
 
 def counted_range_outside(
-    targets: Tensor, ignore_index: Optional[int], allowed: Callable[[float, float], bool]
+    targets: Tensor, targets_range: RangeOnce, ignore_index: Optional[int], allowed: Callable[[float, float], bool]
 ) -> Optional[Tuple[float, float]]:
     r"""``(min, max)`` of the targets other than ``ignore_index`` when ``allowed(min, max)`` fails;
-    ``None`` when it holds (one pass when every target is allowed, a second only to set the
-    ignored ones aside)."""
-    low, high = value_range(targets)
+    ``None`` when it holds (no pass of its own when every target is allowed: ``targets_range`` is read once
+    per request; a second pass only to set the ignored ones aside)."""
+    low, high = targets_range()
     if allowed(low, high):
         return None
     counted = targets if ignore_index is None else targets[targets != ignore_index]
@@ -527,6 +577,22 @@ def counted_range_outside(
     if counted.numel() == 0 or allowed(low, high):
         return None
     return low, high
+
+
+def settings_key(parsed: ParsedRequest) -> Optional[Tuple]:
+    r"""What :meth:`Scorer.plan` reads of a request, as a hashable key: loss, reduction, backend and the bytes of
+    every parameter as sent. ``None`` for settings over :data:`PLAN_KEY_MAX_BYTES` (large class vectors), which
+    are planned anew each time."""
+    request = parsed.message
+    params = tuple((name, message.SerializeToString()) for name, message in parsed.params.items())
+    tensors = tuple((name, message.SerializeToString()) for name, message in parsed.tensor_params.items())
+    class_weights = request.class_weights.SerializeToString() if request.HasField("class_weights") else None
+    pos_weight = request.pos_weight.SerializeToString() if request.HasField("pos_weight") else None
+    size = len(request.loss) + sum(len(name) + len(value) for name, value in params + tensors)
+    size += len(class_weights or b"") + len(pos_weight or b"")
+    if size > PLAN_KEY_MAX_BYTES:
+        return None
+    return request.loss, request.reduction, request.backend, params, tensors, class_weights, pos_weight
 
 
 def check_metadata(parsed: ParsedRequest) -> None:
