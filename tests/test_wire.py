@@ -183,15 +183,18 @@ def test_a_huge_body_of_tiny_fields_is_refused_without_parsing_it():
     assert parse_request(smaller).message.reduction == 1
 
 
-def _best_seconds(function, body, repeats):
-    best = float("inf")
+def _best_seconds(functions, body, repeats):
+    r"""The best time of one call of each of ``functions`` on ``body``, the calls interleaved round by round: a
+    burst of load on a busy machine hits both sides of a comparison alike."""
+    best = [float("inf")] * len(functions)
     for _ in range(repeats):
-        start = time.perf_counter()
-        try:
-            function(body)
-        except (DecodeError, ServiceError):
-            pass
-        best = min(best, time.perf_counter() - start)
+        for index, function in enumerate(functions):
+            start = time.perf_counter()
+            try:
+                function(body)
+            except (DecodeError, ServiceError):
+                pass
+            best[index] = min(best[index], time.perf_counter() - start)
     return best
 
 
@@ -218,7 +221,6 @@ def _hostile_bodies():
 @pytest.mark.parametrize("name", list(_hostile_bodies()))
 def test_parsing_never_costs_more_than_twice_protobufs_own_parse(name):
     body = _hostile_bodies()[name]
-    repeats = 3 if len(body) > 4 * 1024 * 1024 else 15
-    ours = _best_seconds(parse_request, body, repeats)
-    protobufs = _best_seconds(pb.ScoreBatchRequest.FromString, body, repeats)
+    repeats = 3 if len(body) > 4 * 1024 * 1024 else 50
+    ours, protobufs = _best_seconds([parse_request, pb.ScoreBatchRequest.FromString], body, repeats)
     assert ours <= 2 * protobufs, f"{name}: {ours * 1e6:.0f} us vs protobuf's {protobufs * 1e6:.0f} us"

@@ -17,9 +17,9 @@ from ._reduction import (
 )
 from .bce import bce_with_logits_statistics
 from .region import (
-    DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _constant, _flag, _region_loss, _weights3, check_split_weights,
-    dense_sums, masked_pixel_weight, overlap_statistics, prepare, region_class_reductions, region_inputs,
-    region_reductions, split_weights,
+    DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _constant, _flag, _float64, _region_loss, _weights3,
+    check_split_weights, dense_sums, masked_pixel_weight, overlap_statistics, prepare, region_class_reductions,
+    region_inputs, region_reductions, split_weights,
 )
 
 _BCE = get("bce_with_logits")
@@ -60,7 +60,7 @@ def bce_dice_reductions(
         totals[..., 4:], overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background,
         absent_classes, class_weight, batch,
     )
-    return bce_weight.to(torch.float64) * bce + dice_weight.to(torch.float64) * dice
+    return _float64(bce_weight) * bce + _float64(dice_weight) * dice
 
 
 def bce_dice_class_reductions(
@@ -75,7 +75,7 @@ def bce_dice_class_reductions(
         class_totals[:, 4:], overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background,
         absent_classes, class_weight, batch,
     )
-    combined = bce_weight.to(torch.float64) * bce + dice_weight.to(torch.float64) * dice[:, :3]
+    combined = _float64(bce_weight) * bce + _float64(dice_weight) * dice[:, :3]
     return torch.cat([combined, dice[:, 3:]], dim=1)
 
 

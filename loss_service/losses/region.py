@@ -38,7 +38,7 @@ from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
     accumulate, as_float, broadcastable, check_real, check_reduction, check_same_shape, compute_dtype,
-    elementwise_reductions, elementwise_statistics, int_hyperparameter, is_tracing, multiclass_mode_hint,
+    elementwise_reductions, elementwise_statistics, in_dtype, int_hyperparameter, is_tracing, multiclass_mode_hint,
     optional_vector, safe_divide, sample_or_element_weights, select_reduction, unless_ignored, vector_argument,
     vector_buffer,
 )
@@ -279,7 +279,7 @@ def region_sums(
     r"""``(TP, P, T)``, float64 ``(N, C)``: the sums of the module docstring over the spatial positions,
     with the pixel ``weights`` (broadcastable to the predictions) and the ignored positions' zero weight."""
     if not is_tracing() and mode == "multiclass" and predictions.dim() >= 2 and targets.shape != predictions.shape:
-        return _eager_index_sums(predictions, targets, weights, ignore_index, bool(squared_pred.item()))
+        return _eager_index_sums(predictions, targets, weights, ignore_index, bool(squared_pred))
     _, probabilities, dense, keep = prepare(predictions, targets, ignore_index, mode)
     return dense_sums(probabilities, dense, masked_pixel_weight(keep, weights, predictions, mode), squared_pred)
 
@@ -304,7 +304,7 @@ def dense_sums(
         squared = squared_pred.to(torch.bool)
         predicted_term = torch.where(squared, probabilities * probabilities, probabilities)
         target_term = torch.where(squared, dense * dense, dense)
-    elif bool(squared_pred.item()):
+    elif bool(squared_pred):
         predicted_term, target_term = probabilities * probabilities, dense * dense
     else:
         predicted_term, target_term = probabilities, dense
@@ -323,11 +323,17 @@ def _class_vectors(
 ) -> Tuple[Tensor, Tensor]:
     r"""``(kept, loss_weight)``, float64 ``(C,)``: 1/0 per kept/dropped class, and ``class_weight · kept``.
     Channel 0 is background only beside other channels (as MONAI); it is dropped by a zero in ``kept``, not by
-    slicing, so the graph and the output shape do not depend on ``include_background``."""
-    classes = torch.arange(num_classes, device=device)
-    background = (classes == 0) & (classes < num_classes - 1)
-    dropped = background & (~include_background.to(torch.bool))
-    kept = (~dropped).to(torch.float64)
+    slicing, so the graph and the output shape do not depend on ``include_background``. Outside tracing the flag is read
+    on the host: one op instead of the graph's nine, which a small batch notices."""
+    if is_tracing():
+        classes = torch.arange(num_classes, device=device)
+        background = (classes == 0) & (classes < num_classes - 1)
+        dropped = background & (~include_background.to(torch.bool))
+        kept = (~dropped).to(torch.float64)
+    else:
+        kept = torch.ones(num_classes, dtype=torch.float64, device=device)
+        if num_classes > 1 and not bool(include_background):
+            kept[0] = 0.0
     if class_weight is None:
         return kept, kept
     if class_weight.dim() != 1 or class_weight.shape[0] != num_classes:
@@ -339,15 +345,15 @@ def _class_vectors(
     return kept, class_weight.to(device=device, dtype=torch.float64) * kept
 
 
-# (k, α, β, γ, s_nr, s_dr, log_loss) of an overlap index, as the kernels receive them.
+# (k, α, β, γ, s_nr, s_dr, log_loss) of an overlap index, as the kernels receive them: 0-d tensors in TorchScript and
+# while tracing, Python numbers in eager Python (_constant).
 OverlapIndex = Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor]
 
 
 def overlap_ratio(true_positive: Tensor, predicted: Tensor, target: Tensor, index: OverlapIndex) -> Tensor:
     r"""The overlap index ``(k·TP + s_nr) / (k·(TP + α·FP + β·FN) + s_dr)``, elementwise."""
-    overlap_scale, alpha, beta, _, smooth_nr, smooth_dr, _ = index
-    overlap_scale, alpha, beta = overlap_scale.to(torch.float64), alpha.to(torch.float64), beta.to(torch.float64)
-    smooth_nr, smooth_dr = smooth_nr.to(torch.float64), smooth_dr.to(torch.float64)
+    overlap_scale, alpha, beta = _float64(index[0]), _float64(index[1]), _float64(index[2])
+    smooth_nr, smooth_dr = _float64(index[4]), _float64(index[5])
     numerator = overlap_scale * true_positive + smooth_nr
     # TP + α(P - TP) + β(T - TP) written without the differences: exact P + T for Dice.
     denominator = overlap_scale * ((1.0 - alpha - beta) * true_positive + alpha * predicted + beta * target) + smooth_dr
@@ -366,18 +372,26 @@ def _overlap_losses(true_positive: Tensor, predicted: Tensor, target: Tensor, in
 def ratio_losses(ratio: Tensor, index: OverlapIndex) -> Tensor:
     r"""The loss of overlap indices ``ratio``: ``1 - I`` or ``-log max(I, 1e-7)``, to the power ``γ`` if set."""
     _, _, _, gamma, _, _, log_loss = index
-    # -log I is taken at max(I, 1e-7) (smp's clamp): an index of 0 gives the finite loss 16.1 and a
-    # zero gradient instead of -log(0) = inf.
-    log_ratio = torch.log(torch.clamp(ratio, min=1e-7))
-    loss = torch.where(log_loss.to(torch.bool), -log_ratio, 1.0 - ratio)
+    if is_tracing():
+        loss = torch.where(log_loss.to(torch.bool), _negative_log(ratio), 1.0 - ratio)
+    elif bool(log_loss):
+        loss = _negative_log(ratio)
+    else:
+        loss = 1.0 - ratio
     if gamma is None:
         return loss
     # x^γ has an infinite derivative at 0 for γ < 1: evaluate the power on a positive base only
     # and take 0 (with gradient 0) where the loss is 0; an index above 1 (s_nr > s_dr) is clamped.
     base = torch.clamp(loss, min=0.0)
     positive = base > 0
-    powered = torch.pow(torch.where(positive, base, torch.ones_like(base)), gamma.to(torch.float64))
+    powered = torch.pow(torch.where(positive, base, torch.ones_like(base)), _float64(gamma))
     return torch.where(positive, powered, torch.zeros_like(powered))
+
+
+def _negative_log(ratio: Tensor) -> Tensor:
+    r"""``-log I``, taken at ``max(I, 1e-7)`` (smp's clamp): an index of 0 gives the finite loss 16.1 and a zero
+    gradient instead of ``-log(0) = inf``."""
+    return -torch.log(torch.clamp(ratio, min=1e-7))
 
 
 def _batch_losses(totals: Tensor, index: OverlapIndex) -> Tensor:
@@ -412,7 +426,7 @@ def class_terms(
         return losses, loss_weight, kept
     present = target > 0
     if not is_tracing():
-        code = int(absent_classes.item())
+        code = int(absent_classes)
         if code == 0:
             return losses, loss_weight, kept
         if code == 1:
@@ -602,11 +616,29 @@ def region_class_reductions(
 
 
 def _constant(value: float, like: Tensor) -> Tensor:
+    r"""A float hyperparameter of the region kernels: a 0-d float64 tensor in TorchScript and while tracing (a graph
+    input there), a Python ``float`` in eager Python, where a 0-d tensor costs an op at each use. The kernels
+    read it through :func:`_float64` and ``bool``/``int``, which take both."""
+    if not torch.jit.is_scripting():
+        if not is_tracing():
+            return float(value)
     return torch.full([], value, dtype=torch.float64, device=like.device)
 
 
 def _flag(value: bool, like: Tensor) -> Tensor:
+    r"""A boolean hyperparameter, as :func:`_constant`: a 0-d bool tensor, or in eager Python the ``bool`` itself."""
+    if not torch.jit.is_scripting():
+        if not is_tracing():
+            return bool(value)
     return torch.full([], value, dtype=torch.bool, device=like.device)
+
+
+def _float64(value: Tensor) -> Tensor:
+    r"""A hyperparameter of :func:`_constant` in float64 (the Python number as it is)."""
+    if not torch.jit.is_scripting():
+        if not isinstance(value, Tensor):
+            return value
+    return in_dtype(value, torch.float64)
 
 
 # The arguments both region kernels take after their tensors: (k, α, β, γ, s_nr, s_dr, log_loss,
@@ -618,14 +650,22 @@ def index_arguments(
     like: Tensor, overlap_scale: float, alpha: float, beta: float, gamma: Optional[float], smooth_nr: float,
     smooth_dr: float, log_loss: bool, include_background: bool, absent_classes: str,
 ) -> IndexArguments:
-    r"""The overlap index and its settings as the kernels take them (0-d tensors on ``like``'s device;
-    ``absent_classes`` as its code, ``None`` for the default rule, which needs no tensor)."""
+    r"""The overlap index and its settings as the kernels take them (:func:`_constant` and :func:`_flag` on ``like``'s
+    device; ``absent_classes`` as its code, ``None`` for the default rule, which needs no tensor)."""
     code = absent_classes_code(absent_classes)
     return (
         _constant(overlap_scale, like), _constant(alpha, like), _constant(beta, like),
         None if gamma is None else _constant(gamma, like), _constant(smooth_nr, like), _constant(smooth_dr, like),
-        _flag(log_loss, like), _flag(include_background, like), None if code == 0 else int_hyperparameter(code, like),
+        _flag(log_loss, like), _flag(include_background, like), None if code == 0 else _code(code, like),
     )
+
+
+def _code(value: int, like: Tensor) -> Tensor:
+    r"""An integer setting of the region kernels, as :func:`_constant`: a 0-d int64 tensor, or the ``int`` itself."""
+    if not torch.jit.is_scripting():
+        if not is_tracing():
+            return int(value)
+    return int_hyperparameter(value, like)
 
 
 def _region_loss(
