@@ -21,6 +21,7 @@ from loss_service.server.config import provider_device
 from loss_service.server.errors import (REFUSED_FOR_MEMORY, REFUSED_FOR_SIZE, ServiceError, from_library_message,
                                         library_value_error, too_large)
 from loss_service.server.scoring import decode
+from loss_service.server.wire import parse_request
 from loss_service.v1 import loss_service_pb2 as pb
 
 # The torch dtype of the tensor each wire dtype decodes to (the protocol's contract, spelled out).
@@ -354,8 +355,6 @@ def test_idle_trim_waits_for_a_server_at_rest(monkeypatch):
 
 
 def _parsed_request(loss="focal", request_id="", classes=3, **fields):
-    from loss_service.server.wire import parse_request
-
     request = pb.ScoreBatchRequest(loss=loss, request_id=request_id, **fields)
     request.predictions.CopyFrom(to_message(torch.randn(4, classes)))
     request.targets.CopyFrom(to_message(torch.arange(4) % classes))
@@ -413,4 +412,10 @@ def test_a_refused_request_leaves_no_plan():
     scorer = _eager_scorer()
     with pytest.raises(ServiceError):
         scorer.plan(_parsed_request(params={"gamma": pb.Param(double_value=-1.0)}))
-    assert len(scorer._plans) == 0
+    # Valid settings, but targets out of range: refused when scored, so neither its runner nor its plan is kept.
+    request = pb.ScoreBatchRequest(loss="focal", predictions=to_message(torch.randn(4, 3)),
+                                   targets=to_message(torch.tensor([0, 1, 2, 7])))
+    parsed = parse_request(request.SerializeToString())
+    with pytest.raises(ServiceError):
+        scorer.score_batch(parsed, scorer.plan(parsed))
+    assert scorer.plan(parsed).runner is None and len(scorer._plans) == 0

@@ -154,8 +154,8 @@ class Scorer:
     # -- settings ---------------------------------------------------------------------------
     def plan(self, parsed: ParsedRequest) -> Plan:
         r"""The request's validated settings. Settings seen before (the same bytes) whose runner is still kept
-        reuse that plan: validating them again and looking up their runner cost a small request more than its
-        loss. The plan is shared and never changed (it has its runner); ``request_id`` and ``labels`` are
+        reuse that plan: validating them again and looking up their runner cost a small request a few percent of
+        its time. The plan is shared and never changed (it has its runner); ``request_id`` and ``labels`` are
         checked for every request."""
         check_metadata(parsed)
         key = settings_key(parsed)
