@@ -580,19 +580,15 @@ def counted_range_outside(
 
 
 def settings_key(parsed: ParsedRequest) -> Optional[Tuple]:
-    r"""What :meth:`Scorer.plan` reads of a request, as a hashable key: loss, reduction, backend and the bytes of
-    every parameter as sent. ``None`` for settings over :data:`PLAN_KEY_MAX_BYTES` (large class vectors), which
-    are planned anew each time."""
-    request = parsed.message
-    params = tuple((name, message.SerializeToString()) for name, message in parsed.params.items())
-    tensors = tuple((name, message.SerializeToString()) for name, message in parsed.tensor_params.items())
-    class_weights = request.class_weights.SerializeToString() if request.HasField("class_weights") else None
-    pos_weight = request.pos_weight.SerializeToString() if request.HasField("pos_weight") else None
-    size = len(request.loss) + sum(len(name) + len(value) for name, value in params + tensors)
-    size += len(class_weights or b"") + len(pos_weight or b"")
+    r"""What :meth:`Scorer.plan` reads of a request, as a hashable key: its :func:`plan_settings`. ``None`` for
+    settings over :data:`PLAN_KEY_MAX_BYTES` (large class vectors), which are planned anew each time."""
+    settings = plan_settings(parsed)
+    entries = (settings["params"] or ()) + (settings["tensor_params"] or ())
+    size = len(parsed.message.loss) + sum(len(name) + len(data) for name, data in entries)
+    size += len(settings["class_weights"] or b"") + len(settings["pos_weight"] or b"")
     if size > PLAN_KEY_MAX_BYTES:
         return None
-    return request.loss, request.reduction, request.backend, params, tensors, class_weights, pos_weight
+    return tuple(settings.values())
 
 
 def check_metadata(parsed: ParsedRequest) -> None:
@@ -739,8 +735,9 @@ def classes_text(classes: Optional[Tuple[int, int]]) -> str:
     return "no class dimension" if classes is None else f"{classes[1]} classes along dim {classes[0]}"
 
 
-def stream_settings(parsed: ParsedRequest) -> Dict[str, Any]:
-    r"""The per-stream settings of a request, ``None`` where unset (comparable across batches)."""
+def plan_settings(parsed: ParsedRequest) -> Dict[str, Any]:
+    r"""The settings a request's plan is made of -- loss, parameters (the bytes sent for them), reduction,
+    backend -- ``None`` where unset (comparable across requests)."""
     request = parsed.message
 
     def message_map(entries) -> Optional[Tuple]:
@@ -754,6 +751,15 @@ def stream_settings(parsed: ParsedRequest) -> Dict[str, Any]:
         "pos_weight": request.pos_weight.SerializeToString(deterministic=True) if request.HasField("pos_weight") else None,
         "reduction": request.reduction or None,
         "backend": request.backend or None,
+    }
+
+
+def stream_settings(parsed: ParsedRequest) -> Dict[str, Any]:
+    r"""The per-stream settings of a request, ``None`` where unset (comparable across batches): its
+    :func:`plan_settings` and what it asks back."""
+    request = parsed.message
+    return {
+        **plan_settings(parsed),
         "return_statistics": request.return_statistics or None,
         "return_per_class": request.return_per_class or None,
     }
