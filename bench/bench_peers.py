@@ -393,13 +393,45 @@ def parse_size(text: str) -> int:
     return value
 
 
-def run(args: argparse.Namespace) -> List[Dict[str, object]]:
+def selected_cases(names: Optional[Sequence[str]]) -> Tuple[List[Case], List[str]]:
+    r"""The cases named (every case for ``None``) and the peers not installed."""
     found_cases, missing = cases()
-    if args.cases:
-        unknown = sorted(set(args.cases) - {case.name for case in found_cases})
+    if names:
+        unknown = sorted(set(names) - {case.name for case in found_cases})
         if unknown:
             raise SystemExit(f"unknown case(s) {unknown}; these exist: {[case.name for case in found_cases]}")
-        found_cases = [case for case in found_cases if case.name in args.cases]
+        found_cases = [case for case in found_cases if case.name in names]
+    return found_cases, missing
+
+
+def top_level_ops(call: LossCall, inputs: Inputs) -> int:
+    r"""The aten ops one forward without grad dispatches from Python (``torch.profiler``, ops not called by another
+    op): on a small batch each costs more than its arithmetic."""
+    with torch.no_grad():
+        call(*inputs)
+        with torch.profiler.profile() as profiled:
+            call(*inputs)
+    return sum(1 for event in profiled.events() if event.name.startswith("aten::") and event.cpu_parent is None)
+
+
+def op_counts(args: argparse.Namespace) -> List[Dict[str, object]]:
+    r"""``--ops``: :func:`top_level_ops` of each implementation per case and size, instead of timing."""
+    found_cases, _ = selected_cases(args.cases)
+    print("| case | elements | top-level aten ops per forward |\n|---|---:|---|")
+    results: List[Dict[str, object]] = []
+    for case in found_cases:
+        found, _ = implementations(case, False)
+        for elements in args.sizes:
+            inputs = case.inputs(elements, torch.Generator().manual_seed(elements))
+            counts = {impl.name: top_level_ops(impl.call, inputs) for impl in found}
+            print(f"| {case.name} | {inputs[0].numel():.0e} | {', '.join(f'{n} {c}' for n, c in counts.items())} |",
+                  flush=True)
+            results.append({"case": case.name, "elements": inputs[0].numel(), "top_level_ops": counts})
+    return results
+
+
+def run(args: argparse.Namespace) -> List[Dict[str, object]]:
+    found_cases, missing = selected_cases(args.cases)
     print(f"torch {torch.__version__}; peers not installed: {', '.join(missing) or 'none'}; median of "
           f"{args.repeats} interleaved rounds; float32; ms per call")
     results: List[Dict[str, object]] = []
@@ -527,6 +559,8 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--no-compiled", dest="compiled", action="store_false", help="skip ours under torch.compile")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory table")
     parser.add_argument("--json", metavar="FILE", help="also write every number as JSON")
+    parser.add_argument("--ops", action="store_true",
+                        help="count each implementation's top-level aten ops of one forward instead of timing")
     parser.add_argument("--median", nargs="+", metavar="RUN", help="print the median over runs' --json files, run nothing")
     parser.add_argument("--memory-child", nargs=3, metavar=("CASE", "IMPLEMENTATION", "ELEMENTS"),
                         help=argparse.SUPPRESS)
@@ -538,7 +572,7 @@ def main(argv: Sequence[str] = ()) -> int:
         case_name, implementation, elements = args.memory_child
         print(memory_child(case_name, implementation, int(elements)))
         return 0
-    results = run(args)
+    results = op_counts(args) if args.ops else run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
     return 0

@@ -72,10 +72,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def check_range(value: Tensor, name: str, high: float, expected: str) -> Optional[float]:
     r"""``ValueError`` unless ``0 <= value <= high``, outside export: one host read and Python comparisons (NaN
-    fails both) rather than a tensor expression. The number read (``None`` while tracing)."""
+    fails both) rather than a tensor expression. The number read (``None`` while tracing); ``value`` may be that
+    Python number already."""
     if is_tracing():
         return None
-    number = float(value.item())
+    number = float(value)
     if not (number >= 0.0 and number <= high):
         raise ValueError("{} must be {}, got {}".format(name, expected, number))
     return number
@@ -340,10 +341,11 @@ def check_same_shape(predictions: Tensor, targets: Tensor, class_dim: int, hint:
 def power(base: Tensor, exponent: Tensor) -> Tensor:
     r"""``base ** exponent`` for a 0-d hyperparameter ``exponent`` (e.g. the focal ``γ``). With a 0-d tensor
     exponent ``torch.pow`` is ~15x slower than with a Python number (which also takes the ``x·x`` shortcut for
-    2), so the exponent is read on the host, except while exporting (the graph keeps it as an input)."""
+    2), so the exponent is read on the host (or taken as the Python number it may be), except while exporting (the
+    graph keeps it as an input)."""
     if is_tracing():
         return torch.pow(base, exponent.to(base.dtype))
-    return torch.pow(base, float(exponent.item()))
+    return torch.pow(base, float(exponent))
 
 
 def _element_count(shape: List[int]) -> float:
@@ -577,12 +579,11 @@ def unless_ignored(x: Tensor, kept: Optional[Tensor]) -> Tensor:
     return torch.where(kept, x, torch.zeros_like(x))
 
 
-def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
-    r"""``numerator / denominator``, and 0 where the denominator is 0 (no counted elements); the denominator
-    is replaced before dividing so that the gradient stays finite as well."""
+def safe_divide(numerator: Tensor, denominator: Tensor, otherwise: float = 0.0) -> Tensor:
+    r"""``numerator / denominator``, and ``otherwise`` where the denominator is 0 (0: no counted elements); the
+    denominator is replaced before dividing so that the gradient stays finite as well."""
     nonzero = denominator != 0
-    safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
-    return torch.where(nonzero, numerator / safe, torch.zeros_like(numerator))
+    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, 1.0), otherwise)
 
 
 def elementwise_reductions(totals: Tensor) -> Tensor:
@@ -598,15 +599,11 @@ def elementwise_reductions(totals: Tensor) -> Tensor:
             ],
             dim=-1,
         )
-    if _host_totals(totals):
+    if host_totals(totals):
         # One request's totals (what the server reduces): the same float64 divisions on the host, one read
-        # and one small tensor instead of a chain of tiny ops (fill_: TorchScript passes torch.tensor(list)
-        # and item assignment through the default dtype, float32).
-        values: List[float] = totals.tolist()
-        reductions = torch.full([3], values[0], dtype=torch.float64, device=totals.device)
-        reductions[1].fill_(_host_quotient(values, 1))
-        reductions[2].fill_(_host_quotient(values, 2))
-        return reductions
+        # and one small tensor instead of a chain of tiny ops.
+        sums: List[float] = totals.tolist()
+        return host_tensor(host_reductions(sums), totals.device)
     # Batched totals (per-sample reductions) and autograd: the export form's values in half its ops, both
     # quotients at once by the [Σ d, Σ w] columns (denominator_column(1), denominator_column(2): columns 1-2
     # flipped), with safe_divide's guard (finite gradients).
@@ -629,10 +626,26 @@ def _one_call_on_cpu(totals: Tensor) -> bool:
     return totals.dim() == 1 and totals.dtype == torch.float64 and totals.device.type == "cpu"
 
 
-def _host_totals(totals: Tensor) -> bool:
+def host_totals(totals: Tensor) -> bool:
     r"""Whether ``totals`` can be read on the host instead of reduced by ops: :func:`_one_call_on_cpu`, and
     without autograd."""
     return _one_call_on_cpu(totals) and not (torch.is_grad_enabled() and totals.requires_grad)
+
+
+def host_reductions(totals: List[float]) -> List[float]:
+    r""":func:`elementwise_reductions` of one call's totals read on the host (:func:`host_totals`)."""
+    return [totals[0], _host_quotient(totals, 1), _host_quotient(totals, 2)]
+
+
+def host_tensor(values: List[float], device: torch.device) -> Tensor:
+    r"""Float64 ``values`` computed on the host as a tensor. TorchScript's ``torch.tensor(list)`` and item
+    assignment pass through the default dtype, float32: there each value is filled into its element."""
+    if not torch.jit.is_scripting():
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    result = torch.empty([len(values)], dtype=torch.float64, device=device)
+    for position, value in enumerate(values):
+        result[position].fill_(value)
+    return result
 
 
 def _host_quotient(totals: List[float], column: int) -> float:
@@ -673,7 +686,7 @@ def reduce_elementwise(values: Tensor, totals: Tensor, reduction: str, dtype: to
     if reduction == "none":
         return values.to(dtype)
     column = ["sum", "mean", "weighted_mean"].index(reduction)
-    if not is_tracing() and _host_totals(totals):
+    if not is_tracing() and host_totals(totals):
         sums: List[float] = totals.tolist()
         value = sums[0] if column == 0 else _host_quotient(sums, column)
         return torch.full([], value, dtype=dtype, device=totals.device)

@@ -5,19 +5,19 @@ Dice totals, and each reduction column is ``bce_weight·bce + dice_weight·dice`
 per-sample values come out exactly as for the two losses on their own.
 """
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._registry import LossSpec, ParamSpec, get, register
 from ._reduction import (
-    accumulate, check_same_shape, elementwise_reductions, int_hyperparameter, one_target_per_prediction_hint,
-    optional_vector, sums_only, totals_alone, vector_argument, vector_buffer,
+    accumulate, check_same_shape, elementwise_reductions, host_reductions, host_tensor, host_totals, is_tracing,
+    one_target_per_prediction_hint, optional_vector, sums_only, totals_alone, vector_argument, vector_buffer,
 )
 from .bce import bce_with_logits_statistics
 from .region import (
-    DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _constant, _flag, _float64, _region_loss, _weights3,
+    DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _code, _constant, _flag, _float64, _region_loss, _weights3,
     check_split_weights, dense_sums, masked_pixel_weight, overlap_statistics, prepare, region_class_reductions,
     region_inputs, region_reductions, split_weights,
 )
@@ -55,6 +55,15 @@ def bce_dice_reductions(
     absent_classes: Optional[Tensor], class_weight: Optional[Tensor], batch: bool,
 ) -> Tensor:
     r"""``(..., 4 + K)`` totals to ``(..., 3)``: ``bce_weight·bce + dice_weight·dice`` per column."""
+    if not batch and not is_tracing() and host_totals(totals):
+        # Both terms elementwise: one read of one call's totals, the same float64 arithmetic on the host.
+        sums: List[float] = totals.tolist()
+        bce_weight_value, dice_weight_value = float(bce_weight), float(dice_weight)
+        return host_tensor(
+            [bce_weight_value * bce + dice_weight_value * dice
+             for bce, dice in zip(host_reductions(sums[:4]), host_reductions(sums[4:]))],
+            totals.device,
+        )
     bce = elementwise_reductions(totals[..., :4])
     dice = region_reductions(
         totals[..., 4:], overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background,
@@ -221,7 +230,7 @@ class BCEDiceLoss(RegionLoss):
             predictions, targets, *split_weights(weights, predictions), optional_vector(self.pos_weight),
             _constant(self.bce_weight, predictions), _constant(self.dice_weight, predictions),
             *self.index_arguments(predictions), _flag(self.squared_pred, predictions),
-            int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode,
+            _code(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode,
             self.batch, per_sample, values, per_class,
         )
 

@@ -28,14 +28,14 @@ from ._base import Loss
 from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
-    check_range, check_reduction, elementwise_reductions, elementwise_statistics, int_hyperparameter, optional_vector,
-    power, select_reduction, vector_argument, vector_buffer,
+    check_range, check_reduction, elementwise_reductions, elementwise_statistics, optional_vector,
+    power, safe_divide, select_reduction, vector_argument, vector_buffer,
 )
 from .region import (
     BATCH_PARAM, CLASS_WEIGHT_PARAM, DENSE_TARGET_RANGE, INCLUDE_BACKGROUND_PARAM, MODE_PARAM, SMOOTH_DR_PARAM,
-    SMOOTH_NR_PARAM, VARIANTS, _SHAPES, DiceLoss, _class_vectors, batch_totals, check_split_weights, index_arguments,
-    pooled_class_totals, region_class_reductions, region_forms, region_inputs, region_sums, set_region_settings,
-    split_weights,
+    SMOOTH_NR_PARAM, VARIANTS, _SHAPES, DiceLoss, _class_vectors, _code, _constant, _flag, _float64, _weighted,
+    batch_totals, check_split_weights, index_arguments, pooled_class_totals, region_class_reductions, region_forms,
+    region_inputs, region_sums, set_region_settings, split_weights,
 )
 
 WEIGHT_EXPONENT_PARAM = ParamSpec(
@@ -53,22 +53,17 @@ def _generalized_dice_losses(
     smooth_dr: Tensor, include_background: Tensor, class_weight: Optional[Tensor],
 ) -> Tensor:
     r"""The loss of each row of ``(..., C)`` float64 sums (the module docstring's :math:`\ell`)."""
-    kept_classes, class_factor = _class_vectors(
-        true_positive.shape[-1], include_background, class_weight, true_positive.device
-    )
-    kept = kept_classes > 0
+    kept, class_factor = _class_vectors(true_positive.shape[-1], include_background, class_weight, true_positive.device)
     # T^-k is infinite for an absent class (T = 0) unless k = 0, where every weight is 1 (0^0 = 1, MONAI's uniform).
-    present = (target > 0) | (weight_exponent == 0.0)
+    present = (target > 0) | (_float64(weight_exponent) == 0.0)
     inverse = 1.0 / power(torch.where(present, target, torch.ones_like(target)), weight_exponent)
-    finite = torch.where(present & kept, inverse, torch.zeros_like(inverse))
-    weight = torch.where(present, inverse, finite.amax(-1, keepdim=True).expand_as(inverse)) * class_factor
-    numerator = 2.0 * (weight * true_positive).sum(-1) + smooth_nr.to(torch.float64)
-    denominator = (weight * (predicted + target)).sum(-1) + smooth_dr.to(torch.float64)
+    counted = present if kept is None else present & (kept > 0)
+    finite = torch.where(counted, inverse, torch.zeros_like(inverse))
+    weight = _weighted(torch.where(present, inverse, finite.amax(-1, keepdim=True).expand_as(inverse)), class_factor)
+    numerator = 2.0 * (weight * true_positive).sum(-1) + _float64(smooth_nr)
+    denominator = (weight * (predicted + target)).sum(-1) + _float64(smooth_dr)
     # 0/0 (smooth_dr = 0, nothing predicted nor present) is a perfect overlap, as for the region losses.
-    nonzero = denominator != 0
-    ratio = torch.where(nonzero, numerator / torch.where(nonzero, denominator, torch.ones_like(denominator)),
-                        torch.ones_like(numerator))
-    return 1.0 - ratio
+    return 1.0 - safe_divide(numerator, denominator, 1.0)
 
 
 def generalized_dice_statistics(
@@ -83,7 +78,7 @@ def generalized_dice_statistics(
     check_range(weight_exponent, "weight_exponent", 1.7976931348623157e308, "a finite number >= 0")
     check_split_weights(weights, sample_weights, predictions)
     sums = region_sums(
-        predictions, targets, weights, ignore_index, torch.zeros([], dtype=torch.bool, device=predictions.device), mode
+        predictions, targets, weights, ignore_index, _flag(False, predictions), mode
     )
     if batch:
         totals, sample_totals = batch_totals(sums, sample_weights, per_sample and not per_class)
@@ -131,12 +126,11 @@ def generalized_dice_reductions(
 def _arguments(
     like: Tensor, weight_exponent: float, smooth_nr: float, smooth_dr: float, include_background: bool
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""``(weight_exponent, smooth_nr, smooth_dr, include_background)`` as the kernels take them."""
+    r"""``(weight_exponent, smooth_nr, smooth_dr, include_background)`` as the kernels take them (the region
+    kernels' :func:`~loss_service.losses.region._constant` and :func:`~loss_service.losses.region._flag`)."""
     return (
-        torch.full([], weight_exponent, dtype=torch.float64, device=like.device),
-        torch.full([], smooth_nr, dtype=torch.float64, device=like.device),
-        torch.full([], smooth_dr, dtype=torch.float64, device=like.device),
-        torch.full([], include_background, dtype=torch.bool, device=like.device),
+        _constant(weight_exponent, like), _constant(smooth_nr, like), _constant(smooth_dr, like),
+        _flag(include_background, like),
     )
 
 
@@ -160,7 +154,7 @@ def generalized_dice_loss(
     arguments = _arguments(predictions, weight_exponent, smooth_nr, smooth_dr, include_background)
     values, totals, _ = generalized_dice_statistics(
         predictions, targets, *split_weights(weights, predictions), *arguments,
-        int_hyperparameter(ignore_index, predictions), class_weight, mode, batch, False,
+        _code(ignore_index, predictions), class_weight, mode, batch, False,
     )
     reductions = generalized_dice_reductions(totals, *arguments, class_weight, batch)
     return select_reduction(values, reductions, reduction, predictions.dtype)
@@ -203,7 +197,7 @@ class GeneralizedDiceLoss(Loss):
         pixel_weights, sample_weights = split_weights(weights, predictions)
         return generalized_dice_statistics(
             predictions, targets, pixel_weights, sample_weights, weight_exponent, smooth_nr, smooth_dr,
-            include_background, int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight),
+            include_background, _code(self.ignore_index, predictions), optional_vector(self.class_weight),
             self.mode, self.batch, per_sample, per_class,
         )
 

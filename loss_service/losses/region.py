@@ -26,7 +26,7 @@ scaling sample ``n``'s sums with ``batch``), any other shape pixel weights :math
 :func:`split_weights` tells them apart for :func:`region_statistics`, which takes both.
 """
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -120,7 +120,7 @@ def prepare(
         raise ValueError("predictions must have a batch dimension: expected (N, *) logits, got a scalar")
     dtype = compute_dtype(predictions.dtype)
     # One memory layout for the sums: a strided view gives bit-identical results to its copy.
-    x = predictions.to(dtype).contiguous()
+    x = in_dtype(predictions, dtype).contiguous()
     targets = targets.contiguous()
     if mode == "multiclass":
         if x.dim() < 2:
@@ -132,7 +132,7 @@ def prepare(
         # Class probabilities (soft labels, label smoothing, one-hot masks): a position whose
         # target equals ignore_index in any channel is dropped from every class, as an ignored
         # class index is (the softmax at that position involves every class).
-        ignored_entries = targets == ignore_index.to(targets.dtype)
+        ignored_entries = _equals(targets, ignore_index)
         t = _dense_targets(targets, ignored_entries, dtype, "multiclass probability")
         ignored = ignored_entries.any(dim=1, keepdim=True)
         t = torch.where(ignored, torch.zeros_like(t), t)
@@ -149,7 +149,7 @@ def prepare(
     if not is_tracing() and _plainly_dense(targets, ignore_index):
         flat = _flatten_spatial(x, class_channel)
         return flat, torch.sigmoid(flat), _flatten_spatial(targets.to(dtype), class_channel), None
-    ignored = targets == ignore_index.to(targets.dtype)
+    ignored = _equals(targets, ignore_index)
     t = torch.where(ignored, 0.0, _dense_targets(targets, ignored, dtype, mode))
     kept = ~ignored
     flat = _flatten_spatial(unless_ignored(x, kept), class_channel)
@@ -163,7 +163,7 @@ def _plainly_dense(targets: Tensor, ignore_index: Tensor) -> bool:
     if targets.numel() == 0 or targets.is_complex() or targets.dtype == torch.bool:
         return False
     smallest, largest = torch.aminmax(targets)
-    low, high, ignored = float(smallest.item()), float(largest.item()), float(ignore_index.item())
+    low, high, ignored = float(smallest.item()), float(largest.item()), float(ignore_index)
     # NaN fails every comparison: such targets take the checked path, which names them.
     return low >= 0.0 and high <= 1.0 and not (low <= ignored and ignored <= high)
 
@@ -215,7 +215,7 @@ def prepare_class_indices(
     r""":func:`prepare` for multiclass class-index targets (:func:`class_index_view`)."""
     index = class_index_view(x, predictions, targets)
     num_classes = x.shape[1]
-    ignored = index == ignore_index.to(index.dtype)
+    ignored = _equals(index, ignore_index)
     check_class_indices(index, ignored, num_classes)
     kept = ~ignored
     x = unless_ignored(x, kept.unsqueeze(1))
@@ -239,12 +239,12 @@ def _eager_index_sums(
     ``TP`` and ``P`` is :class:`~._autograd.ClassIndexOverlap`'s closed form.
     """
     dtype = compute_dtype(predictions.dtype)
-    x = predictions.to(dtype).contiguous()
+    x = in_dtype(predictions, dtype).contiguous()
     index = class_index_view(x, predictions, targets.contiguous())
     num_classes = x.shape[1]
     # One aminmax read on the host: when every index is in [0, C) and none can equal ignore_index,
     # no mask is built and no element-by-element check runs.
-    low, high, ignored_index = 0, -1, int(ignore_index.item())
+    low, high, ignored_index = 0, -1, int(ignore_index)
     if index.numel() > 0:
         smallest, largest = torch.aminmax(index)
         low, high = int(smallest.item()), int(largest.item())
@@ -320,8 +320,9 @@ def dense_sums(
 
 def _class_vectors(
     num_classes: int, include_background: Tensor, class_weight: Optional[Tensor], device: torch.device,
-) -> Tuple[Tensor, Tensor]:
-    r"""``(kept, loss_weight)``, float64 ``(C,)``: 1/0 per kept/dropped class, and ``class_weight · kept``.
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    r"""``(kept, loss_weight)``, float64 ``(C,)``: 1/0 per kept/dropped class, and ``class_weight · kept``; ``None``
+    for both when every class is kept with weight 1 (then they cost no op), except while tracing.
     Channel 0 is background only beside other channels (as MONAI); it is dropped by a zero in ``kept``, not by
     slicing, so the graph and the output shape do not depend on ``include_background``. Outside tracing the flag is read
     on the host: one op instead of the graph's nine, which a small batch notices."""
@@ -331,6 +332,8 @@ def _class_vectors(
         dropped = background & (~include_background.to(torch.bool))
         kept = (~dropped).to(torch.float64)
     else:
+        if class_weight is None and (num_classes == 1 or bool(include_background)):
+            return None, None
         kept = torch.ones(num_classes, dtype=torch.float64, device=device)
         if num_classes > 1 and not bool(include_background):
             kept[0] = 0.0
@@ -345,6 +348,28 @@ def _class_vectors(
     return kept, class_weight.to(device=device, dtype=torch.float64) * kept
 
 
+def _class_vector(vector: Optional[Tensor], num_classes: int, device: torch.device) -> Tensor:
+    r"""A vector of :func:`_class_vectors`, ``None`` as the ones it stands for."""
+    if vector is None:
+        return torch.ones(num_classes, dtype=torch.float64, device=device)
+    return vector
+
+
+def _class_sum(vector: Optional[Tensor], losses: Tensor) -> Tensor:
+    r"""The sum over the classes of a weight or denominator of :func:`class_terms` for ``losses`` ``(..., C)``
+    (``None``: ones, whose sum is ``C``)."""
+    if vector is None:
+        return torch.full([], float(losses.shape[-1]), dtype=torch.float64, device=losses.device)
+    return vector.sum(-1)
+
+
+def _weighted(losses: Tensor, weight: Optional[Tensor]) -> Tensor:
+    r"""``losses · weight``, ``None`` a weight of 1."""
+    if weight is None:
+        return losses
+    return losses * weight
+
+
 # (k, α, β, γ, s_nr, s_dr, log_loss) of an overlap index, as the kernels receive them: 0-d tensors in TorchScript and
 # while tracing, Python numbers in eager Python (_constant).
 OverlapIndex = Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor]
@@ -353,15 +378,37 @@ OverlapIndex = Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, T
 def overlap_ratio(true_positive: Tensor, predicted: Tensor, target: Tensor, index: OverlapIndex) -> Tensor:
     r"""The overlap index ``(k·TP + s_nr) / (k·(TP + α·FP + β·FN) + s_dr)``, elementwise."""
     overlap_scale, alpha, beta = _float64(index[0]), _float64(index[1]), _float64(index[2])
-    smooth_nr, smooth_dr = _float64(index[4]), _float64(index[5])
-    numerator = overlap_scale * true_positive + smooth_nr
-    # TP + α(P - TP) + β(T - TP) written without the differences: exact P + T for Dice.
-    denominator = overlap_scale * ((1.0 - alpha - beta) * true_positive + alpha * predicted + beta * target) + smooth_dr
+    numerator = _linear_combination([(overlap_scale, true_positive)], index[4])
+    # TP + α(P - TP) + β(T - TP) written without the differences, k multiplied into each term: exact P + T for
+    # Dice (k = 2, α = β = 1/2), whose TP term has the factor 0.
+    denominator = _linear_combination(
+        [(overlap_scale * (1.0 - alpha - beta), true_positive), (overlap_scale * alpha, predicted),
+         (overlap_scale * beta, target)],
+        index[5],
+    )
     # 0/0 happens only with smooth_dr = 0 and a class absent from predictions and targets (or
     # entirely ignored): it counts as a perfect overlap (index 1, loss 0) instead of NaN.
-    nonzero = denominator != 0
-    safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
-    return torch.where(nonzero, numerator / safe, torch.ones_like(numerator))
+    return safe_divide(numerator, denominator, 1.0)
+
+
+def _linear_combination(terms: List[Tuple[Tensor, Tensor]], constant: Tensor) -> Tensor:
+    r"""``Σ_j a_j·x_j + b`` of float64 tensors ``x_j`` and hyperparameters ``a_j``, ``b`` of :func:`_constant`. In
+    eager Python, where those are Python numbers, terms with ``a_j = 0`` and ``b = 0`` are left out and ``a_j = 1``
+    multiplies nothing: ops that change nothing cost a small batch more than its arithmetic."""
+    if not torch.jit.is_scripting():
+        if not is_tracing():
+            total = None
+            for factor, x in terms:
+                if factor != 0.0:
+                    term = x if factor == 1.0 else x * factor
+                    total = term if total is None else total + term
+            if total is None:
+                total = torch.zeros_like(terms[0][1])
+            return total if constant == 0.0 else total + constant
+    result = _float64(terms[0][0]) * terms[0][1]
+    for factor, x in terms[1:]:
+        result = result + _float64(factor) * x
+    return result + _float64(constant)
 
 
 def _overlap_losses(true_positive: Tensor, predicted: Tensor, target: Tensor, index: OverlapIndex) -> Tensor:
@@ -411,12 +458,13 @@ def absent_classes_code(name: str) -> int:
 
 
 def class_terms(
-    losses: Tensor, target: Tensor, kept: Tensor, loss_weight: Tensor, absent_classes: Optional[Tensor],
-    index: OverlapIndex,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    losses: Tensor, target: Tensor, kept: Optional[Tensor], loss_weight: Optional[Tensor],
+    absent_classes: Optional[Tensor], index: OverlapIndex,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     r"""``(losses, weights, mean denominators)`` of rows ``(..., C)`` of per-class losses with target sums ``target``,
     under the ``absent_classes`` rule (a 0-d int64 code of :data:`ABSENT_CLASSES`; ``None`` outside export is
-    "count", which then costs nothing); ``kept`` and ``loss_weight`` are :func:`_class_vectors`' ``(C,)``.
+    "count", which then costs nothing); ``kept`` and ``loss_weight`` are :func:`_class_vectors`' ``(C,)`` (``None``:
+    ones, and then so are the weights and denominators of count and zero).
 
     count: ``(ℓ, w_c, kept_c)`` (the vectors broadcast). zero: ``ℓ`` is 0 where ``T = 0``. skip: the weights of a row are its present
     classes' ``w_c``, normalised to sum 1, and so are its denominators: each row counts once, as the average over
@@ -431,10 +479,12 @@ def class_terms(
             return losses, loss_weight, kept
         if code == 1:
             return torch.where(present, losses, torch.zeros_like(losses)), loss_weight, kept
-    share = loss_weight * present.to(torch.float64)
+    kept_vector = _class_vector(kept, losses.shape[-1], losses.device)
+    weight_vector = kept_vector if loss_weight is None else loss_weight
+    share = weight_vector * present.to(torch.float64)
     total = share.sum(-1, keepdim=True)
     weighted = total > 0
-    uniform = kept / torch.clamp(kept.sum(), min=1.0)
+    uniform = kept_vector / torch.clamp(kept_vector.sum(), min=1.0)
     normalised = torch.where(weighted, share / torch.where(weighted, total, torch.ones_like(total)), uniform)
     empty_loss = ratio_losses(torch.zeros_like(losses), index)
     skipped = torch.where(weighted, losses, empty_loss)
@@ -443,8 +493,8 @@ def class_terms(
     zeroed = torch.where(present, losses, torch.zeros_like(losses))
     skip = absent_classes == 2
     chosen_losses = torch.where(absent_classes == 0, losses, torch.where(absent_classes == 1, zeroed, skipped))
-    return chosen_losses, torch.where(skip, normalised, loss_weight.expand_as(losses)), torch.where(
-        skip, normalised, kept.expand_as(losses)
+    return chosen_losses, torch.where(skip, normalised, weight_vector.expand_as(losses)), torch.where(
+        skip, normalised, kept_vector.expand_as(losses)
     )
 
 
@@ -493,12 +543,13 @@ def region_statistics(
     per-sample) and ``(N,)`` ``sample_weights`` :math:`s_n` may both be given (``None`` is ones; the ONNX graphs
     feed both): ``batch=False`` weights the loss of ``(n, c)`` by :math:`s_n\,w_c` (``w_c`` the class weight),
     ``batch=True`` sums :math:`TP_c = \sum_n s_n \sum_i w_{nci}\,p_{nci}\,t_{nci}` (and ``P``, ``T`` alike).
-    Its values, a loss per ``(n, c)``, cost no more than its totals: it writes them whatever ``values`` says."""
+    Its values, a loss per ``(n, c)``, cost no more than its totals: it writes them whatever ``values`` says, except
+    with ``batch`` (:func:`overlap_statistics`)."""
     check_split_weights(weights, sample_weights, predictions)
     return overlap_statistics(
         region_sums(predictions, targets, weights, ignore_index, squared_pred, mode), sample_weights, overlap_scale,
         alpha, beta, gamma, smooth_nr, smooth_dr, log_loss, include_background, absent_classes, class_weight, batch,
-        per_sample, per_class,
+        per_sample, per_class, values,
     )
 
 
@@ -525,30 +576,35 @@ def overlap_statistics(
     sums: Tuple[Tensor, Tensor, Tensor], sample_weights: Optional[Tensor], overlap_scale: Tensor, alpha: Tensor,
     beta: Tensor, gamma: Optional[Tensor], smooth_nr: Tensor, smooth_dr: Tensor, log_loss: Tensor,
     include_background: Tensor, absent_classes: Optional[Tensor], class_weight: Optional[Tensor], batch: bool, per_sample: bool,
-    per_class: bool = False,
+    per_class: bool = False, values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The statistics of the region kernel from the ``(TP, P, T)`` sums of :func:`region_sums`, the ``(n, c)``
     losses weighted by :func:`class_terms`. The class totals of ``per_class``: ``[TP_c, P_c, T_c]`` over the batch
     (:func:`pooled_class_totals`), after the elementwise totals of class ``c``'s ``(n, c)`` losses for
-    ``batch=False``."""
+    ``batch=False``. Without ``values`` (outside tracing), ``batch=True`` leaves its per-class losses to the
+    reductions kernel, which computes them from the totals anyway."""
     true_positive, predicted, target = sums
     num_classes = true_positive.shape[1]
-    kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, true_positive.device)
     index = (overlap_scale, alpha, beta, gamma, smooth_nr, smooth_dr, log_loss)
     if batch:
         totals, sample_totals = batch_totals(sums, sample_weights, per_sample and not per_class)
+        parts = pooled_class_totals(totals) if per_class else sample_totals
+        if not values and not is_tracing():
+            return totals.new_empty([0]), totals, parts
+        kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, true_positive.device)
         losses, weight, _ = class_terms(
             _batch_losses(totals, index), pooled_class_totals(totals)[:, 2], kept, loss_weight, absent_classes, index
         )
-        return losses * weight, totals, pooled_class_totals(totals) if per_class else sample_totals
+        return _weighted(losses, weight), totals, parts
+    kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, true_positive.device)
     losses, weight, denominator = class_terms(
         _overlap_losses(true_positive, predicted, target, index), target, kept, loss_weight, absent_classes, index
     )
     if sample_weights is not None:
         # batch=False: a sample weight weights that sample's (n, c) losses.
-        weight = sample_weights.to(torch.float64).unsqueeze(1) * weight
+        weight = _weighted(sample_weights.to(torch.float64).unsqueeze(1), weight)
     values, loss_totals, parts = elementwise_statistics(
-        losses * weight, weight, denominator, per_sample, per_class, 1
+        _weighted(losses, weight), weight, denominator, per_sample, per_class, 1
     )
     if per_class:
         pooled, _ = batch_totals(sums, sample_weights, False)
@@ -582,10 +638,9 @@ def region_reductions(
     losses, weight, denominator = class_terms(
         _batch_losses(totals, index), totals[..., 2 * num_classes:], kept, loss_weight, absent_classes, index
     )
-    loss_sum = (losses * weight).sum(-1)
-    return torch.stack(
-        [loss_sum, safe_divide(loss_sum, denominator.sum(-1)), safe_divide(loss_sum, weight.sum(-1))], dim=-1
-    )
+    loss_sum = _weighted(losses, weight).sum(-1)
+    mean = safe_divide(loss_sum, _class_sum(denominator, losses))
+    return torch.stack([loss_sum, mean, safe_divide(loss_sum, _class_sum(weight, losses))], dim=-1)
 
 
 def region_class_reductions(
@@ -604,11 +659,17 @@ def region_class_reductions(
     true_positive, predicted, target = pooled[:, 0], pooled[:, 1], pooled[:, 2]
     ratio = overlap_ratio(true_positive, predicted, target, index)
     if batch:
-        kept, loss_weight = _class_vectors(class_totals.shape[0], include_background, class_weight, class_totals.device)
+        num_classes = class_totals.shape[0]
+        kept, loss_weight = _class_vectors(num_classes, include_background, class_weight, class_totals.device)
         losses, weight, denominator = class_terms(
             _overlap_losses(true_positive, predicted, target, index), target, kept, loss_weight, absent_classes, index
         )
-        terms = torch.stack([weight * losses, weight, denominator, torch.ones_like(kept)], dim=1)
+        weight_vector = _class_vector(weight, num_classes, class_totals.device)
+        terms = torch.stack(
+            [weight_vector * losses, weight_vector, _class_vector(denominator, num_classes, class_totals.device),
+             torch.ones_like(losses)],
+            dim=1,
+        )
         reductions = elementwise_reductions(terms)
     else:
         reductions = elementwise_reductions(class_totals[:, :4])
@@ -661,11 +722,20 @@ def index_arguments(
 
 
 def _code(value: int, like: Tensor) -> Tensor:
-    r"""An integer setting of the region kernels, as :func:`_constant`: a 0-d int64 tensor, or the ``int`` itself."""
+    r"""An integer setting of the region kernels (``absent_classes``' code, ``ignore_index``), as :func:`_constant`: a
+    0-d int64 tensor, or the ``int`` itself. The kernels read it with ``int``/``float`` and :func:`_equals`."""
     if not torch.jit.is_scripting():
         if not is_tracing():
             return int(value)
     return int_hyperparameter(value, like)
+
+
+def _equals(x: Tensor, value: Tensor) -> Tensor:
+    r"""Where ``x`` equals an integer setting of :func:`_code`, compared in ``x``'s dtype."""
+    if not torch.jit.is_scripting():
+        if not isinstance(value, Tensor):
+            return x == value
+    return x == value.to(x.dtype)
 
 
 def _region_loss(
@@ -687,7 +757,7 @@ def _region_loss(
     )
     values, totals, _ = statistics_kernel(
         predictions, targets, *split_weights(weights, predictions), *statistics_leading, *arguments,
-        _flag(squared_pred, predictions), int_hyperparameter(ignore_index, predictions), class_weight, mode, batch,
+        _flag(squared_pred, predictions), _code(ignore_index, predictions), class_weight, mode, batch,
         False, reduction == "none",
     )
     reductions = reductions_kernel(totals, *reductions_leading, *arguments, class_weight, batch)
@@ -761,7 +831,7 @@ class RegionLoss(Loss):
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return region_statistics(
             predictions, targets, *split_weights(weights, predictions), *self.index_arguments(predictions),
-            _flag(self.squared_pred, predictions), int_hyperparameter(self.ignore_index, predictions),
+            _flag(self.squared_pred, predictions), _code(self.ignore_index, predictions),
             optional_vector(self.class_weight), self.mode, self.batch, per_sample, values, per_class,
         )
 
