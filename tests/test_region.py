@@ -358,7 +358,7 @@ def test_scripted_module_reads_hyperparameters_at_call_time():
 def test_eager_sums_equal_the_traced_form(monkeypatch, mode, ignore, squared_pred):
     r"""The eager class-index sums (gather and scatter_add, no one-hot) and the dense sums without a mask
     when nothing is ignored give the traced form's values and gradients, with per-class pixel weights."""
-    from loss_service.losses import region
+    from loss_service.losses import _reduction, region
 
     spec = losses.get("dice")
     params = {"mode": mode, "squared_pred": squared_pred, "batch": False}
@@ -368,7 +368,9 @@ def test_eager_sums_equal_the_traced_form(monkeypatch, mode, ignore, squared_pre
     pixel_weights = torch.rand(predictions.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     results = []
     for traced in (False, True):
+        # The kernels' and the hyperparameters' (0-d tensors while tracing) view of tracing.
         monkeypatch.setattr(region, "is_tracing", lambda: traced)
+        monkeypatch.setattr(_reduction, "is_tracing", lambda: traced)
         leaf = predictions.clone().requires_grad_(True)
         values = losses.build("dice", **params, reduction="none")(leaf, targets, pixel_weights)
         results.append((values, torch.autograd.grad(values.sum(), leaf)[0]))

@@ -19,6 +19,7 @@ from loss_service.losses._base import ElementwiseLoss
 from loss_service.losses._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from loss_service.losses._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, elementwise_reductions, float_hyperparameter,
+    hyperparameter_in,
     one_target_per_prediction_hint, optional_vector, select_reduction, vector_argument, weighted_statistics,
 )
 
@@ -33,10 +34,11 @@ def log_cosh_statistics(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], scale: Tensor, class_weight: Optional[Tensor],
     class_dim: int, per_sample: bool, values: bool = True, per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Statistics kernel: hyperparameters by their ParamSpec names, floats as 0-d tensors."""
+    r"""Statistics kernel: hyperparameters by their ParamSpec names, floats as 0-d tensors (Python numbers in eager
+    Python, read through ``hyperparameter_in``)."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     dtype = compute_dtype(predictions.dtype)
-    s = scale.to(dtype)
+    s = hyperparameter_in(scale, dtype)
     scaled = ((predictions.to(dtype) - as_float(targets, dtype, "targets")) * s).abs()
     loss = (scaled + torch.log1p(torch.exp(-2.0 * scaled)) - math.log(2.0)) / s
     return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)

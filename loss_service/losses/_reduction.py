@@ -97,20 +97,50 @@ def in_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype)
 
 
+def eager_python() -> bool:
+    r"""True in eager Python: neither TorchScript nor a tracer (:func:`is_tracing`). There a kernel takes its
+    hyperparameters as Python numbers (the ``*_hyperparameter`` functions): a 0-d tensor costs an op at each
+    use, and a read on the host to branch on it, which a small batch notices. The kernels read a hyperparameter
+    with ``float``, ``int`` and ``bool`` (which take both) and :func:`hyperparameter_in`."""
+    if not torch.jit.is_scripting():
+        return not is_tracing()
+    return False
+
+
 def float_hyperparameter(value: float, predictions: Tensor) -> Tensor:
-    r"""A float hyperparameter as the 0-d tensor a kernel takes, in the compute dtype (not the predictions':
-    ``label_smoothing=0.1`` stays exact to float32 for float16 inputs)."""
+    r"""A float hyperparameter as a kernel takes it: a 0-d tensor in the compute dtype (not the predictions':
+    ``label_smoothing=0.1`` stays exact to float32 for float16 inputs), the Python ``float`` in eager Python
+    (:func:`eager_python`)."""
+    if not torch.jit.is_scripting():
+        if eager_python():
+            return float(value)
     return torch.full([], value, dtype=compute_dtype(predictions.dtype), device=predictions.device)
 
 
 def int_hyperparameter(value: int, predictions: Tensor) -> Tensor:
-    r"""An integer hyperparameter (``ignore_index``, ``balance_index``) as a 0-d int64 tensor."""
+    r"""An integer hyperparameter (``ignore_index``, ``balance_index``) as a 0-d int64 tensor, the ``int`` in eager
+    Python."""
+    if not torch.jit.is_scripting():
+        if eager_python():
+            return int(value)
     return torch.full([], value, dtype=torch.int64, device=predictions.device)
 
 
 def bool_hyperparameter(value: bool, predictions: Tensor) -> Tensor:
-    r"""A boolean hyperparameter as a 0-d bool tensor."""
+    r"""A boolean hyperparameter as a 0-d bool tensor, the ``bool`` in eager Python."""
+    if not torch.jit.is_scripting():
+        if eager_python():
+            return bool(value)
     return torch.full([], value, dtype=torch.bool, device=predictions.device)
+
+
+def hyperparameter_in(value: Tensor, dtype: torch.dtype) -> Tensor:
+    r"""A hyperparameter of the ``*_hyperparameter`` functions in ``dtype`` (e.g. to compare a tensor of that dtype
+    with it); a Python number as it is."""
+    if not torch.jit.is_scripting():
+        if not isinstance(value, Tensor):
+            return value
+    return in_dtype(value, dtype)
 
 
 def optional_ignore_index(ignore_index: Optional[int], ignored_in_mean: bool, predictions: Tensor) -> Tuple[
@@ -128,7 +158,7 @@ def binary_kept(targets: Tensor, ignore_index: Optional[Tensor]) -> Optional[Ten
     An exported graph always has the input: :data:`UNSET_INT` there means that nothing is ignored."""
     if ignore_index is None:
         return None
-    kept = targets != ignore_index.to(targets.dtype)
+    kept = targets != hyperparameter_in(ignore_index, targets.dtype)
     if is_tracing():
         kept = kept | (ignore_index == unset_int())
     return kept
@@ -290,7 +320,7 @@ def ignored_denominator(keep: Tensor, ignored_in_mean: Optional[Tensor]) -> Opti
         return keep
     if is_tracing():
         return torch.where(ignored_in_mean, torch.ones_like(keep), keep)
-    if bool(ignored_in_mean.item()):
+    if bool(ignored_in_mean):
         return None
     return keep
 
@@ -566,7 +596,7 @@ def smoothed_binary_targets(targets: Tensor, label_smoothing: Optional[Tensor]) 
     read = check_range(label_smoothing, "label_smoothing", 1.0, "in [0, 1]")
     if read is not None and read == 0.0:
         return targets
-    epsilon = label_smoothing.to(targets.dtype)
+    epsilon = hyperparameter_in(label_smoothing, targets.dtype)
     return targets * (1.0 - epsilon) + 0.5 * epsilon
 
 

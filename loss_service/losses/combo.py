@@ -12,12 +12,13 @@ from torch import Tensor
 
 from ._registry import LossSpec, ParamSpec, get, register
 from ._reduction import (
-    accumulate, check_same_shape, elementwise_reductions, host_reductions, host_tensor, host_totals, is_tracing,
-    one_target_per_prediction_hint, optional_vector, sums_only, totals_alone, vector_argument, vector_buffer,
+    accumulate, bool_hyperparameter, check_same_shape, elementwise_reductions, host_reductions, host_tensor,
+    host_totals, int_hyperparameter, is_tracing, one_target_per_prediction_hint, optional_vector, sums_only,
+    totals_alone, vector_argument, vector_buffer,
 )
 from .bce import bce_with_logits_statistics
 from .region import (
-    DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _code, _constant, _flag, _float64, _region_loss, _weights3,
+    DENSE_TARGET_RANGE, DiceLoss, Forms, RegionLoss, _constant, _float64, _region_loss, _weights3,
     check_split_weights, dense_sums, masked_pixel_weight, overlap_statistics, prepare, region_class_reductions,
     region_inputs, region_reductions, split_weights,
 )
@@ -229,8 +230,8 @@ class BCEDiceLoss(RegionLoss):
         return bce_dice_statistics(
             predictions, targets, *split_weights(weights, predictions), optional_vector(self.pos_weight),
             _constant(self.bce_weight, predictions), _constant(self.dice_weight, predictions),
-            *self.index_arguments(predictions), _flag(self.squared_pred, predictions),
-            _code(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode,
+            *self.index_arguments(predictions), bool_hyperparameter(self.squared_pred, predictions),
+            int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight), self.mode,
             self.batch, per_sample, values, per_class,
         )
 

@@ -16,8 +16,8 @@ from ._registry import LossSpec, register
 from ._stable import log_softmax, logsumexp
 from ._reduction import (
     as_float, check_range, check_reduction, check_same_shape, compute_dtype, elementwise_statistics, reduce_elementwise,
-    float_hyperparameter, in_dtype, int_hyperparameter, is_tracing, label_map_hint, normalize_class_dim,
-    optional_vector, class_setting, power, sample_or_element_weights, summed_statistics, sums_only, torch_reduction,
+    float_hyperparameter, hyperparameter_in, in_dtype, int_hyperparameter, is_tracing, label_map_hint,
+    normalize_class_dim, optional_vector, class_setting, power, sample_or_element_weights, summed_statistics, sums_only, torch_reduction,
     unless_ignored, vector_argument, weight_summed_statistics,
 )
 
@@ -130,7 +130,7 @@ def eager_index_targets(
     smallest, largest = torch.aminmax(indices)
     low = int(smallest.item())
     high = int(largest.item())
-    ignored = int(ignore_index.item())
+    ignored = int(ignore_index)
     in_range = low >= 0 and high < num_classes
     if ignored < low or ignored > high:
         if not in_range:
@@ -203,7 +203,7 @@ def kernel_checked_nll_statistics(
     ``[0, C)``; its ``IndexError`` becomes :func:`eager_index_targets`' ``ValueError``, which names that index."""
     indices = index_tensor(targets, shape, 1, probabilities_allowed)
     try:
-        return nll_summed_statistics(log_p, indices, class_vector, int(ignore_index.item()))
+        return nll_summed_statistics(log_p, indices, class_vector, int(ignore_index))
     except IndexError:
         eager_index_targets(targets, ignore_index, shape, 1, probabilities_allowed)
         raise
@@ -309,7 +309,7 @@ def probability_target_statistics(
     element count ``N·d1..dk``, as torch for probability targets. An element counts for each class ``c`` in
     the class totals by its target probability ``q_c`` (one-hot targets: as its class index would)."""
     probabilities = as_float(targets, dtype, "targets")
-    smoothed = (1.0 - epsilon) * probabilities + epsilon / class_losses.shape[dim]
+    smoothed = (1.0 - epsilon) * probabilities + smoothing_share(epsilon, class_losses.shape[dim])
     terms = smoothed * class_losses
     if weight_c is not None:
         terms = terms * weight_c
@@ -319,6 +319,12 @@ def probability_target_statistics(
         sample_weight = sample_or_element_weights(weights, list(loss.shape)).to(dtype)
         loss = loss * sample_weight
     return elementwise_statistics(loss, sample_weight, None, per_sample, per_class, dim, probabilities)
+
+
+def smoothing_share(epsilon: Tensor, num_classes: int) -> Tensor:
+    r"""``ε / C``, each class's share of the label smoothing ``ε`` (a hyperparameter: a Python number in eager
+    Python). Without classes there is nothing to share, and no division by zero: ``ε`` itself."""
+    return epsilon / max(num_classes, 1)
 
 
 def _smallest_normal(dtype: torch.dtype) -> float:
@@ -354,10 +360,10 @@ def class_weights(
                 raise ValueError("a scalar alpha needs a balance_index")
             num_classes = shape[dim]
             if not is_tracing():
-                value = float(alpha.item())
+                value = float(alpha)
                 if value < 0.0 or value > 1.0:
                     raise ValueError("a scalar alpha must be in [0, 1], got {}".format(value))
-                balance = int(balance_index.item())
+                balance = int(balance_index)
                 if balance < 0 or balance >= num_classes:
                     raise ValueError("balance_index must be a class in [0, {}), got {}".format(num_classes, balance))
             view = [1] * len(shape)
@@ -393,7 +399,8 @@ def softmax_statistics(
     :math:`\ell = (1 - \varepsilon)\, a_y f(p_y) + \frac{\varepsilon}{C} \sum_c a_c f(p_c)` and
     :math:`d = a_y` (both 0 where ignored); one with class probabilities :math:`t` has
     :math:`\ell = \sum_c q_c a_c f(p_c)`, :math:`q = (1 - \varepsilon) t + \varepsilon / C`, :math:`d = 1`.
-    Hyperparameters are 0-d tensors; targets of the predictions' rank are class probabilities, else indices.
+    Hyperparameters are 0-d tensors (Python numbers in eager Python); targets of the predictions' rank are class
+    probabilities, else indices.
     """
     dtype = compute_dtype(predictions.dtype)
     x = predictions.to(dtype)
@@ -402,7 +409,7 @@ def softmax_statistics(
     if gamma is not None:
         check_gamma(gamma)
     check_range(label_smoothing, "label_smoothing", 1.0, "in [0, 1]")
-    epsilon = label_smoothing.to(dtype)
+    epsilon = hyperparameter_in(label_smoothing, dtype)
     weight_c = class_weights(alpha, balance_index, class_weight, shape, dim, dtype)
     if targets.dim() == len(shape):
         # Probability targets: torch ignores ignore_index here and its mean divides by N·d1..dk.
@@ -426,11 +433,15 @@ def softmax_statistics(
     target_term = class_terms(-select_class(log_p, target_mask, dim), gamma)
     # The smoothing term reads every class; with label_smoothing = 0 it is masked out before use,
     # so a -inf logit of a non-target class stays finite (as in torch) in value and gradient.
-    smoothing_terms = class_terms(-torch.where(epsilon > 0, log_p, torch.zeros_like(log_p)), gamma)
+    if is_tracing():
+        smoothed = torch.where(epsilon > 0, log_p, torch.zeros_like(log_p))
+    else:
+        smoothed = log_p if float(epsilon) > 0 else torch.zeros_like(log_p)
+    smoothing_terms = class_terms(-smoothed, gamma)
     if weight_c is not None:
         smoothing_terms = smoothing_terms * weight_c
     # denominator = a_y (0 where ignored): the class weight of the target, as in torch.
-    loss = (1.0 - epsilon) * denominator * target_term + (epsilon / shape[dim]) * smoothing_terms.sum(dim)
+    loss = (1.0 - epsilon) * denominator * target_term + smoothing_share(epsilon, shape[dim]) * smoothing_terms.sum(dim)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if sample_weight is not None:
         loss = loss * sample_weight
@@ -459,7 +470,7 @@ def _eager_index_statistics(
     when no target is ignored, and the temporaries of the elementwise shape are updated in place
     unless autograd records ``x``.
     """
-    smoothing_value = float(epsilon.item())
+    smoothing_value = float(epsilon)
     smoothing = smoothing_value > 0.0
     fused_sums = gamma is None and weights is None and dim == 1 and len(shape) > 2 and sums_only(
         values, per_sample or per_class
@@ -485,7 +496,7 @@ def _eager_index_statistics(
     weight, denominator, sample_weight = eager_index_weights(weights, class_vector, indices, valid, dtype)
     lse = x  # read only with smoothing, which the closed-form branch excludes
     if not smoothing and not torch.jit.is_scripting():
-        loss = _autograd.softmax_target_term(x, indices, dim, None if gamma is None else float(gamma.item()))
+        loss = _autograd.softmax_target_term(x, indices, dim, None if gamma is None else float(gamma))
     else:
         lse = logsumexp(x, dim)
         target_nll = eager_target_nll(x, lse, indices, valid, dim, smoothing)
@@ -496,7 +507,7 @@ def _eager_index_statistics(
             else:
                 # No clamp at the smallest normal (it is there for the gradient): target_nll >= 0, so the
                 # base is >= 0, and a base below it means -log p_y below it too, a product of ~0 either way.
-                loss = torch.neg(target_nll).expm1_().neg_().pow_(float(gamma.item())).mul_(target_nll)
+                loss = torch.neg(target_nll).expm1_().neg_().pow_(float(gamma)).mul_(target_nll)
     # denominator = a_y (0 where ignored, None for 1): ignored elements give 0 without a mask.
     if denominator is not None:
         loss = loss * denominator if recording else loss.mul_(denominator)
@@ -504,7 +515,7 @@ def _eager_index_statistics(
         smoothing_terms = class_terms(lse.unsqueeze(dim) - x, gamma)
         if weight_c is not None:
             smoothing_terms = smoothing_terms * weight_c
-        loss = (1.0 - epsilon) * loss + (epsilon / shape[dim]) * smoothing_terms.sum(dim)
+        loss = (1.0 - epsilon) * loss + smoothing_share(epsilon, shape[dim]) * smoothing_terms.sum(dim)
         if valid is not None:
             loss = torch.where(valid, loss, 0.0)
     if sample_weight is not None:

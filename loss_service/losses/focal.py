@@ -20,7 +20,7 @@ from ._params import (
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float, binary_kept, check_reduction, check_same_shape, class_setting, compute_dtype, reduce_elementwise,
-    float_hyperparameter, ignored_targets_zeroed, in_dtype, int_hyperparameter, is_tracing,
+    float_hyperparameter, hyperparameter_in, ignored_targets_zeroed, in_dtype, int_hyperparameter, is_tracing,
     one_target_per_prediction_hint, optional_ignore_index, optional_vector, sum_reduction, torch_reduction,
     unless_ignored, vector_argument, vector_buffer, weighted_statistics,
 )
@@ -51,7 +51,7 @@ def _binary_focal_terms(
     ignored), :func:`~._reduction.binary_kept` and the compute dtype."""
     check_same_shape(predictions, targets, class_dim, one_target_per_prediction_hint())
     check_gamma(gamma)
-    if not is_tracing() and float(alpha.item()) > 1.0:
+    if not is_tracing() and float(alpha) > 1.0:
         raise ValueError("alpha must be <= 1 (a negative alpha disables the balancing), got {}".format(float(alpha)))
     dtype = compute_dtype(predictions.dtype)
     t = as_float(targets, dtype, "targets")
@@ -62,8 +62,8 @@ def _binary_focal_terms(
     if pos_weight is not None:
         positive_weight = class_setting(pos_weight.to(dtype), list(x.shape), class_dim, "pos_weight")
     if not torch.jit.is_scripting() and not is_tracing() and not t.requires_grad:
-        return _autograd.binary_focal(x, t, float(alpha.item()), float(gamma.item()), positive_weight), kept, dtype
-    alpha = alpha.to(dtype)
+        return _autograd.binary_focal(x, t, float(alpha), float(gamma), positive_weight), kept, dtype
+    alpha = hyperparameter_in(alpha, dtype)
     log_p = log_sigmoid(x)
     # BCE with logits, -[w₊ t log σ(x) + (1 - t) log σ(-x)] = (1 - t) x - (w₊ t + 1 - t) log σ(x).
     positive_scale = t if positive_weight is None else positive_weight * t
@@ -74,6 +74,9 @@ def _binary_focal_terms(
     one_minus_p_t = torch.exp(log_p) * (1.0 - t) + torch.exp(log_sigmoid(-x)) * t
     loss = cross_entropy * modulating_factor(one_minus_p_t, gamma)
     alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
+    if not is_tracing():
+        # A negative alpha disables the balancing: read on the host.
+        return (loss * alpha_t if float(alpha) >= 0 else loss), kept, dtype
     return loss * torch.where(alpha >= 0, alpha_t, torch.ones_like(alpha_t)), kept, dtype
 
 
@@ -186,7 +189,8 @@ def focal_loss(
     if isinstance(alpha, Tensor):
         alpha_tensor = alpha
     elif alpha is not None:
-        alpha_tensor = float_hyperparameter(alpha, predictions)
+        # A scalar alpha is a 0-d tensor as the module's buffer is: class_weights spreads it over the classes.
+        alpha_tensor = torch.full([], alpha, dtype=compute_dtype(predictions.dtype), device=predictions.device)
     values, totals, _ = focal_statistics(
         predictions, targets, weights, float_hyperparameter(gamma, predictions), alpha_tensor,
         int_hyperparameter(balance_index, predictions), vector_argument(class_weight),

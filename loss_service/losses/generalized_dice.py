@@ -28,12 +28,12 @@ from ._base import Loss
 from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
-    check_range, check_reduction, elementwise_reductions, elementwise_statistics, optional_vector,
-    power, safe_divide, select_reduction, vector_argument, vector_buffer,
+    bool_hyperparameter, check_range, check_reduction, elementwise_reductions, elementwise_statistics, int_hyperparameter,
+    optional_vector, power, safe_divide, select_reduction, vector_argument, vector_buffer,
 )
 from .region import (
     BATCH_PARAM, CLASS_WEIGHT_PARAM, DENSE_TARGET_RANGE, INCLUDE_BACKGROUND_PARAM, MODE_PARAM, SMOOTH_DR_PARAM,
-    SMOOTH_NR_PARAM, VARIANTS, _SHAPES, DiceLoss, _class_vectors, _code, _constant, _flag, _float64, _weighted,
+    SMOOTH_NR_PARAM, VARIANTS, _SHAPES, DiceLoss, _class_vectors, _constant, _float64, _weighted,
     batch_totals, check_split_weights, index_arguments, pooled_class_totals, region_class_reductions, region_forms,
     region_inputs, region_sums, set_region_settings, split_weights,
 )
@@ -78,7 +78,7 @@ def generalized_dice_statistics(
     check_range(weight_exponent, "weight_exponent", 1.7976931348623157e308, "a finite number >= 0")
     check_split_weights(weights, sample_weights, predictions)
     sums = region_sums(
-        predictions, targets, weights, ignore_index, _flag(False, predictions), mode
+        predictions, targets, weights, ignore_index, bool_hyperparameter(False, predictions), mode
     )
     if batch:
         totals, sample_totals = batch_totals(sums, sample_weights, per_sample and not per_class)
@@ -127,10 +127,10 @@ def _arguments(
     like: Tensor, weight_exponent: float, smooth_nr: float, smooth_dr: float, include_background: bool
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""``(weight_exponent, smooth_nr, smooth_dr, include_background)`` as the kernels take them (the region
-    kernels' :func:`~loss_service.losses.region._constant` and :func:`~loss_service.losses.region._flag`)."""
+    kernels' :func:`~loss_service.losses.region._constant` and :func:`~._reduction.bool_hyperparameter`)."""
     return (
         _constant(weight_exponent, like), _constant(smooth_nr, like), _constant(smooth_dr, like),
-        _flag(include_background, like),
+        bool_hyperparameter(include_background, like),
     )
 
 
@@ -154,7 +154,7 @@ def generalized_dice_loss(
     arguments = _arguments(predictions, weight_exponent, smooth_nr, smooth_dr, include_background)
     values, totals, _ = generalized_dice_statistics(
         predictions, targets, *split_weights(weights, predictions), *arguments,
-        _code(ignore_index, predictions), class_weight, mode, batch, False,
+        int_hyperparameter(ignore_index, predictions), class_weight, mode, batch, False,
     )
     reductions = generalized_dice_reductions(totals, *arguments, class_weight, batch)
     return select_reduction(values, reductions, reduction, predictions.dtype)
@@ -197,7 +197,7 @@ class GeneralizedDiceLoss(Loss):
         pixel_weights, sample_weights = split_weights(weights, predictions)
         return generalized_dice_statistics(
             predictions, targets, pixel_weights, sample_weights, weight_exponent, smooth_nr, smooth_dr,
-            include_background, _code(self.ignore_index, predictions), optional_vector(self.class_weight),
+            include_background, int_hyperparameter(self.ignore_index, predictions), optional_vector(self.class_weight),
             self.mode, self.batch, per_sample, per_class,
         )
 

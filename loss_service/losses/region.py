@@ -37,8 +37,9 @@ from ._params import CLASS_WEIGHT_PARAM as SHARED_CLASS_WEIGHT_PARAM
 from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
-    accumulate, as_float, broadcastable, check_real, check_reduction, check_same_shape, compute_dtype,
-    elementwise_reductions, elementwise_statistics, in_dtype, int_hyperparameter, is_tracing, multiclass_mode_hint,
+    accumulate, as_float, bool_hyperparameter, broadcastable, check_real, check_reduction, check_same_shape,
+    compute_dtype, elementwise_reductions, elementwise_statistics, hyperparameter_in, in_dtype,
+    int_hyperparameter, is_tracing, multiclass_mode_hint,
     optional_vector, safe_divide, sample_or_element_weights, select_reduction, unless_ignored, vector_argument,
     vector_buffer,
 )
@@ -132,7 +133,7 @@ def prepare(
         # Class probabilities (soft labels, label smoothing, one-hot masks): a position whose
         # target equals ignore_index in any channel is dropped from every class, as an ignored
         # class index is (the softmax at that position involves every class).
-        ignored_entries = _equals(targets, ignore_index)
+        ignored_entries = targets == hyperparameter_in(ignore_index, targets.dtype)
         t = _dense_targets(targets, ignored_entries, dtype, "multiclass probability")
         ignored = ignored_entries.any(dim=1, keepdim=True)
         t = torch.where(ignored, torch.zeros_like(t), t)
@@ -149,7 +150,7 @@ def prepare(
     if not is_tracing() and _plainly_dense(targets, ignore_index):
         flat = _flatten_spatial(x, class_channel)
         return flat, torch.sigmoid(flat), _flatten_spatial(targets.to(dtype), class_channel), None
-    ignored = _equals(targets, ignore_index)
+    ignored = targets == hyperparameter_in(ignore_index, targets.dtype)
     t = torch.where(ignored, 0.0, _dense_targets(targets, ignored, dtype, mode))
     kept = ~ignored
     flat = _flatten_spatial(unless_ignored(x, kept), class_channel)
@@ -215,7 +216,7 @@ def prepare_class_indices(
     r""":func:`prepare` for multiclass class-index targets (:func:`class_index_view`)."""
     index = class_index_view(x, predictions, targets)
     num_classes = x.shape[1]
-    ignored = _equals(index, ignore_index)
+    ignored = index == hyperparameter_in(ignore_index, index.dtype)
     check_class_indices(index, ignored, num_classes)
     kept = ~ignored
     x = unless_ignored(x, kept.unsqueeze(1))
@@ -677,29 +678,18 @@ def region_class_reductions(
 
 
 def _constant(value: float, like: Tensor) -> Tensor:
-    r"""A float hyperparameter of the region kernels: a 0-d float64 tensor in TorchScript and while tracing (a graph
-    input there), a Python ``float`` in eager Python, where a 0-d tensor costs an op at each use. The kernels
-    read it through :func:`_float64` and ``bool``/``int``, which take both."""
+    r"""A float hyperparameter of the region kernels: :func:`~._reduction.float_hyperparameter` (a Python ``float`` in
+    eager Python), but a float64 tensor in TorchScript and while tracing (a graph input there), whatever the
+    predictions' dtype. The kernels read it through :func:`_float64` and ``bool``/``int``, which take both."""
     if not torch.jit.is_scripting():
         if not is_tracing():
             return float(value)
     return torch.full([], value, dtype=torch.float64, device=like.device)
 
 
-def _flag(value: bool, like: Tensor) -> Tensor:
-    r"""A boolean hyperparameter, as :func:`_constant`: a 0-d bool tensor, or in eager Python the ``bool`` itself."""
-    if not torch.jit.is_scripting():
-        if not is_tracing():
-            return bool(value)
-    return torch.full([], value, dtype=torch.bool, device=like.device)
-
-
 def _float64(value: Tensor) -> Tensor:
     r"""A hyperparameter of :func:`_constant` in float64 (the Python number as it is)."""
-    if not torch.jit.is_scripting():
-        if not isinstance(value, Tensor):
-            return value
-    return in_dtype(value, torch.float64)
+    return hyperparameter_in(value, torch.float64)
 
 
 # The arguments both region kernels take after their tensors: (k, α, β, γ, s_nr, s_dr, log_loss,
@@ -711,31 +701,14 @@ def index_arguments(
     like: Tensor, overlap_scale: float, alpha: float, beta: float, gamma: Optional[float], smooth_nr: float,
     smooth_dr: float, log_loss: bool, include_background: bool, absent_classes: str,
 ) -> IndexArguments:
-    r"""The overlap index and its settings as the kernels take them (:func:`_constant` and :func:`_flag` on ``like``'s
+    r"""The overlap index and its settings as the kernels take them (:func:`_constant` and :func:`~._reduction.bool_hyperparameter` on ``like``'s
     device; ``absent_classes`` as its code, ``None`` for the default rule, which needs no tensor)."""
     code = absent_classes_code(absent_classes)
     return (
         _constant(overlap_scale, like), _constant(alpha, like), _constant(beta, like),
         None if gamma is None else _constant(gamma, like), _constant(smooth_nr, like), _constant(smooth_dr, like),
-        _flag(log_loss, like), _flag(include_background, like), None if code == 0 else _code(code, like),
+        bool_hyperparameter(log_loss, like), bool_hyperparameter(include_background, like), None if code == 0 else int_hyperparameter(code, like),
     )
-
-
-def _code(value: int, like: Tensor) -> Tensor:
-    r"""An integer setting of the region kernels (``absent_classes``' code, ``ignore_index``), as :func:`_constant`: a
-    0-d int64 tensor, or the ``int`` itself. The kernels read it with ``int``/``float`` and :func:`_equals`."""
-    if not torch.jit.is_scripting():
-        if not is_tracing():
-            return int(value)
-    return int_hyperparameter(value, like)
-
-
-def _equals(x: Tensor, value: Tensor) -> Tensor:
-    r"""Where ``x`` equals an integer setting of :func:`_code`, compared in ``x``'s dtype."""
-    if not torch.jit.is_scripting():
-        if not isinstance(value, Tensor):
-            return x == value
-    return x == value.to(x.dtype)
 
 
 def _region_loss(
@@ -757,7 +730,7 @@ def _region_loss(
     )
     values, totals, _ = statistics_kernel(
         predictions, targets, *split_weights(weights, predictions), *statistics_leading, *arguments,
-        _flag(squared_pred, predictions), _code(ignore_index, predictions), class_weight, mode, batch,
+        bool_hyperparameter(squared_pred, predictions), int_hyperparameter(ignore_index, predictions), class_weight, mode, batch,
         False, reduction == "none",
     )
     reductions = reductions_kernel(totals, *reductions_leading, *arguments, class_weight, batch)
@@ -831,7 +804,7 @@ class RegionLoss(Loss):
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return region_statistics(
             predictions, targets, *split_weights(weights, predictions), *self.index_arguments(predictions),
-            _flag(self.squared_pred, predictions), _code(self.ignore_index, predictions),
+            bool_hyperparameter(self.squared_pred, predictions), int_hyperparameter(self.ignore_index, predictions),
             optional_vector(self.class_weight), self.mode, self.batch, per_sample, values, per_class,
         )
 

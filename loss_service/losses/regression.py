@@ -15,8 +15,8 @@ from ._params import CLASS_DIM_PARAM, CLASS_WEIGHT_PARAM, REDUCTION_PARAM
 from ._registry import LossSpec, ParamSpec, register
 from ._reduction import (
     as_float, check_reduction, check_same_shape, compute_dtype, reduce_elementwise, float_hyperparameter,
-    in_dtype, is_tracing, one_target_per_prediction_hint, optional_vector, summed_statistics, sums_only,
-    sum_reduction, torch_reduction, vector_argument, weighted_statistics,
+    hyperparameter_in, in_dtype, is_tracing, one_target_per_prediction_hint, optional_vector, summed_statistics,
+    sums_only, sum_reduction, torch_reduction, vector_argument, weighted_statistics,
 )
 
 DELTA_PARAM = ParamSpec(
@@ -49,20 +49,21 @@ def _split_residual(
     (which would overflow float32 in the branch torch.where discards). The 0-d ``threshold`` is checked here
     (``> 0``, ``>= 0`` with ``allow_zero``) as C++ may have set it; the host check is skipped while exporting."""
     residual, dtype = _residual(predictions, targets)
-    threshold = checked_threshold(threshold.to(dtype), loss, name, allow_zero)
+    threshold = checked_threshold(hyperparameter_in(threshold, dtype), loss, name, allow_zero)
     absolute = residual.abs()
     quadratic_part = torch.minimum(absolute, threshold)
     return absolute, quadratic_part, threshold, dtype
 
 
 def checked_threshold(threshold: Tensor, loss: str, name: str, allow_zero: bool) -> Tensor:
-    r"""``ValueError`` unless the 0-d ``threshold`` is ``> 0`` (``>= 0`` with ``allow_zero``); not while tracing."""
-    if threshold.dim() != 0:
+    r"""``ValueError`` unless the 0-d ``threshold`` (or Python number, :func:`~._reduction.float_hyperparameter`) is
+    ``> 0`` (``>= 0`` with ``allow_zero``); not while tracing."""
+    if isinstance(threshold, Tensor) and threshold.dim() != 0:
         raise ValueError(
             "{}: parameter '{}' must be a single number, got shape {}".format(loss, name, list(threshold.shape))
         )
     if not is_tracing():
-        checked_threshold_value(float(threshold.item()), loss, name, allow_zero)
+        checked_threshold_value(float(threshold), loss, name, allow_zero)
     return threshold
 
 
@@ -141,7 +142,7 @@ def huber_statistics(
         loss = 0.5 * quadratic_part * quadratic_part + delta * (absolute - quadratic_part)
     else:
         p, t, dtype = _in_compute_dtype(predictions, targets)
-        value = float(checked_threshold(delta.to(dtype), "huber", "delta", False).item())
+        value = float(checked_threshold(hyperparameter_in(delta, dtype), "huber", "delta", False))
         loss = F.huber_loss(p, t, reduction="none", delta=value)
     return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
 
@@ -162,7 +163,7 @@ def smooth_l1_statistics(
         loss = 0.5 * quadratic_part * quadratic_part / safe_beta + (absolute - quadratic_part)
     else:
         p, t, dtype = _in_compute_dtype(predictions, targets)
-        value = float(checked_threshold(beta.to(dtype), "smooth_l1", "beta", True).item())
+        value = float(checked_threshold(hyperparameter_in(beta, dtype), "smooth_l1", "beta", True))
         loss = F.smooth_l1_loss(p, t, reduction="none", beta=value)
     return weighted_statistics(loss, weights, class_weight, class_dim, dtype, per_sample, per_class)
 
