@@ -27,7 +27,8 @@ about as much as timing it, so each timed sample there is the mean of several co
 ``--forms`` times instead each place where a kernel keeps an eager form beside its export form
 (``if is_tracing(): <export form> else: <eager form>``): the registered loss that reaches it,
 with the eager form and with the export form forced (``is_tracing`` patched to ``True`` in the
-kernel's module, which also skips the eager form's value checks, in the export form's favour),
+kernel's module, which also skips the eager form's value checks, in the export form's favour, and
+``_reduction.eager_python`` to ``False``: the hyperparameters are 0-d tensors, as while exporting),
 forward without grad and forward+backward, and prints ``export / eager``. A kernel keeps an eager
 form only where this ratio is at least 1.5 in the mode the form serves (docs/benchmarks.md).
 
@@ -333,15 +334,18 @@ def measure_forms(sizes: Sequence[int], repeats: int) -> None:
             with torch.set_grad_enabled(site.training):
                 for _ in range(repeats + 1):
                     for forced in (False, True):
-                        originals = {name: kernels[name].is_tracing for name in site.modules}
+                        # The export form: the site's kernels trace, and their hyperparameters are 0-d tensors.
+                        patches = [(kernels[name], "is_tracing", True) for name in site.modules]
+                        patches.append((_reduction, "eager_python", False))
+                        originals = [(module, attribute, getattr(module, attribute)) for module, attribute, _ in patches]
                         if forced:
-                            for name in site.modules:
-                                kernels[name].is_tracing = lambda: True
+                            for module, attribute, value in patches:
+                                setattr(module, attribute, lambda value=value: value)
                         try:
                             times[forced].append(_time_once(call, per_sample))
                         finally:
-                            for name, original in originals.items():
-                                kernels[name].is_tracing = original
+                            for module, attribute, original in originals:
+                                setattr(module, attribute, original)
             eager, export = (statistics.median(times[forced][1:]) * 1e3 for forced in (False, True))
             mode = "fwd+bwd" if site.training else "inference"
             print(f"| {site.name:>28} | {mode:>9} | {elements:>8.0e} | {eager:>10.1f} | {export:>10.1f} | "

@@ -638,10 +638,7 @@ def elementwise_reductions(totals: Tensor) -> Tensor:
     # quotients at once by the [Σ d, Σ w] columns (denominator_column(1), denominator_column(2): columns 1-2
     # flipped), with safe_divide's guard (finite gradients).
     sums = totals.narrow(-1, 0, 1)
-    denominators = totals.narrow(-1, 1, 2).flip(-1)
-    nonzero = denominators != 0
-    quotients = torch.where(nonzero, sums / torch.where(nonzero, denominators, 1.0), 0.0)
-    return torch.cat([sums, quotients], -1)
+    return torch.cat([sums, safe_divide(sums, totals.narrow(-1, 1, 2).flip(-1))], -1)
 
 
 def denominator_column(column: int) -> int:
