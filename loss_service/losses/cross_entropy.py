@@ -17,8 +17,8 @@ from ._stable import log_softmax, logsumexp
 from ._reduction import (
     as_float, check_range, check_reduction, check_same_shape, compute_dtype, elementwise_statistics, reduce_elementwise,
     float_hyperparameter, hyperparameter_in, in_dtype, int_hyperparameter, is_tracing, label_map_hint,
-    normalize_class_dim, optional_vector, class_setting, power, sample_or_element_weights, summed_statistics, sums_only, torch_reduction,
-    unless_ignored, vector_argument, weight_summed_statistics,
+    normalize_class_dim, optional_vector, class_setting, power, sample_or_element_weights, summed_statistics,
+    sums_only, torch_reduction, unless_ignored, vector_argument, weight_summed_statistics,
 )
 
 
