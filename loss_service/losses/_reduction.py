@@ -107,14 +107,15 @@ def eager_python() -> bool:
     return False
 
 
-def float_hyperparameter(value: float, predictions: Tensor) -> Tensor:
-    r"""A float hyperparameter as a kernel takes it: a 0-d tensor in the compute dtype (not the predictions':
-    ``label_smoothing=0.1`` stays exact to float32 for float16 inputs), the Python ``float`` in eager Python
-    (:func:`eager_python`)."""
+def float_hyperparameter(value: float, predictions: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    r"""A float hyperparameter as a kernel takes it: a 0-d tensor of ``dtype``, by default the compute dtype (not
+    the predictions': ``label_smoothing=0.1`` stays exact to float32 for float16 inputs), the Python ``float`` in
+    eager Python (:func:`eager_python`)."""
     if not torch.jit.is_scripting():
         if eager_python():
             return float(value)
-    return torch.full([], value, dtype=compute_dtype(predictions.dtype), device=predictions.device)
+    tensor_dtype = compute_dtype(predictions.dtype) if dtype is None else dtype
+    return torch.full([], value, dtype=tensor_dtype, device=predictions.device)
 
 
 def int_hyperparameter(value: int, predictions: Tensor) -> Tensor:

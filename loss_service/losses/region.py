@@ -38,7 +38,7 @@ from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
     accumulate, as_float, bool_hyperparameter, broadcastable, check_real, check_reduction, check_same_shape,
-    compute_dtype, elementwise_reductions, elementwise_statistics, hyperparameter_in, in_dtype,
+    compute_dtype, elementwise_reductions, elementwise_statistics, float_hyperparameter, hyperparameter_in, in_dtype,
     int_hyperparameter, is_tracing, multiclass_mode_hint,
     optional_vector, safe_divide, sample_or_element_weights, select_reduction, unless_ignored, vector_argument,
     vector_buffer,
@@ -681,10 +681,7 @@ def _constant(value: float, like: Tensor) -> Tensor:
     r"""A float hyperparameter of the region kernels: :func:`~._reduction.float_hyperparameter` (a Python ``float`` in
     eager Python), but a float64 tensor in TorchScript and while tracing (a graph input there), whatever the
     predictions' dtype. The kernels read it through :func:`_float64` and ``bool``/``int``, which take both."""
-    if not torch.jit.is_scripting():
-        if not is_tracing():
-            return float(value)
-    return torch.full([], value, dtype=torch.float64, device=like.device)
+    return float_hyperparameter(value, like, torch.float64)
 
 
 def _float64(value: Tensor) -> Tensor:
