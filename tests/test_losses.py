@@ -349,6 +349,38 @@ def test_forward_takes_torchs_own_reduction_where_it_is_ours(name):
     assert losses.build(name, **params, reduction="none").fused_reduction(predictions, targets, None) is None
 
 
+@pytest.mark.parametrize(
+    "rows,classes,differentiable,taken",
+    [
+        (1000, 4, False, True),  # few elements
+        (2000, 4, False, False),  # 8000 elements: the statistics' forward is the faster
+        (2000, 4, True, True),  # ... and torch's forward and backward
+        (4000, 4, True, False),
+        (4000, 16, False, True),  # a row fills a vector register
+        (1000, 100, True, True),
+        (5, 1, False, True),
+    ],
+)
+def test_cross_entropy_on_rows_takes_torchs_kernel_where_it_is_faster(rows, classes, differentiable, taken):
+    r"""Cross-entropy on rows ``(N, C)`` takes torch's fused kernel for many classes or few elements
+    (``cross_entropy.fused_cross_entropy_suits_rows``), the statistics otherwise; the same loss and gradient."""
+    generator = torch.Generator().manual_seed(rows + classes)
+    predictions = torch.randn(rows, classes, generator=generator)
+    targets = torch.randint(0, classes, (rows,), generator=generator)
+    module = losses.build("cross_entropy", class_weight=torch.rand(classes, generator=generator) + 0.5)
+    leaf = predictions.clone().requires_grad_(differentiable)
+    fused = module.fused_reduction(leaf, targets, None)
+    assert (fused is not None) == taken
+    other = predictions.clone().requires_grad_(differentiable)
+    expected = module.reductions(module.statistics(other, targets, None, False)[1])[1]
+    torch.testing.assert_close(module(leaf, targets).double(), expected, rtol=1e-5, atol=1e-6)
+    if differentiable:
+        torch.testing.assert_close(
+            torch.autograd.grad(module(leaf, targets), leaf)[0], torch.autograd.grad(expected, other)[0],
+            rtol=1e-5, atol=1e-7,
+        )
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_empty_batch_is_finite(name, reduction):

@@ -209,6 +209,25 @@ def kernel_checked_nll_statistics(
         raise
 
 
+# Where torch's cross-entropy on rows (N, C) is faster than the statistics (docs/benchmarks.md, "Cross-entropy on
+# rows"): its log_softmax over the last dimension is several times slower on rows shorter than a vector register
+# (16 float32 with AVX-512; a machine with narrower vectors is fast from fewer classes, which keep the
+# statistics); below a few thousand elements the statistics' fixed cost is the larger, more so with the backward.
+FUSED_ROWS_MIN_CLASSES = 16
+FUSED_ROWS_MAX_ELEMENTS = 6144
+FUSED_ROWS_MAX_ELEMENTS_DIFFERENTIABLE = 12288
+
+
+def fused_cross_entropy_suits_rows(shape: List[int], differentiable: bool) -> bool:
+    r"""Whether :func:`fused_class_index_loss` takes cross-entropy on predictions of ``shape`` with fewer than
+    three dimensions: rows ``(N, C)`` of many classes or few elements, with or without the backward pass
+    (``differentiable``)."""
+    if len(shape) != 2:
+        return False
+    most = FUSED_ROWS_MAX_ELEMENTS_DIFFERENTIABLE if differentiable else FUSED_ROWS_MAX_ELEMENTS
+    return shape[1] >= FUSED_ROWS_MIN_CLASSES or shape[0] * shape[1] <= most
+
+
 @torch.jit.unused
 def fused_class_index_loss(
     predictions: Tensor, targets: Tensor, weights: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: int,
@@ -219,8 +238,9 @@ def fused_class_index_loss(
     whose ``mean`` divides by :math:`\sum a_y` as ours (:func:`~._reduction.torch_reduction`).
 
     ``None`` for call-time ``weights``, label smoothing, classes not along dim 1, cross-entropy on rows ``(N, C)``
-    (torch's ``log_softmax`` over a short last dimension is several times slower than the statistics' target
-    term), class weights that are not a ``(C,)`` vector, and targets that are not int64 class indices of the
+    of few classes beyond a few thousand elements (:func:`fused_cross_entropy_suits_rows`: torch's
+    ``log_softmax`` over a short last dimension is several times slower than the statistics' target term), class
+    weights that are not a ``(C,)`` vector, and targets that are not int64 class indices of the
     expected shape; and where torch's result is not ours, which the statistics then compute: a NaN ``mean``
     (every target ignored, where ours is 0, or NaN inputs), a class index out of range (the statistics' error
     names it), and, under autograd, cross-entropy with ignored targets (the statistics mask their logits, whose
@@ -229,7 +249,10 @@ def fused_class_index_loss(
     if how == "" or weights is not None or label_smoothing != 0.0 or predictions.device.type != "cpu":
         return None
     shape = list(predictions.shape)
-    if normalize_class_dim(class_dim, len(shape)) != 1 or targets.dtype != torch.int64 or (logits and len(shape) < 3):
+    if normalize_class_dim(class_dim, len(shape)) != 1 or targets.dtype != torch.int64:
+        return None
+    differentiable = torch.is_grad_enabled() and predictions.requires_grad
+    if logits and len(shape) < 3 and not fused_cross_entropy_suits_rows(shape, differentiable):
         return None
     if list(targets.shape) != shape[:1] + shape[2:]:
         return None
@@ -241,7 +264,7 @@ def fused_class_index_loss(
         weight = in_dtype(class_weight, dtype).contiguous()
     # Contiguous: the result must not depend on the memory layout.
     x = in_dtype(predictions, dtype).contiguous()
-    if logits and torch.is_grad_enabled() and x.requires_grad and targets.numel() > 0:
+    if logits and differentiable and targets.numel() > 0:
         smallest, largest = torch.aminmax(targets)
         if int(smallest.item()) <= ignore_index <= int(largest.item()) and bool((targets == ignore_index).any()):
             return None
