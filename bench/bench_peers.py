@@ -5,6 +5,7 @@ Usage (from the repository root, venv active, ``pip install -e .[bench]`` for ko
     python bench/bench_peers.py                                  # 1e4, 1e6, 1e7 elements; 1 and 2 threads
     python bench/bench_peers.py --sizes 1e6 --threads 1 --repeats 7 --cases dice-monai focal-kornia
     python bench/bench_peers.py --json peers.json                # also every number as JSON
+    python bench/bench_peers.py --ops --sizes 1e4                # ops and µs per call of each, no timed rounds
 
 The peers are what a user would pick instead: ``torch.nn.functional``, torchvision's
 ``sigmoid_focal_loss`` formula written out (so torchvision is not needed), MONAI, kornia and
@@ -65,6 +66,8 @@ BATCHED_BELOW = 100_000
 SAME_IN_FLOAT64 = 1e-6
 # The issue's accuracy bar for a float32 result against the float64 reference.
 FLOAT32_ACCURACY = 1e-5
+# torch.profiler's name of the event around each backward node the autograd engine runs.
+BACKWARD_NODE = "autograd::engine::evaluate_function"
 Inputs = Tuple[torch.Tensor, torch.Tensor]
 LossCall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -326,15 +329,19 @@ def compile_failure(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
 
 
-def _timed(call: LossCall, inputs: Inputs, backward: bool, calls: int) -> float:
+def _call(call: LossCall, inputs: Inputs, backward: bool) -> None:
     predictions, targets = inputs
+    if backward:
+        torch.autograd.grad(call(predictions, targets), predictions)
+    else:
+        with torch.no_grad():
+            call(predictions, targets)
+
+
+def _timed(call: LossCall, inputs: Inputs, backward: bool, calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
-        if backward:
-            torch.autograd.grad(call(predictions, targets), predictions)
-        else:
-            with torch.no_grad():
-                call(predictions, targets)
+        _call(call, inputs, backward)
     return (time.perf_counter() - start) * 1e3 / calls
 
 
@@ -404,29 +411,49 @@ def selected_cases(names: Optional[Sequence[str]]) -> Tuple[List[Case], List[str
     return found_cases, missing
 
 
-def top_level_ops(call: LossCall, inputs: Inputs) -> int:
-    r"""The aten ops one forward without grad dispatches from Python (``torch.profiler``, ops not called by another
-    op): on a small batch each costs more than its arithmetic."""
-    with torch.no_grad():
-        call(*inputs)
-        with torch.profiler.profile() as profiled:
-            call(*inputs)
-    return sum(1 for event in profiled.events() if event.name.startswith("aten::") and event.cpu_parent is None)
+def _top_level(event: torch.autograd.profiler_util.FunctionEvent) -> bool:
+    r"""An aten op dispatched from Python, or a backward node the autograd engine runs (not called by another)."""
+    return event.cpu_parent is None and (event.name.startswith("aten::") or event.name.startswith(BACKWARD_NODE))
 
 
-def op_counts(args: argparse.Namespace) -> List[Dict[str, object]]:
-    r"""``--ops``: :func:`top_level_ops` of each implementation per case and size, instead of timing."""
+def op_profile(call: LossCall, inputs: Inputs, backward: bool, calls: int) -> Tuple[int, float]:
+    r"""One forward (``backward``: forward+backward) of ``call``: its top-level aten ops and backward nodes
+    (:func:`_top_level`, counted by ``torch.profiler``) and the µs of the whole call, timed without the profiler
+    (the least of three means over ``calls`` calls; the profiler's own cost per op would count in its times). On a
+    small batch each op costs more than its arithmetic."""
+    _call(call, inputs, backward)
+    with torch.profiler.profile() as profiled:
+        _call(call, inputs, backward)
+    ops = sum(1 for event in profiled.events() if _top_level(event))
+    return ops, min(_timed(call, inputs, backward, calls) for _ in range(3)) * 1e3
+
+
+def op_profiles(args: argparse.Namespace) -> List[Dict[str, object]]:
+    r"""``--ops``: :func:`op_profile` of each implementation per case and size, forward and forward+backward, on
+    one thread, instead of the timed rounds."""
     found_cases, _ = selected_cases(args.cases)
-    print("| case | elements | top-level aten ops per forward |\n|---|---:|---|")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print("1 thread; ops: top-level aten ops (and backward nodes) of one call; µs: per call")
+    print("| case | elements | implementation | fwd ops | fwd µs | fwd+bwd ops | fwd+bwd µs |\n"
+          "|---|---:|---|---:|---:|---:|---:|")
     results: List[Dict[str, object]] = []
     for case in found_cases:
         found, _ = implementations(case, False)
         for elements in args.sizes:
             inputs = case.inputs(elements, torch.Generator().manual_seed(elements))
-            counts = {impl.name: top_level_ops(impl.call, inputs) for impl in found}
-            print(f"| {case.name} | {inputs[0].numel():.0e} | {', '.join(f'{n} {c}' for n, c in counts.items())} |",
-                  flush=True)
-            results.append({"case": case.name, "elements": inputs[0].numel(), "top_level_ops": counts})
+            leaf = (inputs[0].detach().clone().requires_grad_(True), inputs[1])
+            calls = max(1, BATCHED_BELOW // inputs[0].numel())
+            for impl in found:
+                forward_ops, forward_us = op_profile(impl.call, inputs, False, calls)
+                both_ops, both_us = op_profile(impl.call, leaf, True, calls)
+                print(f"| {case.name} | {inputs[0].numel():.0e} | {impl.name} | {forward_ops} | {forward_us:.0f} | "
+                      f"{both_ops} | {both_us:.0f} |", flush=True)
+                results.append({
+                    "case": case.name, "elements": inputs[0].numel(), "implementation": impl.name,
+                    "fwd_ops": forward_ops, "fwd_us": forward_us, "fwd+bwd_ops": both_ops, "fwd+bwd_us": both_us,
+                })
+    torch.set_num_threads(threads)
     return results
 
 
@@ -560,7 +587,8 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory table")
     parser.add_argument("--json", metavar="FILE", help="also write every number as JSON")
     parser.add_argument("--ops", action="store_true",
-                        help="count each implementation's top-level aten ops of one forward instead of timing")
+                        help="instead of the timed rounds: each implementation's top-level aten ops (and backward "
+                             "nodes) of one call, and its µs per call, on one thread")
     parser.add_argument("--median", nargs="+", metavar="RUN", help="print the median over runs' --json files, run nothing")
     parser.add_argument("--memory-child", nargs=3, metavar=("CASE", "IMPLEMENTATION", "ELEMENTS"),
                         help=argparse.SUPPRESS)
@@ -572,7 +600,7 @@ def main(argv: Sequence[str] = ()) -> int:
         case_name, implementation, elements = args.memory_child
         print(memory_child(case_name, implementation, int(elements)))
         return 0
-    results = op_counts(args) if args.ops else run(args)
+    results = op_profiles(args) if args.ops else run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
     return 0

@@ -287,18 +287,22 @@ def test_peer_bench_times_every_loss_with_a_peer_after_checking_they_agree(tmp_p
     assert len([line for line in capsys.readouterr().out.splitlines() if "| 4e+03 | 1 |" in line]) == len(found)
 
 
-def test_peer_bench_counts_the_top_level_ops_of_each_implementation(tmp_path, capsys):
+def test_peer_bench_profiles_the_top_level_ops_of_each_implementation(tmp_path, capsys):
     from bench import bench_peers
 
     out = tmp_path / "ops.json"
     assert bench_peers.main(["--ops", "--sizes", "4096", "--cases", "mse", "dice multiclass (MONAI)", "--json",
                              str(out)]) == 0
-    counts = {row["case"]: row["top_level_ops"] for row in json.loads(out.read_text())}
-    assert set(counts["mse"]) == {"ours", "F"} and set(counts["dice multiclass (MONAI)"]) == {"ours", "MONAI"}
+    rows = {(row["case"], row["implementation"]): row for row in json.loads(out.read_text())}
+    assert set(rows) == {("mse", "ours"), ("mse", "F"), ("dice multiclass (MONAI)", "ours"),
+                         ("dice multiclass (MONAI)", "MONAI")}
     # A region loss is a chain of ops in both libraries; F.mse_loss is torch's one fused op (and its broadcast).
-    assert all(count > 10 for count in counts["dice multiclass (MONAI)"].values())
-    assert 1 <= counts["mse"]["F"] <= 2
-    assert "| dice multiclass (MONAI) | 4e+03 | ours " in capsys.readouterr().out
+    assert all(rows[(case, name)]["fwd_ops"] > 10 for case, name in rows if case != "mse")
+    assert 1 <= rows[("mse", "F")]["fwd_ops"] <= 2
+    for row in rows.values():
+        assert row["fwd+bwd_ops"] > row["fwd_ops"], row  # the backward's nodes
+        assert row["fwd_us"] > 0 and row["fwd+bwd_us"] > 0, row
+    assert "| dice multiclass (MONAI) | 4e+03 | ours | " in capsys.readouterr().out
 
 
 def test_peer_bench_median_of_runs_takes_every_ratio_timed_in_all_of_them(tmp_path, capsys):

@@ -266,7 +266,8 @@ def _eager_index_sums(
     else:
         true_positive, predicted = _autograd.class_index_overlap(flat_x, flat_index, pixel_weight, squared)
     if pixel_weight is None:
-        target_weight = torch.ones(flat_index.shape, dtype=torch.float64, device=x.device)
+        # The same 1 at every position (stride 0), not a float64 buffer of ones half the size of the logits.
+        target_weight = torch.ones(1, dtype=torch.float64, device=x.device).expand(flat_index.shape)
     else:
         target_weight = pixel_weight.expand(flat_x.shape).gather(1, flat_index).to(torch.float64)
     target = torch.zeros(true_positive.shape, dtype=torch.float64, device=x.device)
