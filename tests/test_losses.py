@@ -354,7 +354,7 @@ def test_forward_takes_torchs_own_reduction_where_it_is_ours(name):
     [
         (1000, 4, False, True),  # few elements
         (2000, 4, False, False),  # 8000 elements: the statistics' forward is the faster
-        (2000, 4, True, True),  # ... and torch's forward and backward
+        (2000, 4, True, True),  # ... torch's forward and backward, with the backward
         (4000, 4, True, False),
         (4000, 16, False, True),  # a row fills a vector register
         (1000, 100, True, True),

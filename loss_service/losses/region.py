@@ -266,7 +266,7 @@ def _eager_index_sums(
     else:
         true_positive, predicted = _autograd.class_index_overlap(flat_x, flat_index, pixel_weight, squared)
     if pixel_weight is None:
-        # The same 1 at every position (stride 0), not a float64 buffer of ones half the size of the logits.
+        # The same 1 at every position (stride 0), not a float64 buffer of ones of the targets' shape.
         target_weight = torch.ones(1, dtype=torch.float64, device=x.device).expand(flat_index.shape)
     else:
         target_weight = pixel_weight.expand(flat_x.shape).gather(1, flat_index).to(torch.float64)
