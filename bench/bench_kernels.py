@@ -337,7 +337,9 @@ def measure_forms(sizes: Sequence[int], repeats: int) -> None:
                         # The export form: the site's kernels trace, and their hyperparameters are 0-d tensors.
                         patches = [(kernels[name], "is_tracing", True) for name in site.modules]
                         patches.append((_reduction, "eager_python", False))
-                        originals = [(module, attribute, getattr(module, attribute)) for module, attribute, _ in patches]
+                        originals = [
+                            (module, attribute, getattr(module, attribute)) for module, attribute, _ in patches
+                        ]
                         if forced:
                             for module, attribute, value in patches:
                                 setattr(module, attribute, lambda value=value: value)

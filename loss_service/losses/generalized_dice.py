@@ -28,8 +28,8 @@ from ._base import Loss
 from ._params import IGNORE_INDEX_PARAM, REDUCTION_PARAM
 from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
-    bool_hyperparameter, check_range, check_reduction, elementwise_reductions, elementwise_statistics, int_hyperparameter,
-    optional_vector, power, safe_divide, select_reduction, vector_argument, vector_buffer,
+    bool_hyperparameter, check_range, check_reduction, elementwise_reductions, elementwise_statistics,
+    int_hyperparameter, optional_vector, power, safe_divide, select_reduction, vector_argument, vector_buffer,
 )
 from .region import (
     BATCH_PARAM, CLASS_WEIGHT_PARAM, DENSE_TARGET_RANGE, INCLUDE_BACKGROUND_PARAM, MODE_PARAM, SMOOTH_DR_PARAM,

@@ -39,9 +39,8 @@ from ._registry import Forms, LossSpec, ParamSpec, register
 from ._reduction import (
     accumulate, as_float, bool_hyperparameter, broadcastable, check_real, check_reduction, check_same_shape,
     compute_dtype, elementwise_reductions, elementwise_statistics, float_hyperparameter, hyperparameter_in, in_dtype,
-    int_hyperparameter, is_tracing, multiclass_mode_hint,
-    optional_vector, safe_divide, sample_or_element_weights, select_reduction, unless_ignored, vector_argument,
-    vector_buffer,
+    int_hyperparameter, is_tracing, multiclass_mode_hint, optional_vector, safe_divide, sample_or_element_weights,
+    select_reduction, unless_ignored, vector_argument, vector_buffer,
 )
 
 MODES = ("binary", "multilabel", "multiclass")
@@ -699,13 +698,15 @@ def index_arguments(
     like: Tensor, overlap_scale: float, alpha: float, beta: float, gamma: Optional[float], smooth_nr: float,
     smooth_dr: float, log_loss: bool, include_background: bool, absent_classes: str,
 ) -> IndexArguments:
-    r"""The overlap index and its settings as the kernels take them (:func:`_constant` and :func:`~._reduction.bool_hyperparameter` on ``like``'s
-    device; ``absent_classes`` as its code, ``None`` for the default rule, which needs no tensor)."""
+    r"""The overlap index and its settings as the kernels take them (:func:`_constant` and
+    :func:`~._reduction.bool_hyperparameter` on ``like``'s device; ``absent_classes`` as its code, ``None`` for the
+    default rule, which needs no tensor)."""
     code = absent_classes_code(absent_classes)
     return (
         _constant(overlap_scale, like), _constant(alpha, like), _constant(beta, like),
         None if gamma is None else _constant(gamma, like), _constant(smooth_nr, like), _constant(smooth_dr, like),
-        bool_hyperparameter(log_loss, like), bool_hyperparameter(include_background, like), None if code == 0 else int_hyperparameter(code, like),
+        bool_hyperparameter(log_loss, like), bool_hyperparameter(include_background, like),
+        None if code == 0 else int_hyperparameter(code, like),
     )
 
 
@@ -728,8 +729,8 @@ def _region_loss(
     )
     values, totals, _ = statistics_kernel(
         predictions, targets, *split_weights(weights, predictions), *statistics_leading, *arguments,
-        bool_hyperparameter(squared_pred, predictions), int_hyperparameter(ignore_index, predictions), class_weight, mode, batch,
-        False, reduction == "none",
+        bool_hyperparameter(squared_pred, predictions), int_hyperparameter(ignore_index, predictions), class_weight,
+        mode, batch, False, reduction == "none",
     )
     reductions = reductions_kernel(totals, *reductions_leading, *arguments, class_weight, batch)
     return select_reduction(values, reductions, reduction, predictions.dtype)
